@@ -1,0 +1,1 @@
+"""Redis: the queue, the event streams, cancel flags and capacity leases."""

@@ -1,0 +1,124 @@
+"""Publishing and reading events (DESIGN §4).
+
+Guarantees:
+- ``publish`` writes one event to the task's stream and to the global stream
+  atomically on a single Redis (one Lua script, which Redis runs as one
+  transaction), and task stream first then global on Redis Cluster. It returns the
+  task stream's entry id: the event id clients resume from. The global entry
+  carries that id in its ``event_id`` field, so the relay can be idempotent by it.
+- Task streams are capped (``MAXLEN ~``) and expire ``task_stream_ttl_s`` after
+  their last event; the global stream is capped too.
+- ``publish_sync`` is the same for the job runtime, which uses a blocking client
+  from its worker threads.
+- ``read_task_events`` returns events strictly after a given id, in order, and
+  skips (and logs) entries that are not valid events.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aioredis
+
+from vidmaas.bus import keys
+from vidmaas.domain.events import Event, MalformedEvent, decode, encode
+
+log = logging.getLogger(__name__)
+
+_PUBLISH_LUA = """
+local n = tonumber(ARGV[4])
+local fields = {}
+for i = 5, 4 + 2 * n do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+fields[#fields + 1] = 'event_id'
+fields[#fields + 1] = id
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+return id
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    task_maxlen: int = 2000
+    task_ttl_s: int = 3 * 24 * 3600
+    global_maxlen: int = 1_000_000
+    cluster: bool = False
+
+
+def _args(event: Event, limits: StreamLimits) -> tuple[list[str], list[str | int]]:
+    fields = encode(event)
+    flat: list[str | int] = [limits.task_maxlen, limits.global_maxlen, limits.task_ttl_s,
+                             len(fields)]
+    for k, v in fields.items():
+        flat += [k, v]
+    return [keys.task_events(event.task_id), keys.EVENTS], flat
+
+
+def _s(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def publish(client: aioredis.Redis, event: Event,
+                  limits: StreamLimits = StreamLimits()) -> str:
+    """Write ``event`` to both streams; return its event id."""
+    if limits.cluster:
+        fields = encode(event)
+        task_key = keys.task_events(event.task_id)
+        event_id = _s(await client.xadd(task_key, fields,  # type: ignore[arg-type]
+                                        maxlen=limits.task_maxlen, approximate=True))
+        await client.expire(task_key, limits.task_ttl_s)
+        await client.xadd(keys.EVENTS, {**fields, "event_id": event_id},  # type: ignore[arg-type]
+                          maxlen=limits.global_maxlen, approximate=True)
+        return event_id
+    key_list, argv = _args(event, limits)
+    result = await client.eval(_PUBLISH_LUA, len(key_list), *key_list, *argv)  # type: ignore[misc]
+    return _s(result)
+
+
+def publish_sync(client: redis.Redis, event: Event, limits: StreamLimits = StreamLimits()) -> str:
+    """``publish`` for blocking clients (the job runtime)."""
+    if limits.cluster:
+        fields = encode(event)
+        task_key = keys.task_events(event.task_id)
+        event_id = _s(client.xadd(task_key, fields,  # type: ignore[arg-type]
+                                  maxlen=limits.task_maxlen, approximate=True))
+        client.expire(task_key, limits.task_ttl_s)
+        client.xadd(keys.EVENTS, {**fields, "event_id": event_id},  # type: ignore[arg-type]
+                    maxlen=limits.global_maxlen, approximate=True)
+        return event_id
+    key_list, argv = _args(event, limits)
+    return _s(client.eval(_PUBLISH_LUA, len(key_list), *key_list, *argv))  # type: ignore[arg-type]
+
+
+def parse_entries(entries: list[tuple[str | bytes, dict[str | bytes, str | bytes]]],
+                  ) -> list[tuple[str, Event]]:
+    """Decoded (id, event) pairs of stream entries; invalid entries are logged and skipped."""
+    out: list[tuple[str, Event]] = []
+    for raw_id, fields in entries:
+        entry_id = _s(raw_id)
+        try:
+            out.append((entry_id, decode(fields)))
+        except MalformedEvent as e:
+            log.warning("skipping malformed entry %s: %s", entry_id, e)
+    return out
+
+
+async def read_task_events(client: aioredis.Redis, task_id: str, *, after: str = "0-0",
+                           block_ms: int | None = None, count: int = 500,
+                           ) -> list[tuple[str, Event]]:
+    """Events of one task strictly after ``after`` (``0-0``: from the start)."""
+    key = keys.task_events(task_id)
+    resp = await client.xread({key: after}, count=count, block=block_ms)
+    if not resp:
+        return []
+    _, entries = resp[0]
+    return parse_entries(entries)
+
+
+async def last_event_id(client: aioredis.Redis, task_id: str) -> str | None:
+    """The id of the newest event of a task, if any."""
+    entries = await client.xrevrange(keys.task_events(task_id), count=1)
+    return _s(entries[0][0]) if entries else None

@@ -1,0 +1,261 @@
+"""Typed settings for every role, read from ``VIDMAAS_*`` environment variables.
+
+Guarantees:
+- One ``Settings`` object of nested groups, built explicitly (``Settings()``) and
+  passed down; nothing here reads the environment at import time.
+- A group's field is set by ``VIDMAAS_<GROUP>_<FIELD>`` (e.g. ``VIDMAAS_DATABASE_URL``,
+  ``VIDMAAS_REDIS_URL``, ``VIDMAAS_STORAGE_URL``, ``VIDMAAS_DISPATCHER_MAX_ATTEMPTS``);
+  top-level fields by ``VIDMAAS_<FIELD>`` (``VIDMAAS_EXECUTOR``, ``VIDMAAS_GPU_CAPACITY``).
+- Every duration or size carries its unit in its name (``_s``, ``_ms``, ``_bytes``).
+- Secrets are ``SecretStr``: they never print in a repr or a log line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DatabaseSettings(BaseModel):
+    """Where tasks, users and keys live."""
+
+    url: str = "sqlite+aiosqlite:///./.vidmaas/vidmaas.db"
+    """SQLAlchemy async URL: ``postgresql+asyncpg://…`` in production,
+    ``sqlite+aiosqlite:///path`` for the embedded default. ``postgresql://`` is
+    accepted and rewritten to the asyncpg driver."""
+    pool_size: int = 10
+    """Connections kept open per process (PostgreSQL only)."""
+    echo_sql: bool = False
+    """Log every SQL statement (debugging only)."""
+
+
+class RedisSettings(BaseModel):
+    """Queue, event streams, cancel flags and capacity leases."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """``redis://`` or ``rediss://`` URL, password included if any."""
+    cluster: bool = False
+    """Redis Cluster: event writes become a pipeline instead of one transaction."""
+    task_stream_maxlen: int = 2000
+    """Approximate cap on entries kept in one task's event stream."""
+    task_stream_ttl_s: int = 3 * 24 * 3600
+    """How long a task's event stream is kept after the task ends."""
+    global_stream_maxlen: int = 1_000_000
+    """Approximate cap on the global event stream (consumed by the relay)."""
+
+
+class StorageSettings(BaseModel):
+    """Object storage for input images and output videos."""
+
+    url: str = "file://./.vidmaas/objects"
+    """``s3://bucket/prefix`` or ``file:///absolute/dir`` (``file://./rel`` is relative
+    to the working directory)."""
+    s3_endpoint_url: str | None = None
+    """S3 endpoint for S3-compatible services (MinIO, SeaweedFS, Ceph); None means AWS."""
+    s3_public_endpoint_url: str | None = None
+    """Endpoint used in presigned URLs handed to browsers, if it differs from the
+    endpoint the services use (an ingress in front of the object store)."""
+    s3_region: str = "us-east-1"
+    """S3 region used for signing."""
+    s3_access_key_id: SecretStr | None = None
+    """Access key; None means the default AWS credential chain."""
+    s3_secret_access_key: SecretStr | None = None
+    """Secret key; None means the default AWS credential chain."""
+    presign_ttl_s: int = 3600
+    """Lifetime of a presigned download URL."""
+    redirect_downloads: bool = True
+    """Answer downloads with a redirect to a presigned URL when the store can make
+    one; otherwise (or when False) stream the bytes through the API."""
+
+
+class ApiSettings(BaseModel):
+    """The HTTP API role."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind."""
+    port: int = 8000
+    """TCP port to bind."""
+    max_upload_bytes: int = 20 * 1024 * 1024
+    """Largest accepted request body for an upload (413 above it)."""
+    max_image_pixels: int = 40_000_000
+    """Largest accepted input image in pixels (width × height); guards against
+    decompression bombs (422 above it)."""
+    max_image_side_px: int = 8192
+    """Largest accepted width or height of an input image."""
+    max_prompt_chars: int = 10_000
+    """Longest accepted prompt."""
+    max_queued_per_user: int = 50
+    """Tasks one user may have waiting (queued) at once; 429 above it."""
+    stream_token_ttl_s: int = 300
+    """Lifetime of the short-lived token browsers use on WebSocket/SSE URLs."""
+    stream_ping_interval_s: float = 15.0
+    """Keep-alive ping interval on WebSocket and SSE connections."""
+    stream_buffer_events: int = 256
+    """Per-connection buffer; progress is coalesced and terminal events kept when full."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Origins allowed to call the API from a browser (empty: same origin only)."""
+    openai_default_model: str = "wan2.2-ti2v-5b"
+    """Model used by ``POST /v1/videos`` when the request names none."""
+
+
+class DispatcherSettings(BaseModel):
+    """Admission, fairness, retries, watchdog and reconciler."""
+
+    per_user_running_cap: int = 2
+    """Jobs one user may have dispatching or running at once."""
+    max_attempts: int = 3
+    """Attempts per task, counting the first, before an infrastructure failure is final."""
+    retry_backoff_s: float = 5.0
+    """Delay before the first retry; doubles each attempt."""
+    heartbeat_timeout_s: float = 120.0
+    """A running job silent for longer than this is treated as lost."""
+    dispatching_timeout_s: float = 300.0
+    """A task ``dispatching`` for longer than this is resolved by asking the executor."""
+    pending_timeout_s: float = 900.0
+    """A job whose pods stay Pending (unschedulable, image pull) longer than this fails."""
+    task_deadline_s: float = 3600.0
+    """Longest a task may run once dispatched, before it is cancelled and failed."""
+    reconcile_interval_s: float = 30.0
+    """Period of the reconciler and watchdog sweeps."""
+    claim_lease_s: float = 60.0
+    """A dispatcher's claim on a queue entry; an unacknowledged entry older than this
+    is taken over by another dispatcher."""
+    cancel_grace_s: float = 20.0
+    """Time a job has to stop by itself after a cancel before it is stopped hard."""
+    delete_unknown_jobs: bool = False
+    """Delete jobs the database does not know (otherwise they are only reported)."""
+
+
+class LocalExecutorSettings(BaseModel):
+    """The local executor: jobs as process groups on this machine."""
+
+    work_root: Path = Path("./.vidmaas/jobs")
+    """Parent of each job's fresh work directory."""
+    torchrun: str = "torchrun"
+    """The torchrun launcher to use (a path, or a name on PATH)."""
+    keep_work_dirs: bool = False
+    """Keep a job's work directory after it ends (debugging)."""
+    log_tail_bytes: int = 4000
+    """How much of a failed job's log is kept in the failure message."""
+
+
+class KubeSettings(BaseModel):
+    """The Kubernetes executor: one Kubeflow PyTorchJob per task."""
+
+    namespace: str = "vidmaas"
+    """Namespace the PyTorchJobs are created in."""
+    template_path: Path | None = None
+    """A Jinja2 PyTorchJob template of the operator's own; None uses the shipped one."""
+    crd_schema_path: Path | None = None
+    """PyTorchJob CRD file to validate rendered manifests against; None skips the
+    CRD check (the rendered manifest is still parsed and checked)."""
+    image: str = "vidmaas/runtime:0.1.0"
+    """The job runtime image."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """Pull policy of the job containers."""
+    gpu_resource_name: str = "nvidia.com/gpu"
+    """Extended resource requested per GPU (``nvidia.com/gpu``, or HAMI's vGPU name)."""
+    gpu_memory_resource_name: str | None = None
+    """HAMI vGPU memory resource (e.g. ``nvidia.com/gpumem``); None omits it."""
+    gpu_memory_mib: int | None = None
+    """Amount of the vGPU memory resource per GPU, if one is named."""
+    model_volume: Literal["hostPath", "pvc", "image"] = "hostPath"
+    """How the model directory reaches the pod."""
+    model_host_path: str = "/data/models"
+    """Node directory holding the models (``hostPath``)."""
+    model_pvc_name: str = "vidmaas-models"
+    """ReadOnlyMany PVC holding the models (``pvc``)."""
+    model_mount_path: str = "/models"
+    """Where the model directory is mounted in the container."""
+    s3_secret_name: str = "vidmaas-s3"
+    """Secret with ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``."""
+    redis_secret_name: str = "vidmaas-redis"
+    """Secret with ``VIDMAAS_REDIS_URL`` for the job runtime."""
+    service_account: str | None = None
+    """Service account of the job pods."""
+    kueue_queue: str | None = None
+    """Kueue LocalQueue name; when set, jobs are created suspended and Kueue admits them."""
+    ttl_seconds_after_finished: int = 3600
+    """runPolicy.ttlSecondsAfterFinished."""
+    backoff_limit: int = 0
+    """runPolicy.backoffLimit (retries are vidmaas's, not the operator's)."""
+    clean_pod_policy: Literal["None", "All", "Running"] = "All"
+    """runPolicy.cleanPodPolicy."""
+    kubeconfig: Path | None = None
+    """kubeconfig file; None means in-cluster configuration, then ~/.kube/config."""
+    api_server_url: str | None = None
+    """Talk to this API server URL directly (no kubeconfig); used with emulators."""
+    cpu_request: str = "4"
+    """CPU request of each job container."""
+    memory_request: str = "32Gi"
+    """Memory request of each job container."""
+
+
+class RuntimeSettings(BaseModel):
+    """Postprocess and reporting settings passed to the job runtime."""
+
+    watermark_text: str = "AI generated · vidmaas"
+    """Text watermark drawn on every frame; empty disables it."""
+    watermark_logo_path: Path | None = None
+    """A PNG logo watermark instead of (or besides) the text."""
+    heartbeat_interval_s: float = 5.0
+    """Period of heartbeat events while a job lives."""
+    progress_min_interval_s: float = 0.2
+    """Progress events closer together than this are coalesced."""
+
+
+class WebhookSettings(BaseModel):
+    """Outgoing webhooks."""
+
+    global_urls: list[str] = Field(default_factory=list)
+    """URLs that receive every task's events besides the task's own webhook."""
+    signing_secret: SecretStr = SecretStr("change-me")
+    """HMAC-SHA256 key for the ``webhook-signature`` header."""
+    allow_hosts: list[str] = Field(default_factory=list)
+    """Hosts or IPs allowed even though private, loopback or link-local."""
+    max_attempts: int = 8
+    """Deliveries tried per event before giving up."""
+    backoff_initial_s: float = 1.0
+    """First retry delay; doubles each attempt."""
+    timeout_s: float = 10.0
+    """Per-request timeout."""
+
+
+class Settings(BaseSettings):
+    """All settings of every role. Build with ``Settings()`` (environment) or by keyword."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VIDMAAS_",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    executor: Literal["local", "kubernetes"] = "local"
+    """Where jobs run: local process groups (``torchrun``) or Kubeflow PyTorchJobs."""
+    gpu_capacity: int = 1
+    """GPUs the dispatcher may hand out at once (summed over running jobs)."""
+    models_path: Path | None = None
+    """A model registry YAML of the operator's own; None uses the shipped one."""
+    model_root: Path | None = None
+    """Prefix for relative model directories in the registry (local executor)."""
+    log_level: str = "INFO"
+    """Root log level."""
+    log_json: bool = False
+    """Write logs as JSON lines (production) instead of readable text."""
+    data_dir: Path | None = None
+    """The embedded instance's data directory, when running on one."""
+
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
+    local: LocalExecutorSettings = Field(default_factory=LocalExecutorSettings)
+    kube: KubeSettings = Field(default_factory=KubeSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)

@@ -1,0 +1,222 @@
+"""The task repository and the one function that changes a task's status.
+
+Guarantees:
+- ``create_task`` inserts a task as ``queued``; with an idempotency key, a second
+  create by the same user returns the first task (``created`` is False) instead of
+  inserting again, also when two creates race (the unique constraint decides).
+- ``transition`` is the only writer of ``status`` after creation: it checks the move
+  against ``domain.status.TRANSITIONS``, performs it as a compare-and-set
+  (``UPDATE … WHERE status IN expected``), stamps the matching timestamp, commits,
+  and then publishes the given event. It raises ``IllegalTransition`` for a move the
+  state machine forbids, ``StaleTransition`` when the task was not in an expected
+  status, and ``NotFound`` for an unknown task.
+- Reads scoped to a user never return another user's task (None, as if missing).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from vidmaas.db.models import Task, utcnow
+from vidmaas.domain.events import Event
+from vidmaas.domain.status import TaskStatus, can_transition, check_transition
+from vidmaas.errors import IllegalTransition, NotFound, StaleTransition
+
+log = logging.getLogger(__name__)
+
+Publisher = Callable[[Event], Awaitable[str]]
+
+_STAMP: dict[TaskStatus, str] = {
+    TaskStatus.QUEUED: "queued_at",
+    TaskStatus.DISPATCHING: "dispatched_at",
+    TaskStatus.RUNNING: "started_at",
+    TaskStatus.CANCELLING: "cancel_requested_at",
+    TaskStatus.COMPLETED: "finished_at",
+    TaskStatus.FAILED: "finished_at",
+    TaskStatus.CANCELLED: "finished_at",
+}
+
+# Columns a transition may set besides status (guards against typos and against
+# anyone sneaking ``status`` through ``fields``).
+_TRANSITION_FIELDS = frozenset({
+    "progress", "stage", "eta_s", "attempts", "job_name", "executor", "video_key",
+    "poster_key", "result", "error_code", "error_message", "last_event_id",
+    "last_heartbeat_at", "started_at", "dispatched_at",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    id: str
+    user_id: str
+    model: str
+    prompt: str
+    params: dict[str, Any]
+    gpus: int
+    input_key: str | None = None
+    negative_prompt: str | None = None
+    idempotency_key: str | None = None
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
+    source: str = "native"
+
+
+async def create_task(*, session: AsyncSession, new: NewTask) -> tuple[Task, bool]:
+    """Insert a queued task; (task, created). Idempotent on (user, idempotency key)."""
+    if new.idempotency_key is not None:
+        existing = await find_by_idempotency_key(session=session, user_id=new.user_id,
+                                                 key=new.idempotency_key)
+        if existing is not None:
+            return existing, False
+    now = utcnow()
+    task = Task(
+        id=new.id, user_id=new.user_id, model=new.model, prompt=new.prompt,
+        negative_prompt=new.negative_prompt, params=new.params, gpus=new.gpus,
+        input_key=new.input_key, idempotency_key=new.idempotency_key,
+        webhook_url=new.webhook_url, webhook_events=new.webhook_events, source=new.source,
+        status=TaskStatus.QUEUED.value, progress=0.0, attempts=0,
+        created_at=now, updated_at=now, queued_at=now,
+    )
+    session.add(task)
+    try:
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        if new.idempotency_key is None:
+            raise
+        existing = await find_by_idempotency_key(session=session, user_id=new.user_id,
+                                                 key=new.idempotency_key)
+        if existing is None:
+            raise
+        return existing, False
+    return task, True
+
+
+async def find_by_idempotency_key(*, session: AsyncSession, user_id: str, key: str,
+                                  ) -> Task | None:
+    res = await session.execute(
+        select(Task).where(Task.user_id == user_id, Task.idempotency_key == key))
+    return res.scalar_one_or_none()
+
+
+async def get_task(*, session: AsyncSession, task_id: str, user_id: str | None = None,
+                   ) -> Task | None:
+    """The task, or None if missing or (with ``user_id``) someone else's."""
+    stmt = select(Task).where(Task.id == task_id).execution_options(populate_existing=True)
+    if user_id is not None:
+        stmt = stmt.where(Task.user_id == user_id)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def list_tasks(*, session: AsyncSession, user_id: str | None, limit: int,
+                     before: str | None = None,
+                     statuses: Collection[TaskStatus] | None = None,
+                     source: str | None = None) -> list[Task]:
+    """Newest first; ``before`` is the cursor (the last id of the previous page)."""
+    stmt = select(Task).order_by(Task.id.desc()).limit(limit)
+    if user_id is not None:
+        stmt = stmt.where(Task.user_id == user_id)
+    if before is not None:
+        stmt = stmt.where(Task.id < before)
+    if statuses:
+        stmt = stmt.where(Task.status.in_([s.value for s in statuses]))
+    if source is not None:
+        stmt = stmt.where(Task.source == source)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def tasks_with_status(*, session: AsyncSession, statuses: Collection[TaskStatus],
+                            limit: int = 10_000) -> list[Task]:
+    stmt = (select(Task).where(Task.status.in_([s.value for s in statuses]))
+            .order_by(Task.id).limit(limit).execution_options(populate_existing=True))
+    return list((await session.execute(stmt)).scalars())
+
+
+async def count_by_status(*, session: AsyncSession) -> dict[str, int]:
+    res = await session.execute(select(Task.status, func.count()).group_by(Task.status))
+    return {str(s): int(n) for s, n in res.all()}
+
+
+async def count_queued(*, session: AsyncSession, user_id: str) -> int:
+    res = await session.execute(select(func.count()).select_from(Task).where(
+        Task.user_id == user_id, Task.status == TaskStatus.QUEUED.value))
+    return int(res.scalar_one())
+
+
+async def transition(
+    *,
+    session: AsyncSession,
+    task_id: str,
+    to: TaskStatus,
+    expected: TaskStatus | Collection[TaskStatus],
+    fields: dict[str, Any] | None = None,
+    event: Event | None = None,
+    publish: Publisher | None = None,
+) -> Task:
+    """Compare-and-set ``status`` from one of ``expected`` to ``to``; then publish ``event``.
+
+    The event is published after the commit: the database is the source of truth, and
+    a reader that missed the event still sees the new status in its next snapshot.
+    """
+    exp: tuple[TaskStatus, ...] = (expected,) if isinstance(expected, TaskStatus) \
+        else tuple(expected)
+    for e in exp:
+        check_transition(e, to)
+    extra = dict(fields or {})
+    bad = extra.keys() - _TRANSITION_FIELDS
+    if bad:
+        raise ValueError(f"transition cannot set {sorted(bad)}")
+    now = utcnow()
+    values: dict[str, Any] = {"status": to.value, "updated_at": now, **extra}
+    stamp = _STAMP[to]
+    values.setdefault(stamp, now)
+    res = await session.execute(
+        update(Task).where(Task.id == task_id, Task.status.in_([e.value for e in exp]))
+        .values(**values).execution_options(synchronize_session=False))
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        await session.rollback()
+        current = await get_task(session=session, task_id=task_id)
+        if current is None:
+            raise NotFound(f"no task {task_id}")
+        status = TaskStatus(current.status)
+        if not can_transition(status, to):
+            raise IllegalTransition(f"task {task_id} is {status.value}; cannot become {to.value}")
+        raise StaleTransition(
+            f"task {task_id} is {status.value}, not {'/'.join(e.value for e in exp)}")
+    await session.commit()
+    log.info("task %s %s -> %s", task_id, "/".join(e.value for e in exp), to.value,
+             extra={"task_id": task_id})
+    task = await get_task(session=session, task_id=task_id)
+    assert task is not None
+    if event is not None and publish is not None:
+        try:
+            await publish(event)
+        except Exception:
+            log.exception("task %s: could not publish %s event", task_id, event.type.value,
+                          extra={"task_id": task_id})
+    return task
+
+
+async def update_progress(*, session: AsyncSession, task_id: str, values: dict[str, Any],
+                          ) -> bool:
+    """Write non-status bookkeeping (progress, stage, heartbeat, last event id).
+
+    Progress never decreases: the update is skipped when it would lower it.
+    """
+    bad = values.keys() - _TRANSITION_FIELDS
+    if bad:
+        raise ValueError(f"cannot set {sorted(bad)}")
+    stmt = update(Task).where(Task.id == task_id).values(updated_at=utcnow(), **values)
+    if "progress" in values:
+        stmt = stmt.where(Task.progress <= values["progress"])
+    res = await session.execute(stmt.execution_options(synchronize_session=False))
+    await session.commit()
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+

@@ -1,0 +1,1 @@
+"""Pure domain types shared by every role: ids, the task state machine, events, models."""

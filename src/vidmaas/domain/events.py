@@ -1,0 +1,208 @@
+"""The event protocol, wire format v1 (DESIGN §4).
+
+Guarantees:
+- ``Event`` is the one shape of every event, written by the api, dispatcher and
+  runtime and read by the relay, the streams to clients and the web page.
+- ``encode`` gives the exact Redis stream fields (``v``, ``task_id``, ``type``,
+  ``data`` as a JSON object); ``decode`` accepts only what ``encode`` can produce and
+  raises ``MalformedEvent`` for anything else (it never returns a half-valid event).
+- ``data`` is checked per type for the fields the table in DESIGN §4 requires.
+- The stream entry id is the event id; it is not part of the fields.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vidmaas.domain.ids import is_task_id
+from vidmaas.domain.status import TaskStatus
+
+WIRE_VERSION = 1
+
+
+class EventType(enum.StrEnum):
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    STARTED = "started"
+    STAGE = "stage"
+    PROGRESS = "progress"
+    HEARTBEAT = "heartbeat"
+    LOG = "log"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    # Not in the runtime's vocabulary: written by transition() for the status moves
+    # that have no event of their own (running → cancelling).
+    STATUS = "status"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED)
+
+
+class Stage(enum.StrEnum):
+    FETCH_INPUT = "fetch_input"
+    LOAD_MODEL = "load_model"
+    ENCODE_PROMPT = "encode_prompt"
+    DENOISE = "denoise"
+    DECODE = "decode"
+    POSTPROCESS = "postprocess"
+    UPLOAD = "upload"
+
+
+# Required keys of ``data`` per type; extra keys are allowed (forward compatible).
+REQUIRED_DATA: dict[EventType, frozenset[str]] = {
+    EventType.QUEUED: frozenset({"position"}),
+    EventType.DISPATCHED: frozenset({"executor", "job_name", "attempt"}),
+    EventType.STARTED: frozenset({"world_size", "host"}),
+    EventType.STAGE: frozenset({"stage"}),
+    EventType.PROGRESS: frozenset({"step", "total", "percent"}),
+    EventType.HEARTBEAT: frozenset(),
+    EventType.LOG: frozenset({"level", "message"}),
+    EventType.COMPLETED: frozenset({"video_key", "poster_key", "width", "height", "num_frames",
+                                    "fps", "duration_s", "seed", "timings"}),
+    EventType.FAILED: frozenset({"code", "message", "retryable"}),
+    EventType.CANCELLED: frozenset({"by"}),
+    EventType.STATUS: frozenset({"status"}),
+}
+
+# The task status an event implies, for events that move a task.
+STATUS_OF_EVENT: dict[EventType, TaskStatus] = {
+    EventType.QUEUED: TaskStatus.QUEUED,
+    EventType.DISPATCHED: TaskStatus.DISPATCHING,
+    EventType.STARTED: TaskStatus.RUNNING,
+    EventType.COMPLETED: TaskStatus.COMPLETED,
+    EventType.FAILED: TaskStatus.FAILED,
+    EventType.CANCELLED: TaskStatus.CANCELLED,
+}
+
+MAX_LOG_MESSAGE_CHARS = 2000
+
+
+class MalformedEvent(ValueError):
+    """Stream fields that are not a valid v1 event."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    task_id: str
+    type: EventType
+    data: Mapping[str, Any] = field(default_factory=dict)
+    v: int = WIRE_VERSION
+
+    def to_json(self, *, event_id: str | None = None) -> dict[str, Any]:
+        """The shape sent to clients over WebSocket/SSE and to webhooks."""
+        out: dict[str, Any] = {"v": self.v, "task_id": self.task_id, "type": self.type.value,
+                               "data": dict(self.data)}
+        if event_id is not None:
+            out["id"] = event_id
+        return out
+
+
+def encode(event: Event) -> dict[str, str]:
+    """Redis stream fields of an event."""
+    validate_data(event.type, event.data)
+    return {
+        "v": str(event.v),
+        "task_id": event.task_id,
+        "type": event.type.value,
+        "data": json.dumps(dict(event.data), separators=(",", ":"), ensure_ascii=False),
+    }
+
+
+def decode(fields: Mapping[str | bytes, str | bytes]) -> Event:
+    """An event from Redis stream fields; ``MalformedEvent`` if they are not one."""
+    try:
+        text = {_s(k): _s(v) for k, v in fields.items()}
+    except UnicodeDecodeError as e:
+        raise MalformedEvent("fields are not UTF-8") from e
+    try:
+        version = int(text["v"])
+        task_id = text["task_id"]
+        type_ = EventType(text["type"])
+        data = json.loads(text["data"])
+    except KeyError as e:
+        raise MalformedEvent(f"missing field {e.args[0]!r}") from e
+    except (ValueError, TypeError) as e:
+        raise MalformedEvent(f"bad field: {e}") from e
+    if version != WIRE_VERSION:
+        raise MalformedEvent(f"unsupported event version {version}")
+    if not is_task_id(task_id):
+        raise MalformedEvent(f"bad task id {task_id[:40]!r}")
+    if not isinstance(data, dict):
+        raise MalformedEvent("data is not a JSON object")
+    validate_data(type_, data)
+    return Event(task_id=task_id, type=type_, data=data, v=version)
+
+
+def validate_data(type_: EventType, data: Mapping[str, Any]) -> None:
+    missing = REQUIRED_DATA[type_] - data.keys()
+    if missing:
+        raise MalformedEvent(f"{type_.value} event lacks {sorted(missing)}")
+    if type_ is EventType.PROGRESS:
+        percent = data["percent"]
+        if not isinstance(percent, int | float) or isinstance(percent, bool) \
+                or not 0 <= percent <= 100:
+            raise MalformedEvent("progress percent must be a number in 0..100")
+    if type_ is EventType.STAGE and data["stage"] not in Stage.__members__.values():
+        raise MalformedEvent(f"unknown stage {str(data['stage'])[:40]!r}")
+    if type_ is EventType.FAILED and not isinstance(data["retryable"], bool):
+        raise MalformedEvent("failed.retryable must be a boolean")
+
+
+def _s(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# Constructors used by the writers, so the field names are spelled once.
+
+def queued(task_id: str, *, position: int) -> Event:
+    return Event(task_id, EventType.QUEUED, {"position": position})
+
+
+def dispatched(task_id: str, *, executor: str, job_name: str, attempt: int) -> Event:
+    return Event(task_id, EventType.DISPATCHED,
+                 {"executor": executor, "job_name": job_name, "attempt": attempt})
+
+
+def started(task_id: str, *, world_size: int, host: str) -> Event:
+    return Event(task_id, EventType.STARTED, {"world_size": world_size, "host": host})
+
+
+def stage(task_id: str, stage_: Stage) -> Event:
+    return Event(task_id, EventType.STAGE, {"stage": stage_.value})
+
+
+def progress(task_id: str, *, step: int, total: int, percent: float,
+             eta_s: float | None, stage_: Stage | None = None) -> Event:
+    data: dict[str, Any] = {"step": step, "total": total, "percent": round(percent, 2),
+                            "eta_s": None if eta_s is None else round(eta_s, 1)}
+    if stage_ is not None:
+        data["stage"] = stage_.value
+    return Event(task_id, EventType.PROGRESS, data)
+
+
+def heartbeat(task_id: str) -> Event:
+    return Event(task_id, EventType.HEARTBEAT, {})
+
+
+def log(task_id: str, *, level: str, message: str) -> Event:
+    return Event(task_id, EventType.LOG,
+                 {"level": level, "message": message[:MAX_LOG_MESSAGE_CHARS]})
+
+
+def failed(task_id: str, *, code: str, message: str, retryable: bool) -> Event:
+    return Event(task_id, EventType.FAILED,
+                 {"code": code, "message": message[:MAX_LOG_MESSAGE_CHARS], "retryable": retryable})
+
+
+def cancelled(task_id: str, *, by: str) -> Event:
+    return Event(task_id, EventType.CANCELLED, {"by": by})
+
+
+def status_changed(task_id: str, *, status: TaskStatus) -> Event:
+    return Event(task_id, EventType.STATUS, {"status": status.value})

@@ -1,0 +1,236 @@
+"""The model registry: what each model can do and what a job for it needs.
+
+Guarantees:
+- ``ModelRegistry.load`` accepts only a well-formed registry: every size is Wan's
+  ``W*H`` with even sides, every frame count is 4k+1, the default values are among the
+  allowed ones, and ids are unique; otherwise it raises ``InvalidRequest`` naming the
+  model and the field.
+- ``ModelSpec.resolve`` turns a request's optional parameters into concrete ones or
+  raises ``InvalidRequest`` with the offending ``field``; nothing the model cannot do
+  passes it.
+- ``gpus_per_job`` (processes per node × nodes) is the capacity a job of the model holds.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vidmaas.errors import InvalidRequest
+
+Pipeline = Literal["t2v", "i2v", "ti2v"]
+Layout = Literal["t2v", "ti2v", "a14b", "a14b-i2v"]
+MAX_SEED = 2**32 - 1
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """``"1280*720"`` (Wan's notation; ``x`` also accepted) → (width, height)."""
+    sep = "*" if "*" in size else "x"
+    try:
+        w_s, h_s = size.split(sep)
+        width, height = int(w_s), int(h_s)
+    except ValueError as e:
+        raise InvalidRequest(f"size {size[:20]!r} is not W*H", field="size") from e
+    if width <= 0 or height <= 0:
+        raise InvalidRequest(f"size {size!r} must be positive", field="size")
+    return width, height
+
+
+def format_size(width: int, height: int) -> str:
+    return f"{width}*{height}"
+
+
+class ModelSpec(BaseModel):
+    """One registry entry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-]{0,62}$")
+    display_name: str
+    description: str = ""
+    pipeline: Pipeline
+    layout: Layout
+    """Checkpoint layout: which diffusers components the model directory holds."""
+    sizes: list[str]
+    default_size: str
+    frame_counts: list[int]
+    default_frames: int
+    default_steps: int = Field(ge=1)
+    max_steps: int = Field(ge=1)
+    fps: int = Field(ge=1, le=120)
+    guidance_scale: float = 5.0
+    guidance_scale_2: float | None = None
+    """Guidance of the low-noise expert (A14B)."""
+    nproc_per_node: int = Field(ge=1, le=16)
+    nnodes: int = Field(ge=1, le=64)
+    model_dir: str
+    """Absolute path in the job (or relative to the configured model root)."""
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+    image: Literal["none", "optional", "required"] = "none"
+    tiny: bool = False
+    """A random-weight test model that the project generates itself."""
+    runtime_image: str | None = None
+    """Container image override for this model's jobs."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if not self.sizes:
+            raise ValueError("sizes must not be empty")
+        for size in self.sizes:
+            w, h = parse_size(size)
+            if w % 2 or h % 2:
+                raise ValueError(f"size {size} must have even sides (H.264)")
+        if self.default_size not in self.sizes:
+            raise ValueError("default_size must be one of sizes")
+        for n in self.frame_counts:
+            if n < 1 or (n - 1) % 4:
+                raise ValueError(f"frame count {n} is not 4k+1")
+        if self.default_frames not in self.frame_counts:
+            raise ValueError("default_frames must be one of frame_counts")
+        if self.default_steps > self.max_steps:
+            raise ValueError("default_steps exceeds max_steps")
+        if self.pipeline == "i2v" and self.image == "none":
+            raise ValueError("an i2v model must take an image")
+        if self.pipeline == "t2v" and self.image != "none":
+            raise ValueError("a t2v model takes no image")
+        return self
+
+    @property
+    def gpus_per_job(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_job
+
+    def resolve(
+        self,
+        *,
+        size: str | None,
+        num_frames: int | None,
+        steps: int | None,
+        seed: int | None,
+        has_image: bool,
+    ) -> ResolvedParams:
+        """Concrete parameters for a request, or ``InvalidRequest`` naming the field."""
+        if size is None:
+            size = self.default_size
+        else:
+            w, h = parse_size(size)
+            size = format_size(w, h)
+            if size not in self.sizes:
+                raise InvalidRequest(
+                    f"model {self.id} supports sizes {', '.join(self.sizes)}; not {size}",
+                    field="size", code="unsupported_size")
+        frames = self.default_frames if num_frames is None else num_frames
+        if frames not in self.frame_counts:
+            raise InvalidRequest(
+                f"model {self.id} supports num_frames "
+                f"{', '.join(map(str, self.frame_counts))}; not {frames}",
+                field="num_frames", code="unsupported_num_frames")
+        n_steps = self.default_steps if steps is None else steps
+        if not 1 <= n_steps <= self.max_steps:
+            raise InvalidRequest(f"steps must be within 1..{self.max_steps} for model {self.id}",
+                                 field="steps", code="unsupported_steps")
+        if seed is None:
+            seed = secrets.randbelow(MAX_SEED + 1)
+        elif not 0 <= seed <= MAX_SEED:
+            raise InvalidRequest(f"seed must be within 0..{MAX_SEED}", field="seed")
+        if has_image and self.image == "none":
+            raise InvalidRequest(f"model {self.id} is text-to-video and takes no image",
+                                 field="image", code="image_not_supported")
+        if not has_image and self.image == "required":
+            raise InvalidRequest(f"model {self.id} needs an input image", field="image",
+                                 code="image_required")
+        width, height = parse_size(size)
+        return ResolvedParams(size=size, width=width, height=height, num_frames=frames,
+                              steps=n_steps, seed=seed, fps=self.fps)
+
+    def public(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` shows (no filesystem paths)."""
+        return {
+            "id": self.id, "display_name": self.display_name, "description": self.description,
+            "pipeline": self.pipeline, "sizes": list(self.sizes), "default_size": self.default_size,
+            "frame_counts": list(self.frame_counts), "default_frames": self.default_frames,
+            "default_steps": self.default_steps, "max_steps": self.max_steps, "fps": self.fps,
+            "image": self.image, "gpus_per_job": self.gpus_per_job, "nnodes": self.nnodes,
+            "nproc_per_node": self.nproc_per_node, "tiny": self.tiny,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedParams:
+    size: str
+    width: int
+    height: int
+    num_frames: int
+    steps: int
+    seed: int
+    fps: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "width": self.width, "height": self.height,
+                "num_frames": self.num_frames, "steps": self.steps, "seed": self.seed,
+                "fps": self.fps}
+
+
+class _RegistryFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelSpec]
+
+
+class ModelRegistry(Mapping[str, ModelSpec]):
+    """Models by id, in the file's order."""
+
+    def __init__(self, models: list[ModelSpec]) -> None:
+        self._models: dict[str, ModelSpec] = {}
+        for m in models:
+            if m.id in self._models:
+                raise InvalidRequest(f"model {m.id} is listed twice", field="models")
+            self._models[m.id] = m
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> ModelRegistry:
+        """The operator's registry file, or the one shipped with the project."""
+        if path is None:
+            text = resources.files("vidmaas").joinpath("models.yaml").read_text(encoding="utf-8")
+        else:
+            text = path.read_text(encoding="utf-8")
+        return cls.parse(text)
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRegistry:
+        try:
+            raw = yaml.safe_load(text)
+            return cls(_RegistryFile.model_validate(raw).models)
+        except (yaml.YAMLError, ValidationError) as e:
+            raise InvalidRequest(f"invalid model registry: {e}", field="models") from e
+
+    def __getitem__(self, model_id: str) -> ModelSpec:
+        return self._models[model_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._models)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def get_or_raise(self, model_id: str) -> ModelSpec:
+        try:
+            return self._models[model_id]
+        except KeyError:
+            raise InvalidRequest(
+                f"unknown model {model_id[:80]!r}; known: {', '.join(self._models)}",
+                field="model", code="unknown_model") from None
+
+    @property
+    def default(self) -> ModelSpec:
+        return next(iter(self._models.values()))

@@ -1,0 +1,1 @@
+"""Alembic migrations, the same for PostgreSQL and SQLite."""

