@@ -1,0 +1,504 @@
+"""Render one task's PyTorchJob manifest from the Jinja2 template, injection-proof and checked.
+
+Guarantees of ``render_pytorchjob``:
+- Every ``{{ expression }}`` of the template is written out as a JSON literal (strings
+  JSON-quoted with every YAML-significant character escaped, numbers, booleans,
+  ``null``, flow lists and mappings). A value therefore stays one scalar, whatever
+  quotes, newlines, ``{{ }}``, ``{% %}``, ``---`` or YAML it holds; user text is data,
+  never template source (the template environment is sandboxed, autoescape is off).
+- The text is parsed back with ``yaml.safe_load_all`` and must be exactly one mapping of
+  kind ``PyTorchJob`` named ``spec.job_name`` in the configured namespace, carrying the
+  vidmaas labels, with replicas summing to the model's ``nnodes``, every ``pytorch``
+  container's ``args`` equal to ``job_args(spec)`` (so the prompt arrives exactly as
+  typed, and the local and Kubernetes executors run the same command line) and asking
+  for ``nproc_per_node`` GPUs, and secrets passed only by reference: the credential
+  variables come from ``secretKeyRef`` and no configured secret value appears anywhere.
+- When a CRD file is configured (or passed), the manifest is validated against its
+  ``openAPIV3Schema``, and each pod template against the Kubernetes core schema that
+  ``kubernetes-validate`` ships (strict: unknown fields are errors).
+- Any failure raises ``ExecutorError`` (``InvalidRequest`` for a value no job can carry,
+  such as a NUL character); nothing is half-rendered.
+
+Templates and schemas are loaded on first use and cached; nothing happens at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import jinja2
+import jinja2.sandbox
+import jsonschema
+import yaml
+
+from vidmaas.config import Settings
+from vidmaas.domain.ids import is_task_id, new_task_id
+from vidmaas.domain.ids import job_name as job_name_of
+from vidmaas.domain.jobs import (
+    ENV_AWS_ACCESS_KEY_ID,
+    ENV_AWS_SECRET_ACCESS_KEY,
+    ENV_MODEL_DIR,
+    ENV_REDIS_URL,
+    ENV_STORAGE_URL,
+    ENV_TASK_ID,
+    ENV_WORK_DIR,
+    JobSpec,
+    job_args,
+)
+from vidmaas.domain.models import ModelRegistry
+from vidmaas.errors import ExecutorError, InvalidRequest
+
+API_VERSION: Final = "kubeflow.org/v1"
+KIND: Final = "PyTorchJob"
+MAIN_CONTAINER: Final = "pytorch"
+"""The Training Operator requires the main container of every replica to have this name."""
+WORK_DIR: Final = "/work"
+"""The pod's ``emptyDir`` work directory (``VIDMAAS_WORK_DIR``)."""
+DEFAULT_COMMAND: Final = ("vidmaas-job", "run")
+FETCH_INPUT_COMMAND: Final = ("vidmaas-job", "fetch-input")
+
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY: Final = "vidmaas"
+LABEL_TASK_ID: Final = "vidmaas.io/task-id"
+LABEL_JOB_NAME: Final = "vidmaas.io/job-name"
+LABEL_MODEL: Final = "vidmaas.io/model"
+LABEL_USER: Final = "vidmaas.io/user-id"
+LABEL_ATTEMPT: Final = "vidmaas.io/attempt"
+LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+
+SECRET_ENV_NAMES: Final = frozenset({ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY,
+                                     ENV_REDIS_URL})
+"""Environment variables that must come from a Secret, never inline."""
+REQUIRED_ENV_NAMES: Final = frozenset({ENV_TASK_ID, ENV_STORAGE_URL, ENV_MODEL_DIR, ENV_WORK_DIR,
+                                       ENV_REDIS_URL})
+
+_LABEL_KEY_RE = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+# Characters a JSON string may hold raw but YAML treats specially: YAML line breaks
+# (NEL, LS, PS), characters PyYAML refuses (DEL, C1 controls, U+FFFE/FFFF, surrogates),
+# the BOM, and every flow/comment/quote indicator, so that a quoted value stays inert
+# even where a template puts it in a flow collection or a single-quoted string.
+_YAML_UNSAFE_RE = re.compile(
+    "[\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff'#:,{}\\[\\]&*!|>%@`?]")
+
+
+# ---------------------------------------------------------------- quoting
+
+
+class _Quoted(str):
+    """Text that is already a JSON literal: written out as is."""
+
+    __slots__ = ()
+
+
+def _quote_string(value: str) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return _YAML_UNSAFE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, str):
+        return _quote_string(value)
+    if value is None or isinstance(value, bool | int):
+        return json.dumps(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ExecutorError(f"cannot render the number {value!r}")
+        return json.dumps(value)
+    if isinstance(value, Path):
+        return _quote_string(str(value))
+    if isinstance(value, Mapping):
+        items = []
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ExecutorError(f"cannot render a mapping key of type {type(k).__name__}")
+            items.append(f"{_quote_string(k)}: {_literal(v)}")
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    raise ExecutorError(f"cannot render a value of type {type(value).__name__}")
+
+
+def yaml_literal(value: Any) -> str:
+    """``value`` as one JSON literal that YAML reads back as exactly ``value``."""
+    return _literal(value)
+
+
+def _finalize(value: Any) -> Any:
+    if isinstance(value, _Quoted):
+        return value
+    if isinstance(value, jinja2.Undefined):
+        return value  # StrictUndefined raises when it is written out
+    return _Quoted(_literal(value))
+
+
+def _quote_filter(value: Any) -> _Quoted:
+    return value if isinstance(value, _Quoted) else _Quoted(_literal(value))
+
+
+@functools.cache
+def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        autoescape=False,  # YAML, not HTML: quoting is done by _finalize
+        undefined=jinja2.StrictUndefined,
+        finalize=_finalize,
+        keep_trailing_newline=True,
+    )
+    env.filters["q"] = _quote_filter
+    env.filters["tojson"] = _quote_filter  # Jinja's own escapes for HTML and returns Markup
+    return env
+
+
+@functools.cache
+def _compile(source: str) -> jinja2.Template:
+    try:
+        return _environment().from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ExecutorError(
+            f"PyTorchJob template syntax error, line {e.lineno}: {e.message}") from e
+
+
+def _template_source(path: Path | None) -> str:
+    try:
+        if path is None:
+            return (resources.files("vidmaas") / "templates" / "pytorchjob.yaml.j2").read_text(
+                encoding="utf-8")
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ExecutorError(f"cannot read the PyTorchJob template {path}: {e}") from e
+
+
+# ---------------------------------------------------------------- schemas
+
+
+def _crd_version_schema(crd: Any, version: str) -> dict[str, Any]:
+    if not isinstance(crd, dict) or crd.get("kind") != "CustomResourceDefinition":
+        raise ExecutorError("the CRD file does not hold a CustomResourceDefinition")
+    for v in crd.get("spec", {}).get("versions", []):
+        if v.get("name") == version:
+            schema = v.get("schema", {}).get("openAPIV3Schema")
+            if isinstance(schema, dict):
+                return schema
+    raise ExecutorError(f"the CRD has no openAPIV3Schema for version {version}")
+
+
+@functools.cache
+def _crd_validator(path: Path, mtime_ns: int) -> jsonschema.protocols.Validator:
+    try:
+        crd = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ExecutorError(f"cannot load the PyTorchJob CRD {path}: {e}") from e
+    schema = _crd_version_schema(crd, API_VERSION.split("/")[1])
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+    return cls(schema)
+
+
+def _crd_validator_for(path: Path) -> jsonschema.protocols.Validator:
+    try:
+        mtime_ns = path.stat().st_mtime_ns
+    except OSError as e:
+        raise ExecutorError(f"cannot read the PyTorchJob CRD {path}: {e}") from e
+    return _crd_validator(path, mtime_ns)
+
+
+@functools.cache
+def _pod_template_validator() -> jsonschema.protocols.Validator | None:
+    """The strict core-v1 PodTemplateSpec schema of kubernetes-validate, if installed."""
+    try:
+        import referencing
+        from kubernetes_validate import utils as kv
+    except ImportError:
+        return None
+    version = kv.latest_version()
+    schema_dir = f"kubernetes-json-schema/v{version}-local-strict"
+    schema = kv.schema_contents(f"{schema_dir}/podtemplatespec-v1.json", version)
+    definitions = kv.schema_contents(f"{schema_dir}/_definitions.json", version)
+    registry: referencing.Registry[Any] = referencing.Registry()
+    registry = referencing.Resource.from_contents(schema) @ registry
+    registry = referencing.Resource.from_contents(definitions) @ registry
+    validator: jsonschema.protocols.Validator = jsonschema.Draft202012Validator(
+        schema, registry=registry)
+    return validator
+
+
+def _schema_error(what: str, error: jsonschema.ValidationError) -> ExecutorError:
+    where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+    return ExecutorError(f"{what} fails schema validation at {where}: {error.message[:300]}")
+
+
+def validate_manifest(manifest: Mapping[str, Any], *, crd_path: Path) -> None:
+    """Validate against the CRD schema and each pod template against the core schema."""
+    crd = _crd_validator_for(crd_path)
+    error = jsonschema.exceptions.best_match(crd.iter_errors(manifest))
+    if error is not None:
+        raise _schema_error("the PyTorchJob", error)
+    pod = _pod_template_validator()
+    if pod is None:
+        return
+    for rtype, replica in manifest["spec"]["pytorchReplicaSpecs"].items():
+        error = jsonschema.exceptions.best_match(pod.iter_errors(replica.get("template", {})))
+        if error is not None:
+            raise _schema_error(f"the {rtype} pod template", error)
+
+
+# ---------------------------------------------------------------- context
+
+
+def _bucket_of(storage_url: str) -> str | None:
+    parts = urlsplit(storage_url)
+    return parts.netloc if parts.scheme == "s3" else None
+
+
+def _model_dir(model_dir: str, mount_path: str) -> str:
+    if model_dir.startswith("/"):
+        return model_dir
+    return mount_path.rstrip("/") + "/" + model_dir
+
+
+def _labels(*, settings: Settings, spec: JobSpec) -> dict[str, str]:
+    labels = dict(spec.labels)
+    labels.update({
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_TASK_ID: spec.task_id,
+        LABEL_JOB_NAME: spec.job_name,
+        LABEL_MODEL: spec.model.id,
+        LABEL_USER: spec.user_id,
+        LABEL_ATTEMPT: str(spec.attempt),
+    })
+    if settings.kube.kueue_queue is not None:
+        labels[LABEL_KUEUE_QUEUE] = settings.kube.kueue_queue
+    for key, value in labels.items():
+        if not _LABEL_KEY_RE.match(key) or len(key) > 253 or not _LABEL_VALUE_RE.match(value):
+            raise ExecutorError(f"invalid Kubernetes label {key[:80]!r}={value[:80]!r}")
+    return labels
+
+
+def template_context(
+    *, settings: Settings, spec: JobSpec, command: list[str] | None = None,
+) -> dict[str, Any]:
+    """The variables the template sees (docs/kubernetes.md lists them)."""
+    kube, model, params = settings.kube, spec.model, spec.params
+    labels = _labels(settings=settings, spec=spec)
+    pod_labels = {k: labels[k] for k in (LABEL_MANAGED_BY, LABEL_TASK_ID, LABEL_JOB_NAME,
+                                          LABEL_MODEL)}
+    limits: dict[str, int | str] = {kube.gpu_resource_name: model.nproc_per_node}
+    if kube.gpu_memory_resource_name is not None and kube.gpu_memory_mib is not None:
+        limits[kube.gpu_memory_resource_name] = kube.gpu_memory_mib
+    replicas = [{"type": "Master", "count": 1}]
+    if model.nnodes > 1:
+        replicas.append({"type": "Worker", "count": model.nnodes - 1})
+    args = job_args(spec)
+    return {
+        # the seed's placeholders
+        "task_id": spec.task_id,
+        "s3_bucket": _bucket_of(settings.storage.url),
+        "user_image_key": spec.input_key,
+        "prompt_text": spec.prompt,
+        "resolution": str(params["size"]),
+        # the job
+        "job_name": spec.job_name,
+        "namespace": kube.namespace,
+        "labels": labels,
+        "pod_labels": pod_labels,
+        "anti_affinity_labels": {LABEL_TASK_ID: spec.task_id},
+        "kueue_queue": kube.kueue_queue,
+        "user_id": spec.user_id,
+        "attempt": spec.attempt,
+        "model_id": model.id,
+        "num_frames": params["num_frames"],
+        "steps": params["steps"],
+        "seed": params["seed"],
+        "args": args,
+        "command": list(command) if command is not None else list(DEFAULT_COMMAND),
+        "fetch_command": [*FETCH_INPUT_COMMAND, "--image", spec.input_key or ""],
+        # replicas and resources
+        "nnodes": model.nnodes,
+        "nproc_per_node": model.nproc_per_node,
+        "replicas": replicas,
+        "image": model.runtime_image or kube.image,
+        "image_pull_policy": kube.image_pull_policy,
+        "service_account": kube.service_account,
+        "gpu_resource_name": kube.gpu_resource_name,
+        "requests": {"cpu": kube.cpu_request, "memory": kube.memory_request},
+        "limits": limits,
+        # storage, secrets, runtime environment
+        "model_volume": kube.model_volume,
+        "model_host_path": kube.model_host_path,
+        "model_pvc_name": kube.model_pvc_name,
+        "model_mount_path": kube.model_mount_path,
+        "model_dir": _model_dir(model.model_dir, kube.model_mount_path),
+        "work_dir": WORK_DIR,
+        "storage_url": settings.storage.url,
+        "s3_endpoint_url": settings.storage.s3_endpoint_url,
+        "s3_region": settings.storage.s3_region,
+        "s3_secret_name": kube.s3_secret_name,
+        "redis_secret_name": kube.redis_secret_name,
+        "watermark_text": settings.runtime.watermark_text,
+        "heartbeat_interval_s": settings.runtime.heartbeat_interval_s,
+        # runPolicy
+        "clean_pod_policy": kube.clean_pod_policy,
+        "ttl_seconds_after_finished": kube.ttl_seconds_after_finished,
+        # a backstop behind the watchdog, which cancels at the task deadline
+        "active_deadline_s": math.ceil(settings.dispatcher.task_deadline_s
+                                       + settings.dispatcher.cancel_grace_s),
+        "backoff_limit": kube.backoff_limit,
+        "termination_grace_s": math.ceil(settings.dispatcher.cancel_grace_s),
+    }
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _secret_values(settings: Settings) -> list[str]:
+    values = []
+    for secret in (settings.storage.s3_access_key_id, settings.storage.s3_secret_access_key):
+        if secret is not None and len(secret.get_secret_value()) >= 4:
+            values.append(secret.get_secret_value())
+    password = urlsplit(settings.redis.url).password
+    if password and len(password) >= 4:
+        values.append(password)
+    return values
+
+
+def _check_values(spec: JobSpec) -> None:
+    for name, value in (("prompt", spec.prompt), ("negative_prompt", spec.negative_prompt or ""),
+                        ("image", spec.input_key or "")):
+        if "\x00" in value:
+            raise InvalidRequest(f"{name} contains a NUL character", field=name)
+
+
+def _check_manifest(manifest: Any, *, settings: Settings, spec: JobSpec, text: str) -> None:
+    if not isinstance(manifest, dict):
+        raise ExecutorError("the rendered PyTorchJob is not a mapping")
+    if manifest.get("apiVersion") != API_VERSION or manifest.get("kind") != KIND:
+        raise ExecutorError(f"the rendered manifest is not a {API_VERSION} {KIND}")
+    meta = manifest.get("metadata") or {}
+    if meta.get("name") != spec.job_name:
+        raise ExecutorError(f"the rendered job is named {str(meta.get('name'))[:80]!r}, "
+                            f"not {spec.job_name!r}")
+    if meta.get("namespace", settings.kube.namespace) != settings.kube.namespace:
+        raise ExecutorError("the rendered job is not in the configured namespace")
+    labels = meta.get("labels") or {}
+    if labels.get(LABEL_MANAGED_BY) != MANAGED_BY or labels.get(LABEL_TASK_ID) != spec.task_id:
+        raise ExecutorError(f"the rendered job lacks the labels {LABEL_MANAGED_BY}={MANAGED_BY} "
+                            f"and {LABEL_TASK_ID}={spec.task_id}")
+    replica_specs = (manifest.get("spec") or {}).get("pytorchReplicaSpecs")
+    if not isinstance(replica_specs, dict) or "Master" not in replica_specs:
+        raise ExecutorError("the rendered job has no Master replica")
+    total = sum(int(r.get("replicas", 1)) for r in replica_specs.values())
+    if total != spec.model.nnodes:
+        raise ExecutorError(f"the rendered job has {total} replicas; model {spec.model.id} "
+                            f"needs {spec.model.nnodes} nodes")
+    expected_args = job_args(spec)
+    gpu = settings.kube.gpu_resource_name
+    for rtype, replica in replica_specs.items():
+        pod = ((replica.get("template") or {}).get("spec")) or {}
+        containers = pod.get("containers") or []
+        main = [c for c in containers if c.get("name") == MAIN_CONTAINER]
+        if len(main) != 1:
+            raise ExecutorError(f"the {rtype} replica needs one container named {MAIN_CONTAINER}")
+        if main[0].get("args") != expected_args:
+            raise ExecutorError(f"the {rtype} container's args differ from the runtime arguments")
+        limit = ((main[0].get("resources") or {}).get("limits") or {}).get(gpu)
+        if str(limit) != str(spec.model.nproc_per_node):
+            raise ExecutorError(f"the {rtype} container asks for {limit} {gpu}; model "
+                                f"{spec.model.id} needs {spec.model.nproc_per_node}")
+        env_names = {e.get("name") for e in main[0].get("env") or []}
+        missing = REQUIRED_ENV_NAMES - env_names
+        if missing:
+            raise ExecutorError(f"the {rtype} container lacks {', '.join(sorted(missing))}")
+        for container in [*containers, *(pod.get("initContainers") or [])]:
+            for env in container.get("env") or []:
+                if env.get("name") in SECRET_ENV_NAMES and (
+                        "value" in env or "secretKeyRef" not in (env.get("valueFrom") or {})):
+                    raise ExecutorError(f"{env.get('name')} must come from a Secret (secretKeyRef)")
+    for secret in _secret_values(settings):
+        if secret in text:
+            raise ExecutorError("a configured secret value appears in the rendered manifest")
+
+
+# ---------------------------------------------------------------- public API
+
+
+def render_pytorchjob(
+    *,
+    settings: Settings,
+    spec: JobSpec,
+    crd_path: Path | None = None,
+    template_path: Path | None = None,
+    command: list[str] | None = None,
+) -> dict[str, Any]:
+    """The checked PyTorchJob manifest of ``spec`` (see the module docstring).
+
+    ``crd_path`` and ``template_path`` default to ``settings.kube.crd_schema_path`` and
+    ``settings.kube.template_path``; without a CRD path the schema checks are skipped.
+    ``command`` replaces the main container's command (default ``vidmaas-job run``;
+    ``["run.sh"]`` for an image built around the seed's script).
+    """
+    _check_values(spec)
+    template = _compile(_template_source(template_path or settings.kube.template_path))
+    context = template_context(settings=settings, spec=spec, command=command)
+    try:
+        text = template.render(context)
+    except jinja2.TemplateError as e:
+        raise ExecutorError(f"cannot render the PyTorchJob template: {e}") from e
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise ExecutorError(f"the rendered PyTorchJob is not valid YAML: {str(e)[:300]}") from e
+    if len(documents) != 1:
+        raise ExecutorError(f"the rendered template holds {len(documents)} documents, not one")
+    manifest: dict[str, Any] = documents[0]
+    _check_manifest(manifest, settings=settings, spec=spec, text=text)
+    manifest.setdefault("metadata", {})["namespace"] = settings.kube.namespace
+    crd = crd_path or settings.kube.crd_schema_path
+    if crd is not None:
+        validate_manifest(manifest, crd_path=crd)
+    return manifest
+
+
+def manifest_yaml(manifest: Mapping[str, Any]) -> str:
+    """A manifest as readable YAML (block style, Unicode kept, key order kept)."""
+    return yaml.safe_dump(dict(manifest), sort_keys=False, allow_unicode=True, width=100)
+
+
+def render_job_for_cli(
+    *,
+    settings: Settings,
+    model_id: str,
+    prompt: str,
+    size: str,
+    image_key: str | None = None,
+    task_id: str | None = None,
+    num_frames: int | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    user_id: str = "u-render-job",
+    registry_loader: Callable[[Path | None], ModelRegistry] = ModelRegistry.load,
+) -> str:
+    """The YAML of the PyTorchJob the dispatcher would submit for such a request.
+
+    Parameters are resolved through the model registry exactly as for a real request
+    (``InvalidRequest`` names a bad one); a missing task id is a fresh one, a missing
+    seed a random one, as the API would choose.
+    """
+    model = registry_loader(settings.models_path).get_or_raise(model_id)
+    params = model.resolve(size=size, num_frames=num_frames, steps=steps, seed=seed,
+                           has_image=image_key is not None)
+    if task_id is not None and not is_task_id(task_id):
+        raise InvalidRequest(f"{task_id[:40]!r} is not a task id", field="task_id")
+    tid = task_id or new_task_id()
+    spec = JobSpec(task_id=tid, job_name=job_name_of(tid), user_id=user_id, model=model,
+                   prompt=prompt, params=params.as_dict(), attempt=1, input_key=image_key)
+    return manifest_yaml(render_pytorchjob(settings=settings, spec=spec))
