@@ -241,6 +241,8 @@ class Settings(BaseSettings):
     """GPUs the dispatcher may hand out at once (summed over running jobs)."""
     models_path: Path | None = None
     """A model registry YAML of the operator's own; None uses the shipped one."""
+    default_model: str | None = None
+    """Model used when a request names none; None means the registry's first."""
     model_root: Path | None = None
     """Prefix for relative model directories in the registry (local executor)."""
     log_level: str = "INFO"

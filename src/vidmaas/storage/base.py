@@ -70,14 +70,15 @@ class LocalStore:
         self.root = root.resolve()
         self.url = self.root.as_uri()
 
-    def _path(self, key: str) -> Path:
+    def path(self, key: str) -> Path:
+        """The file of a key (the key is checked first)."""
         return self.root / check_key(key)
 
     async def ensure_ready(self) -> None:
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
 
     def _write(self, key: str, data: bytes) -> None:
-        path = self._path(key)
+        path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
@@ -99,7 +100,7 @@ class LocalStore:
         await self.put_bytes(key, data, content_type=content_type)
 
     async def get_bytes(self, key: str) -> bytes:
-        path = self._path(key)
+        path = self.path(key)
         try:
             return await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError as e:
@@ -112,19 +113,19 @@ class LocalStore:
         await asyncio.to_thread(path.write_bytes, data)
 
     async def exists(self, key: str) -> bool:
-        return await asyncio.to_thread(self._path(key).is_file)
+        return await asyncio.to_thread(self.path(key).is_file)
 
     async def size(self, key: str) -> int:
         try:
-            return (await asyncio.to_thread(self._path(key).stat)).st_size
+            return (await asyncio.to_thread(self.path(key).stat)).st_size
         except FileNotFoundError as e:
             raise NotFound(f"no object {key}") from e
 
     async def delete(self, key: str) -> None:
-        await asyncio.to_thread(self._path(key).unlink, missing_ok=True)
+        await asyncio.to_thread(self.path(key).unlink, missing_ok=True)
 
     async def delete_prefix(self, prefix: str) -> int:
-        base = self._path(prefix.rstrip("/"))
+        base = self.path(prefix.rstrip("/"))
 
         def _rm() -> int:
             if not base.exists():
@@ -146,7 +147,7 @@ class LocalStore:
         return None
 
     async def stream(self, key: str) -> AsyncIterator[bytes]:
-        path = self._path(key)
+        path = self.path(key)
         try:
             f = await asyncio.to_thread(path.open, "rb")
         except FileNotFoundError as e:

@@ -1,0 +1,1 @@
+"""The api role: REST, event streams, the web page, health and metrics."""

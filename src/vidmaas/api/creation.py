@@ -1,0 +1,196 @@
+"""Creating a task, shared by the native and the OpenAI-compatible APIs.
+
+Guarantees (DESIGN §2 step 1):
+- The body is read with a hard byte limit (413 past it, before parsing anything).
+- Parameters are resolved against the model registry before anything is written;
+  an input image is sniffed, bounded and re-encoded (``api.uploads``).
+- Write order: the input image under ``inputs/{task_id}/``, then the task row
+  (``queued``), then the queue entry. If the row cannot be written the stored image
+  is deleted (nothing half-written). If the enqueue fails after the insert, the task
+  stays ``queued`` and the reconciler enqueues it (nothing accepted is lost).
+- With an ``Idempotency-Key``, a retried create returns the first task and writes
+  nothing new.
+- A user with ``max_queued_per_user`` tasks waiting gets 429 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.datastructures import FormData, UploadFile
+from starlette.requests import Request
+from starlette.types import Message
+
+from vidmaas.api.deps import Caller
+from vidmaas.api.uploads import clean_image
+from vidmaas.db import tasks as repo
+from vidmaas.db.models import Task
+from vidmaas.domain.ids import new_task_id
+from vidmaas.errors import InvalidRequest, PayloadTooLarge, RateLimited
+from vidmaas.services import Services
+from vidmaas.storage.base import input_key
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_KEY_MAX = 128
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRequest:
+    prompt: str
+    model: str | None = None
+    size: str | None = None
+    num_frames: int | None = None
+    steps: int | None = None
+    seed: int | None = None
+    negative_prompt: str | None = None
+    image: bytes | None = None
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
+    source: str = "native"
+
+
+async def read_body(request: Request, *, limit_bytes: int) -> bytes:
+    """The whole body, or ``PayloadTooLarge`` as soon as it passes the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
+        raise PayloadTooLarge(f"the request body is over {limit_bytes} bytes")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit_bytes:
+            raise PayloadTooLarge(f"the request body is over {limit_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_form(request: Request, body: bytes) -> FormData:
+    """Parse a multipart/urlencoded body that was already read (and size-checked)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        return await Request(request.scope, receive=replay).form(max_files=1, max_fields=32)
+    except Exception as e:
+        raise InvalidRequest(f"the form could not be parsed: {e}", code="invalid_form") from e
+
+
+async def form_image(form: FormData, name: str) -> bytes | None:
+    value = form.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, UploadFile):
+        raise InvalidRequest(f"{name} must be a file", field=name)
+    data = await value.read()
+    return data or None
+
+
+def form_int(form: FormData, name: str) -> int | None:
+    value = form.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, UploadFile):
+        raise InvalidRequest(f"{name} must be a number", field=name)
+    try:
+        return int(value)
+    except ValueError as e:
+        raise InvalidRequest(f"{name} must be an integer", field=name) from e
+
+
+def form_str(form: FormData, name: str) -> str | None:
+    value = form.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, UploadFile):
+        raise InvalidRequest(f"{name} must be text", field=name)
+    return value
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not key.isprintable():
+        raise InvalidRequest(
+            f"Idempotency-Key must be 1–{IDEMPOTENCY_KEY_MAX} printable characters",
+            field="Idempotency-Key")
+    return key
+
+
+async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
+                      idempotency_key: str | None,
+                      validate_webhook: Callable[[str], Awaitable[None]] | None = None,
+                      ) -> tuple[Task, bool, int | None]:
+    """Validate, store, insert, enqueue. Returns (task, created, queue position)."""
+    cfg = svc.settings.api
+    key = check_idempotency_key(idempotency_key)
+    async with svc.sessions() as s:
+        if key is not None:
+            existing = await repo.find_by_idempotency_key(session=s, user_id=caller.id, key=key)
+            if existing is not None:
+                return existing, False, await position_of(svc, existing)
+        if len(req.prompt) > cfg.max_prompt_chars:
+            raise InvalidRequest(f"the prompt is over {cfg.max_prompt_chars} characters",
+                                 field="prompt")
+        if not req.prompt.strip():
+            raise InvalidRequest("the prompt is empty", field="prompt")
+        spec = svc.registry.get_or_raise(req.model or default_model_id(svc))
+        params = spec.resolve(size=req.size, num_frames=req.num_frames, steps=req.steps,
+                              seed=req.seed, has_image=req.image is not None)
+        if req.webhook_url is not None and validate_webhook is not None:
+            await validate_webhook(req.webhook_url)
+        if await repo.count_queued(session=s, user_id=caller.id) >= cfg.max_queued_per_user:
+            raise RateLimited(f"you have {cfg.max_queued_per_user} tasks waiting; wait for some "
+                              "to start", retry_after_s=30, code="too_many_queued")
+        task_id = new_task_id()
+        stored_key: str | None = None
+        extra: dict[str, Any] = {}
+        if req.image is not None:
+            img = clean_image(req.image, max_pixels=cfg.max_image_pixels,
+                              max_side_px=cfg.max_image_side_px)
+            stored_key = input_key(task_id, "image.png")
+            await svc.store.put_bytes(stored_key, img.png, content_type="image/png")
+            extra["image_width"], extra["image_height"] = img.width, img.height
+        new = repo.NewTask(
+            id=task_id, user_id=caller.id, model=spec.id, prompt=req.prompt,
+            negative_prompt=req.negative_prompt, params=params.as_dict() | extra,
+            gpus=spec.gpus_per_job, input_key=stored_key, idempotency_key=key,
+            webhook_url=req.webhook_url, webhook_events=req.webhook_events, source=req.source)
+        try:
+            task, created = await repo.create_task(session=s, new=new)
+        except BaseException:
+            if stored_key is not None:
+                await svc.store.delete(stored_key)
+            raise
+        if not created:
+            if stored_key is not None:
+                await svc.store.delete(stored_key)
+            return task, False, await position_of(svc, task)
+    log.info("task %s created by %s (model %s)", task.id, caller.name, spec.id,
+             extra={"task_id": task.id})
+    position = await svc.lifecycle.admit_new(task)
+    return task, True, position
+
+
+def default_model_id(svc: Services) -> str:
+    return svc.settings.default_model or svc.registry.default.id
+
+
+async def position_of(svc: Services, task: Task) -> int | None:
+    if task.status != "queued":
+        return None
+    try:
+        return await svc.lifecycle.queue.position(user_id=task.user_id, task_id=task.id)
+    except Exception:
+        log.warning("task %s: queue position unavailable", task.id, extra={"task_id": task.id})
+        return None
+

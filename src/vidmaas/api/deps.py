@@ -1,0 +1,87 @@
+"""Request dependencies: services, the database session, the caller.
+
+Guarantees: a request is authenticated by ``Authorization: Bearer <api key>`` or, for
+browsers on WebSocket/SSE/media URLs that cannot set headers, by a short-lived
+``?token=`` stream token; a missing or unknown credential is 401 with the same body
+either way. Nothing here reads global state: everything hangs off ``app.state``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import HTTPConnection
+
+from vidmaas.bus.control import user_of_stream_token
+from vidmaas.db import users
+from vidmaas.errors import Unauthenticated
+from vidmaas.services import Services
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    id: str
+    name: str
+    is_admin: bool
+
+    @property
+    def scope(self) -> str | None:
+        """The user id to scope reads to; None for an admin (sees all)."""
+        return None if self.is_admin else self.id
+
+
+def services_of(conn: HTTPConnection) -> Services:
+    svc: Services = conn.app.state.services
+    return svc
+
+
+async def session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with services_of(request).sessions() as s:
+        yield s
+
+
+def _bearer(conn: HTTPConnection) -> str | None:
+    header = conn.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        raise Unauthenticated("the Authorization header must be 'Bearer <api key>'")
+    return None
+
+
+async def authenticate(conn: HTTPConnection, *, allow_token: bool) -> Caller:
+    svc = services_of(conn)
+    key = _bearer(conn)
+    async with svc.sessions() as s:
+        if key is not None:
+            user = await users.authenticate(session=s, key=key)
+            if user is None:
+                raise Unauthenticated("unknown or revoked API key")
+            return Caller(user.id, user.name, user.is_admin)
+        token = conn.query_params.get("token") if allow_token else None
+        if token:
+            user_id = await user_of_stream_token(svc.redis, token)
+            found = None if user_id is None else await users.get_user(session=s, user_id=user_id)
+            if found is None:
+                raise Unauthenticated("unknown or expired stream token")
+            return Caller(found.id, found.name, found.is_admin)
+    raise Unauthenticated("an API key is required: Authorization: Bearer <key>")
+
+
+async def caller(request: Request) -> Caller:
+    return await authenticate(request, allow_token=False)
+
+
+async def caller_or_token(request: Request) -> Caller:
+    """For media URLs used by <video>/<img>, which cannot send headers."""
+    return await authenticate(request, allow_token=True)
+
+
+SessionDep = Annotated[AsyncSession, Depends(session)]
+CallerDep = Annotated[Caller, Depends(caller)]
+CallerOrTokenDep = Annotated[Caller, Depends(caller_or_token)]

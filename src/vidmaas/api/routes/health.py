@@ -1,0 +1,78 @@
+"""Liveness, readiness, and the stream-token endpoint browsers use.
+
+Guarantees: ``/healthz`` answers 200 while the process serves requests; ``/readyz``
+answers 200 only when the database, Redis and the object store all answer, and 503
+naming the ones that do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy import text
+
+from vidmaas.api.deps import CallerDep, services_of
+from vidmaas.bus.control import issue_stream_token
+
+router = APIRouter(tags=["health"])
+CHECK_TIMEOUT_S = 3.0
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: database, Redis and object store reachable")
+async def readyz(request: Request) -> JSONResponse:
+    svc = services_of(request)
+
+    async def db() -> None:
+        async with svc.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def redis() -> None:
+        await svc.redis.ping()
+
+    async def store() -> None:
+        await svc.store.ensure_ready()
+
+    checks: dict[str, Any] = {}
+    for name, fn in (("database", db), ("redis", redis), ("storage", store)):
+        try:
+            await asyncio.wait_for(fn(), CHECK_TIMEOUT_S)
+            checks[name] = "ok"
+        except Exception as e:
+            checks[name] = f"error: {type(e).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
+                        status_code=200 if ok else 503)
+
+
+class StreamToken(BaseModel):
+    token: str
+    expires_in_s: int
+
+
+@router.post("/v1/auth/stream-token", response_model=StreamToken, tags=["auth"],
+             summary="A short-lived token for WebSocket/SSE/media URLs (?token=)")
+async def stream_token(request: Request, caller: CallerDep) -> StreamToken:
+    svc = services_of(request)
+    ttl = svc.settings.api.stream_token_ttl_s
+    return StreamToken(token=await issue_stream_token(svc.redis, caller.id, ttl_s=ttl),
+                       expires_in_s=ttl)
+
+
+class Me(BaseModel):
+    id: str
+    name: str
+    is_admin: bool
+
+
+@router.get("/v1/me", response_model=Me, tags=["auth"], summary="Who the key belongs to")
+async def me(caller: CallerDep) -> Me:
+    return Me(id=caller.id, name=caller.name, is_admin=caller.is_admin)

@@ -1,0 +1,202 @@
+"""Native task API: create, read, list, cancel, download.
+
+Guarantees: a caller sees, cancels and downloads only their own tasks (an admin all);
+someone else's task answers exactly like a missing one (404 ``task_not_found``);
+the list is newest first with an opaque cursor; downloads redirect to a presigned
+URL when the store can make one, and stream the file (with Range support) otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from pydantic import ValidationError
+
+from vidmaas.api import creation
+from vidmaas.api.deps import CallerDep, CallerOrTokenDep, SessionDep, services_of
+from vidmaas.api.schemas import ErrorBody, TaskCreate, TaskList, TaskOut, task_out
+from vidmaas.db import tasks as repo
+from vidmaas.db.models import Task
+from vidmaas.domain.ids import is_task_id
+from vidmaas.domain.status import TaskStatus
+from vidmaas.errors import Conflict, InvalidRequest, NotFound, UnsupportedMedia
+from vidmaas.storage.base import LocalStore
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422, 429, 503)}
+
+_CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/TaskCreate"}},
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["prompt"],
+                "properties": {
+                    "prompt": {"type": "string", "minLength": 1, "maxLength": 10000},
+                    "model": {"type": "string"}, "size": {"type": "string"},
+                    "num_frames": {"type": "integer"}, "steps": {"type": "integer"},
+                    "seed": {"type": "integer", "minimum": 0, "maximum": 4294967295},
+                    "negative_prompt": {"type": "string"},
+                    "webhook_url": {"type": "string"},
+                    "image": {"type": "string", "format": "binary",
+                              "description": "PNG, JPEG or WebP"},
+                }}},
+        },
+    }
+}
+
+
+async def load_own(request: Request, *, task_id: str, scope: str | None) -> Task:
+    """The caller's task, or 404 (also for someone else's)."""
+    if not is_task_id(task_id):
+        raise NotFound("no such task", code="task_not_found")
+    async with services_of(request).sessions() as s:
+        task = await repo.get_task(session=s, task_id=task_id, user_id=scope)
+    if task is None:
+        raise NotFound("no such task", code="task_not_found")
+    return task
+
+
+@router.post("", status_code=202, response_model=TaskOut, responses=_ERRORS,
+             openapi_extra=_CREATE_BODY, summary="Create a video generation task")
+async def create_task(
+    request: Request, caller: CallerDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    svc = services_of(request)
+    body = await creation.read_body(request, limit_bytes=svc.settings.api.max_upload_bytes)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        form = await creation.parse_form(request, body)
+        prompt = creation.form_str(form, "prompt")
+        if prompt is None:
+            raise InvalidRequest("prompt is required", field="prompt")
+        events = creation.form_str(form, "webhook_events")
+        req = creation.CreateRequest(
+            prompt=prompt, model=creation.form_str(form, "model"),
+            size=creation.form_str(form, "size"),
+            num_frames=creation.form_int(form, "num_frames"),
+            steps=creation.form_int(form, "steps"), seed=creation.form_int(form, "seed"),
+            negative_prompt=creation.form_str(form, "negative_prompt"),
+            image=await creation.form_image(form, "image"),
+            webhook_url=creation.form_str(form, "webhook_url"),
+            webhook_events=[e.strip() for e in events.split(",")] if events else None)
+        # Same field rules as the JSON body.
+        _validate(TaskCreate, {k: v for k, v in {
+            "prompt": req.prompt, "model": req.model, "size": req.size,
+            "num_frames": req.num_frames, "steps": req.steps, "seed": req.seed,
+            "negative_prompt": req.negative_prompt, "webhook_url": req.webhook_url,
+            "webhook_events": req.webhook_events}.items() if v is not None})
+    elif ctype in {"application/json", ""}:
+        try:
+            raw = json.loads(body or b"null")
+        except ValueError as e:
+            raise InvalidRequest("the body is not valid JSON", code="invalid_json") from e
+        data = _validate(TaskCreate, raw)
+        req = creation.CreateRequest(
+            prompt=data.prompt, model=data.model, size=data.size, num_frames=data.num_frames,
+            steps=data.steps, seed=data.seed, negative_prompt=data.negative_prompt,
+            webhook_url=data.webhook_url,
+            webhook_events=list(data.webhook_events) if data.webhook_events else None)
+    else:
+        raise UnsupportedMedia("send application/json or multipart/form-data",
+                               code="unsupported_content_type")
+    validate_webhook = getattr(request.app.state, "validate_webhook", None)
+    task, _created, position = await creation.create_task(
+        svc=svc, caller=caller, req=req, idempotency_key=idempotency_key,
+        validate_webhook=validate_webhook)
+    out = task_out(task, position=position)
+    return JSONResponse(out.model_dump(mode="json"), status_code=202,
+                        headers={"Location": f"/v1/tasks/{task.id}"})
+
+
+def _validate(model: type[TaskCreate], raw: Any) -> TaskCreate:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequest(f"{field}: {first['msg']}" if field else first["msg"],
+                             field=field) from e
+
+
+@router.get("", response_model=TaskList, responses=_ERRORS, summary="List your tasks")
+async def list_tasks(
+    request: Request, caller: CallerDep, session: SessionDep,
+    status: Annotated[list[TaskStatus] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> TaskList:
+    if cursor is not None and not is_task_id(cursor):
+        raise InvalidRequest("bad cursor", field="cursor")
+    rows = await repo.list_tasks(session=session, user_id=caller.scope, limit=limit + 1,
+                                 before=cursor, statuses=status)
+    page = rows[:limit]
+    svc = services_of(request)
+    data = [task_out(t, position=await creation.position_of(svc, t)) for t in page]
+    return TaskList(data=data, next_cursor=page[-1].id if len(rows) > limit else None)
+
+
+@router.get("/{task_id}", response_model=TaskOut, responses=_ERRORS, summary="Get a task")
+async def get_task(request: Request, task_id: str, caller: CallerDep) -> TaskOut:
+    task = await load_own(request, task_id=task_id, scope=caller.scope)
+    return task_out(task, position=await creation.position_of(services_of(request), task))
+
+
+@router.post("/{task_id}/cancel", response_model=TaskOut, responses=_ERRORS,
+             summary="Cancel a task")
+async def cancel_task(request: Request, task_id: str, caller: CallerDep) -> TaskOut:
+    """A queued task is cancelled at once; a running one becomes ``cancelling`` and the
+    dispatcher stops its job. A finished task answers 409."""
+    task = await load_own(request, task_id=task_id, scope=caller.scope)
+    svc = services_of(request)
+    done = await svc.lifecycle.cancel(task, by=caller.name)
+    return task_out(done, position=None)
+
+
+async def _download(request: Request, *, task_id: str, scope: str | None, which: str,
+                    ) -> Response:
+    task = await load_own(request, task_id=task_id, scope=scope)
+    key = task.video_key if which == "video" else task.poster_key
+    if task.status != TaskStatus.COMPLETED.value or key is None:
+        raise Conflict(f"the task is {task.status}; its {which} is not ready",
+                       code=f"{which}_not_ready")
+    svc = services_of(request)
+    media = "video/mp4" if which == "video" else "image/jpeg"
+    filename = f"{task.id}.mp4" if which == "video" else f"{task.id}.jpg"
+    store = svc.store
+    if svc.settings.storage.redirect_downloads:
+        url = await store.presign_get(key, ttl_s=svc.settings.storage.presign_ttl_s,
+                                      filename=filename if which == "video" else None)
+        if url is not None:
+            return RedirectResponse(url, status_code=307)
+    if isinstance(store, LocalStore):
+        path = store.path(key)
+        if not path.is_file():
+            raise NotFound(f"the {which} file is missing", code=f"{which}_missing")
+        return FileResponse(path, media_type=media, filename=filename,
+                            content_disposition_type="inline")
+    size = await store.size(key)
+    return StreamingResponse(store.stream(key), media_type=media,
+                             headers={"Content-Length": str(size),
+                                      "Content-Disposition": f'inline; filename="{filename}"'})
+
+
+@router.get("/{task_id}/video", responses={**_ERRORS, 307: {"description": "presigned URL"},
+                                           200: {"content": {"video/mp4": {}}}},
+            response_class=Response, summary="Download the video")
+async def get_video(request: Request, task_id: str, caller: CallerOrTokenDep) -> Response:
+    return await _download(request, task_id=task_id, scope=caller.scope, which="video")
+
+
+@router.get("/{task_id}/poster", responses={**_ERRORS, 307: {"description": "presigned URL"},
+                                            200: {"content": {"image/jpeg": {}}}},
+            response_class=Response, summary="Download the poster image")
+async def get_poster(request: Request, task_id: str, caller: CallerOrTokenDep) -> Response:
+    return await _download(request, task_id=task_id, scope=caller.scope, which="poster")

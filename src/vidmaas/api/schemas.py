@@ -1,0 +1,131 @@
+"""Request and response bodies of the native API.
+
+Guarantees: these models are the documented shapes in the OpenAPI document; every
+response the routes return is built through them, so the document never lies.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vidmaas.db.models import Task
+from vidmaas.domain.status import TaskStatus
+
+WebhookEvent = Literal["started", "progress", "completed", "failed", "cancelled"]
+
+
+class TaskCreate(BaseModel):
+    """JSON body of ``POST /v1/tasks`` (use multipart to attach an image)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=10_000)
+    model: str | None = Field(default=None, max_length=64,
+                              description="Model id from GET /v1/models; default: the first")
+    size: str | None = Field(default=None, max_length=16, description="W*H, e.g. 1280*704")
+    num_frames: int | None = Field(default=None, ge=1, le=1000)
+    steps: int | None = Field(default=None, ge=1, le=1000)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    negative_prompt: str | None = Field(default=None, max_length=10_000)
+    webhook_url: str | None = Field(default=None, max_length=2048)
+    webhook_events: list[WebhookEvent] | None = None
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+class TaskParams(BaseModel):
+    size: str
+    width: int
+    height: int
+    num_frames: int
+    steps: int
+    seed: int
+    fps: int
+
+
+class TaskOut(BaseModel):
+    id: str
+    object: Literal["task"] = "task"
+    status: TaskStatus
+    model: str
+    prompt: str
+    negative_prompt: str | None
+    params: TaskParams
+    has_image: bool
+    progress: float = Field(description="0–100, stage-weighted, never decreasing")
+    stage: str | None
+    eta_s: float | None
+    queue_position: int | None = Field(description="1-based place in the fair order, if queued")
+    attempts: int
+    error: ErrorInfo | None
+    result: dict[str, Any] | None
+    video_url: str | None
+    poster_url: str | None
+    created_at: datetime
+    dispatched_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class TaskList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TaskOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page")
+
+
+class ModelOut(BaseModel):
+    id: str
+    display_name: str
+    description: str
+    pipeline: str
+    sizes: list[str]
+    default_size: str
+    frame_counts: list[int]
+    default_frames: int
+    default_steps: int
+    max_steps: int
+    fps: int
+    image: str
+    gpus_per_job: int
+    nnodes: int
+    nproc_per_node: int
+    tiny: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+    default: str
+
+
+def task_out(task: Task, *, position: int | None, base_path: str = "/v1/tasks") -> TaskOut:
+    completed = task.status == TaskStatus.COMPLETED.value
+    error = ErrorInfo(code=task.error_code, message=task.error_message or "") \
+        if task.error_code and task.status in (TaskStatus.FAILED.value,
+                                               TaskStatus.QUEUED.value) else None
+    p = task.params
+    return TaskOut(
+        id=task.id, status=TaskStatus(task.status), model=task.model, prompt=task.prompt,
+        negative_prompt=task.negative_prompt,
+        params=TaskParams(size=p["size"], width=p["width"], height=p["height"],
+                          num_frames=p["num_frames"], steps=p["steps"], seed=p["seed"],
+                          fps=p["fps"]),
+        has_image=task.input_key is not None, progress=round(task.progress, 2), stage=task.stage,
+        eta_s=task.eta_s, queue_position=position, attempts=task.attempts, error=error,
+        result=task.result if completed else None,
+        video_url=f"{base_path}/{task.id}/video" if completed and task.video_key else None,
+        poster_url=f"{base_path}/{task.id}/poster" if completed and task.poster_key else None,
+        created_at=task.created_at, dispatched_at=task.dispatched_at,
+        started_at=task.started_at, finished_at=task.finished_at, updated_at=task.updated_at)
