@@ -132,3 +132,16 @@ def s3_storage(s3: services.S3Server, request: pytest.FixtureRequest) -> Storage
 @pytest.fixture
 def local_storage(tmp_path: Path) -> StorageSettings:
     return StorageSettings(url=(tmp_path / "objects").as_uri())
+
+
+# ---------------------------------------------------------------- tiny models
+
+@pytest.fixture(scope="session")
+def tiny_model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model root holding ``tiny-t2v`` and ``tiny-ti2v`` (the registry's model_dir names)."""
+    from vidmaas.runtime.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("models")
+    make_tiny(root / "tiny-t2v", "t2v")
+    make_tiny(root / "tiny-ti2v", "ti2v")
+    return root

@@ -1,0 +1,114 @@
+"""``vidmaas-job``: the job runtime's command line (DESIGN §5).
+
+Guarantees:
+- ``vidmaas-job --help`` imports neither torch nor diffusers, and nothing reads the
+  environment before a command runs.
+- Every command ends in exactly one exit code from ``domain.jobs.ExitCode``; on rank
+  0 a failure is also exactly one ``failed`` event (``cancelled`` for a cancel), its
+  code and ``retryable`` flag chosen by ``runtime.errors``. SIGTERM (the executor's
+  hard stop) ends the job the same way: ``cancelled`` if a cancel was requested,
+  otherwise a retryable ``failed``.
+- Logs go to stderr, one line per state change, each with the task id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from vidmaas.domain.jobs import ExitCode
+from vidmaas.runtime.errors import Cancelled, InfraError, JobError, classify
+from vidmaas.runtime.job import JobArgs, JobEnv, WorkDir, add_job_args
+
+log = logging.getLogger("vidmaas.runtime")
+
+COMMANDS: dict[str, str] = {
+    "fetch-input": "download the input image (--image KEY) into VIDMAAS_WORK_DIR",
+    "generate": "generate the frames (run under torchrun; rank 0 reports progress)",
+    "postprocess": "watermark, encode H.264, poster, upload, report completed (node rank 0)",
+    "run": "fetch-input, then generate (under torchrun if the job has several processes), "
+           "then postprocess",
+}
+
+
+class Terminated(InfraError):
+    """SIGTERM arrived: the executor is stopping the job."""
+
+    code = "terminated"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vidmaas-job",
+        description="The vidmaas job runtime: one video generation task inside its job. "
+                    "Configured by VIDMAAS_* environment variables (see docs/runtime.md).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_ in COMMANDS.items():
+        add_job_args(sub.add_parser(name, help=help_, description=help_))
+    return parser
+
+
+def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise Terminated("the job was stopped (SIGTERM)")
+
+
+def execute(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code."""
+    from vidmaas.runtime import steps
+    from vidmaas.runtime.reporter import Reporter
+
+    ns = build_parser().parse_args(argv)
+    env = JobEnv.from_environ(os.environ)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s rank={env.dist.rank} %(name)s %(message)s")
+    reporter = Reporter(task_id=env.task_id, redis_url=env.redis_url,
+                        work_dir=WorkDir(env.work_dir), reports=env.dist.is_reporter,
+                        heartbeat_interval_s=env.heartbeat_interval_s,
+                        progress_interval_s=env.progress_interval_s)
+    step: Callable[[steps.Context], None] = {
+        "fetch-input": steps.fetch_input, "generate": steps.generate,
+        "postprocess": steps.postprocess_step, "run": steps.run}[ns.command]
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    log.info("task_id=%s %s starting (rank %d of %d)", env.task_id, ns.command,
+             env.dist.rank, env.dist.world_size)
+    try:
+        with reporter.heartbeats():
+            args = JobArgs.from_namespace(ns)
+            step(steps.Context(env=env, args=args, reporter=reporter))
+        log.info("task_id=%s %s done", env.task_id, ns.command)
+        return ExitCode.OK
+    except steps.StepExited as e:
+        return e.code
+    except Cancelled as e:
+        reporter.cancelled(by=e.by)
+        return ExitCode.CANCELLED
+    except (Exception, KeyboardInterrupt) as e:  # the one place every failure ends up
+        err: JobError = classify(e) if isinstance(e, Exception) else Terminated("interrupted")
+        if isinstance(err, Terminated):
+            by = reporter.cancel_requested()
+            if by is not None:
+                reporter.cancelled(by=by)
+                return ExitCode.CANCELLED
+        if err.exit_code == ExitCode.INFRA_ERROR and not isinstance(err, Terminated):
+            log.error("task_id=%s %s", env.task_id, "".join(traceback.format_exception(e)))
+        reporter.failed(code=err.code, message=err.message, retryable=err.retryable)
+        return err.exit_code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        reporter.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``vidmaas-job`` console script."""
+    sys.exit(int(execute(argv)))
+
+
+if __name__ == "__main__":
+    main()

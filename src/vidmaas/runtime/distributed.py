@@ -1,0 +1,138 @@
+"""How a job's ranks share one generation (DESIGN §6 "Distribution").
+
+Guarantees:
+- ``plan`` decides the strategy from the world size, the device and the model alone,
+  the same way on every rank and before any collective, so a world size the model
+  cannot use fails at once on every rank with a ``ModelError``, never a hang.
+- One rank: plain. Two ranks with classifier-free guidance: CFG-parallel (rank 0
+  computes the conditional branch, rank 1 the unconditional one, ``all_gather`` each
+  step); its output equals the single-process output exactly, because each rank runs
+  the very computation the single process runs for its branch. More ranks (or two
+  without guidance) on CUDA: diffusers' Ulysses context parallelism, which needs the
+  attention heads to divide evenly among the ranks.
+- ``agree_on_cancel`` makes every rank stop at the same step (a rank that stopped
+  alone would leave the others waiting in a collective forever).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from vidmaas.runtime.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+Strategy = Literal["single", "cfg", "ulysses"]
+COLLECTIVE_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    strategy: Strategy
+    world_size: int
+    rank: int
+
+
+def plan(*, world_size: int, rank: int, cuda: bool, guidance: bool, num_heads: int,
+         model: str) -> Plan:
+    """The strategy for this job, or ``ModelError`` if the model cannot use ``world_size``."""
+    if world_size <= 1:
+        return Plan("single", 1, 0)
+    if world_size == 2 and guidance:
+        return Plan("cfg", 2, rank)
+    if not cuda:
+        why = ("it has no classifier-free guidance to split" if world_size == 2 else
+               "only 1 or 2 ranks (CFG-parallel) run without CUDA")
+        raise ModelError(f"world size {world_size} cannot run model {model or '?'}: {why}",
+                         code="unsupported_world_size")
+    if num_heads % world_size:
+        raise ModelError(
+            f"world size {world_size} cannot run model {model or '?'}: Ulysses context "
+            f"parallelism splits its {num_heads} attention heads evenly among the ranks",
+            code="unsupported_world_size")
+    return Plan("ulysses", world_size, rank)
+
+
+def init_process_group(p: Plan, *, cuda: bool, local_rank: int) -> None:
+    """Join the job's process group (``env://``: MASTER_ADDR/PORT, RANK, WORLD_SIZE)."""
+    if p.strategy == "single":
+        return
+    import torch
+    import torch.distributed as dist
+
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if cuda else "gloo",
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    log.info("joined process group rank=%d world_size=%d strategy=%s", p.rank, p.world_size,
+             p.strategy)
+
+
+def destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def apply(p: Plan, pipe: Any, *, negative_embeds: Any) -> None:
+    """Make ``pipe``'s transformers run under ``p``."""
+    experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None))
+               if m is not None]
+    if p.strategy == "cfg":
+        for module in experts:
+            _CfgParallel(module, rank=p.rank, negative_embeds=negative_embeds)
+    elif p.strategy == "ulysses":
+        import importlib
+
+        diffusers: Any = importlib.import_module("diffusers")
+        for module in experts:
+            module.enable_parallelism(
+                config=diffusers.ContextParallelConfig(ulysses_degree=p.world_size))
+
+
+class _CfgParallel:
+    """Splits each step's two transformer calls (conditional, then unconditional) over 2 ranks.
+
+    The first call of a step computes this rank's branch (rank 1 swaps in the negative
+    prompt), gathers both branches and answers the conditional one; the second call
+    answers the gathered unconditional one without computing anything.
+    """
+
+    def __init__(self, module: Any, *, rank: int, negative_embeds: Any) -> None:
+        self._forward = module.forward
+        self._rank = rank
+        self._negative = negative_embeds.to(module.dtype)
+        self._pending: Any = None
+        module.forward = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import torch
+        import torch.distributed as dist
+
+        if self._pending is not None:
+            out, self._pending = self._pending, None
+            return (out,)
+        if self._rank == 1:
+            kwargs["encoder_hidden_states"] = self._negative
+        kwargs["return_dict"] = False
+        mine = self._forward(*args, **kwargs)[0].contiguous()
+        both = [torch.empty_like(mine) for _ in range(2)]
+        dist.all_gather(both, mine)
+        self._pending = both[1]
+        return (both[0],)
+
+
+def agree_on_cancel(p: Plan, cancel: bool, *, device: Any) -> bool:
+    """Rank 0's decision, the same on every rank."""
+    if p.strategy == "single":
+        return cancel
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if cancel else 0], dtype=torch.int32, device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())

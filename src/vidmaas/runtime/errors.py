@@ -1,0 +1,83 @@
+"""The runtime's failures and the exit code, event code and retry rule of each.
+
+Guarantees: every way a step can fail on purpose is a ``JobError`` carrying the
+process exit code (``domain.jobs.ExitCode``), the ``failed`` event's ``code`` and
+whether the control plane should retry it; ``classify`` maps any other exception
+(torch's out-of-memory error included) onto one of them, so the command line has a
+single place that turns an exception into an event and an exit code.
+"""
+
+from __future__ import annotations
+
+from vidmaas.domain.jobs import ExitCode, exit_code_retryable
+
+
+class JobError(Exception):
+    """A failure of the job, with its exit code and event code."""
+
+    exit_code: ExitCode = ExitCode.INFRA_ERROR
+    code: str = "infra_error"
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 exit_code: ExitCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    @property
+    def retryable(self) -> bool:
+        return exit_code_retryable(self.exit_code)
+
+
+class BadInput(JobError):
+    """The request cannot succeed (unreadable image, impossible parameters)."""
+
+    exit_code = ExitCode.BAD_INPUT
+    code = "bad_input"
+
+
+class ModelError(JobError):
+    """The model directory is missing or unloadable, or the job's shape does not fit it."""
+
+    exit_code = ExitCode.MODEL_ERROR
+    code = "model_error"
+
+
+class OutOfMemory(JobError):
+    """The accelerator (or host) ran out of memory; another node may have room."""
+
+    exit_code = ExitCode.OUT_OF_MEMORY
+    code = "out_of_memory"
+
+
+class UploadFailed(JobError):
+    """The object store refused or lost the output."""
+
+    exit_code = ExitCode.UPLOAD_FAILED
+    code = "upload_failed"
+
+
+class InfraError(JobError):
+    """Anything else that went wrong around the job: retried."""
+
+
+class Cancelled(Exception):
+    """The task's cancel flag was seen; the job stops and uploads nothing."""
+
+    def __init__(self, by: str) -> None:
+        super().__init__(f"cancelled by {by}")
+        self.by = by
+
+
+def classify(exc: BaseException) -> JobError:
+    """The ``JobError`` an exception stands for (unknown ones are infrastructure errors)."""
+    if isinstance(exc, JobError):
+        return exc
+    name = type(exc).__name__
+    if isinstance(exc, MemoryError) or name == "OutOfMemoryError" or \
+            "out of memory" in str(exc).lower():
+        return OutOfMemory(f"out of memory: {str(exc)[:500]}")
+    return InfraError(f"{name}: {str(exc)[:1000]}")

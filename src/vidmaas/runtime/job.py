@@ -1,0 +1,268 @@
+"""A job's inputs: its arguments (DESIGN §5), its environment and its work directory.
+
+Guarantees:
+- ``JobEnv.from_environ`` is the only place the runtime reads its environment, and
+  only when a command runs (never at import time).
+- ``add_job_args`` accepts exactly the arguments ``domain.jobs.job_args`` produces,
+  so every executor's command line parses here.
+- ``WorkDir`` names every file the steps hand to each other (the fetched input, the
+  generated frames and facts, the reporter's small state); each is written
+  atomically, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from vidmaas.domain.jobs import (
+    ENV_ATTEMPT,
+    ENV_AWS_ACCESS_KEY_ID,
+    ENV_AWS_SECRET_ACCESS_KEY,
+    ENV_HEARTBEAT_INTERVAL_S,
+    ENV_MODEL_DIR,
+    ENV_REDIS_URL,
+    ENV_S3_ENDPOINT_URL,
+    ENV_S3_REGION,
+    ENV_STORAGE_URL,
+    ENV_TASK_ID,
+    ENV_WATERMARK_TEXT,
+    ENV_WORK_DIR,
+)
+from vidmaas.domain.models import parse_size
+from vidmaas.errors import InvalidRequest
+from vidmaas.runtime.errors import BadInput
+
+ENV_WATERMARK_LOGO = "VIDMAAS_WATERMARK_LOGO"
+"""Optional path of a PNG logo drawn over the video's bottom-left corner."""
+ENV_PROGRESS_INTERVAL_S = "VIDMAAS_PROGRESS_INTERVAL_S"
+"""Least seconds between two ``progress`` events (stage ends always report)."""
+ENV_MODELS_PATH = "VIDMAAS_MODELS_PATH"
+"""The operator's model registry file, if not the one shipped with vidmaas."""
+ENV_FAULT = "VIDMAAS_TEST_FAULT"
+"""Test-only fault injection, e.g. ``oom_at_step=1`` or ``step_delay_s=0.3``."""
+DEFAULT_WATERMARK = "AI generated"
+DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
+DEFAULT_PROGRESS_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Dist:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    under_torchrun: bool = False
+    nnodes: int = 1
+    nproc_per_node: int = 1
+    node_rank: int = 0
+
+    @property
+    def is_reporter(self) -> bool:
+        """Only rank 0 (the node of rank 0, outside torchrun) reports progress and outcomes."""
+        return self.rank == 0 and self.node_rank == 0
+
+    @property
+    def job_world_size(self) -> int:
+        return self.world_size if self.under_torchrun else self.nnodes * self.nproc_per_node
+
+
+@dataclass(frozen=True, slots=True)
+class JobEnv:
+    task_id: str
+    redis_url: str | None
+    storage_url: str | None
+    model_dir: Path | None
+    work_dir: Path
+    s3_endpoint_url: str | None
+    s3_region: str
+    access_key_id: str | None
+    secret_access_key: str | None
+    watermark_text: str
+    watermark_logo: Path | None
+    heartbeat_interval_s: float
+    progress_interval_s: float
+    models_path: Path | None
+    attempt: int
+    fault: Mapping[str, str]
+    dist: Dist
+    host: str
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> JobEnv:
+        def opt(name: str) -> str | None:
+            value = environ.get(name, "").strip()
+            return value or None
+
+        def num(name: str, default: float) -> float:
+            raw = opt(name)
+            try:
+                return default if raw is None else max(0.0, float(raw))
+            except ValueError:
+                return default
+
+        def integer(name: str, default: int) -> int:
+            raw = opt(name)
+            try:
+                return default if raw is None else int(raw)
+            except ValueError:
+                return default
+
+        under_torchrun = "LOCAL_RANK" in environ
+        dist = Dist(
+            rank=integer("RANK", 0) if under_torchrun else 0,
+            world_size=integer("WORLD_SIZE", 1) if under_torchrun else 1,
+            local_rank=integer("LOCAL_RANK", 0),
+            under_torchrun=under_torchrun,
+            nnodes=integer("PET_NNODES", 1),
+            nproc_per_node=integer("PET_NPROC_PER_NODE", 1),
+            node_rank=(0 if under_torchrun else integer("PET_NODE_RANK", 0)),
+        )
+        fault: dict[str, str] = {}
+        for part in (opt(ENV_FAULT) or "").split(","):
+            key, _, value = part.partition("=")
+            if key.strip():
+                fault[key.strip()] = value.strip()
+        model_dir = opt(ENV_MODEL_DIR)
+        logo = opt(ENV_WATERMARK_LOGO)
+        models_path = opt(ENV_MODELS_PATH)
+        return cls(
+            task_id=opt(ENV_TASK_ID) or "",
+            redis_url=opt(ENV_REDIS_URL),
+            storage_url=opt(ENV_STORAGE_URL),
+            model_dir=Path(model_dir) if model_dir else None,
+            work_dir=Path(opt(ENV_WORK_DIR) or "."),
+            s3_endpoint_url=opt(ENV_S3_ENDPOINT_URL),
+            s3_region=opt(ENV_S3_REGION) or "us-east-1",
+            access_key_id=opt(ENV_AWS_ACCESS_KEY_ID),
+            secret_access_key=opt(ENV_AWS_SECRET_ACCESS_KEY),
+            watermark_text=environ.get(ENV_WATERMARK_TEXT, DEFAULT_WATERMARK),
+            watermark_logo=Path(logo) if logo else None,
+            heartbeat_interval_s=num(ENV_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_INTERVAL_S),
+            progress_interval_s=num(ENV_PROGRESS_INTERVAL_S, DEFAULT_PROGRESS_INTERVAL_S),
+            models_path=Path(models_path) if models_path else None,
+            attempt=integer(ENV_ATTEMPT, 1),
+            fault=fault,
+            dist=dist,
+            host=socket.gethostname(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JobArgs:
+    prompt: str
+    width: int
+    height: int
+    frame_num: int
+    sample_steps: int
+    seed: int
+    model: str
+    fps: int | None
+    image: str | None
+    negative_prompt: str | None
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> JobArgs:
+        try:
+            width, height = parse_size(ns.size)
+        except InvalidRequest as e:
+            raise BadInput(e.message) from e
+        if ns.frame_num < 1 or (ns.frame_num - 1) % 4:
+            raise BadInput(f"--frame-num must be 4k+1, not {ns.frame_num}")
+        if ns.sample_steps < 1:
+            raise BadInput("--sample-steps must be at least 1")
+        if width % 2 or height % 2:
+            raise BadInput(f"--size {ns.size} must have even sides (H.264)")
+        if not 0 <= ns.seed <= 2**32 - 1:
+            raise BadInput("--seed must be within 0..2**32-1")
+        return cls(prompt=ns.prompt, width=width, height=height, frame_num=ns.frame_num,
+                   sample_steps=ns.sample_steps, seed=ns.seed, model=ns.model, fps=ns.fps,
+                   image=ns.image or None, negative_prompt=ns.negative_prompt or None)
+
+
+def add_job_args(parser: argparse.ArgumentParser) -> None:
+    """The job's arguments, in the seed template's names (see ``domain.jobs.job_args``)."""
+    parser.add_argument("--prompt", required=True, help="what to generate, as typed")
+    parser.add_argument("--size", default="64*64", help="W*H in pixels (Wan's notation)")
+    parser.add_argument("--frame-num", type=int, default=9, help="frames, 4k+1")
+    parser.add_argument("--sample-steps", type=int, default=4, help="denoising steps")
+    parser.add_argument("--seed", type=int, default=0, help="0..2**32-1")
+    parser.add_argument("--model", default="", help="model id in the registry")
+    parser.add_argument("--fps", type=int, default=None,
+                        help="frames per second of the video (default: the model's)")
+    parser.add_argument("--image", default=None,
+                        help="object key of the input image in the store (image-to-video)")
+    parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
+
+
+def cli_args(args: JobArgs) -> list[str]:
+    """``args`` back as a command line (to hand them to ``torchrun … generate``)."""
+    out = ["--prompt", args.prompt, "--size", f"{args.width}*{args.height}",
+           "--frame-num", str(args.frame_num), "--sample-steps", str(args.sample_steps),
+           "--seed", str(args.seed), "--model", args.model]
+    if args.fps is not None:
+        out += ["--fps", str(args.fps)]
+    if args.image:
+        out += ["--image", args.image]
+    if args.negative_prompt:
+        out += ["--negative-prompt", args.negative_prompt]
+    return out
+
+
+class WorkDir:
+    """The files the steps leave for each other under ``VIDMAAS_WORK_DIR``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def input_image(self, key: str) -> Path:
+        suffix = PurePosixPath(key).suffix.lower()
+        if not suffix or len(suffix) > 6 or not suffix[1:].isalnum():
+            suffix = ".img"
+        return self.root / "input" / f"image{suffix}"
+
+    @property
+    def frames(self) -> Path:
+        return self.root / "output" / "frames.npy"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "output" / "result.json"
+
+    @property
+    def video(self) -> Path:
+        return self.root / "output" / "video.mp4"
+
+    @property
+    def poster(self) -> Path:
+        return self.root / "output" / "poster.jpg"
+
+    @property
+    def state(self) -> Path:
+        return self.root / ".vidmaas"
+
+    def marker(self, name: str) -> Path:
+        return self.state / name
+
+    def write_json(self, path: Path, data: Mapping[str, Any]) -> None:
+        atomic_write(path, json.dumps(dict(data)).encode())
+
+    def read_json(self, path: Path) -> dict[str, Any]:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{path.name} is not a JSON object")
+        return data
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,337 @@
+"""The job's steps: fetch-input, generate, postprocess, and run (all of them in order).
+
+Guarantees:
+- ``fetch_input`` leaves the input image at ``WorkDir.input_image(key)`` only if it
+  is a readable image (written atomically, so concurrent ranks may all fetch); a
+  missing or unreadable object is ``BadInput``; it does nothing when the file is
+  already there (the initContainer fetched it).
+- ``generate`` checks the model directory and the world size before joining any
+  process group, stops at once if the task was cancelled before it started, and
+  leaves the frames and their facts in the work directory (rank 0).
+- ``postprocess`` (rank 0's node only) uploads nothing if the task is cancelled,
+  sends ``progress`` 100 only after both uploads succeeded, then ``completed``.
+- ``run`` chains the steps: in-process when it is itself under ``torchrun`` or the
+  job has one process; otherwise ``torchrun … generate`` as a child, whose exit code
+  it passes on (publishing ``failed`` only if the child could not).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from vidmaas.domain.events import Stage
+from vidmaas.domain.jobs import ENV_HEARTBEAT_INTERVAL_S, ExitCode
+from vidmaas.domain.models import ModelSpec
+from vidmaas.runtime import distributed, postprocess
+from vidmaas.runtime.engine import (
+    Engine,
+    Options,
+    Request,
+    import_libraries,
+    num_attention_heads,
+    read_model_index,
+)
+from vidmaas.runtime.errors import BadInput, Cancelled, InfraError, JobError, ModelError
+from vidmaas.runtime.job import JobArgs, JobEnv, WorkDir
+from vidmaas.runtime.reporter import Reporter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FPS = 16
+DEFAULT_GUIDANCE = 5.0
+
+
+class StepExited(Exception):
+    """A child step ended with ``code`` and has reported its own outcome."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"step exited with {code}")
+        self.code = code
+
+
+@dataclass(slots=True)
+class Context:
+    env: JobEnv
+    args: JobArgs
+    reporter: Reporter
+
+    @property
+    def work(self) -> WorkDir:
+        return WorkDir(self.env.work_dir)
+
+    def store(self) -> postprocess.StoreConfig:
+        if not self.env.storage_url:
+            raise InfraError("VIDMAAS_STORAGE_URL is not set", code="config_error")
+        return postprocess.StoreConfig(
+            url=self.env.storage_url, endpoint_url=self.env.s3_endpoint_url,
+            region=self.env.s3_region, access_key_id=self.env.access_key_id,
+            secret_access_key=self.env.secret_access_key)
+
+    def model_spec(self) -> ModelSpec | None:
+        from vidmaas.domain.models import ModelRegistry
+        from vidmaas.errors import InvalidRequest
+
+        try:
+            registry = ModelRegistry.load(self.env.models_path)
+        except (InvalidRequest, OSError) as e:
+            raise ModelError(f"cannot read the model registry: {e}") from e
+        spec = registry.get(self.args.model)
+        if spec is None:
+            log.warning("task_id=%s model %r is not in the registry; using defaults",
+                        self.env.task_id, self.args.model)
+        return spec
+
+    def add_timings(self, timings: dict[str, float]) -> None:
+        path = self.work.marker("timings.json")
+        try:
+            merged = self.work.read_json(path) if path.exists() else {}
+        except (OSError, ValueError):
+            merged = {}
+        merged.update({k: round(v, 4) for k, v in timings.items()})
+        self.work.write_json(path, merged)
+
+    def timings(self) -> dict[str, float]:
+        path = self.work.marker("timings.json")
+        try:
+            return {k: float(v) for k, v in self.work.read_json(path).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def check_cancel(self) -> None:
+        by = self.reporter.cancel_requested()
+        if by is not None:
+            raise Cancelled(by)
+
+
+# ---------------------------------------------------------------- fetch-input
+
+def fetch_input(ctx: Context) -> None:
+    key = ctx.args.image
+    if not key:
+        return
+    path = ctx.work.input_image(key)
+    if path.exists():
+        log.info("task_id=%s input already fetched: %s", ctx.env.task_id, path)
+        return
+    ctx.reporter.stage(Stage.FETCH_INPUT)
+    t = time.perf_counter()
+    store = ctx.store()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _download(store, key, tmp)
+        _check_image(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    ctx.add_timings({"fetch_input_s": time.perf_counter() - t})
+    ctx.reporter.progress(Stage.FETCH_INPUT, 1, 1)
+
+
+def _download(store: postprocess.StoreConfig, key: str, path: Any) -> None:
+    import asyncio
+
+    from vidmaas.errors import InvalidRequest, NotFound, VidmaasError
+
+    try:
+        asyncio.run(store.open().download(key, path))
+    except (NotFound, InvalidRequest) as e:
+        raise BadInput(f"the input image {key[:200]} is not in the store",
+                       code="input_missing") from e
+    except (VidmaasError, OSError) as e:
+        raise InfraError(f"cannot fetch the input image: {e}", code="storage_error") from e
+
+
+def _check_image(path: Any) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as e:  # Pillow raises many kinds for bad bytes
+        raise BadInput(f"the input image cannot be read: {e}", code="bad_image") from e
+
+
+# ---------------------------------------------------------------- generate
+
+def _fault_hook(ctx: Context) -> Any:
+    fault = ctx.env.fault
+    oom_at = int(fault["oom_at_step"]) if "oom_at_step" in fault else None
+    delay_s = float(fault.get("step_delay_s", "0") or 0)
+
+    def hook(step: int) -> None:
+        if delay_s:
+            time.sleep(delay_s)
+        if oom_at is not None and step >= oom_at:
+            import torch
+
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory (injected by VIDMAAS_TEST_FAULT at step {step})")
+
+    return hook
+
+
+def generate(ctx: Context) -> None:
+    env, args, reporter = ctx.env, ctx.args, ctx.reporter
+    spec = ctx.model_spec()
+    if env.model_dir is None:
+        raise ModelError("VIDMAAS_MODEL_DIR is not set", code="model_missing")
+    read_model_index(env.model_dir)
+    t = time.perf_counter()
+    import_libraries()
+    import torch
+
+    imports_s = time.perf_counter() - t
+    guidance = spec.guidance_scale if spec else DEFAULT_GUIDANCE
+    p = distributed.plan(world_size=env.dist.world_size, rank=env.dist.rank,
+                         cuda=torch.cuda.is_available(), guidance=guidance > 1.0,
+                         num_heads=num_attention_heads(env.model_dir), model=args.model)
+    reporter.started(world_size=env.dist.world_size, host=env.host)
+    ctx.check_cancel()
+    distributed.init_process_group(p, cuda=torch.cuda.is_available(),
+                                   local_rank=env.dist.local_rank)
+    try:
+        reporter.stage(Stage.LOAD_MODEL)
+        t = time.perf_counter()
+        engine = Engine.load(env.model_dir, plan=p, local_rank=env.dist.local_rank,
+                             options=Options(cpu_offload=bool(spec and spec.cpu_offload),
+                                             vae_tiling=bool(spec and spec.vae_tiling)))
+        load_model_s = time.perf_counter() - t
+        reporter.progress(Stage.LOAD_MODEL, 1, 1)
+        fault = _fault_hook(ctx)
+
+        def on_step(step: int, total: int) -> str | None:
+            fault(step)
+            reporter.progress(Stage.DENOISE, step, total)
+            return reporter.cancel_requested()
+
+        req = Request(prompt=args.prompt, width=args.width, height=args.height,
+                      num_frames=args.frame_num, steps=args.sample_steps, seed=args.seed,
+                      negative_prompt=args.negative_prompt,
+                      image=ctx.work.input_image(args.image) if args.image else None,
+                      guidance_scale=guidance,
+                      guidance_scale_2=spec.guidance_scale_2 if spec else None)
+        out = engine.generate(req, on_step=on_step, on_stage=reporter.stage)
+        if p.rank == 0:
+            import numpy as np
+
+            reporter.progress(Stage.DECODE, 1, 1)
+            ctx.work.frames.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ctx.work.frames.with_name(".frames.tmp.npy")
+            np.save(tmp, out.frames)
+            os.replace(tmp, ctx.work.frames)
+            ctx.work.write_json(ctx.work.result, {
+                "width": int(out.frames.shape[2]), "height": int(out.frames.shape[1]),
+                "num_frames": int(out.frames.shape[0]), "seed": args.seed,
+                "world_size": p.world_size, "strategy": p.strategy})
+            ctx.add_timings({"imports_s": imports_s, "load_model_s": load_model_s,
+                             **out.timings})
+    finally:
+        distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------- postprocess
+
+def postprocess_step(ctx: Context) -> None:
+    import numpy as np
+
+    env, args, reporter = ctx.env, ctx.args, ctx.reporter
+    ctx.check_cancel()
+    reporter.stage(Stage.POSTPROCESS)
+    t = time.perf_counter()
+    try:
+        facts = ctx.work.read_json(ctx.work.result)
+        frames = np.load(ctx.work.frames)
+    except (OSError, ValueError) as e:
+        raise InfraError(f"generate left no frames in the work directory: {e}",
+                         code="no_frames") from e
+    spec = ctx.model_spec() if args.fps is None else None
+    fps = args.fps or (spec.fps if spec else DEFAULT_FPS)
+    marked = postprocess.watermark(frames, text=env.watermark_text, logo=env.watermark_logo)
+    postprocess.encode_mp4(marked, ctx.work.video, fps=fps)
+    postprocess.write_poster(marked, ctx.work.poster)
+    postprocess_s = time.perf_counter() - t
+    reporter.progress(Stage.POSTPROCESS, 1, 1)
+
+    ctx.check_cancel()
+    if not env.storage_url:
+        log.info("task_id=%s no VIDMAAS_STORAGE_URL: the video stays at %s",
+                 env.task_id, ctx.work.video)
+        ctx.add_timings({"postprocess_s": postprocess_s})
+        return
+    if not env.task_id:
+        raise InfraError("VIDMAAS_TASK_ID is not set", code="config_error")
+    reporter.stage(Stage.UPLOAD)
+    t = time.perf_counter()
+    video_key, poster_key = postprocess.upload(ctx.store(), task_id=env.task_id,
+                                               video=ctx.work.video, poster=ctx.work.poster)
+    ctx.add_timings({"postprocess_s": postprocess_s, "upload_s": time.perf_counter() - t})
+    reporter.progress(Stage.UPLOAD, 1, 1)
+    height, width = marked.shape[1] - marked.shape[1] % 2, marked.shape[2] - marked.shape[2] % 2
+    reporter.completed({
+        "video_key": video_key, "poster_key": poster_key, "width": width, "height": height,
+        "num_frames": int(marked.shape[0]), "fps": fps,
+        "duration_s": round(int(marked.shape[0]) / fps, 3), "seed": int(facts["seed"]),
+        "timings": ctx.timings()})
+
+
+# ---------------------------------------------------------------- run
+
+def run(ctx: Context) -> None:
+    env = ctx.env
+    ctx.reporter.started(world_size=env.dist.job_world_size, host=env.host)
+    fetch_input(ctx)
+    if env.dist.under_torchrun or env.dist.job_world_size == 1:
+        generate(ctx)
+        if env.dist.rank != 0:
+            return
+    else:
+        _torchrun_generate(ctx)
+        ctx.reporter.reload_state()
+    if env.dist.node_rank == 0:
+        postprocess_step(ctx)
+
+
+def torchrun_command(env: JobEnv, args: JobArgs) -> list[str]:
+    """``torchrun … vidmaas.runtime.cli generate ARGS`` for this node."""
+    from vidmaas.runtime.job import cli_args
+
+    d = env.dist
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(d.nnodes),
+           "--nproc-per-node", str(d.nproc_per_node)]
+    master_addr = os.environ.get("MASTER_ADDR")
+    if d.nnodes > 1 or master_addr:
+        cmd += ["--node-rank", str(d.node_rank), "--master-addr", master_addr or "127.0.0.1",
+                "--master-port", os.environ.get("MASTER_PORT", "29500")]
+    else:
+        cmd += ["--standalone"]
+    return [*cmd, "-m", "vidmaas.runtime.cli", "generate", *cli_args(args)]
+
+
+def _torchrun_generate(ctx: Context) -> None:
+    cmd = torchrun_command(ctx.env, ctx.args)
+    child_env = {**os.environ, ENV_HEARTBEAT_INTERVAL_S: "0"}  # this process keeps beating
+    log.info("task_id=%s starting %s", ctx.env.task_id, " ".join(cmd[:12]))
+    proc = subprocess.Popen(cmd, env=child_env)
+    try:
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if code == 0:
+        return
+    if ctx.reporter.already_terminal():
+        raise StepExited(code)
+    known = code if code in {c.value for c in ExitCode} else ExitCode.INFRA_ERROR
+    raise JobError(f"generate exited with {code} without reporting why",
+                   code="generate_failed", exit_code=ExitCode(known))
