@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # Optional route modules, mounted when present: each exposes ``install(app)``.
 _OPTIONAL = ("vidmaas.api.routes.events", "vidmaas.api.routes.videos",
+             "vidmaas.api.routes.webhooks",
              "vidmaas.api.routes.ui", "vidmaas.api.routes.metrics")
 
 
