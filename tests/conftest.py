@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import text
 
 from tests.support import services
@@ -27,6 +28,10 @@ from vidmaas.db.engine import make_engine
 from vidmaas.db.migrate import upgrade_sync
 
 _TABLES = ("webhook_deliveries", "tasks", "api_keys", "users")
+
+# Timing depends on the machine's load (other suites, jobs); only correctness counts here.
+hypothesis_settings.register_profile("vidmaas", deadline=None, derandomize=False)
+hypothesis_settings.load_profile("vidmaas")
 
 
 # ---------------------------------------------------------------- asyncio task leaks

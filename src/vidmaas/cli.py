@@ -16,27 +16,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vidmaas.config import Settings
+from vidmaas.config import Settings, embedded_settings
 from vidmaas.errors import VidmaasError
 
 log = logging.getLogger("vidmaas")
 
 Command = Callable[[argparse.Namespace, Settings], int]
 _COMMANDS: dict[str, Command] = {}
-
-
-def embedded_settings(data_dir: Path, base: Settings | None = None) -> Settings:
-    """Settings of an embedded instance living in ``data_dir``."""
-    root = data_dir.resolve()
-    s = base or Settings()
-    return s.model_copy(update={
-        "data_dir": root,
-        "database": s.database.model_copy(
-            update={"url": f"sqlite+aiosqlite:///{root / 'vidmaas.db'}"}),
-        "storage": s.storage.model_copy(update={"url": (root / "objects").as_uri()}),
-        "local": s.local.model_copy(update={"work_root": root / "jobs"}),
-        "model_root": root / "models",
-    })
 
 
 def _settings_for(args: argparse.Namespace, base: Settings) -> Settings:

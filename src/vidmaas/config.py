@@ -261,3 +261,17 @@ class Settings(BaseSettings):
     kube: KubeSettings = Field(default_factory=KubeSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+
+
+def embedded_settings(data_dir: Path, base: Settings | None = None) -> Settings:
+    """Settings of an embedded instance living in ``data_dir``."""
+    root = data_dir.resolve()
+    s = base or Settings()
+    return s.model_copy(update={
+        "data_dir": root,
+        "database": s.database.model_copy(
+            update={"url": f"sqlite+aiosqlite:///{root / 'vidmaas.db'}"}),
+        "storage": s.storage.model_copy(update={"url": (root / "objects").as_uri()}),
+        "local": s.local.model_copy(update={"work_root": root / "jobs"}),
+        "model_root": root / "models",
+    })

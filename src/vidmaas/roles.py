@@ -1,0 +1,122 @@
+"""Composing and running the server roles from settings.
+
+Guarantees: each ``run_*`` function builds its role from the ``Settings`` passed in,
+runs it until SIGINT/SIGTERM (or until ``stop`` is set), and closes every client it
+opened, also on errors. ``Roles`` runs the dispatcher and the relay on one shared
+``Services`` (``vidmaas up``), supervising them: a role that crashes is logged and
+restarted after a short pause, never silently lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from vidmaas.config import Settings
+from vidmaas.dispatcher.executors.base import Executor
+from vidmaas.dispatcher.service import Dispatcher
+from vidmaas.relay.service import Relay
+from vidmaas.services import Services
+
+log = logging.getLogger(__name__)
+
+RESTART_PAUSE_S = 2.0
+
+
+def make_executor(settings: Settings) -> Executor:
+    if settings.executor == "kubernetes":
+        from vidmaas.dispatcher.executors.kubernetes import KubernetesExecutor
+
+        return KubernetesExecutor(settings)
+    from vidmaas.dispatcher.executors.local import LocalExecutor
+
+    return LocalExecutor(settings=settings)
+
+
+def make_dispatcher(services: Services, executor: Executor) -> Dispatcher:
+    return Dispatcher(settings=services.settings, sessions=services.sessions,
+                      redis=services.redis, executor=executor, registry=services.registry)
+
+
+def make_relay(services: Services) -> Relay:
+    return Relay(services)
+
+
+async def supervise(name: str, factory: Callable[[], Awaitable[None]],
+                    stop: asyncio.Event) -> None:
+    """Run ``factory()`` until ``stop``; restart it after a crash."""
+    while not stop.is_set():
+        try:
+            await factory()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s crashed; restarting in %.0fs", name, RESTART_PAUSE_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RESTART_PAUSE_S)
+
+
+class Roles:
+    """The dispatcher and the relay over one ``Services`` (embedded mode)."""
+
+    def __init__(self, services: Services, *, executor: Executor | None = None) -> None:
+        self.services = services
+        self.executor = executor or make_executor(services.settings)
+        self.dispatcher = make_dispatcher(services, self.executor)
+        self.relay = make_relay(services)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(supervise("dispatcher", self.dispatcher.run, self._stop),
+                                name="role-dispatcher"),
+            asyncio.create_task(supervise("relay", self.relay.run, self._stop),
+                                name="role-relay"),
+        ]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        self.dispatcher.stop()
+        self.relay.stop()
+        done, pending = await asyncio.wait(self._tasks, timeout=10)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.executor.close()
+
+
+async def _until_signal(main: Callable[[], Awaitable[None]], on_stop: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    for sig in sigs:
+        loop.add_signal_handler(sig, on_stop)
+    try:
+        await main()
+    finally:
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
+
+
+async def run_dispatcher(settings: Settings) -> None:
+    services = Services.open(settings)
+    executor = make_executor(settings)
+    dispatcher = make_dispatcher(services, executor)
+    try:
+        await _until_signal(dispatcher.run, dispatcher.stop)
+    finally:
+        await executor.close()
+        await services.close()
+
+
+async def run_relay(settings: Settings) -> None:
+    services = Services.open(settings)
+    relay = make_relay(services)
+    try:
+        await _until_signal(relay.run, relay.stop)
+    finally:
+        await services.close()
