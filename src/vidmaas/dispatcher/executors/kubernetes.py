@@ -1,0 +1,480 @@
+"""The Kubernetes executor: one Kubeflow PyTorchJob per task (DESIGN §7).
+
+Guarantees, on top of the executor protocol's:
+- ``launch`` renders the job with ``render_pytorchjob`` (injection-proof, CRD-checked)
+  and creates it; ``409 Conflict`` for a job of the same task and attempt is success,
+  so a second launch never creates a second job. A leftover job of an earlier attempt
+  (failed, or still being deleted) is removed and the launch fails with
+  ``ExecutorError`` for the dispatcher to retry, instead of adopting a dead job.
+- ``status`` maps the job's conditions (``Created``, ``Running``, ``Restarting``,
+  ``Succeeded``, ``Failed``, ``Suspended``) to ``JobState``, and reads the job's pods:
+  a container waiting in ``ImagePullBackOff``, ``ErrImagePull``, ``CrashLoopBackOff``
+  or a config error, a pod ``Pending`` longer than ``dispatcher.pending_timeout_s``,
+  or a job with no pods that long (no Training Operator?) is reported ``stuck`` with
+  the reason. A failed job's exit code comes from its pods when they still exist.
+- ``updates`` follows a watch on the jobs carrying ``app.kubernetes.io/managed-by=
+  vidmaas`` (``watch=true``), resumes from the last resource version after a dropped
+  connection, starts over after ``410 Gone``, reconnects with backoff after errors,
+  and yields a status only when it changed. It creates no background task: closing
+  the iterator (or ``close()``) ends it.
+- ``cancel`` deletes the job with foreground propagation; its pods get SIGTERM and are
+  killed after ``terminationGracePeriodSeconds`` (the cancel grace, set by the template).
+  A job that is already gone is success.
+- Every Kubernetes call is listed in ``KUBE_API_CALLS`` (for the RBAC Role), and every
+  client error is raised as ``ExecutorError``.
+
+Nothing connects at construction: the API client is built on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Final
+
+import aiohttp
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+
+from vidmaas.config import Settings
+from vidmaas.dispatcher.executors.base import JobState, JobStatus
+from vidmaas.dispatcher.render import (
+    API_VERSION,
+    LABEL_ATTEMPT,
+    LABEL_MANAGED_BY,
+    MAIN_CONTAINER,
+    MANAGED_BY,
+    render_pytorchjob,
+)
+from vidmaas.domain.jobs import JobSpec, exit_code_retryable
+from vidmaas.errors import ExecutorError
+
+log = logging.getLogger(__name__)
+
+GROUP: Final = API_VERSION.split("/")[0]
+VERSION: Final = API_VERSION.split("/")[1]
+PLURAL: Final = "pytorchjobs"
+OWNED_SELECTOR: Final = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+POD_JOB_LABEL: Final = "training.kubeflow.org/job-name"
+"""Set by the Training Operator on every pod of a job."""
+POD_REPLICA_LABEL: Final = "training.kubeflow.org/replica-type"
+
+KUBE_API_CALLS: Final[tuple[tuple[str, str, str], ...]] = (
+    (GROUP, PLURAL, "create"),
+    (GROUP, PLURAL, "get"),
+    (GROUP, PLURAL, "list"),
+    (GROUP, PLURAL, "watch"),
+    (GROUP, PLURAL, "delete"),
+    ("", "pods", "list"),
+)
+"""Every (apiGroup, resource, verb) this executor uses: what its Role must grant."""
+
+REQUEST_TIMEOUT_S: Final = 30.0
+WATCH_TIMEOUT_S: Final = 290
+"""Server-side length of one watch request; the watch then resumes."""
+WATCH_BACKOFF_INITIAL_S: Final = 0.5
+WATCH_BACKOFF_MAX_S: Final = 30.0
+
+# Container waiting reasons that mean the job cannot make progress, and whether
+# trying again (elsewhere, later) can help.
+STUCK_WAITING_REASONS: Final[Mapping[str, bool]] = {
+    "ImagePullBackOff": True,
+    "ErrImagePull": True,
+    "CrashLoopBackOff": True,
+    "CreateContainerError": True,
+    "RunContainerError": True,
+    "InvalidImageName": False,
+    "ErrImageNeverPull": False,
+    "CreateContainerConfigError": False,
+}
+
+_CONDITION_ORDER: Final = ("Succeeded", "Failed", "Suspended", "Restarting", "Running", "Created")
+
+_Clock = Callable[[], dt.datetime]
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _parse_time(value: Any) -> dt.datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _api_error(what: str, e: BaseException) -> ExecutorError:
+    if isinstance(e, k8s.ApiException):
+        detail = f"{e.status} {e.reason}"
+        body = e.body.decode("utf-8", "replace") if isinstance(e.body, bytes) else e.body
+        if isinstance(body, str):
+            with contextlib.suppress(ValueError):
+                detail += f": {json.loads(body).get('message', '')}"[:300]
+        return ExecutorError(f"Kubernetes {what} failed: {detail}")
+    return ExecutorError(f"Kubernetes {what} failed: {type(e).__name__}: {str(e)[:300]}")
+
+
+def _status_code(e: BaseException) -> int | None:
+    return int(e.status) if isinstance(e, k8s.ApiException) and e.status else None
+
+
+_CLIENT_ERRORS: Final = (k8s.ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError,
+                         ValueError)
+
+
+# ---------------------------------------------------------------- status mapping
+
+
+def job_state_from_conditions(job: Mapping[str, Any]) -> tuple[JobState, str | None, str | None]:
+    """(state, reason, message) from a PyTorchJob's ``status.conditions``."""
+    conditions = (job.get("status") or {}).get("conditions") or []
+    current = {c.get("type"): c for c in conditions if str(c.get("status")) == "True"}
+    for ctype in _CONDITION_ORDER:
+        cond = current.get(ctype)
+        if cond is None:
+            continue
+        reason, message = cond.get("reason") or ctype, cond.get("message")
+        if ctype == "Succeeded":
+            return JobState.SUCCEEDED, reason, message
+        if ctype == "Failed":
+            return JobState.FAILED, reason, message
+        if ctype == "Suspended":
+            return JobState.PENDING, "Suspended", message
+        if ctype in ("Running", "Restarting"):
+            return JobState.RUNNING, None if ctype == "Running" else "Restarting", message
+        return JobState.PENDING, "Created", message
+    return JobState.PENDING, None, None
+
+
+def _pod_exit_code(pods: Sequence[Mapping[str, Any]]) -> int | None:
+    """The main container's exit code, the Master's first, a failure before a success."""
+    def order(pod: Mapping[str, Any]) -> int:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        return 0 if str(labels.get(POD_REPLICA_LABEL, "")).lower() == "master" else 1
+
+    codes: list[int] = []
+    for pod in sorted(pods, key=order):
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            if cs.get("name") != MAIN_CONTAINER:
+                continue
+            for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+                code = (state.get("terminated") or {}).get("exitCode")
+                if isinstance(code, int):
+                    codes.append(code)
+                    break
+    failures = [c for c in codes if c != 0]
+    if failures:
+        return failures[0]
+    return codes[0] if codes else None
+
+
+def _stuck_pod(pods: Sequence[Mapping[str, Any]], *, now: dt.datetime,
+               pending_timeout_s: float) -> tuple[str, str, bool] | None:
+    """(reason, message, retryable) of the first pod that cannot make progress."""
+    for pod in pods:
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        name = meta.get("name", "?")
+        statuses = [*(status.get("initContainerStatuses") or []),
+                    *(status.get("containerStatuses") or [])]
+        for cs in statuses:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            reason = str(waiting.get("reason"))
+            if reason in STUCK_WAITING_REASONS:
+                detail = waiting.get("message") or reason
+                message = f"pod {name} container {cs.get('name')}: {detail}"
+                return reason, message[:500], STUCK_WAITING_REASONS[reason]
+        if status.get("phase") == "Pending":
+            created = _parse_time(meta.get("creationTimestamp"))
+            if created is not None and (now - created).total_seconds() > pending_timeout_s:
+                scheduled: Mapping[str, Any] = next((c for c in status.get("conditions") or []
+                                  if c.get("type") == "PodScheduled"
+                                  and str(c.get("status")) == "False"), {})
+                reason = scheduled.get("reason") or "PendingTimeout"
+                detail = scheduled.get("message") or "not started"
+                message = f"pod {name} Pending for over {pending_timeout_s:.0f} s: {detail}"
+                return reason, message[:500], True
+    return None
+
+
+# ---------------------------------------------------------------- the executor
+
+
+class KubernetesExecutor:
+    """Runs each task as a PyTorchJob in ``settings.kube.namespace``."""
+
+    name = "kubernetes"
+
+    def __init__(self, settings: Settings, *, api_client: Any = None,
+                 clock: _Clock = _utcnow) -> None:
+        self._settings = settings
+        self._namespace = settings.kube.namespace
+        self._api_client: Any = api_client
+        self._owns_client = api_client is None
+        self._connect_lock = asyncio.Lock()
+        self._clock = clock
+        self._closed = False
+        self._watches: set[Any] = set()
+
+    # ------------------------------------------------------------ connection
+
+    async def _client(self) -> Any:
+        if self._closed:
+            raise ExecutorError("the Kubernetes executor is closed")
+        if self._api_client is not None:
+            return self._api_client
+        async with self._connect_lock:
+            if self._api_client is None:
+                self._api_client = await self._connect()
+        return self._api_client
+
+    async def _connect(self) -> Any:
+        kube = self._settings.kube
+        configuration = k8s.Configuration()
+        try:
+            if kube.api_server_url is not None:
+                configuration.host = kube.api_server_url.rstrip("/")
+            elif kube.kubeconfig is not None:
+                await k8s_config.load_kube_config(config_file=str(kube.kubeconfig),
+                                                  client_configuration=configuration)
+            else:
+                try:
+                    k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
+                        client_configuration=configuration)
+                except k8s_config.ConfigException:
+                    await k8s_config.load_kube_config(client_configuration=configuration)
+        except (k8s_config.ConfigException, OSError, ValueError) as e:
+            raise ExecutorError(f"cannot configure the Kubernetes client: {e}") from e
+        return k8s.ApiClient(configuration)
+
+    async def _custom(self) -> Any:
+        return k8s.CustomObjectsApi(await self._client())
+
+    async def _core(self) -> Any:
+        return k8s.CoreV1Api(await self._client())
+
+    # ------------------------------------------------------------ protocol
+
+    async def launch(self, spec: JobSpec) -> str:
+        manifest = await asyncio.to_thread(render_pytorchjob, settings=self._settings, spec=spec)
+        api = await self._custom()
+        try:
+            await api.create_namespaced_custom_object(
+                GROUP, VERSION, self._namespace, PLURAL, manifest,
+                _request_timeout=REQUEST_TIMEOUT_S)
+        except _CLIENT_ERRORS as e:
+            if _status_code(e) != 409:
+                raise _api_error(f"create of {spec.job_name}", e) from e
+            await self._adopt_existing(spec)
+            log.info("job %s already exists task_id=%s", spec.job_name, spec.task_id)
+            return spec.job_name
+        log.info("job %s created task_id=%s attempt=%d", spec.job_name, spec.task_id,
+                 spec.attempt)
+        return spec.job_name
+
+    async def _adopt_existing(self, spec: JobSpec) -> None:
+        """Accept an existing job of this attempt; remove one left by an earlier attempt."""
+        job = await self._get(spec.job_name)
+        if job is None:
+            raise ExecutorError(f"job {spec.job_name} conflicted but is gone; launch again")
+        meta = job.get("metadata") or {}
+        try:
+            attempt = int((meta.get("labels") or {}).get(LABEL_ATTEMPT, spec.attempt))
+        except ValueError:
+            attempt = spec.attempt
+        if attempt >= spec.attempt and not meta.get("deletionTimestamp"):
+            return
+        if not meta.get("deletionTimestamp"):
+            await self.cancel(spec.job_name, grace_s=self._settings.dispatcher.cancel_grace_s)
+        raise ExecutorError(f"job {spec.job_name} of attempt {attempt} is still being removed; "
+                            f"attempt {spec.attempt} must be launched again later")
+
+    async def _get(self, job_name: str) -> dict[str, Any] | None:
+        api = await self._custom()
+        try:
+            job = await api.get_namespaced_custom_object(
+                GROUP, VERSION, self._namespace, PLURAL, job_name,
+                _request_timeout=REQUEST_TIMEOUT_S)
+        except _CLIENT_ERRORS as e:
+            if _status_code(e) == 404:
+                return None
+            raise _api_error(f"get of {job_name}", e) from e
+        return dict(job)
+
+    async def _pods(self, job_name: str) -> list[dict[str, Any]]:
+        client = await self._client()
+        api = k8s.CoreV1Api(client)
+        try:
+            result = await api.list_namespaced_pod(
+                self._namespace, label_selector=f"{POD_JOB_LABEL}={job_name}",
+                _request_timeout=REQUEST_TIMEOUT_S)
+        except _CLIENT_ERRORS as e:
+            raise _api_error(f"list of the pods of {job_name}", e) from e
+        items = client.sanitize_for_serialization(result).get("items") or []
+        # Filter here too: a selector the server ignores must not mix jobs up.
+        return [p for p in items
+                if ((p.get("metadata") or {}).get("labels") or {}).get(POD_JOB_LABEL) == job_name]
+
+    async def _status_of(self, job: Mapping[str, Any], *, read_pods: bool) -> JobStatus:
+        meta = job.get("metadata") or {}
+        job_name = str(meta.get("name"))
+        state, reason, message = job_state_from_conditions(job)
+        if state is JobState.SUCCEEDED:
+            return JobStatus(job_name, state, reason=reason, message=message, exit_code=0,
+                             retryable=False)
+        if state is JobState.FAILED:
+            code = _pod_exit_code(await self._pods(job_name)) if read_pods else None
+            return JobStatus(job_name, state, reason=reason, message=message, exit_code=code,
+                             retryable=exit_code_retryable(code))
+        if not read_pods or reason == "Suspended":
+            return JobStatus(job_name, state, reason=reason, message=message)
+        pods = await self._pods(job_name)
+        now = self._clock()
+        timeout_s = self._settings.dispatcher.pending_timeout_s
+        stuck = _stuck_pod(pods, now=now, pending_timeout_s=timeout_s)
+        if stuck is not None:
+            s_reason, s_message, retryable = stuck
+            return JobStatus(job_name, state, reason=s_reason, message=s_message,
+                             retryable=retryable, stuck=True)
+        created = _parse_time(meta.get("creationTimestamp"))
+        if (not pods and created is not None
+                and (now - created).total_seconds() > timeout_s):
+            return JobStatus(job_name, state, reason="NoPods", stuck=True,
+                             message=f"no pods after {timeout_s:.0f} s "
+                                     "(is the Training Operator running?)")
+        return JobStatus(job_name, state, reason=reason, message=message)
+
+    async def status(self, job_name: str) -> JobStatus:
+        job = await self._get(job_name)
+        if job is None:
+            return JobStatus(job_name, JobState.MISSING, reason="NotFound")
+        return await self._status_of(job, read_pods=True)
+
+    async def cancel(self, job_name: str, *, grace_s: float) -> None:
+        api = await self._custom()
+        try:
+            await api.delete_namespaced_custom_object(
+                GROUP, VERSION, self._namespace, PLURAL, job_name,
+                propagation_policy="Foreground", grace_period_seconds=math.ceil(grace_s),
+                _request_timeout=REQUEST_TIMEOUT_S)
+        except _CLIENT_ERRORS as e:
+            if _status_code(e) == 404:
+                return
+            raise _api_error(f"delete of {job_name}", e) from e
+        log.info("job %s deleted (cancel, grace %.0f s)", job_name, grace_s)
+
+    async def list_jobs(self) -> list[str]:
+        api = await self._custom()
+        try:
+            result = await api.list_namespaced_custom_object(
+                GROUP, VERSION, self._namespace, PLURAL, label_selector=OWNED_SELECTOR,
+                _request_timeout=REQUEST_TIMEOUT_S)
+        except _CLIENT_ERRORS as e:
+            raise _api_error("list of jobs", e) from e
+        names = [str((item.get("metadata") or {}).get("name"))
+                 for item in result.get("items") or [] if _owned(item)]
+        return sorted(names)
+
+    async def updates(self) -> AsyncIterator[JobStatus]:
+        last: dict[str, JobStatus] = {}
+        resource_version: str | None = None
+        backoff_s = WATCH_BACKOFF_INITIAL_S
+        while not self._closed:
+            try:
+                async for event_type, job in self._watch_once(resource_version):
+                    backoff_s = WATCH_BACKOFF_INITIAL_S
+                    meta = job.get("metadata") or {}
+                    rv = meta.get("resourceVersion")
+                    if isinstance(rv, str) and rv:
+                        resource_version = rv
+                    if event_type == "BOOKMARK" or not _owned(job):
+                        continue
+                    name = str(meta.get("name"))
+                    if event_type == "DELETED":
+                        status = JobStatus(name, JobState.MISSING, reason="Deleted")
+                        last.pop(name, None)
+                        yield status
+                        continue
+                    status = await self._status_of(job, read_pods=False)
+                    if status.state is JobState.FAILED:
+                        with contextlib.suppress(ExecutorError):
+                            status = await self._status_of(job, read_pods=True)
+                    if last.get(name) != status:
+                        last[name] = status
+                        log.info("job %s is %s (%s)", name, status.state, status.reason or "-")
+                        yield status
+            except _WatchExpired:
+                resource_version = None
+                continue
+            except (ExecutorError, *_CLIENT_ERRORS) as e:
+                if self._closed:
+                    return
+                log.warning("watch of jobs failed, reconnecting in %.1f s: %s", backoff_s, e)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, WATCH_BACKOFF_MAX_S)
+
+    async def _watch_once(
+        self, resource_version: str | None,
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """One watch request: (type, object) events until the server ends it."""
+        api = await self._custom()
+        kwargs: dict[str, Any] = {
+            "label_selector": OWNED_SELECTOR,
+            "watch": "true",  # lower-case, as every API server (and emulator) accepts
+            "allow_watch_bookmarks": "true",
+            "timeout_seconds": WATCH_TIMEOUT_S,
+            "_preload_content": False,
+            "_request_timeout": (REQUEST_TIMEOUT_S, WATCH_TIMEOUT_S + REQUEST_TIMEOUT_S),
+        }
+        if resource_version is not None:
+            kwargs["resource_version"] = resource_version
+        resp = await api.list_namespaced_custom_object(
+            GROUP, VERSION, self._namespace, PLURAL, **kwargs)
+        self._watches.add(resp)
+        try:
+            if resp.status == 410:
+                raise _WatchExpired
+            if not 200 <= resp.status <= 299:
+                body = (await resp.read())[:300].decode("utf-8", "replace")
+                raise ExecutorError(f"Kubernetes watch of jobs failed: {resp.status} {body}")
+            while True:
+                line = await resp.content.readline()
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                if event.get("type") == "ERROR":
+                    if obj.get("code") == 410:
+                        raise _WatchExpired
+                    raise ExecutorError(f"Kubernetes watch error: {str(obj.get('message'))[:300]}")
+                yield str(event.get("type")), obj
+        finally:
+            self._watches.discard(resp)
+            resp.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        for resp in list(self._watches):
+            resp.close()
+        if self._api_client is not None and self._owns_client:
+            await self._api_client.close()
+        self._api_client = None
+
+
+class _WatchExpired(Exception):
+    """``410 Gone``: the resource version is too old; watch from the current state."""
+
+
+def _owned(job: Mapping[str, Any]) -> bool:
+    labels = (job.get("metadata") or {}).get("labels") or {}
+    return bool(labels.get(LABEL_MANAGED_BY) == MANAGED_BY)
