@@ -191,7 +191,6 @@ class Reporter:
                 self.publish(ev.heartbeat(self.task_id))
 
         thread = threading.Thread(target=beat, name=f"heartbeat-{self.task_id}", daemon=True)
-        self.publish(ev.heartbeat(self.task_id))
         thread.start()
         try:
             yield

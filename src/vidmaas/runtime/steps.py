@@ -183,17 +183,17 @@ def generate(ctx: Context) -> None:
     if env.model_dir is None:
         raise ModelError("VIDMAAS_MODEL_DIR is not set", code="model_missing")
     read_model_index(env.model_dir)
+    reporter.started(world_size=env.dist.world_size, host=env.host)
+    ctx.check_cancel()
     t = time.perf_counter()
-    import_libraries()
     import torch
 
-    imports_s = time.perf_counter() - t
     guidance = spec.guidance_scale if spec else DEFAULT_GUIDANCE
     p = distributed.plan(world_size=env.dist.world_size, rank=env.dist.rank,
                          cuda=torch.cuda.is_available(), guidance=guidance > 1.0,
                          num_heads=num_attention_heads(env.model_dir), model=args.model)
-    reporter.started(world_size=env.dist.world_size, host=env.host)
-    ctx.check_cancel()
+    import_libraries()
+    imports_s = time.perf_counter() - t
     distributed.init_process_group(p, cuda=torch.cuda.is_available(),
                                    local_rank=env.dist.local_rank)
     try:

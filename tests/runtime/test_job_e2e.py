@@ -1,0 +1,144 @@
+"""The whole job as a process, against the real Redis and the real S3 (SeaweedFS)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.runtime.conftest import TORCHRUN, VIDMAAS_JOB, Job
+from tests.runtime.media import assert_watermarked, decode_mp4
+from vidmaas.domain.events import EventType, Stage
+from vidmaas.domain.jobs import ExitCode
+
+
+def _stages(job: Job) -> list[str]:
+    return [e.data["stage"] for e in job.of_type(EventType.STAGE)]
+
+
+def _percents(job: Job) -> list[float]:
+    return [float(e.data["percent"]) for e in job.of_type(EventType.PROGRESS)]
+
+
+def test_run_uploads_a_watermarked_h264_video_and_reports_completed(job: Job) -> None:
+    proc = job.run(job.command("run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    events = job.events()
+    types = [e.type for e in events]
+    assert types[0] is EventType.STARTED
+    assert events[0].data["world_size"] == 1
+    assert types.count(EventType.COMPLETED) == 1 and types[-1] is EventType.COMPLETED
+    assert EventType.FAILED not in types
+    assert EventType.HEARTBEAT in types
+    assert _stages(job) == [Stage.LOAD_MODEL, Stage.ENCODE_PROMPT, Stage.DENOISE, Stage.DECODE,
+                            Stage.POSTPROCESS, Stage.UPLOAD]
+    percents = _percents(job)
+    assert percents == sorted(percents) and percents[-1] == 100
+    denoise = [e.data for e in job.of_type(EventType.PROGRESS) if e.data["stage"] == "denoise"]
+    assert [d["step"] for d in denoise][-3:] == [1, 2, 3]
+    assert all(e.data["eta_s"] is None or e.data["eta_s"] >= 0
+               for e in job.of_type(EventType.PROGRESS))
+
+    done = events[-1].data
+    assert done["video_key"] == f"outputs/{job.task_id}/video.mp4"
+    assert done["poster_key"] == f"outputs/{job.task_id}/poster.jpg"
+    assert (done["width"], done["height"], done["num_frames"], done["fps"], done["seed"]) == \
+        (64, 64, 9, 8, 7)
+    assert done["duration_s"] == pytest.approx(9 / 8)
+    assert {"load_model_s", "denoise_s", "decode_s", "postprocess_s", "upload_s"} \
+        <= done["timings"].keys()
+
+    data = job.get_object(done["video_key"])
+    assert data.index(b"moov") < data.index(b"mdat"), "not +faststart"
+    video = decode_mp4(data)
+    assert (video.codec, video.pix_fmt) == ("h264", "yuv420p")
+    assert (video.width, video.height, len(video.frames), video.fps) == (64, 64, 9, 8)
+    original = np.load(job.work_dir / "output" / "frames.npy")
+    assert_watermarked(original, video.frames, text="AI generated")
+
+    poster = Image.open(io.BytesIO(job.get_object(done["poster_key"])))
+    assert (poster.format, poster.size) == ("JPEG", (64, 64))
+
+
+def test_run_with_an_image_fetches_it_and_drives_the_ti2v_image_pipeline(
+        job: Job, tiny_models: dict[str, object]) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 48), (220, 40, 40)).save(buf, "PNG")
+    key = f"inputs/{job.task_id}/image.png"
+    job.put_object(key, buf.getvalue())
+
+    proc = job.run(job.command("run", "--image", key, model="tiny-ti2v"),
+                   extra_env={"VIDMAAS_MODEL_DIR": str(tiny_models["ti2v"])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (job.work_dir / "input" / "image.png").is_file()
+    assert _stages(job)[0] == Stage.FETCH_INPUT
+    done = job.of_type(EventType.COMPLETED)
+    assert len(done) == 1
+    video = decode_mp4(job.get_object(done[0].data["video_key"]))
+    assert (video.codec, len(video.frames), video.width, video.height) == ("h264", 9, 64, 64)
+
+
+def test_run_sh_chains_fetch_generate_under_torchrun_and_postprocess(job: Job) -> None:
+    from importlib import resources
+
+    script = resources.files("vidmaas.runtime").joinpath("run.sh")
+    proc = job.run(["sh", str(script), "--prompt", "a boat", "--model", "tiny-t2v",
+                    "--size", "64*64", "--frame-num", "5", "--sample-steps", "2", "--seed", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    types = [e.type for e in job.events()]
+    assert types.count(EventType.STARTED) == 1 and types.count(EventType.COMPLETED) == 1
+    assert len(decode_mp4(job.get_object(f"outputs/{job.task_id}/video.mp4")).frames) == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["t2v", "ti2v", "a14b"])
+def test_torchrun_two_ranks_run_each_layout_cfg_parallel_end_to_end(
+        job: Job, tiny_models: dict[str, object], layout: str) -> None:
+    args = []
+    if layout == "ti2v":
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (20, 200, 40)).save(buf, "JPEG")
+        key = f"inputs/{job.task_id}/image.jpg"
+        job.put_object(key, buf.getvalue())
+        args = ["--image", key]
+    model = {"t2v": "tiny-t2v", "ti2v": "tiny-ti2v", "a14b": "wan2.2-t2v-a14b"}[layout]
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", VIDMAAS_JOB,
+           *job.command("run", *args, model=model)[1:]]
+    proc = job.run(cmd, extra_env={"VIDMAAS_MODEL_DIR": str(tiny_models[layout])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    events = job.events()
+    types = [e.type for e in events]
+    assert types.count(EventType.STARTED) == 1 and events[0].data["world_size"] == 2
+    assert types.count(EventType.COMPLETED) == 1 and EventType.FAILED not in types
+    percents = _percents(job)
+    assert percents == sorted(percents) and percents[-1] == 100
+    # Only rank 0 reports: each denoising step is reported once.
+    steps = [e.data["step"] for e in job.of_type(EventType.PROGRESS)
+             if e.data["stage"] == "denoise" and e.data["step"] > 0]
+    assert steps == [1, 2, 3]
+    video = decode_mp4(job.get_object(f"outputs/{job.task_id}/video.mp4"))
+    assert (video.codec, len(video.frames), video.width, video.height) == ("h264", 9, 64, 64)
+    assert video.fps == (16 if layout == "a14b" else 8)
+
+
+@pytest.mark.slow
+def test_run_launches_torchrun_itself_when_the_job_has_two_processes_per_node(job: Job) -> None:
+    proc = job.run(job.command("run"), extra_env={"PET_NPROC_PER_NODE": "2", "PET_NNODES": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    types = [e.type for e in job.events()]
+    assert types.count(EventType.STARTED) == 1 and types.count(EventType.COMPLETED) == 1
+    assert job.events()[0].data["world_size"] == 2
+    assert job.object_keys() == [f"outputs/{job.task_id}/poster.jpg",
+                                 f"outputs/{job.task_id}/video.mp4"]
+
+
+def test_exit_codes_are_the_domain_exit_codes() -> None:
+    from vidmaas.runtime.errors import BadInput, ModelError, OutOfMemory, UploadFailed
+
+    assert (BadInput("x").exit_code, ModelError("x").exit_code, OutOfMemory("x").exit_code,
+            UploadFailed("x").exit_code) == (ExitCode.BAD_INPUT, ExitCode.MODEL_ERROR,
+                                             ExitCode.OUT_OF_MEMORY, ExitCode.UPLOAD_FAILED)
