@@ -15,12 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class DatabaseSettings(BaseModel):
     """Where tasks, users and keys live."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     url: str = "sqlite+aiosqlite:///./.vidmaas/vidmaas.db"
     """SQLAlchemy async URL: ``postgresql+asyncpg://…`` in production,
@@ -34,6 +36,8 @@ class DatabaseSettings(BaseModel):
 
 class RedisSettings(BaseModel):
     """Queue, event streams, cancel flags and capacity leases."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     url: str = "redis://127.0.0.1:6379/0"
     """``redis://`` or ``rediss://`` URL, password included if any."""
@@ -49,6 +53,8 @@ class RedisSettings(BaseModel):
 
 class StorageSettings(BaseModel):
     """Object storage for input images and output videos."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     url: str = "file://./.vidmaas/objects"
     """``s3://bucket/prefix`` or ``file:///absolute/dir`` (``file://./rel`` is relative
@@ -73,6 +79,8 @@ class StorageSettings(BaseModel):
 
 class ApiSettings(BaseModel):
     """The HTTP API role."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     host: str = "127.0.0.1"
     """Interface to bind."""
@@ -104,6 +112,8 @@ class ApiSettings(BaseModel):
 class DispatcherSettings(BaseModel):
     """Admission, fairness, retries, watchdog and reconciler."""
 
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     per_user_running_cap: int = 2
     """Jobs one user may have dispatching or running at once."""
     max_attempts: int = 3
@@ -132,6 +142,8 @@ class DispatcherSettings(BaseModel):
 class LocalExecutorSettings(BaseModel):
     """The local executor: jobs as process groups on this machine."""
 
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     work_root: Path = Path("./.vidmaas/jobs")
     """Parent of each job's fresh work directory."""
     torchrun: str = "torchrun"
@@ -144,6 +156,8 @@ class LocalExecutorSettings(BaseModel):
 
 class KubeSettings(BaseModel):
     """The Kubernetes executor: one Kubeflow PyTorchJob per task."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     namespace: str = "vidmaas"
     """Namespace the PyTorchJobs are created in."""
@@ -197,6 +211,8 @@ class KubeSettings(BaseModel):
 class RuntimeSettings(BaseModel):
     """Postprocess and reporting settings passed to the job runtime."""
 
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     watermark_text: str = "AI generated · vidmaas"
     """Text watermark drawn on every frame; empty disables it."""
     watermark_logo_path: Path | None = None
@@ -209,6 +225,8 @@ class RuntimeSettings(BaseModel):
 
 class WebhookSettings(BaseModel):
     """Outgoing webhooks."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     global_urls: list[str] = Field(default_factory=list)
     """URLs that receive every task's events besides the task's own webhook."""
@@ -233,6 +251,7 @@ class Settings(BaseSettings):
         env_nested_max_split=1,
         extra="ignore",
         case_sensitive=False,
+        use_attribute_docstrings=True,
     )
 
     executor: Literal["local", "kubernetes"] = "local"
@@ -275,3 +294,30 @@ def embedded_settings(data_dir: Path, base: Settings | None = None) -> Settings:
         "local": s.local.model_copy(update={"work_root": root / "jobs"}),
         "model_root": root / "models",
     })
+
+
+_GROUP_ENV = {"database": "DATABASE", "redis": "REDIS", "storage": "STORAGE", "api": "API",
+              "dispatcher": "DISPATCHER", "local": "LOCAL", "kube": "KUBE",
+              "runtime": "RUNTIME", "webhooks": "WEBHOOKS"}
+
+
+def settings_reference() -> str:
+    """The configuration reference as a Markdown table (the README embeds it)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+
+    def add(env: str, field: object, default: object) -> None:
+        desc = " ".join((getattr(field, "description", None) or "").split())
+        if isinstance(default, SecretStr):
+            default = "(secret)"
+        shown = "" if default is None else f"`{default}`"
+        rows.append(f"| `{env}` | {shown} | {desc} |")
+
+    defaults = Settings.model_construct()
+    for name, field in Settings.model_fields.items():
+        if name in _GROUP_ENV:
+            group = getattr(defaults, name)
+            for sub, subfield in type(group).model_fields.items():
+                add(f"VIDMAAS_{_GROUP_ENV[name]}_{sub.upper()}", subfield, getattr(group, sub))
+        else:
+            add(f"VIDMAAS_{name.upper()}", field, getattr(defaults, name))
+    return "\n".join(rows) + "\n"

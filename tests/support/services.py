@@ -59,7 +59,12 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def redis_server_binary() -> str | None:
-    return shutil.which("redis-server")
+    from vidmaas.embedded import redis_binary
+
+    try:
+        return redis_binary()
+    except Exception:
+        return None
 
 
 @contextlib.contextmanager
@@ -97,9 +102,21 @@ def _admin_exec(sql: str, base: str) -> None:
     asyncio.run(run())
 
 
+def _pg_base() -> str:
+    return os.environ.get("VIDMAAS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def postgres_reachable() -> bool:
+    try:
+        _admin_exec("SELECT 1", _pg_base())
+    except Exception:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def fresh_postgres() -> Iterator[str]:
-    base = os.environ.get("VIDMAAS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    base = _pg_base()
     name = "vidmaas_t_" + secrets.token_hex(6)
     _admin_exec(f'CREATE DATABASE "{name}"', base)
     try:
