@@ -1,0 +1,345 @@
+"""Outgoing webhooks: recorded once per (target, event), signed, retried, never lost.
+
+Guarantees:
+- ``Webhooks.record`` turns one applied event into ``WebhookDelivery`` rows: one for the
+  task's own ``webhook_url`` when the event type is in the task's filter (default:
+  started, completed, failed, cancelled; ``progress`` only when asked for, and then at
+  most one per ``progress_min_interval_s`` per task and target), and one per global URL
+  (the default types). The row's ``delivery_id`` is derived from (url, event id) and
+  unique, so recording an event again (a redelivered stream entry) sends nothing twice;
+  terminal events are keyed by (url, task), so a task's end is announced once per target
+  even when both the runtime and the dispatcher published one.
+- ``WebhookSender`` is the only sender. It picks due ``pending`` rows from the
+  database, claims each by compare-and-set (several relays never send one attempt
+  twice at once), and POSTs the stored payload signed per Standard Webhooks
+  (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``). Because the queue is
+  the table, retries survive a relay restart: a row claimed by a sender that died is
+  due again when its claim lease ends.
+- Before every attempt the target is resolved and checked against the SSRF policy
+  (``domain.webhooks.check_target``); a refused target is marked ``refused`` and never
+  contacted. The request goes to the checked address (the host name travels in
+  ``Host`` and TLS SNI), so a name that re-resolves elsewhere cannot slip past the
+  check. Redirects are not followed.
+- A 2xx answer marks the row ``delivered``. Anything else is retried with exponential
+  backoff from ``backoff_initial_s`` until ``max_attempts``; then it is ``failed``.
+  Progress deliveries are best-effort: one attempt. Every attempt records its status
+  code or error (truncated).
+- Recording the outcome of an attempt is shielded from cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from vidmaas import __version__
+from vidmaas.config import WebhookSettings
+from vidmaas.db.models import Task, WebhookDelivery, utcnow
+from vidmaas.domain import webhooks as policy
+from vidmaas.domain.events import Event, EventType
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 500
+PROGRESS_MIN_INTERVAL_S = 5.0
+CLAIM_MARGIN_S = 30.0
+
+DeliveryStatus = str
+PENDING, DELIVERED, FAILED, REFUSED = "pending", "delivered", "failed", "refused"
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses of a host name (the system resolver, off the event loop)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    seen: list[str] = []
+    for info in infos:
+        address = str(info[4][0])
+        if address not in seen:
+            seen.append(address)
+    return seen
+
+
+def body_of(payload: dict[str, Any]) -> bytes:
+    """The exact bytes sent (and signed) for a stored payload."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False,
+                      sort_keys=True).encode()
+
+
+def _iso(value: Any) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def task_summary(task: Task) -> dict[str, Any]:
+    """What a webhook says about the task besides the event itself."""
+    out: dict[str, Any] = {
+        "id": task.id, "status": task.status, "progress": round(task.progress, 2),
+        "stage": task.stage, "model": task.model, "attempts": task.attempts,
+        "created_at": _iso(task.created_at), "started_at": _iso(task.started_at),
+        "finished_at": _iso(task.finished_at),
+    }
+    if task.error_code is not None:
+        out["error"] = {"code": task.error_code,
+                        "message": (task.error_message or "")[:MAX_ERROR_CHARS]}
+    if task.video_key is not None:
+        out["video_url"] = f"/v1/tasks/{task.id}/video"
+        out["poster_url"] = f"/v1/tasks/{task.id}/poster"
+    return out
+
+
+def _truncate(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class Webhooks:
+    """Records deliveries for applied events and owns the sender that sends them."""
+
+    def __init__(self, *, sessions: async_sessionmaker[AsyncSession], settings: WebhookSettings,
+                 progress_min_interval_s: float = PROGRESS_MIN_INTERVAL_S,
+                 sender: WebhookSender | None = None) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.progress_min_interval_s = progress_min_interval_s
+        self.sender = sender or WebhookSender(sessions=sessions, settings=settings)
+
+    def targets(self, task: Task, event_type: EventType) -> list[str]:
+        """The URLs that get this event of this task (task's own first, then global)."""
+        urls: list[str] = []
+        if task.webhook_url and event_type.value in policy.wanted_events(task.webhook_events):
+            urls.append(task.webhook_url)
+        if event_type.value in policy.DEFAULT_EVENTS:
+            urls += [u for u in self.settings.global_urls if u not in urls]
+        return urls
+
+    async def record(self, *, task: Task, event: Event, event_id: str) -> int:
+        """Record the deliveries of one applied event; the number of new rows."""
+        urls = self.targets(task, event.type)
+        if not urls:
+            return 0
+        now = utcnow()
+        payload = {**event.to_json(event_id=event_id), "timestamp": now.isoformat(),
+                   "task": task_summary(task)}
+        # A task ends once: one terminal delivery per target, whichever terminal event
+        # (the runtime's or the dispatcher's) is applied first.
+        key = f"{task.id}:terminal" if event.type.terminal else event_id
+        created = 0
+        for url in urls:
+            if event.type is EventType.PROGRESS and await self._throttled(task.id, url):
+                continue
+            row = WebhookDelivery(
+                task_id=task.id, delivery_id=policy.delivery_id(url=url, event_id=key),
+                url=url, event_id=event_id, event_type=event.type.value, attempts=0,
+                status=PENDING, payload=payload, next_attempt_at=now, created_at=now)
+            async with self.sessions() as session:
+                session.add(row)
+                try:
+                    await session.commit()
+                except IntegrityError:
+                    await session.rollback()
+                    continue  # recorded before: this is a redelivered event
+            created += 1
+        if created:
+            log.info("task %s: %d webhook deliveries for %s %s", task.id, created,
+                     event.type.value, event_id, extra={"task_id": task.id})
+            self.sender.wake()
+        return created
+
+    async def _throttled(self, task_id: str, url: str) -> bool:
+        since = utcnow() - timedelta(seconds=self.progress_min_interval_s)
+        async with self.sessions() as session:
+            last = (await session.execute(
+                select(func.max(WebhookDelivery.created_at)).where(
+                    WebhookDelivery.task_id == task_id, WebhookDelivery.url == url,
+                    WebhookDelivery.event_type == EventType.PROGRESS.value))).scalar_one()
+        return last is not None and last > since
+
+
+class WebhookSender:
+    """Sends due deliveries until ``stop()``; see the module docstring."""
+
+    def __init__(self, *, sessions: async_sessionmaker[AsyncSession], settings: WebhookSettings,
+                 poll_interval_s: float = 1.0, concurrency: int = 16,
+                 resolve: policy.Resolver = resolve_host,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.poll_interval_s = poll_interval_s
+        self.concurrency = concurrency
+        self.resolve = resolve
+        self.transport = transport
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.attempts_made = 0
+
+    def wake(self) -> None:
+        """New deliveries are due: look now instead of at the next poll."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        limits = httpx.Limits(max_connections=self.concurrency)
+        async with httpx.AsyncClient(timeout=self.settings.timeout_s, follow_redirects=False,
+                                     transport=self.transport, limits=limits,
+                                     trust_env=False) as client:
+            try:
+                while not self._stopping.is_set():
+                    self._wake.clear()
+                    room = self.concurrency - len(self._inflight)
+                    claimed = await self._claim_due(limit=room) if room > 0 else []
+                    for row in claimed:
+                        t = asyncio.create_task(self._deliver(client, row),
+                                                name=f"webhook-send-{row.delivery_id}")
+                        self._inflight.add(t)
+                        t.add_done_callback(self._inflight.discard)
+                    if claimed and len(claimed) == room:
+                        await asyncio.sleep(0)
+                        continue
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
+            finally:
+                pending = list(self._inflight)
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def drain(self) -> None:
+        """Wait for the attempts in flight (tests)."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+
+    async def _claim_due(self, *, limit: int) -> list[WebhookDelivery]:
+        now = utcnow()
+        lease = now + timedelta(seconds=self.settings.timeout_s + CLAIM_MARGIN_S)
+        async with self.sessions() as session:
+            rows = list((await session.execute(
+                select(WebhookDelivery)
+                .where(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now)
+                .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+                .limit(limit))).scalars())
+            claimed: list[WebhookDelivery] = []
+            for row in rows:
+                res = await session.execute(
+                    update(WebhookDelivery)
+                    .where(WebhookDelivery.id == row.id, WebhookDelivery.status == PENDING,
+                           WebhookDelivery.attempts == row.attempts)
+                    .values(attempts=row.attempts + 1, next_attempt_at=lease)
+                    .execution_options(synchronize_session=False))
+                await session.commit()
+                if res.rowcount == 1:  # type: ignore[attr-defined]
+                    row.attempts += 1
+                    claimed.append(row)
+        return claimed
+
+    def _max_attempts(self, row: WebhookDelivery) -> int:
+        if row.event_type == EventType.PROGRESS.value:
+            return 1
+        return max(1, self.settings.max_attempts)
+
+    async def _deliver(self, client: httpx.AsyncClient, row: WebhookDelivery) -> None:
+        extra = {"task_id": row.task_id}
+        try:
+            _target, addresses = await policy.check_target(
+                row.url, allow_hosts=self.settings.allow_hosts, resolve=self.resolve)
+        except policy.TargetRefused as e:
+            log.warning("task %s: webhook %s refused: %s", row.task_id, row.delivery_id,
+                        _truncate(str(e)), extra=extra)
+            await asyncio.shield(self._finish(row, status=REFUSED, code=None, error=str(e)))
+            return
+        status_code: int | None = None
+        error: str | None = None
+        try:
+            status_code = await self._post(client, row, addresses[0])
+        except httpx.HTTPError as e:
+            error = f"{type(e).__name__}: {e}"
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+        self.attempts_made += 1
+        if status_code is not None and 200 <= status_code < 300:
+            log.info("task %s: webhook %s %s delivered (attempt %d, HTTP %d)", row.task_id,
+                     row.delivery_id, row.event_type, row.attempts, status_code, extra=extra)
+            await asyncio.shield(self._finish(row, status=DELIVERED, code=status_code,
+                                              error=None))
+            return
+        if error is None:
+            error = f"HTTP {status_code}"
+        if row.attempts >= self._max_attempts(row):
+            log.warning("task %s: webhook %s %s failed after %d attempts: %s", row.task_id,
+                        row.delivery_id, row.event_type, row.attempts, _truncate(error),
+                        extra=extra)
+            await asyncio.shield(self._finish(row, status=FAILED, code=status_code, error=error))
+            return
+        delay_s = policy.backoff_s(attempt=row.attempts,
+                                   initial_s=self.settings.backoff_initial_s)
+        log.info("task %s: webhook %s attempt %d failed (%s); retry in %.1fs", row.task_id,
+                 row.delivery_id, row.attempts, _truncate(error, 200), delay_s, extra=extra)
+        await asyncio.shield(self._finish(row, status=PENDING, code=status_code, error=error,
+                                          retry_in_s=delay_s))
+
+    async def _post(self, client: httpx.AsyncClient, row: WebhookDelivery, address: str) -> int:
+        target = policy.parse_target(row.url)
+        body = body_of(row.payload)
+        timestamp = int(self.clock())
+        secret = self.settings.signing_secret.get_secret_value()
+        host_in_url = f"[{address}]" if ":" in address else address
+        default_port = 443 if target.scheme == "https" else 80
+        host_header = target.host if target.port == default_port \
+            else f"{target.host}:{target.port}"
+        if ":" in target.host and not target.host.startswith("["):
+            host_header = f"[{target.host}]" if target.port == default_port \
+                else f"[{target.host}]:{target.port}"
+        headers = {
+            "content-type": "application/json",
+            "user-agent": f"vidmaas-webhooks/{__version__}",
+            "host": host_header,
+            "webhook-id": row.delivery_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": policy.sign(secret=secret, msg_id=row.delivery_id,
+                                             timestamp=timestamp, body=body),
+        }
+        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        request = client.build_request(
+            "POST", f"{target.scheme}://{host_in_url}:{target.port}{target.path}",
+            content=body, headers=headers, extensions=extensions)
+        response = await client.send(request)
+        await response.aclose()
+        return response.status_code
+
+    async def _finish(self, row: WebhookDelivery, *, status: DeliveryStatus, code: int | None,
+                      error: str | None, retry_in_s: float | None = None) -> None:
+        now = utcnow()
+        values: dict[str, Any] = {
+            "status": status, "last_status_code": code,
+            "last_error": None if error is None else _truncate(error),
+            "next_attempt_at": None if retry_in_s is None
+            else now + timedelta(seconds=retry_in_s),
+        }
+        if status == DELIVERED:
+            values["delivered_at"] = now
+        try:
+            async with self.sessions() as session:
+                await session.execute(
+                    update(WebhookDelivery).where(WebhookDelivery.id == row.id,
+                                                  WebhookDelivery.attempts == row.attempts)
+                    .values(**values).execution_options(synchronize_session=False))
+                await session.commit()
+        except Exception:
+            # The claim lease runs out and the attempt is made again: at least once.
+            log.exception("task %s: could not record webhook %s attempt %d", row.task_id,
+                          row.delivery_id, row.attempts, extra={"task_id": row.task_id})
