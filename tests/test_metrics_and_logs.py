@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vidmaas.logs import bind_task_id, configure_logging, task_id_var
-from vidmaas.metrics import CONTENT_TYPE, Metrics, MetricsServer, render
+from vidmaas.metrics import CONTENT_TYPE, Heartbeat, Metrics, MetricsServer, render
 
 
 def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -128,6 +128,17 @@ def test_metrics_server_serves_metrics_and_probes_until_closed() -> None:
         assert _get(base + "/nope")[0] == 404
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(base + "/metrics", timeout=2)
+
+
+def test_a_heartbeat_goes_stale_when_the_loop_stops_beating() -> None:
+    now = [100.0]
+    beat = Heartbeat(max_age_s=30.0, clock=lambda: now[0])
+    now[0] += 29.0
+    assert beat.is_alive()
+    now[0] += 2.0
+    assert not beat.is_alive()
+    beat.beat()
+    assert beat.is_alive()
 
 
 # ---------------------------------------------------------------- logs

@@ -8,8 +8,10 @@
 #   docker build -f deploy/images/runtime.Dockerfile -t REGISTRY/vidmaas-runtime:0.1.0 .
 #
 # Layout inside the image:
-#   /models   mount point of the model directory (hostPath, a ReadOnlyMany PVC, or a
-#             derived image that COPYs checkpoints here; see docs/deploy.md)
+#   /models   mount point of the model directory: a hostPath or ReadOnlyMany PVC mounted
+#             over it, or checkpoints COPYed into it by a derived image (see
+#             docs/deploy.md). Deliberately not a VOLUME: a VOLUME would make Docker
+#             create an anonymous volume on every run and hide baked-in models.
 #   /work     working directory of the job (an emptyDir in the pod)
 #   run.sh    on PATH: the seed's entry (fetch-input, torchrun generate, postprocess)
 #   vidmaas-job, vidmaas   console scripts
@@ -58,7 +60,6 @@ RUN wheel="$(ls /tmp/dist/vidmaas-*.whl)" \
       --shell /usr/sbin/nologin vidmaas \
  && mkdir -p /work /models \
  && chown 10001:10001 /work
-VOLUME ["/models"]
 WORKDIR /work
 USER 10001:10001
 CMD ["vidmaas-job", "--help"]

@@ -17,7 +17,8 @@ Guarantees:
   status, stage or outcome is folded into ``other``.
 - :func:`render` gives the text exposition format and :data:`CONTENT_TYPE` its
   media type; :class:`MetricsServer` serves ``/metrics``, ``/healthz`` and
-  ``/readyz`` for roles without an HTTP server of their own (dispatcher, relay).
+  ``/readyz`` for roles without an HTTP server of their own (dispatcher, relay), and
+  :class:`Heartbeat` turns "the main loop ran recently" into a liveness check.
 
 Several replicas of a role export the same snapshot gauges (queue depth, GPUs in
 use); aggregate them with ``max`` in PromQL, not ``sum``. Counters and histograms
@@ -27,6 +28,7 @@ are per process: aggregate them with ``sum``.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Final
@@ -235,6 +237,25 @@ class Metrics:
 def render(metrics: Metrics) -> bytes:
     """The metrics in the Prometheus text exposition format (serve with :data:`CONTENT_TYPE`)."""
     return bytes(generate_latest(metrics.registry))
+
+
+class Heartbeat:
+    """Liveness of a loop: call :meth:`beat` every iteration; :meth:`is_alive` says
+    whether the last beat is younger than ``max_age_s``. Safe to read from the
+    :class:`MetricsServer` threads while the event loop writes it."""
+
+    def __init__(self, *, max_age_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._last = clock()
+
+    def beat(self) -> None:
+        """The loop is making progress."""
+        self._last = self._clock()
+
+    def is_alive(self) -> bool:
+        """True while the last beat (or construction) is within ``max_age_s``."""
+        return self._clock() - self._last <= self.max_age_s
 
 
 class MetricsServer:

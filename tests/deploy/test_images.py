@@ -138,7 +138,10 @@ def test_runtime_image_has_the_job_entry_points_models_mount_and_work_dir() -> N
     assert final.base.startswith("pytorch/pytorch:") and "-cuda" in final.base
     assert '[runtime]"' in text, "install the package with its runtime extra"
     assert "/usr/local/bin/run.sh" in text
-    assert ("VOLUME", '["/models"]') in final.instructions
+    # /models exists as an empty mount point; not a VOLUME, so derived images can bake
+    # checkpoints into it.
+    assert "mkdir -p /work /models" in text
+    assert not [a for w, a in final.instructions if w == "VOLUME" and "/models" in a]
     workdirs = [a for w, a in final.instructions if w == "WORKDIR"]
     assert workdirs[-1] == "/work"
     assert "VIDMAAS_WORK_DIR=/work" in text
@@ -165,8 +168,6 @@ def _dockerignore() -> list[str]:
             if line.strip() and not line.startswith("#")]
 
 
-@pytest.mark.xfail(not (ROOT / "README.md").exists(), strict=True,
-                   reason="README.md (the wheel needs it: pyproject readme) is missing")
 @pytest.mark.parametrize("image", DOCKERFILES)
 def test_every_copied_source_exists_and_is_in_the_build_context(image: str) -> None:
     patterns = _dockerignore()

@@ -551,3 +551,11 @@ def test_the_production_settings_render_pytorchjobs_the_crd_accepts(
         assert "claimName: vidmaas-models" in text
         assert ("suspend: true" in text) == ("kueue" in variant)
         assert ("nvidia.com/gpumem" in text) == ("hami" in variant)
+
+
+def test_the_operator_guide_names_every_secret_overlay_and_component() -> None:
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    for name in _secret_example():
+        assert name in guide, f"docs/deploy.md does not tell the operator to create {name}"
+    for path in (*(K8S / "overlays").iterdir(), *(K8S / "components").iterdir()):
+        assert f"{path.parent.name}/{path.name}" in guide, f"docs/deploy.md omits {path.name}"
