@@ -91,7 +91,9 @@ async def _create_pod(emulator: kmock.KubernetesEmulator, job: str, *, name: str
            "metadata": {"name": name, "namespace": NAMESPACE,
                         "creationTimestamp": created.isoformat().replace("+00:00", "Z"),
                         "labels": {POD_JOB_LABEL: job,
-                                   "training.kubeflow.org/replica-type": replica}},
+                                   "training.kubeflow.org/replica-type": replica,
+                                   # from the template's pod labels
+                                   "app.kubernetes.io/managed-by": "vidmaas"}},
            "spec": {"containers": [{"name": "pytorch", "image": "x"}]},
            "status": status}
     resp = await emulator.post(PODS_URL, json=pod)
@@ -238,6 +240,51 @@ async def test_updates_report_a_failed_job_with_the_runtime_exit_code(
     assert failed.exit_code == ExitCode.BAD_INPUT
     assert failed.retryable is False
     assert failed.message == "1 Master replica(s) failed"
+
+
+async def test_updates_report_a_pod_stuck_in_image_pull_backoff_as_it_happens(
+        emulator: kmock.KubernetesEmulator, executor: KubernetesExecutor) -> None:
+    spec = _spec()
+    async with contextlib.aclosing(executor.updates()) as updates:
+        await executor.launch(spec)
+        await _set_conditions(emulator, spec.job_name, ("Created", "created"))
+        while (await _next(updates)).reason != "Created":
+            pass
+        await _create_pod(emulator, spec.job_name, name=f"{spec.job_name}-master-0",
+                          status={"phase": "Pending"})
+        await _create_pod(emulator, spec.job_name, name=f"{spec.job_name}-worker-0",
+                          status=_waiting("ImagePullBackOff", "Back-off pulling image"),
+                          replica="worker")
+
+        stuck = await _next(updates)
+
+    assert (stuck.job_name, stuck.state, stuck.stuck) == (spec.job_name, JobState.PENDING, True)
+    assert stuck.reason == "ImagePullBackOff"
+    assert stuck.message is not None and "worker-0" in stuck.message
+
+
+async def test_the_watch_reconnects_after_the_api_server_fails_it(
+        emulator: kmock.KubernetesEmulator, executor: KubernetesExecutor) -> None:
+    failures = {"pytorchjobs": 0}
+
+    def fail_the_first_job_watch(request: kmock.Request) -> None:
+        if request.resource is not None and request.resource.plural == "pytorchjobs" \
+                and failures["pytorchjobs"] == 0:
+            failures["pytorchjobs"] += 1
+            raise kmock.KubernetesError(status=500, reason="InternalError", message="etcd hiccup")
+
+    emulator[kmock.action.WATCH] << fail_the_first_job_watch
+    spec = _spec()
+    await executor.launch(spec)
+
+    async with contextlib.aclosing(executor.updates()) as updates:
+        status = await _next(updates)
+
+    assert (status.job_name, status.state) == (spec.job_name, JobState.PENDING)
+    job_watches = [r for r in emulator if r.params.get("watch") == "true"
+                   and r.resource is not None and r.resource.plural == "pytorchjobs"]
+    assert failures["pytorchjobs"] == 1
+    assert len(job_watches) == 2
 
 
 async def test_cancel_deletes_the_job_with_foreground_propagation(

@@ -34,8 +34,8 @@ import datetime as dt
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar
 
 import aiohttp
 from kubernetes_asyncio import client as k8s
@@ -46,6 +46,7 @@ from vidmaas.dispatcher.executors.base import JobState, JobStatus
 from vidmaas.dispatcher.render import (
     API_VERSION,
     LABEL_ATTEMPT,
+    LABEL_JOB_NAME,
     LABEL_MANAGED_BY,
     MAIN_CONTAINER,
     MANAGED_BY,
@@ -71,6 +72,7 @@ KUBE_API_CALLS: Final[tuple[tuple[str, str, str], ...]] = (
     (GROUP, PLURAL, "watch"),
     (GROUP, PLURAL, "delete"),
     ("", "pods", "list"),
+    ("", "pods", "watch"),
 )
 """Every (apiGroup, resource, verb) this executor uses: what its Role must grant."""
 
@@ -96,6 +98,7 @@ STUCK_WAITING_REASONS: Final[Mapping[str, bool]] = {
 _CONDITION_ORDER: Final = ("Succeeded", "Failed", "Suspended", "Restarting", "Running", "Created")
 
 _Clock = Callable[[], dt.datetime]
+_T = TypeVar("_T")
 
 
 def _utcnow() -> dt.datetime:
@@ -222,6 +225,7 @@ class KubernetesExecutor:
         self._connect_lock = asyncio.Lock()
         self._clock = clock
         self._closed = False
+        self._closed_event = asyncio.Event()
         self._watches: set[Any] = set()
 
     # ------------------------------------------------------------ connection
@@ -385,47 +389,82 @@ class KubernetesExecutor:
 
     async def updates(self) -> AsyncIterator[JobStatus]:
         last: dict[str, JobStatus] = {}
+        sources = [self._events("pytorchjobs"), self._events("pods")]
+        async with contextlib.aclosing(_merge(sources)) as events:
+            async for kind, event_type, obj in events:
+                if kind == "pytorchjobs":
+                    status = await self._job_event_status(event_type, obj)
+                else:
+                    status = self._pod_event_status(event_type, obj, last)
+                if status is None or last.get(status.job_name) == status:
+                    continue
+                if status.state is JobState.MISSING:
+                    last.pop(status.job_name, None)
+                else:
+                    last[status.job_name] = status
+                log.info("job %s is %s%s (%s)", status.job_name, status.state.value,
+                         " and stuck" if status.stuck else "", status.reason or "-")
+                yield status
+
+    async def _job_event_status(self, event_type: str, job: dict[str, Any]) -> JobStatus | None:
+        name = str((job.get("metadata") or {}).get("name"))
+        if event_type == "DELETED":
+            return JobStatus(name, JobState.MISSING, reason="Deleted")
+        if event_type not in ("ADDED", "MODIFIED"):
+            return None
+        status = await self._status_of(job, read_pods=False)
+        if status.state is JobState.FAILED:  # the exit code decides whether to retry
+            with contextlib.suppress(ExecutorError):
+                status = await self._status_of(job, read_pods=True)
+        return status
+
+    def _pod_event_status(self, event_type: str, pod: dict[str, Any],
+                          last: Mapping[str, JobStatus]) -> JobStatus | None:
+        """A stuck status for the pod's job when the pod cannot start, else None."""
+        if event_type not in ("ADDED", "MODIFIED"):
+            return None
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        job_name = labels.get(POD_JOB_LABEL) or labels.get(LABEL_JOB_NAME)
+        if not job_name:
+            return None
+        stuck = _stuck_pod([pod], now=self._clock(),
+                           pending_timeout_s=self._settings.dispatcher.pending_timeout_s)
+        previous = last.get(job_name)
+        if stuck is None or (previous is not None and previous.state.finished):
+            return None
+        reason, message, retryable = stuck
+        state = previous.state if previous is not None else JobState.PENDING
+        return JobStatus(job_name, state, reason=reason, message=message, retryable=retryable,
+                         stuck=True)
+
+    async def _events(self, plural: str) -> AsyncGenerator[tuple[str, str, dict[str, Any]], None]:
+        """(plural, type, object) of the owned objects, across reconnects, until closed."""
         resource_version: str | None = None
         backoff_s = WATCH_BACKOFF_INITIAL_S
         while not self._closed:
             try:
-                async for event_type, job in self._watch_once(resource_version):
+                async for event_type, obj in self._watch_once(plural, resource_version):
                     backoff_s = WATCH_BACKOFF_INITIAL_S
-                    meta = job.get("metadata") or {}
-                    rv = meta.get("resourceVersion")
+                    rv = (obj.get("metadata") or {}).get("resourceVersion")
                     if isinstance(rv, str) and rv:
                         resource_version = rv
-                    if event_type == "BOOKMARK" or not _owned(job):
-                        continue
-                    name = str(meta.get("name"))
-                    if event_type == "DELETED":
-                        status = JobStatus(name, JobState.MISSING, reason="Deleted")
-                        last.pop(name, None)
-                        yield status
-                        continue
-                    status = await self._status_of(job, read_pods=False)
-                    if status.state is JobState.FAILED:
-                        with contextlib.suppress(ExecutorError):
-                            status = await self._status_of(job, read_pods=True)
-                    if last.get(name) != status:
-                        last[name] = status
-                        log.info("job %s is %s (%s)", name, status.state, status.reason or "-")
-                        yield status
+                    if event_type != "BOOKMARK" and _owned(obj):
+                        yield plural, event_type, obj
             except _WatchExpired:
                 resource_version = None
-                continue
             except (ExecutorError, *_CLIENT_ERRORS) as e:
                 if self._closed:
                     return
-                log.warning("watch of jobs failed, reconnecting in %.1f s: %s", backoff_s, e)
-                await asyncio.sleep(backoff_s)
+                log.warning("watch of %s failed, reconnecting in %.1f s: %s", plural, backoff_s,
+                            e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed_event.wait(), backoff_s)
                 backoff_s = min(backoff_s * 2, WATCH_BACKOFF_MAX_S)
 
     async def _watch_once(
-        self, resource_version: str | None,
+        self, plural: str, resource_version: str | None,
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """One watch request: (type, object) events until the server ends it."""
-        api = await self._custom()
         kwargs: dict[str, Any] = {
             "label_selector": OWNED_SELECTOR,
             "watch": "true",  # lower-case, as every API server (and emulator) accepts
@@ -436,15 +475,18 @@ class KubernetesExecutor:
         }
         if resource_version is not None:
             kwargs["resource_version"] = resource_version
-        resp = await api.list_namespaced_custom_object(
-            GROUP, VERSION, self._namespace, PLURAL, **kwargs)
+        if plural == "pods":
+            resp = await (await self._core()).list_namespaced_pod(self._namespace, **kwargs)
+        else:
+            resp = await (await self._custom()).list_namespaced_custom_object(
+                GROUP, VERSION, self._namespace, PLURAL, **kwargs)
         self._watches.add(resp)
         try:
             if resp.status == 410:
                 raise _WatchExpired
             if not 200 <= resp.status <= 299:
                 body = (await resp.read())[:300].decode("utf-8", "replace")
-                raise ExecutorError(f"Kubernetes watch of jobs failed: {resp.status} {body}")
+                raise ExecutorError(f"Kubernetes watch of {plural} failed: {resp.status} {body}")
             while True:
                 line = await resp.content.readline()
                 if not line:
@@ -464,11 +506,35 @@ class KubernetesExecutor:
 
     async def close(self) -> None:
         self._closed = True
+        self._closed_event.set()
         for resp in list(self._watches):
             resp.close()
         if self._api_client is not None and self._owns_client:
             await self._api_client.close()
         self._api_client = None
+
+
+async def _merge(sources: list[AsyncGenerator[_T, None]]) -> AsyncGenerator[_T, None]:
+    """Items of several iterators as they come; closing this closes them all."""
+    pending: dict[asyncio.Future[_T], AsyncGenerator[_T, None]] = {
+        asyncio.ensure_future(anext(source)): source for source in sources}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                source = pending.pop(future)
+                try:
+                    item = future.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(source))] = source
+                yield item
+    finally:
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for source in sources:
+            await source.aclose()
 
 
 class _WatchExpired(Exception):
