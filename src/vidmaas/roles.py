@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 
 from vidmaas.config import Settings
@@ -41,8 +43,9 @@ def make_dispatcher(services: Services, executor: Executor) -> Dispatcher:
                       redis=services.redis, executor=executor, registry=services.registry)
 
 
-def make_relay(services: Services) -> Relay:
-    return Relay(services)
+def make_relay(services: Services, *, consumer_name: str | None = None) -> Relay:
+    """A relay consumer; the name defaults to host-pid (a pod's name is its hostname)."""
+    return Relay(services, consumer_name=consumer_name or f"{socket.gethostname()}-{os.getpid()}")
 
 
 async def supervise(name: str, factory: Callable[[], Awaitable[None]],
@@ -67,7 +70,8 @@ class Roles:
         self.services = services
         self.executor = executor or make_executor(services.settings)
         self.dispatcher = make_dispatcher(services, self.executor)
-        self.relay = make_relay(services)
+        # One stable name: after a restart this relay first finishes what it left pending.
+        self.relay = make_relay(services, consumer_name="embedded")
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
