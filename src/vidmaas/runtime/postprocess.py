@@ -165,4 +165,6 @@ def upload(store: StoreConfig, *, task_id: str, video: Path, poster: Path) -> tu
         asyncio.run(put())
     except (VidmaasError, OSError) as e:
         raise UploadFailed(f"upload to {store.url} failed: {e}") from e
+    except Exception as e:  # boto3's S3UploadFailedError escapes the store's wrapping
+        raise UploadFailed(f"upload to {store.url} failed: {type(e).__name__}: {e}") from e
     return video_key, poster_key
