@@ -11,8 +11,8 @@ Guarantees:
   included), unless the host name or the address is in the allow-list. One refused
   address refuses the whole target: a name that resolves to a public and a private
   address could be made to reach either.
-- ``delivery_id`` is a deterministic function of (url, event id): recording the
-  same event twice for the same target yields the same id, so it is sent once.
+- ``delivery_id`` is a deterministic function of (url, task id, event id): recording
+  the same event twice for the same target yields the same id, so it is sent once.
 """
 
 from __future__ import annotations
@@ -184,9 +184,12 @@ def verify(*, secret: str | bytes, msg_id: str, timestamp: int, body: bytes,
                for candidate in signature_header.split())
 
 
-def delivery_id(*, url: str, event_id: str) -> str:
-    """The one delivery id (and ``webhook-id``) of an event for a target URL."""
-    digest = hashlib.sha256(f"{url}\n{event_id}".encode()).hexdigest()
+def delivery_id(*, url: str, task_id: str, event_id: str) -> str:
+    """The one delivery id (and ``webhook-id``) of a task's event for a target URL.
+
+    Event ids are task-stream entry ids: unique within a task, not across tasks.
+    """
+    digest = hashlib.sha256(f"{url}\n{task_id}\n{event_id}".encode()).hexdigest()
     return "msg_" + digest[:40]
 
 

@@ -5,7 +5,7 @@ Guarantees:
   task's own ``webhook_url`` when the event type is in the task's filter (default:
   started, completed, failed, cancelled; ``progress`` only when asked for, and then at
   most one per ``progress_min_interval_s`` per task and target), and one per global URL
-  (the default types). The row's ``delivery_id`` is derived from (url, event id) and
+  (the default types). The row's ``delivery_id`` is derived from (url, task, event id) and
   unique, so recording an event again (a redelivered stream entry) sends nothing twice;
   terminal events are keyed by (url, task), so a task's end is announced once per target
   even when both the runtime and the dispatcher published one.
@@ -132,13 +132,14 @@ class Webhooks:
                    "task": task_summary(task)}
         # A task ends once: one terminal delivery per target, whichever terminal event
         # (the runtime's or the dispatcher's) is applied first.
-        key = f"{task.id}:terminal" if event.type.terminal else event_id
+        key = "terminal" if event.type.terminal else event_id
         created = 0
         for url in urls:
             if event.type is EventType.PROGRESS and await self._throttled(task.id, url):
                 continue
             row = WebhookDelivery(
-                task_id=task.id, delivery_id=policy.delivery_id(url=url, event_id=key),
+                task_id=task.id, delivery_id=policy.delivery_id(url=url, task_id=task.id,
+                                                            event_id=key),
                 url=url, event_id=event_id, event_type=event.type.value, attempts=0,
                 status=PENDING, payload=payload, next_attempt_at=now, created_at=now)
             async with self.sessions() as session:
