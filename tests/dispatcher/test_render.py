@@ -43,6 +43,8 @@ NASTY_PROMPTS: dict[str, str] = {
     "yaml-number": "0x1F",
     "flags": "--model evil --size 1*1 --image s3://other/x --",
     "double-dash": "--",
+    "lone-option": "-v",
+    "help-flag": "--help",
     "shell": "$(rm -rf /); `id`; echo $HOME && true || false | cat > /etc/passwd; ${IFS}",
     "backslashes": "\\ backslash \\n not a newline \\u0041 \\\\ \\x00 \\",
     "ten-thousand-chars": ("长a\"\n{{" * 2500)[:10_000],
@@ -114,6 +116,36 @@ def test_every_model_renders_a_nasty_prompt_into_a_valid_job_that_carries_it_unc
         assert args[args.index("--prompt") + 1] == prompt
         if prompt:
             assert args[args.index("--negative-prompt") + 1] == prompt[::-1]
+        for init in replica["template"]["spec"].get("initContainers", []):
+            assert init["command"][2:] == job_args(spec)
+
+
+# Prompts the runtime's argparse takes for an option when they arrive as a separate
+# argument after --prompt. job_args (domain/jobs.py) should pass "--prompt=VALUE".
+_RUNTIME_PARSER_MISREADS = {"double-dash", "lone-option", "help-flag"}
+
+
+@pytest.mark.parametrize("prompt_name", [
+    pytest.param(name, marks=pytest.mark.xfail(
+        reason="job_args passes the prompt as its own argument; argparse reads a value "
+               "starting with '-' as an option (fix: --prompt=VALUE in job_args)"))
+    if name in _RUNTIME_PARSER_MISREADS else name
+    for name in NASTY_PROMPTS])
+def test_the_runtime_reads_back_the_exact_prompt_from_the_rendered_job(prompt_name: str) -> None:
+    from vidmaas.runtime.cli import build_parser
+
+    prompt = NASTY_PROMPTS[prompt_name]
+    spec = _spec(REGISTRY["wan2.2-i2v-a14b"], prompt, negative_prompt=prompt or None)
+    manifest = render_pytorchjob(settings=_settings(), spec=spec)
+    master = _replicas(manifest)["Master"]["template"]["spec"]
+
+    run = build_parser().parse_args(["run", *master["containers"][0]["args"]])
+    fetch = build_parser().parse_args(master["initContainers"][0]["command"][1:])
+
+    for ns in (run, fetch):
+        assert ns.prompt == prompt
+        assert ns.image == spec.input_key
+        assert ns.negative_prompt == (prompt or None)
 
 
 @pytest.mark.parametrize("value", [*NASTY_PROMPTS.values(), 0, -3, 2.5, True, None,
@@ -247,7 +279,8 @@ def test_an_input_image_is_fetched_by_an_init_container_into_the_work_dir() -> N
     for replica in _replicas(manifest).values():
         pod = replica["template"]["spec"]
         (init,) = pod["initContainers"]
-        assert init["command"] == ["vidmaas-job", "fetch-input", "--image", spec.input_key]
+        assert init["command"] == ["vidmaas-job", "fetch-input", *job_args(spec)]
+        assert init["command"][init["command"].index("--image") + 1] == spec.input_key
         assert _env(init)["VIDMAAS_WORK_DIR"]["value"] == "/work"
         assert {"name": "work", "emptyDir": {}} in pod["volumes"]
         assert _env(_main(replica))["VIDMAAS_WORK_DIR"]["value"] == "/work"

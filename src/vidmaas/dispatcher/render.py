@@ -64,6 +64,7 @@ WORK_DIR: Final = "/work"
 """The pod's ``emptyDir`` work directory (``VIDMAAS_WORK_DIR``)."""
 DEFAULT_COMMAND: Final = ("vidmaas-job", "run")
 FETCH_INPUT_COMMAND: Final = ("vidmaas-job", "fetch-input")
+FETCH_INPUT_CONTAINER: Final = "fetch-input"
 
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "vidmaas"
@@ -321,7 +322,8 @@ def template_context(
         "seed": params["seed"],
         "args": args,
         "command": list(command) if command is not None else list(DEFAULT_COMMAND),
-        "fetch_command": [*FETCH_INPUT_COMMAND, "--image", spec.input_key or ""],
+        # the runtime's own parser wants every job argument; fetch-input uses --image
+        "fetch_command": [*FETCH_INPUT_COMMAND, *args],
         # replicas and resources
         "nnodes": model.nnodes,
         "nproc_per_node": model.nproc_per_node,
@@ -414,6 +416,12 @@ def _check_manifest(manifest: Any, *, settings: Settings, spec: JobSpec, text: s
         if str(limit) != str(spec.model.nproc_per_node):
             raise ExecutorError(f"the {rtype} container asks for {limit} {gpu}; model "
                                 f"{spec.model.id} needs {spec.model.nproc_per_node}")
+        for init in pod.get("initContainers") or []:
+            line = [*(init.get("command") or []), *(init.get("args") or [])]
+            if init.get("name") == FETCH_INPUT_CONTAINER and line[-len(expected_args):] != \
+                    expected_args:
+                raise ExecutorError(f"the {rtype} {FETCH_INPUT_CONTAINER} container's arguments "
+                                    "differ from the runtime arguments")
         env_names = {e.get("name") for e in main[0].get("env") or []}
         missing = REQUIRED_ENV_NAMES - env_names
         if missing:
