@@ -1,0 +1,1 @@
+"""Security tests: the access matrix, hostile uploads, template injection, SSRF, secrets."""
