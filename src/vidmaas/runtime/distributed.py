@@ -78,20 +78,21 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def apply(p: Plan, pipe: Any, *, negative_embeds: Any) -> None:
-    """Make ``pipe``'s transformers run under ``p``."""
+def apply(p: Plan, pipe: Any, *, negative_embeds: Any) -> list[_CfgParallel]:
+    """Make ``pipe``'s transformers run under ``p``; the CFG splitters installed, if any."""
     experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None))
                if m is not None]
     if p.strategy == "cfg":
-        for module in experts:
-            _CfgParallel(module, rank=p.rank, negative_embeds=negative_embeds)
-    elif p.strategy == "ulysses":
+        return [_CfgParallel(module, rank=p.rank, negative_embeds=negative_embeds)
+                for module in experts]
+    if p.strategy == "ulysses":
         import importlib
 
         diffusers: Any = importlib.import_module("diffusers")
         for module in experts:
             module.enable_parallelism(
                 config=diffusers.ContextParallelConfig(ulysses_degree=p.world_size))
+    return []
 
 
 class _CfgParallel:
@@ -107,6 +108,8 @@ class _CfgParallel:
         self._rank = rank
         self._negative = negative_embeds.to(module.dtype)
         self._pending: Any = None
+        self.evaluations = 0
+        """Transformer forward passes this rank computed (one per step: its branch)."""
         module.forward = self
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -120,6 +123,7 @@ class _CfgParallel:
             kwargs["encoder_hidden_states"] = self._negative
         kwargs["return_dict"] = False
         mine = self._forward(*args, **kwargs)[0].contiguous()
+        self.evaluations += 1
         both = [torch.empty_like(mine) for _ in range(2)]
         dist.all_gather(both, mine)
         self._pending = both[1]

@@ -60,6 +60,8 @@ class Output:
     frames: Any
     """numpy uint8 (frames, height, width, 3) on rank 0; None on the other ranks."""
     timings: dict[str, float] = field(default_factory=dict)
+    transformer_evaluations: int | None = None
+    """Forward passes this rank computed under CFG-parallel (None otherwise)."""
 
 
 def pick_device(local_rank: int) -> tuple[Any, Any]:
@@ -166,7 +168,7 @@ class Engine:
                 do_classifier_free_guidance=cfg, num_videos_per_prompt=1,
                 max_sequence_length=512, device=self.device)
         timings["encode_prompt_s"] = time.perf_counter() - t
-        distributed.apply(self.plan, pipe, negative_embeds=negative_embeds)
+        splitters = distributed.apply(self.plan, pipe, negative_embeds=negative_embeds)
 
         if on_stage:
             on_stage(Stage.DENOISE)
@@ -195,15 +197,16 @@ class Engine:
         timings["denoise_s"] = time.perf_counter() - t
         if cancelled_by:
             raise Cancelled(cancelled_by[0])
+        evaluations = sum(s.evaluations for s in splitters) if splitters else None
         if self.plan.rank != 0:
-            return Output(frames=None, timings=timings)
+            return Output(frames=None, timings=timings, transformer_evaluations=evaluations)
 
         if on_stage:
             on_stage(Stage.DECODE)
         t = time.perf_counter()
         frames = self.decode(latents)
         timings["decode_s"] = time.perf_counter() - t
-        return Output(frames=frames, timings=timings)
+        return Output(frames=frames, timings=timings, transformer_evaluations=evaluations)
 
     def decode(self, latents: Any) -> Any:
         """Latents → uint8 (frames, height, width, 3)."""

@@ -229,7 +229,8 @@ def generate(ctx: Context) -> None:
             ctx.work.write_json(ctx.work.result, {
                 "width": int(out.frames.shape[2]), "height": int(out.frames.shape[1]),
                 "num_frames": int(out.frames.shape[0]), "seed": args.seed,
-                "world_size": p.world_size, "strategy": p.strategy})
+                "world_size": p.world_size, "strategy": p.strategy,
+                "transformer_evaluations": out.transformer_evaluations})
             ctx.add_timings({"imports_s": imports_s, "load_model_s": load_model_s,
                              **out.timings})
     finally:

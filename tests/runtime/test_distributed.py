@@ -1,0 +1,68 @@
+"""Splitting one generation over ranks: CFG-parallel is exact, impossible shapes fail early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.runtime.conftest import JOB_ARGS, TORCHRUN, VIDMAAS_JOB, job_env
+from vidmaas.runtime import distributed
+from vidmaas.runtime.errors import ModelError
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("layout", "model"), [("t2v", "tiny-t2v"), ("a14b", "wan2.2-t2v-a14b")])
+def test_two_rank_cfg_parallel_output_equals_single_process_output_exactly(
+        tiny_models: dict[str, Path], tmp_path: Path, layout: str, model: str) -> None:
+    import subprocess
+
+    args = ["generate", "--prompt", "a lighthouse at dusk", "--model", model, *JOB_ARGS,
+            "--negative-prompt", "blurry"]
+    frames = []
+    for name, prefix in (("one", [VIDMAAS_JOB]),
+                         ("two", [TORCHRUN, "--standalone", "--nproc-per-node", "2",
+                                  VIDMAAS_JOB])):
+        env = job_env(task_id="", redis_url="", storage=None, model_dir=tiny_models[layout],
+                      work_dir=tmp_path / name)
+        proc = subprocess.run([*prefix, *args], env=env, capture_output=True, text=True,
+                              timeout=100, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        frames.append(np.load(tmp_path / name / "output" / "frames.npy"))
+    import json
+
+    facts = json.loads((tmp_path / "two" / "output" / "result.json").read_text())
+    assert (facts["world_size"], facts["strategy"]) == (2, "cfg")
+    assert facts["transformer_evaluations"] == 3  # one branch per step on rank 0, not two
+    assert frames[0].shape == (9, 64, 64, 3)
+    assert np.array_equal(frames[0], frames[1])
+    assert frames[0].std() > 0  # a real picture, not a constant
+
+
+def test_one_rank_runs_plain_and_two_ranks_split_guidance() -> None:
+    one = distributed.plan(world_size=1, rank=0, cuda=False, guidance=True, num_heads=2,
+                           model="m")
+    two = distributed.plan(world_size=2, rank=1, cuda=False, guidance=True, num_heads=2,
+                           model="m")
+    assert (one.strategy, two.strategy, two.rank) == ("single", "cfg", 1)
+
+
+def test_more_ranks_use_ulysses_on_cuda_when_the_heads_divide_evenly() -> None:
+    p = distributed.plan(world_size=8, rank=3, cuda=True, guidance=True, num_heads=40,
+                         model="wan2.2-t2v-a14b")
+    assert (p.strategy, p.world_size) == ("ulysses", 8)
+
+
+@pytest.mark.parametrize(("world_size", "cuda", "guidance", "heads", "why"), [
+    (3, False, True, 2, "without CUDA"),
+    (2, False, False, 2, "no classifier-free guidance"),
+    (3, True, True, 40, "attention heads"),
+])
+def test_a_world_size_the_model_cannot_use_is_a_model_error(
+        world_size: int, cuda: bool, guidance: bool, heads: int, why: str) -> None:
+    with pytest.raises(ModelError, match=why) as info:
+        distributed.plan(world_size=world_size, rank=0, cuda=cuda, guidance=guidance,
+                         num_heads=heads, model="m")
+    assert info.value.code == "unsupported_world_size"
+    assert not info.value.retryable
