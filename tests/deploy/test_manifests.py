@@ -559,3 +559,14 @@ def test_the_operator_guide_names_every_secret_overlay_and_component() -> None:
         assert name in guide, f"docs/deploy.md does not tell the operator to create {name}"
     for path in (*(K8S / "overlays").iterdir(), *(K8S / "components").iterdir()):
         assert f"{path.parent.name}/{path.name}" in guide, f"docs/deploy.md omits {path.name}"
+
+
+@pytest.mark.parametrize("role", ["api", "dispatcher", "relay"])
+def test_production_spreads_each_roles_replicas_over_nodes(
+    builds: dict[str, list[Doc]], role: str,
+) -> None:
+    deployment = one(builds["production"], "Deployment", f"vidmaas-{role}")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    [spread] = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
