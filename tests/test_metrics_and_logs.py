@@ -47,6 +47,17 @@ def test_render_exposes_every_required_metric_family() -> None:
     assert CONTENT_TYPE.startswith("text/plain; version=0.0.4")
 
 
+def test_every_metric_is_documented_in_the_operator_guide() -> None:
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
+    for family in text_string_to_metric_families(render(Metrics()).decode()):
+        if family.name.endswith("_created"):  # prometheus_client's creation timestamps
+            continue
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{name}`" in guide, f"docs/deploy.md does not describe {name}"
+
+
 def test_queue_depth_snapshot_drops_users_whose_queue_emptied() -> None:
     m = Metrics()
     m.set_queue_depths({"alice": 3, "bob": 1})
