@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -135,12 +135,20 @@ class Relay:
         self._stopping = asyncio.Event()
         self._failures: dict[str, int] = {}
         self._own_pending = True  # start by finishing what this consumer name left
+        self._bookkeeping: set[asyncio.Task[Outcome]] = set()
         self.ready = asyncio.Event()
         """Set once the consumer group exists."""
         self.applied = 0
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _shielded(self, coro: Coroutine[Any, Any, Outcome], *, name: str) -> Outcome:
+        """Run ``coro`` to its end even if the caller is cancelled; ``run()`` awaits it."""
+        task = asyncio.create_task(coro, name=name)
+        self._bookkeeping.add(task)
+        task.add_done_callback(self._bookkeeping.discard)
+        return await asyncio.shield(task)
 
     # ------------------------------------------------------------------ loops
 
@@ -159,6 +167,8 @@ class Relay:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # An entry being applied when the cancel came finishes (and is acknowledged).
+            await asyncio.gather(*list(self._bookkeeping), return_exceptions=True)
             log.info("relay %s stopped", self.consumer_name)
 
     async def _supervise(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
@@ -266,7 +276,8 @@ class Relay:
             if self._stopping.is_set():
                 return
             try:
-                outcome = await asyncio.shield(self._handle(entry_id, fields))
+                outcome = await self._shielded(self._handle(entry_id, fields),
+                                               name=f"relay-{self.consumer_name}-apply")
             except _TRANSIENT:
                 raise
             except asyncio.CancelledError:

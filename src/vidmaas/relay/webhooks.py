@@ -35,7 +35,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
@@ -184,7 +184,15 @@ class WebhookSender:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._bookkeeping: set[asyncio.Task[None]] = set()
         self.attempts_made = 0
+
+    async def _shielded(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Record an outcome even if the attempt is cancelled; ``run()`` awaits it."""
+        task = asyncio.create_task(coro, name="webhook-record")
+        self._bookkeeping.add(task)
+        task.add_done_callback(self._bookkeeping.discard)
+        await asyncio.shield(task)
 
     def wake(self) -> None:
         """New deliveries are due: look now instead of at the next poll."""
@@ -219,6 +227,7 @@ class WebhookSender:
                 for t in pending:
                     t.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+                await asyncio.gather(*list(self._bookkeeping), return_exceptions=True)
 
     async def drain(self) -> None:
         """Wait for the attempts in flight (tests)."""
@@ -261,7 +270,7 @@ class WebhookSender:
         except policy.TargetRefused as e:
             log.warning("task %s: webhook %s refused: %s", row.task_id, row.delivery_id,
                         _truncate(str(e)), extra=extra)
-            await asyncio.shield(self._finish(row, status=REFUSED, code=None, error=str(e)))
+            await self._shielded(self._finish(row, status=REFUSED, code=None, error=str(e)))
             return
         status_code: int | None = None
         error: str | None = None
@@ -275,7 +284,7 @@ class WebhookSender:
         if status_code is not None and 200 <= status_code < 300:
             log.info("task %s: webhook %s %s delivered (attempt %d, HTTP %d)", row.task_id,
                      row.delivery_id, row.event_type, row.attempts, status_code, extra=extra)
-            await asyncio.shield(self._finish(row, status=DELIVERED, code=status_code,
+            await self._shielded(self._finish(row, status=DELIVERED, code=status_code,
                                               error=None))
             return
         if error is None:
@@ -284,13 +293,13 @@ class WebhookSender:
             log.warning("task %s: webhook %s %s failed after %d attempts: %s", row.task_id,
                         row.delivery_id, row.event_type, row.attempts, _truncate(error),
                         extra=extra)
-            await asyncio.shield(self._finish(row, status=FAILED, code=status_code, error=error))
+            await self._shielded(self._finish(row, status=FAILED, code=status_code, error=error))
             return
         delay_s = policy.backoff_s(attempt=row.attempts,
                                    initial_s=self.settings.backoff_initial_s)
         log.info("task %s: webhook %s attempt %d failed (%s); retry in %.1fs", row.task_id,
                  row.delivery_id, row.attempts, _truncate(error, 200), delay_s, extra=extra)
-        await asyncio.shield(self._finish(row, status=PENDING, code=status_code, error=error,
+        await self._shielded(self._finish(row, status=PENDING, code=status_code, error=error,
                                           retry_in_s=delay_s))
 
     async def _post(self, client: httpx.AsyncClient, row: WebhookDelivery, address: str) -> int:
