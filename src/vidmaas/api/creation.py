@@ -143,6 +143,10 @@ async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
                                  field="prompt")
         if not req.prompt.strip():
             raise InvalidRequest("the prompt is empty", field="prompt")
+        # No job argv (and no PostgreSQL text column) can carry a NUL character.
+        for name, value in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+            if value is not None and "\x00" in value:
+                raise InvalidRequest(f"{name} contains a NUL character", field=name)
         spec = svc.registry.get_or_raise(req.model or default_model_id(svc))
         params = spec.resolve(size=req.size, num_frames=req.num_frames, steps=req.steps,
                               seed=req.seed, has_image=req.image is not None)
