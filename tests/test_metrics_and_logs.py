@@ -81,13 +81,16 @@ def test_capacity_dispatch_and_stage_observations_are_exported() -> None:
     m = Metrics()
     m.set_capacity(in_use=3, capacity=8)
     m.observe_dispatch(executor="kubernetes", gap_s=0.02, queue_wait_s=12.0)
-    m.observe_stage_timings({"denoise": 42.0, "upload": 1.5, "not-a-stage": 9.0})
+    m.observe_stage_timings({"denoise_s": 42.0, "upload": 1.5, "imports_s": 9.0,
+                             "decode_s": "n/a"})
     s = _samples(m)
     assert s[("vidmaas_gpus_in_use", ())] == 3
     assert s[("vidmaas_gpu_capacity", ())] == 8
     assert s[("vidmaas_dispatch_gap_seconds_count", ())] == 1
     assert s[("vidmaas_dispatches_total", (("executor", "kubernetes"),))] == 1
     assert s[("vidmaas_stage_duration_seconds_sum", (("stage", "denoise"),))] == 42.0
+    assert s[("vidmaas_stage_duration_seconds_count", (("stage", "upload"),))] == 1
+    assert ("vidmaas_stage_duration_seconds_count", (("stage", "decode"),)) not in s
     assert ("vidmaas_stage_duration_seconds_count", (("stage", "other"),)) not in s
 
 

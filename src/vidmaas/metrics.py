@@ -35,17 +35,16 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from vidmaas.domain.events import Stage
+from vidmaas.domain.status import TaskStatus
+
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 """Media type of :func:`render`'s output (Prometheus text format 0.0.4)."""
 
-TASK_STATUSES: Final = (
-    "queued", "dispatching", "running", "cancelling", "completed", "failed", "cancelled",
-)
-"""Statuses exported by ``vidmaas_tasks``; the same values as ``domain.status.TaskStatus``."""
+TASK_STATUSES: Final = tuple(status.value for status in TaskStatus)
+"""Statuses exported by ``vidmaas_tasks`` and ``vidmaas_task_outcomes_total``."""
 
-STAGES: Final = (
-    "fetch_input", "load_model", "encode_prompt", "denoise", "decode", "postprocess", "upload",
-)
+STAGES: Final = tuple(stage.value for stage in Stage)
 """Stages of the job runtime (DESIGN §4), the label values of ``vidmaas_stage_duration_seconds``."""
 
 WEBHOOK_OUTCOMES: Final = ("delivered", "retrying", "failed", "rejected")
@@ -201,11 +200,16 @@ class Metrics:
         """Record how long one runtime stage took (from a ``completed`` event's timings)."""
         self.stage_duration.labels(stage=_bounded(stage, STAGES)).observe(max(duration_s, 0.0))
 
-    def observe_stage_timings(self, timings: Mapping[str, float]) -> None:
-        """Record every stage of a ``completed`` event's ``timings`` (seconds per stage)."""
-        for stage, duration_s in timings.items():
-            if stage in STAGES:
-                self.observe_stage(stage=stage, duration_s=float(duration_s))
+    def observe_stage_timings(self, timings: Mapping[str, object]) -> None:
+        """Record every stage of a ``completed`` event's ``timings``.
+
+        Keys are stage names with the runtime's unit suffix (``denoise_s``) or
+        without it (``denoise``); keys that name no stage (``imports_s``) and values
+        that are not numbers are skipped."""
+        for key, value in timings.items():
+            stage = key.removesuffix("_s")
+            if stage in STAGES and isinstance(value, int | float) and not isinstance(value, bool):
+                self.observe_stage(stage=stage, duration_s=float(value))
 
     def observe_outcome(self, status: str) -> None:
         """Count a task reaching a terminal status."""
