@@ -1,0 +1,501 @@
+"""Event streams to clients (SSE, WebSocket, multiplexed) against a real uvicorn server,
+real Redis and SQLite/PostgreSQL: snapshots, resume without gap or duplicate, slow
+clients, queue positions, authentication, many idle connections."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.api.conftest import api_settings, make_users
+from tests.support.services import free_port
+from vidmaas.api.app import create_app
+from vidmaas.api.streams import StreamHub
+from vidmaas.bus.queue import TaskQueue
+from vidmaas.config import ApiSettings, Settings, StorageSettings
+from vidmaas.domain import events as ev
+from vidmaas.domain.status import TaskStatus
+from vidmaas.services import Services
+
+# ------------------------------------------------------------------ a real server
+
+
+@dataclass
+class Server:
+    app: FastAPI
+    settings: Settings
+    base_url: str
+    ws_url: str
+    keys: dict[str, str]
+    http: httpx.AsyncClient
+
+    @property
+    def svc(self) -> Services:
+        svc: Services = self.app.state.services
+        return svc
+
+    @property
+    def hub(self) -> StreamHub:
+        hub: StreamHub = self.app.state.stream_hub
+        return hub
+
+    def auth(self, user: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[user]}"}
+
+
+async def serve(settings: Settings, db_url: str) -> AsyncIterator[Server]:
+    """The whole app in uvicorn on 127.0.0.1 and a free port, stopped afterwards."""
+    keys = await make_users(db_url)
+    app = create_app(settings)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            lifespan="on", timeout_graceful_shutdown=2, ws_ping_interval=None)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(), name="test-uvicorn")
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if task.done():
+            task.result()
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        await asyncio.sleep(0.02)
+    await app.state.services.store.ensure_ready()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            yield Server(app=app, settings=settings, base_url=base,
+                         ws_url=f"ws://127.0.0.1:{port}", keys=keys, http=http)
+    finally:
+        server.should_exit = True
+        await task
+
+
+def settings_for(db_url: str, redis_url: str, storage: StorageSettings,
+                 **api: Any) -> Settings:
+    return api_settings(db_url=db_url, redis_url=redis_url, storage=storage,
+                        api=ApiSettings(**api))
+
+
+@pytest.fixture
+async def server(db_url: str, redis_url: str, local_storage: StorageSettings,
+                 ) -> AsyncIterator[Server]:
+    async for s in serve(settings_for(db_url, redis_url, local_storage), db_url):
+        yield s
+
+
+@pytest.fixture
+async def server_sqlite(sqlite_url: str, redis_url: str, local_storage: StorageSettings,
+                        ) -> AsyncIterator[Server]:
+    async for s in serve(settings_for(sqlite_url, redis_url, local_storage,
+                                      stream_buffer_events=32), sqlite_url):
+        yield s
+
+
+# ------------------------------------------------------------------ helpers
+
+async def new_task(server: Server, user: str = "alice") -> str:
+    r = await server.http.post("/v1/tasks", json={"prompt": "a fox", "model": "tiny-t2v"},
+                               headers=server.auth(user))
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+async def start_running(server: Server, task_id: str) -> None:
+    lc = server.svc.lifecycle
+    await lc.transition(task_id=task_id, to=TaskStatus.DISPATCHING, expected=TaskStatus.QUEUED,
+                        event=ev.dispatched(task_id, executor="local", job_name="j", attempt=1))
+    await lc.transition(task_id=task_id, to=TaskStatus.RUNNING,
+                        expected=TaskStatus.DISPATCHING,
+                        event=ev.started(task_id, world_size=1, host="h"))
+
+
+async def progress(server: Server, task_id: str, step: int, total: int = 100,
+                   pad: int = 0) -> str:
+    e = ev.progress(task_id, step=step, total=total, percent=100 * step / total, eta_s=1.0)
+    if pad:
+        e = ev.Event(task_id, ev.EventType.PROGRESS, {**e.data, "pad": "x" * pad})
+    return await server.svc.lifecycle.publish(e)
+
+
+async def complete(server: Server, task_id: str) -> None:
+    await server.svc.lifecycle.finish(
+        task_id=task_id, to=TaskStatus.COMPLETED, expected=TaskStatus.RUNNING,
+        fields={"progress": 100.0},
+        event=ev.Event(task_id, ev.EventType.COMPLETED, {
+            "video_key": "v", "poster_key": "p", "width": 64, "height": 64, "num_frames": 9,
+            "fps": 8, "duration_s": 1.1, "seed": 1, "timings": {}}))
+
+
+async def ws_open(server: Server, path: str, user: str | None = "alice",
+                  **kw: Any) -> ClientConnection:
+    headers = server.auth(user) if user else None
+    return await connect(server.ws_url + path, additional_headers=headers, **kw)
+
+
+async def ws_messages(ws: ClientConnection, *, until: str | None = None,
+                      n: int | None = None, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """Messages (pings left out) until one of type ``until``, ``n`` of them, or close."""
+    out: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout_s):
+        try:
+            while True:
+                m = json.loads(await ws.recv())
+                if m["type"] == "ping":
+                    continue
+                out.append(m)
+                if (until is not None and m["type"] == until) or (n is not None
+                                                                  and len(out) >= n):
+                    return out
+        except ConnectionClosed:
+            return out
+
+
+async def sse_events(resp: httpx.Response, *, n: int | None = None,
+                     ) -> list[tuple[str | None, str, dict[str, Any]]]:
+    """(id, event, data) of an SSE response, until ``n`` of them or the end."""
+    out: list[tuple[str | None, str, dict[str, Any]]] = []
+    fields: dict[str, str] = {}
+    async for line in resp.aiter_lines():
+        if line == "":
+            if "data" in fields:
+                out.append((fields.get("id"), fields.get("event", "message"),
+                            json.loads(fields["data"])))
+                if n is not None and len(out) >= n:
+                    return out
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+    return out
+
+
+def event_ids(msgs: list[dict[str, Any]]) -> list[str]:
+    return [m["id"] for m in msgs if m["type"] not in ("snapshot", "end") and "id" in m]
+
+
+def steps(msgs: list[dict[str, Any]]) -> list[int]:
+    return [m["data"]["step"] for m in msgs if m["type"] == "progress"]
+
+
+# ------------------------------------------------------------------ tests
+
+async def test_an_sse_stream_starts_with_a_snapshot_then_every_event_and_ends_after_completion(
+        server: Server) -> None:
+    task_id = await new_task(server)
+    async with server.http.stream("GET", f"/v1/tasks/{task_id}/events",
+                                  headers={**server.auth("alice"),
+                                           "Accept": "text/event-stream"}) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        reader = asyncio.create_task(sse_events(resp), name="sse-reader")
+        await asyncio.sleep(0.2)
+        await start_running(server, task_id)
+        for i in range(1, 6):
+            await progress(server, task_id, i * 20)
+        await complete(server, task_id)
+        got = await asyncio.wait_for(reader, 10)
+    kinds = [e for _, e, _ in got]
+    assert kinds[0] == "snapshot"
+    snap = got[0][2]["data"]
+    assert snap["status"] == "queued" and snap["queue_position"] == 1
+    assert snap["last_event_id"] is not None  # the `queued` event of the create
+    assert kinds[1:] == ["dispatched", "started"] + ["progress"] * 5 + ["completed", "end"]
+    ids = [i for i, e, _ in got[1:-1]]
+    assert all(ids) and ids == sorted(ids, key=lambda s: tuple(map(int, s.split("-"))))
+    assert got[0][0] == snap["last_event_id"]  # the snapshot's id is the resume point
+    assert [d["data"]["step"] for _, e, d in got if e == "progress"] == [20, 40, 60, 80, 100]
+
+
+async def test_a_websocket_client_resuming_with_after_mid_run_gets_no_gap_and_no_duplicate(
+        server: Server) -> None:
+    task_id = await new_task(server)
+    await start_running(server, task_id)
+    ws = await ws_open(server, f"/v1/tasks/{task_id}/events")
+    first = await ws_messages(ws, n=1)
+    assert first[0]["type"] == "snapshot" and first[0]["data"]["status"] == "running"
+    for i in range(1, 11):
+        await progress(server, task_id, i)
+    got = await ws_messages(ws, n=10)
+    assert steps(got) == list(range(1, 11))
+    await ws.close()
+    # Events keep coming while the client is away.
+    publisher_done = asyncio.Event()
+
+    async def publish_more() -> None:
+        for i in range(11, 61):
+            await progress(server, task_id, i)
+            if i % 10 == 0:
+                await asyncio.sleep(0.01)
+        await complete(server, task_id)
+        publisher_done.set()
+
+    pub = asyncio.create_task(publish_more(), name="publisher")
+    await asyncio.sleep(0.02)
+    last = got[-1]["id"]
+    ws2 = await ws_open(server, f"/v1/tasks/{task_id}/events?after={last}")
+    rest = await ws_messages(ws2, until="end")
+    await pub
+    assert rest[0]["type"] == "snapshot" and rest[0]["id"] == last
+    assert steps(got) + steps(rest) == list(range(1, 61))
+    assert [m["type"] for m in rest][-2:] == ["completed", "end"]
+    ids = event_ids(got) + event_ids(rest)
+    assert len(ids) == len(set(ids))
+    await asyncio.wait_for(ws2.wait_closed(), 5)
+    assert ws2.close_code == 1000
+
+
+async def test_an_sse_client_resuming_with_last_event_id_gets_no_gap_and_no_duplicate(
+        server_sqlite: Server) -> None:
+    server = server_sqlite
+    task_id = await new_task(server)
+    await start_running(server, task_id)
+    for i in range(1, 21):
+        await progress(server, task_id, i)
+    url = f"/v1/tasks/{task_id}/events?after=0-0"
+    async with server.http.stream("GET", url, headers=server.auth("alice")) as resp:
+        first = await sse_events(resp, n=8)  # snapshot, queued, dispatched, started, 1..4
+    assert [e for _, e, _ in first][:4] == ["snapshot", "queued", "dispatched", "started"]
+    last_id = first[-1][0]
+    assert last_id is not None
+    for i in range(21, 31):
+        await progress(server, task_id, i)
+    await complete(server, task_id)
+    async with server.http.stream("GET", f"/v1/tasks/{task_id}/events",
+                                  headers={**server.auth("alice"),
+                                           "Last-Event-ID": last_id}) as resp:
+        rest = await sse_events(resp)
+    got_steps = [d["data"]["step"] for _, e, d in first + rest if e == "progress"]
+    assert got_steps == list(range(1, 31))
+    assert [e for _, e, _ in rest][-2:] == ["completed", "end"]
+    # Reconnecting after the end: 204 tells an EventSource to stop.
+    done_id = rest[-2][0]
+    assert done_id is not None
+    r = await server.http.get(f"/v1/tasks/{task_id}/events",
+                              headers={**server.auth("alice"), "Last-Event-ID": done_id})
+    assert r.status_code == 204
+
+
+async def test_a_retryable_failure_does_not_end_the_stream_but_the_final_failure_does(
+        server_sqlite: Server) -> None:
+    server = server_sqlite
+    task_id = await new_task(server)
+    await start_running(server, task_id)
+    ws = await ws_open(server, f"/v1/tasks/{task_id}/events")
+    await ws_messages(ws, n=1)
+    lc = server.svc.lifecycle
+    # The runtime reports a retryable failure; the relay sends the task back to the queue.
+    await lc.publish(ev.failed(task_id, code="node_lost", message="x", retryable=True))
+    task = await _row(server, task_id)
+    await lc.fail_or_retry(task, code="node_lost", message="x", retryable=True,
+                           publish_failed=False)
+    await asyncio.sleep(0.5)
+    await lc.enqueue(await _row(server, task_id), front=True)
+    await start_running(server, task_id)
+    await lc.fail_or_retry(await _row(server, task_id), code="oom", message="y",
+                           retryable=False)
+    got = await ws_messages(ws, until="end")
+    kinds = [m["type"] for m in got]
+    assert kinds[0] == "failed" and got[0]["data"]["retryable"] is True
+    assert "queued" in kinds and kinds.count("started") == 1
+    assert kinds[-2:] == ["failed", "end"] and got[-2]["data"]["code"] == "oom"
+    await asyncio.wait_for(ws.wait_closed(), 5)
+    assert ws.close_code == 1000
+
+
+async def _row(server: Server, task_id: str) -> Any:
+    from vidmaas.db import tasks as repo
+    async with server.svc.sessions() as s:
+        return await repo.get_task(session=s, task_id=task_id)
+
+
+async def test_a_slow_websocket_client_gets_coalesced_progress_and_all_state_events_while_a_fast_one_gets_everything(  # noqa: E501
+        server_sqlite: Server) -> None:
+    server = server_sqlite
+    task_id = await new_task(server)
+    await start_running(server, task_id)
+    path = f"/v1/tasks/{task_id}/events"
+    fast = await ws_open(server, path)
+    small = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    small.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    small.connect(("127.0.0.1", int(server.base_url.rsplit(":", 1)[1])))
+    small.setblocking(False)
+    slow = await connect(server.ws_url + path, additional_headers=server.auth("alice"),
+                         sock=small, max_queue=1, max_size=2**22)
+    await ws_messages(fast, n=1)
+    received: list[dict[str, Any]] = []
+    latencies: list[float] = []
+
+    async def read_fast() -> None:
+        while True:
+            m = json.loads(await fast.recv())
+            if m["type"] == "progress":
+                latencies.append(time.monotonic() - m["data"]["sent"])
+            if m["type"] != "ping":
+                received.append(m)
+            if m["type"] == "end":
+                return
+
+    reader = asyncio.create_task(read_fast(), name="fast-reader")
+    total = 1500
+    for i in range(1, total + 1):
+        e = ev.Event(task_id, ev.EventType.PROGRESS,
+                     {"step": i, "total": total, "percent": 100 * i / total, "eta_s": None,
+                      "pad": "x" * 2000, "sent": time.monotonic()})
+        await server.svc.lifecycle.publish(e)
+        if i % 500 == 0:
+            await server.svc.lifecycle.publish(ev.stage(task_id, ev.Stage.DECODE))
+    await complete(server, task_id)
+    await asyncio.wait_for(reader, 20)
+    assert steps(received) == list(range(1, total + 1))
+    assert sorted(latencies)[len(latencies) // 2] < 0.5
+    # The slow one was not read at all meanwhile; its buffer stayed bounded.
+    assert server.hub.outbox_high_water() <= 33
+    rest = await ws_messages(slow, until="end", timeout_s=20)
+    kinds = [m["type"] for m in rest]
+    assert kinds[0] == "snapshot" and kinds[-2:] == ["completed", "end"]
+    assert kinds.count("stage") == 3
+    slow_steps = steps(rest)
+    assert slow_steps == sorted(slow_steps) and len(slow_steps) < total
+    ids = event_ids(rest)
+    assert len(ids) == len(set(ids))
+    await fast.close()
+    await slow.close()
+
+
+async def test_the_multiplexed_stream_follows_the_callers_existing_and_new_tasks_only(
+        server: Server) -> None:
+    old = await new_task(server)
+    theirs = await new_task(server, "bob")
+    ws = await ws_open(server, "/v1/events")
+    first = await ws_messages(ws, n=1)
+    assert first[0]["type"] == "snapshot" and first[0]["task_id"] == old
+    new = await new_task(server)
+    await new_task(server, "bob")
+    got = await ws_messages(ws, n=1)
+    assert got[0]["type"] == "snapshot" and got[0]["task_id"] == new
+    await start_running(server, theirs)
+    await start_running(server, new)
+    await progress(server, new, 50)
+    await complete(server, new)
+    got = await ws_messages(ws, until="end")
+    assert {m["task_id"] for m in got} == {new}
+    assert [m["type"] for m in got if m["type"] != "queued"] == [
+        "dispatched", "started", "progress", "completed", "end"]
+    # The stream stays open for the other task.
+    await start_running(server, old)
+    got = await ws_messages(ws, n=2)
+    assert [(m["task_id"], m["type"]) for m in got] == [(old, "dispatched"), (old, "started")]
+    await ws.close()
+
+
+async def test_queue_positions_are_pushed_to_watchers_when_they_change(
+        server_sqlite: Server) -> None:
+    server = server_sqlite
+    ids = [await new_task(server) for _ in range(3)]
+    ws = await ws_open(server, f"/v1/tasks/{ids[2]}/events")
+    snap = (await ws_messages(ws, n=1))[0]
+    assert snap["data"]["queue_position"] == 3
+    r = await server.http.post(f"/v1/tasks/{ids[0]}/cancel", headers=server.auth("alice"))
+    assert r.status_code == 200
+    got = await ws_messages(ws, n=1)
+    assert got == [{"v": 1, "type": "queued", "task_id": ids[2], "data": {"position": 2}}]
+    # A move that does not change this task's position pushes nothing to it.
+    await new_task(server)  # behind it
+    await TaskQueue(server.svc.redis).announce_move()
+    with pytest.raises(TimeoutError):
+        await ws_messages(ws, n=1, timeout_s=0.5)
+    # Fair order: another user's task goes ahead of alice's second one.
+    await new_task(server, "bob")
+    got = await ws_messages(ws, n=1)
+    assert got[0]["data"] == {"position": 3}
+    await server.http.post(f"/v1/tasks/{ids[1]}/cancel", headers=server.auth("alice"))
+    got = await ws_messages(ws, n=1)
+    assert got[0]["data"] == {"position": 1}
+    await ws.close()
+
+
+async def test_streams_need_credentials_and_another_users_task_looks_missing(
+        server: Server) -> None:
+    task_id = await new_task(server)
+    path = f"/v1/tasks/{task_id}/events"
+    assert (await server.http.get(path)).status_code == 401
+    r = await server.http.get(path, headers=server.auth("bob"))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "task_not_found"
+    r = await server.http.get(path + "?after=nonsense", headers=server.auth("alice"))
+    assert r.status_code == 422
+    for user, p, code in ((None, path, 4401), ("bob", path, 4404),
+                          ("alice", "/v1/tasks/t0000000000000000000000000/events", 4404),
+                          ("alice", path + "?after=x", 4400), (None, "/v1/events", 4401)):
+        ws = await ws_open(server, p, user)
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == code, (user, p)
+    # A stream token works where headers cannot be set (browsers).
+    r = await server.http.post("/v1/auth/stream-token", headers=server.auth("alice"))
+    token = r.json()["token"]
+    ws = await ws_open(server, f"{path}?token={token}", None)
+    assert (await ws_messages(ws, n=1))[0]["type"] == "snapshot"
+    await ws.close()
+    async with server.http.stream("GET", f"{path}?token={token}") as resp:
+        assert resp.status_code == 200
+        assert (await sse_events(resp, n=1))[0][1] == "snapshot"
+
+
+async def test_idle_clients_get_keep_alive_pings(sqlite_url: str, redis_url: str,
+                                                 local_storage: StorageSettings) -> None:
+    settings = settings_for(sqlite_url, redis_url, local_storage, stream_ping_interval_s=0.2)
+    async for server in serve(settings, sqlite_url):
+        task_id = await new_task(server)
+        ws = await ws_open(server, f"/v1/tasks/{task_id}/events")
+        msgs = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
+        assert [m["type"] for m in msgs] == ["snapshot", "ping", "ping"]
+        await ws.close()
+        async with server.http.stream("GET", f"/v1/tasks/{task_id}/events",
+                                      headers=server.auth("alice")) as resp:
+            lines = []
+            async for line in resp.aiter_lines():
+                lines.append(line)
+                if line == ": ping":
+                    break
+        assert lines[0] == "retry: 1000"
+
+
+async def test_five_hundred_idle_websocket_connections_share_one_reader_and_all_get_events(
+        server_sqlite: Server) -> None:
+    server = server_sqlite
+    ids = [await new_task(server) for _ in range(5)]
+    conns: list[ClientConnection] = []
+    n = 500
+    sem = asyncio.Semaphore(50)
+
+    async def one(i: int) -> ClientConnection:
+        async with sem:
+            ws = await ws_open(server, f"/v1/tasks/{ids[i % 5]}/events")
+            await ws_messages(ws, n=1)
+            return ws
+
+    conns = list(await asyncio.gather(*(one(i) for i in range(n))))
+    assert server.hub.connections == n
+    reads_before = server.hub.reads
+    await asyncio.sleep(1.0)
+    assert server.hub.reads - reads_before <= 2  # idle: one blocked read, not 500 polls
+    for task_id in ids:
+        await start_running(server, task_id)
+    got = await asyncio.gather(*(ws_messages(ws, n=2) for ws in conns))
+    assert all([m["type"] for m in g] == ["dispatched", "started"] for g in got)
+    await asyncio.gather(*(ws.close() for ws in conns))
+    deadline = time.monotonic() + 5
+    while server.hub.connections and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert server.hub.connections == 0
