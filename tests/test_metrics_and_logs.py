@@ -144,6 +144,17 @@ def test_metrics_server_serves_metrics_and_probes_until_closed() -> None:
         urllib.request.urlopen(base + "/metrics", timeout=2)
 
 
+def test_a_probe_that_raises_answers_unavailable_instead_of_crashing_the_server() -> None:
+    def broken() -> bool:
+        raise RuntimeError("database gone")
+
+    with MetricsServer(Metrics(), host="127.0.0.1", port=0, is_alive=broken) as server:
+        base = f"http://127.0.0.1:{server.port}"
+        assert _get(base + "/healthz")[0] == 503
+        assert _get(base + "/readyz")[0] == 503
+        assert _get(base + "/metrics")[0] == 200
+
+
 def test_a_heartbeat_goes_stale_when_the_loop_stops_beating() -> None:
     now = [100.0]
     beat = Heartbeat(max_age_s=30.0, clock=lambda: now[0])
@@ -229,15 +240,20 @@ def test_secrets_are_redacted_from_messages_extras_and_tracebacks(
     log.info("key %s created", "vmk_abcdefSECRET2", extra={"header": "authorization: SECRET3"})
     log.info("connecting to %s", "redis://:SECRET4@redis:6379/0")
     log.info("db postgresql+asyncpg://vidmaas:SECRET5@pg:5432/vidmaas")
+    logging.getLogger("uvicorn.access").info(
+        '%s - "%s %s HTTP/%s" %d', "10.0.0.1:5000", "GET",
+        "/v1/tasks/t1/events?token=SECRET7&last_event_id=1-0", "1.1", 101)
+    log.info("presigned https://s3/x.mp4?X-Amz-Credential=SECRET8&X-Amz-Signature=SECRET9")
     try:
         raise ValueError("bad key vmk_SECRET6")
     except ValueError:
         log.exception("failed")
     out = log_stream.getvalue()
-    for n in range(1, 7):
+    for n in range(1, 10):
         assert f"SECRET{n}" not in out
     assert "[redacted]" in out
     assert "redis:6379/0" in out  # only the password goes, the host stays readable
+    assert "last_event_id=1-0" in out
 
 
 def test_text_format_is_readable_with_the_task_id(log_stream: io.StringIO) -> None:

@@ -11,9 +11,10 @@ Guarantees:
   ``logger``, ``message``, ``task_id``, ``exc`` (the traceback text, when there is
   one) and any other ``extra`` fields that JSON can hold (others are ``repr``-ed).
 - Secrets never reach the output: API keys (``vmk_…``), ``Authorization`` header
-  values and bearer tokens, and passwords inside URLs
-  (``redis://:secret@host``) are redacted from the message, the traceback and
-  the extra fields by :class:`RedactingFilter` and again by the formatters.
+  values and bearer tokens, passwords inside URLs (``redis://:secret@host``) and
+  credentials in query strings (``?token=…``, presigned-URL signatures) are
+  redacted from the message, the traceback and the extra fields by
+  :class:`RedactingFilter` and again by the formatters.
 - Uvicorn's loggers are routed through the same handler, so access and error
   lines get the same format.
 """
@@ -43,6 +44,10 @@ _SECRET_PATTERNS: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + REDACTED),
     # vidmaas API keys.
     (re.compile(r"\bvmk_[A-Za-z0-9_-]+"), "vmk_" + REDACTED),
+    # Credentials in query strings (the short-lived stream tokens of WebSocket/SSE URLs
+    # end up in access logs).
+    (re.compile(r"(?i)([?&](?:token|access_token|api_key|apikey|key|signature|"
+                r"x-amz-signature|x-amz-credential)=)[^&\s\"']+"), r"\1" + REDACTED),
     # Passwords in URLs: scheme://user:password@host or scheme://:password@host.
     (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@/\s]+@"), r"\1" + REDACTED + "@"),
 )
