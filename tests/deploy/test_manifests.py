@@ -550,6 +550,7 @@ def test_the_production_settings_render_pytorchjobs_the_crd_accepts(
         text = yaml.safe_dump(manifest)
         assert "claimName: vidmaas-models" in text
         assert ("suspend: true" in text) == ("kueue" in variant)
+        assert ("kueue.x-k8s.io/queue-name: vidmaas-gpu" in text) == ("kueue" in variant)
         assert ("nvidia.com/gpumem" in text) == ("hami" in variant)
 
 
