@@ -10,6 +10,7 @@ from tests.relay.support import COMPLETED_DATA, FAST, World, eventually, running
 from vidmaas.bus import keys
 from vidmaas.domain import events as ev
 from vidmaas.domain.status import TaskStatus
+from vidmaas.metrics import Metrics, render
 from vidmaas.relay.service import Outcome, Relay, RelayOptions
 
 
@@ -27,7 +28,8 @@ async def test_each_runtime_event_takes_effect_on_the_task_row(world: World) -> 
     await world.publish(ev.progress(task.id, step=3, total=10, percent=42.5, eta_s=12.0))
     await world.publish(ev.heartbeat(task.id))
     await world.publish(ev.log(task.id, level="info", message="halfway"))
-    async with running(relay(world)):
+    metrics = Metrics(role="relay")
+    async with running(relay(world, metrics=metrics)):
         await eventually(world.stream_drained)
         mid = await world.get(task.id)
         assert (mid.status, mid.progress, mid.stage, mid.eta_s) == ("running", 42.5, "denoise",
@@ -43,6 +45,9 @@ async def test_each_runtime_event_takes_effect_on_the_task_row(world: World) -> 
     assert done.result is not None and done.result["num_frames"] == 5
     assert done.last_event_id == last
     assert await world.gpus_held(task.id) == 0
+    text = render(metrics).decode()
+    assert 'vidmaas_events_relayed_total{type="completed"} 1.0' in text
+    assert 'vidmaas_task_outcomes_total{status="completed"} 1.0' in text
 
 
 async def test_a_redelivered_event_takes_effect_once(world: World) -> None:

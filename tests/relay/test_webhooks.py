@@ -29,6 +29,7 @@ from vidmaas.config import StorageSettings, WebhookSettings
 from vidmaas.domain import events as ev
 from vidmaas.domain import webhooks as policy
 from vidmaas.domain.status import TaskStatus
+from vidmaas.metrics import Metrics, render
 from vidmaas.relay.service import Relay
 from vidmaas.relay.webhooks import Webhooks, WebhookSender
 
@@ -51,10 +52,11 @@ def make_world(db_url: str, redis_url: str, local_storage: StorageSettings) -> W
 
 
 def relay_of(world: World, *, resolve: policy.Resolver | None = None,
-             progress_min_interval_s: float = 5.0, name: str = "r1") -> Relay:
+             progress_min_interval_s: float = 5.0, name: str = "r1",
+             metrics: Metrics | None = None) -> Relay:
     cfg = world.svc.settings.webhooks
     sender = WebhookSender(sessions=world.svc.sessions, settings=cfg, poll_interval_s=0.05,
-                           **({"resolve": resolve} if resolve else {}))
+                           metrics=metrics, **({"resolve": resolve} if resolve else {}))
     hooks = Webhooks(sessions=world.svc.sessions, settings=cfg, sender=sender,
                      progress_min_interval_s=progress_min_interval_s)
     return Relay(world.svc, consumer_name=name, options=FAST, webhooks=hooks)
@@ -112,11 +114,15 @@ async def test_a_failing_receiver_gets_retries_with_backoff_until_it_accepts(
     with receiver([500, 503]) as rx:
         async with make_world() as world:
             task = await world.task(webhook_url=rx.url, webhook_events=["completed"])
-            async with running(relay_of(world)):
+            metrics = Metrics(role="relay")
+            async with running(relay_of(world, metrics=metrics)):
                 await run_to_completion(world, task.id)
                 await eventually(lambda: settled(world, task.id, 1))
             [row] = await world.deliveries(task.id)
     assert (row.status, row.attempts, row.last_status_code) == ("delivered", 3, 200)
+    text = render(metrics).decode()
+    assert 'vidmaas_webhook_deliveries_total{outcome="retrying"} 2.0' in text
+    assert 'vidmaas_webhook_deliveries_total{outcome="delivered"} 1.0' in text
     assert row.delivered_at is not None
     ids = {r.headers["webhook-id"] for r in rx.received}
     assert len(rx.received) == 3 and ids == {row.delivery_id}

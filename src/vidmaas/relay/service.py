@@ -52,6 +52,7 @@ from vidmaas.domain.events import Event, EventType, MalformedEvent
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import IllegalTransition, NotFound, StaleTransition
 from vidmaas.lifecycle import Lifecycle
+from vidmaas.metrics import Heartbeat, Metrics
 from vidmaas.relay.webhooks import Webhooks
 from vidmaas.services import Services
 
@@ -123,14 +124,18 @@ class Relay:
 
     def __init__(self, services: Services, *, consumer_name: str,
                  options: RelayOptions | None = None, webhooks: Webhooks | None = None,
+                 metrics: Metrics | None = None, heartbeat: Heartbeat | None = None,
                  on_outcome: Callable[[Outcome], Awaitable[None]] | None = None) -> None:
         self.services = services
         self.consumer_name = consumer_name
         self.options = options or RelayOptions()
         self.redis: aioredis.Redis = services.redis
         self.lifecycle: Lifecycle = services.lifecycle
+        self.metrics = metrics
+        self.heartbeat = heartbeat
         self.webhooks = webhooks or Webhooks(sessions=services.sessions,
-                                             settings=services.settings.webhooks)
+                                             settings=services.settings.webhooks,
+                                             metrics=metrics)
         self._on_outcome = on_outcome
         self._stopping = asyncio.Event()
         self._failures: dict[str, int] = {}
@@ -200,6 +205,8 @@ class Relay:
         next_claim = 0.0
         backoff_s = 0.1
         while not self._stopping.is_set():
+            if self.heartbeat is not None:
+                self.heartbeat.beat()
             try:
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + self.options.claim_interval_s
@@ -285,10 +292,17 @@ class Relay:
             except Exception as e:
                 n = self._failures.get(entry_id, 0) + 1
                 self._failures[entry_id] = n
+                task_id = str((fields or {}).get("task_id", ""))[:64] or None
                 log.exception("relay %s: applying %s failed (%d/%d)", self.consumer_name,
-                              entry_id, n, self.options.max_apply_failures)
+                              entry_id, n, self.options.max_apply_failures,
+                              extra={"task_id": task_id})
                 if n < self.options.max_apply_failures:
+                    # Leave it pending; retry it (in order) after a pause.
                     self._own_pending = True
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            self._stopping.wait(),
+                            min(0.1 * 2 ** n, self.options.retry_backoff_max_s))
                     return
                 self._failures.pop(entry_id, None)
                 await self._dead_letter(entry_id, fields or {},
@@ -387,7 +401,18 @@ class Relay:
         await self._mark(tid, event_id)
         if action == "applied":
             log.debug("task %s: applied %s %s", tid, event.type.value, event_id, extra=extra)
+            self._observe(event, fresh)
         return Outcome(entry_id, tid, "duplicate" if seen and action == "stale" else action)
+
+    def _observe(self, event: Event, task: Task) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.observe_event(event.type.value)
+        if event.type.terminal and task.status == event.type.value:
+            self.metrics.observe_outcome(task.status)
+            timings = event.data.get("timings")
+            if event.type is EventType.COMPLETED and isinstance(timings, dict):
+                self.metrics.observe_stage_timings(timings)
 
     async def _mark(self, task_id: str, event_id: str) -> None:
         """Record ``last_event_id`` if newer (compare-and-set against concurrent relays)."""

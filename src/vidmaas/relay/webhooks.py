@@ -49,6 +49,7 @@ from vidmaas.config import WebhookSettings
 from vidmaas.db.models import Task, WebhookDelivery, utcnow
 from vidmaas.domain import webhooks as policy
 from vidmaas.domain.events import Event, EventType
+from vidmaas.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +108,12 @@ class Webhooks:
 
     def __init__(self, *, sessions: async_sessionmaker[AsyncSession], settings: WebhookSettings,
                  progress_min_interval_s: float = PROGRESS_MIN_INTERVAL_S,
-                 sender: WebhookSender | None = None) -> None:
+                 sender: WebhookSender | None = None, metrics: Metrics | None = None) -> None:
         self.sessions = sessions
         self.settings = settings
         self.progress_min_interval_s = progress_min_interval_s
-        self.sender = sender or WebhookSender(sessions=sessions, settings=settings)
+        self.sender = sender or WebhookSender(sessions=sessions, settings=settings,
+                                              metrics=metrics)
 
     def targets(self, task: Task, event_type: EventType) -> list[str]:
         """The URLs that get this event of this task (task's own first, then global)."""
@@ -173,7 +175,8 @@ class WebhookSender:
                  poll_interval_s: float = 1.0, concurrency: int = 16,
                  resolve: policy.Resolver = resolve_host,
                  transport: httpx.AsyncBaseTransport | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 metrics: Metrics | None = None) -> None:
         self.sessions = sessions
         self.settings = settings
         self.poll_interval_s = poll_interval_s
@@ -181,6 +184,7 @@ class WebhookSender:
         self.resolve = resolve
         self.transport = transport
         self.clock = clock
+        self.metrics = metrics
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
@@ -270,6 +274,7 @@ class WebhookSender:
         except policy.TargetRefused as e:
             log.warning("task %s: webhook %s refused: %s", row.task_id, row.delivery_id,
                         _truncate(str(e)), extra=extra)
+            self._observe("rejected")
             await self._shielded(self._finish(row, status=REFUSED, code=None, error=str(e)))
             return
         status_code: int | None = None
@@ -284,6 +289,7 @@ class WebhookSender:
         if status_code is not None and 200 <= status_code < 300:
             log.info("task %s: webhook %s %s delivered (attempt %d, HTTP %d)", row.task_id,
                      row.delivery_id, row.event_type, row.attempts, status_code, extra=extra)
+            self._observe("delivered")
             await self._shielded(self._finish(row, status=DELIVERED, code=status_code,
                                               error=None))
             return
@@ -293,14 +299,20 @@ class WebhookSender:
             log.warning("task %s: webhook %s %s failed after %d attempts: %s", row.task_id,
                         row.delivery_id, row.event_type, row.attempts, _truncate(error),
                         extra=extra)
+            self._observe("failed")
             await self._shielded(self._finish(row, status=FAILED, code=status_code, error=error))
             return
         delay_s = policy.backoff_s(attempt=row.attempts,
                                    initial_s=self.settings.backoff_initial_s)
         log.info("task %s: webhook %s attempt %d failed (%s); retry in %.1fs", row.task_id,
                  row.delivery_id, row.attempts, _truncate(error, 200), delay_s, extra=extra)
+        self._observe("retrying")
         await self._shielded(self._finish(row, status=PENDING, code=status_code, error=error,
                                           retry_in_s=delay_s))
+
+    def _observe(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_webhook(outcome)
 
     async def _post(self, client: httpx.AsyncClient, row: WebhookDelivery, address: str) -> int:
         target = policy.parse_target(row.url)
@@ -327,8 +339,11 @@ class WebhookSender:
         request = client.build_request(
             "POST", f"{target.scheme}://{host_in_url}:{target.port}{target.path}",
             content=body, headers=headers, extensions=extensions)
-        response = await client.send(request)
-        await response.aclose()
+        # Only the status matters: the body is never read (a huge or endless answer costs
+        # nothing), and the whole exchange is bounded, not only each read.
+        async with asyncio.timeout(self.settings.timeout_s):
+            response = await client.send(request, stream=True)
+            await response.aclose()
         return response.status_code
 
     async def _finish(self, row: WebhookDelivery, *, status: DeliveryStatus, code: int | None,
