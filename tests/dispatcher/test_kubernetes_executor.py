@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import kmock
 import pytest
 
 from vidmaas.config import KubeSettings, Settings, StorageSettings
+from vidmaas.dispatcher.executors import kubernetes as kubernetes_executor
 from vidmaas.dispatcher.executors.base import Executor, JobState, JobStatus
 from vidmaas.dispatcher.executors.kubernetes import (
     KUBE_API_CALLS,
@@ -153,21 +155,58 @@ async def test_a_second_launch_answers_409_and_returns_the_existing_job_without_
     assert len([r for r in emulator if r.method == "POST"]) == 2
 
 
-async def test_a_leftover_job_of_an_earlier_attempt_is_removed_not_adopted(
+def _next_attempt(spec: JobSpec) -> JobSpec:
+    return dataclasses.replace(spec, attempt=spec.attempt + 1)
+
+
+async def test_a_leftover_job_of_an_earlier_attempt_is_replaced_not_adopted(
         emulator: kmock.KubernetesEmulator, executor: KubernetesExecutor) -> None:
     first = _spec()
     await executor.launch(first)
     await _set_conditions(emulator, first.job_name, ("Failed", "1 Master replica(s) failed"))
-    retry = JobSpec(**{**{f: getattr(first, f) for f in first.__dataclass_fields__},
-                       "attempt": 2})
+    retry = _next_attempt(first)
 
-    with pytest.raises(ExecutorError, match="attempt 1"):
-        await executor.launch(retry)
-
-    assert _jobs(emulator) == []
     assert await executor.launch(retry) == retry.job_name
+
     (job,) = _jobs(emulator)
     assert job["metadata"]["labels"]["vidmaas.io/attempt"] == "2"
+    assert "status" not in job
+    assert len([r for r in emulator if r.method == "DELETE"]) == 1
+
+
+async def test_a_relaunch_waits_until_the_earlier_attempts_job_is_gone(
+        emulator: kmock.KubernetesEmulator, executor: KubernetesExecutor) -> None:
+    first = _spec()
+    await executor.launch(first)
+    # A finalizer keeps the old job, marked for deletion, as pods being torn down would.
+    await emulator.patch(f"{JOBS_URL}/{first.job_name}",
+                         json={"metadata": {"finalizers": ["test.vidmaas.io/hold"]}})
+
+    async def release_later() -> None:
+        await asyncio.sleep(0.5)
+        await emulator.patch(f"{JOBS_URL}/{first.job_name}", json={"metadata": {"finalizers": []}})
+
+    release = asyncio.create_task(release_later())
+    name = await executor.launch(_next_attempt(first))
+    await release
+
+    assert name == first.job_name
+    (job,) = _jobs(emulator)
+    assert job["metadata"]["labels"]["vidmaas.io/attempt"] == "2"
+
+
+async def test_a_relaunch_fails_when_the_earlier_attempts_job_does_not_go(
+        emulator: kmock.KubernetesEmulator, executor: KubernetesExecutor, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kubernetes_executor, "STALE_JOB_EXTRA_WAIT_S", 0.3)
+    settings.dispatcher.cancel_grace_s = 0
+    first = _spec()
+    await executor.launch(first)
+    await emulator.patch(f"{JOBS_URL}/{first.job_name}",
+                         json={"metadata": {"finalizers": ["test.vidmaas.io/hold"]}})
+
+    with pytest.raises(ExecutorError, match="still being removed"):
+        await executor.launch(_next_attempt(first))
 
 
 async def test_status_follows_the_job_conditions(
@@ -268,12 +307,11 @@ async def test_the_watch_reconnects_after_the_api_server_fails_it(
     failures = {"pytorchjobs": 0}
 
     def fail_the_first_job_watch(request: kmock.Request) -> None:
-        if request.resource is not None and request.resource.plural == "pytorchjobs" \
-                and failures["pytorchjobs"] == 0:
+        if failures["pytorchjobs"] == 0:
             failures["pytorchjobs"] += 1
             raise kmock.KubernetesError(status=500, reason="InternalError", message="etcd hiccup")
 
-    emulator[kmock.action.WATCH] << fail_the_first_job_watch
+    emulator[kmock.action.WATCH, kmock.resource(JOBS)] << fail_the_first_job_watch
     spec = _spec()
     await executor.launch(spec)
 

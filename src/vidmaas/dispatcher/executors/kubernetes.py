@@ -4,8 +4,9 @@ Guarantees, on top of the executor protocol's:
 - ``launch`` renders the job with ``render_pytorchjob`` (injection-proof, CRD-checked)
   and creates it; ``409 Conflict`` for a job of the same task and attempt is success,
   so a second launch never creates a second job. A leftover job of an earlier attempt
-  (failed, or still being deleted) is removed and the launch fails with
-  ``ExecutorError`` for the dispatcher to retry, instead of adopting a dead job.
+  (failed, or being deleted) is never adopted: it is deleted, the launch waits for it
+  to go (the cancel grace plus a margin) and creates the new one, or fails with
+  ``ExecutorError`` if it does not go in time.
 - ``status`` maps the job's conditions (``Created``, ``Running``, ``Restarting``,
   ``Succeeded``, ``Failed``, ``Suspended``) to ``JobState``, and reads the job's pods:
   a container waiting in ``ImagePullBackOff``, ``ErrImagePull``, ``CrashLoopBackOff``
@@ -79,6 +80,8 @@ KUBE_API_CALLS: Final[tuple[tuple[str, str, str], ...]] = (
 REQUEST_TIMEOUT_S: Final = 30.0
 WATCH_TIMEOUT_S: Final = 290
 """Server-side length of one watch request; the watch then resumes."""
+STALE_JOB_EXTRA_WAIT_S: Final = 15.0
+"""How long past the cancel grace a launch waits for an earlier attempt's job to go."""
 WATCH_BACKOFF_INITIAL_S: Final = 0.5
 WATCH_BACKOFF_MAX_S: Final = 30.0
 
@@ -269,37 +272,49 @@ class KubernetesExecutor:
 
     async def launch(self, spec: JobSpec) -> str:
         manifest = await asyncio.to_thread(render_pytorchjob, settings=self._settings, spec=spec)
+        for _ in range(2):
+            if await self._create(spec, manifest):
+                log.info("job %s created task_id=%s attempt=%d", spec.job_name, spec.task_id,
+                         spec.attempt)
+                return spec.job_name
+            job = await self._get(spec.job_name)
+            if job is None:
+                continue  # removed between the create and the get: create again
+            if _is_attempt(job, spec.attempt):
+                log.info("job %s already exists task_id=%s", spec.job_name, spec.task_id)
+                return spec.job_name
+            await self._remove_stale(spec, job)
+        raise ExecutorError(f"job {spec.job_name} keeps conflicting; launch again later")
+
+    async def _create(self, spec: JobSpec, manifest: dict[str, Any]) -> bool:
+        """Create the job; False when one of that name exists (409)."""
         api = await self._custom()
         try:
             await api.create_namespaced_custom_object(
                 GROUP, VERSION, self._namespace, PLURAL, manifest,
                 _request_timeout=REQUEST_TIMEOUT_S)
         except _CLIENT_ERRORS as e:
-            if _status_code(e) != 409:
-                raise _api_error(f"create of {spec.job_name}", e) from e
-            await self._adopt_existing(spec)
-            log.info("job %s already exists task_id=%s", spec.job_name, spec.task_id)
-            return spec.job_name
-        log.info("job %s created task_id=%s attempt=%d", spec.job_name, spec.task_id,
-                 spec.attempt)
-        return spec.job_name
+            if _status_code(e) == 409:
+                return False
+            raise _api_error(f"create of {spec.job_name}", e) from e
+        return True
 
-    async def _adopt_existing(self, spec: JobSpec) -> None:
-        """Accept an existing job of this attempt; remove one left by an earlier attempt."""
-        job = await self._get(spec.job_name)
-        if job is None:
-            raise ExecutorError(f"job {spec.job_name} conflicted but is gone; launch again")
+    async def _remove_stale(self, spec: JobSpec, job: Mapping[str, Any]) -> None:
+        """Delete the job an earlier attempt left (or one being deleted) and wait until gone."""
         meta = job.get("metadata") or {}
-        try:
-            attempt = int((meta.get("labels") or {}).get(LABEL_ATTEMPT, spec.attempt))
-        except ValueError:
-            attempt = spec.attempt
-        if attempt >= spec.attempt and not meta.get("deletionTimestamp"):
-            return
+        log.info("job %s of an earlier attempt (%s) is in the way of attempt %d; removing it",
+                 spec.job_name, (meta.get("labels") or {}).get(LABEL_ATTEMPT, "?"), spec.attempt)
+        grace_s = self._settings.dispatcher.cancel_grace_s
         if not meta.get("deletionTimestamp"):
-            await self.cancel(spec.job_name, grace_s=self._settings.dispatcher.cancel_grace_s)
-        raise ExecutorError(f"job {spec.job_name} of attempt {attempt} is still being removed; "
-                            f"attempt {spec.attempt} must be launched again later")
+            await self.cancel(spec.job_name, grace_s=grace_s)
+        deadline = asyncio.get_running_loop().time() + grace_s + STALE_JOB_EXTRA_WAIT_S
+        delay_s = 0.1
+        while await self._get(spec.job_name) is not None:
+            if asyncio.get_running_loop().time() + delay_s > deadline:
+                raise ExecutorError(f"job {spec.job_name} of an earlier attempt is still being "
+                                    f"removed; attempt {spec.attempt} must be launched later")
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 2.0)
 
     async def _get(self, job_name: str) -> dict[str, Any] | None:
         api = await self._custom()
@@ -539,6 +554,16 @@ async def _merge(sources: list[AsyncGenerator[_T, None]]) -> AsyncGenerator[_T, 
 
 class _WatchExpired(Exception):
     """``410 Gone``: the resource version is too old; watch from the current state."""
+
+
+def _is_attempt(job: Mapping[str, Any], attempt: int) -> bool:
+    """The job is this attempt's (or a later one's) and is not being deleted."""
+    meta = job.get("metadata") or {}
+    try:
+        job_attempt = int((meta.get("labels") or {}).get(LABEL_ATTEMPT, attempt))
+    except ValueError:
+        job_attempt = attempt
+    return job_attempt >= attempt and not meta.get("deletionTimestamp")
 
 
 def _owned(job: Mapping[str, Any]) -> bool:
