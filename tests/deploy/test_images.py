@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import ROOT
+from tests.deploy.support import ROOT
 
 IMAGES = ROOT / "deploy" / "images"
 DOCKERFILES = {"control-plane": IMAGES / "control-plane.Dockerfile",

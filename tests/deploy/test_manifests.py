@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.conftest import (
+from tests.deploy.support import (
     BASE,
     K8S,
     ROOT,
