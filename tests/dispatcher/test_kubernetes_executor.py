@@ -508,3 +508,36 @@ async def test_updates_end_when_the_executor_closes(
     await asyncio.wait_for(consumer, timeout=10)
 
     assert [s.job_name for s in seen] == [spec.job_name]
+
+
+async def test_a_kubeconfig_file_configures_the_client(
+        emulator: kmock.KubernetesEmulator, settings: Settings, tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters: [{{name: emu, cluster: {{server: '{str(emulator.url).rstrip('/')}'}}}}]\n"
+        "users: [{name: ops, user: {token: test-token}}]\n"
+        "contexts: [{name: emu, context: {cluster: emu, user: ops}}]\n"
+        "current-context: emu\n")
+    settings.kube.api_server_url = None
+    settings.kube.kubeconfig = kubeconfig
+    executor = KubernetesExecutor(settings)
+    try:
+        assert await executor.list_jobs() == []
+    finally:
+        await executor.close()
+
+    (listing,) = [r for r in emulator if r.resource is not None]
+    assert listing.headers.get("Authorization") == "Bearer test-token"
+
+
+async def test_a_missing_kubeconfig_is_an_executor_error(
+        settings: Settings, tmp_path: Path) -> None:
+    settings.kube.api_server_url = None
+    settings.kube.kubeconfig = tmp_path / "missing"
+    executor = KubernetesExecutor(settings)
+    try:
+        with pytest.raises(ExecutorError, match="configure the Kubernetes client"):
+            await executor.list_jobs()
+    finally:
+        await executor.close()
