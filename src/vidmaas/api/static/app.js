@@ -1,0 +1,735 @@
+// The vidmaas web page: sign in with an API key, submit, and watch your tasks live.
+//
+// How it stays live: every task that has not ended gets a WebSocket on
+// /v1/tasks/{id}/events (a snapshot, then events, DESIGN §4). When a socket drops,
+// the task is polled (GET /v1/tasks/{id} every 2 s) until the socket is back, and the
+// socket resumes with ?after=<last event id seen>, so nothing is missed or repeated.
+// A reload starts from GET /v1/tasks (the database is the source of truth).
+
+import { initialLanguage, saveLanguage, translator } from "./i18n.js";
+
+const KEY_STORAGE = "vidmaas.apiKey";
+const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+const POLL_MS = 2000;
+const PAGE = 20;
+
+const state = {
+  lang: initialLanguage(),
+  t: null,
+  apiKey: null,
+  me: null,
+  models: [],
+  defaultModel: null,
+  tasks: new Map(), // id -> task (TaskOut shape, updated by events)
+  order: [], // ids, newest first
+  cursor: null,
+  watchers: new Map(), // id -> Watcher
+  token: null, // {token, expiresAt}
+  image: null, // File
+  imageUrl: null,
+};
+state.t = translator(state.lang);
+
+const $ = (sel) => document.querySelector(sel);
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k === "text") el.textContent = v;
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children) if (c != null) el.append(c);
+  return el;
+}
+
+const ICONS = {
+  x: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M6 6l12 12M18 6L6 18"/></svg>',
+  down: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M12 4v12m0 0l-5-5m5 5l5-5M4 20h16"/></svg>',
+  alert: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M12 8v5m0 3.5v.5M10.3 3.9L2.4 18a2 2 0 001.7 3h15.8a2 2 0 001.7-3L13.7 3.9a2 2 0 00-3.4 0z"/></svg>',
+};
+
+function icon(name) {
+  const span = document.createElement("span");
+  span.className = "icon";
+  span.innerHTML = ICONS[name]; // constant markup, never user data
+  return span;
+}
+
+// ------------------------------------------------------------------ API
+
+class ApiError extends Error {
+  constructor(status, code, message, field) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.field = field || null;
+  }
+}
+
+async function api(path, { method = "GET", body, json } = {}) {
+  const headers = { Authorization: `Bearer ${state.apiKey}` };
+  let payload = body;
+  if (json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    payload = JSON.stringify(json);
+  }
+  let resp;
+  try {
+    resp = await fetch(path, { method, headers, body: payload });
+  } catch (e) {
+    throw new ApiError(0, "unreachable", state.t("serverDown"));
+  }
+  let data = null;
+  try {
+    data = await resp.json();
+  } catch (e) {
+    data = null;
+  }
+  if (!resp.ok) {
+    const err = (data && data.error) || {};
+    const error = new ApiError(resp.status, err.code || `http_${resp.status}`, err.message || resp.statusText, err.field);
+    if (resp.status === 401 && state.apiKey) signOut(state.t("keyRejected"));
+    throw error;
+  }
+  return data;
+}
+
+async function streamToken() {
+  const now = Date.now();
+  if (state.token && state.token.expiresAt - now > 30_000) return state.token.token;
+  const data = await api("/v1/auth/stream-token", { method: "POST" });
+  state.token = { token: data.token, expiresAt: now + data.expires_in_s * 1000 };
+  return data.token;
+}
+
+function mediaUrl(path, token) {
+  return `${path}${path.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}`;
+}
+
+// ------------------------------------------------------------------ i18n
+
+function applyLanguage() {
+  const t = state.t;
+  document.documentElement.lang = state.lang === "zh" ? "zh-CN" : "en";
+  for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
+  for (const el of document.querySelectorAll("[data-i18n-placeholder]")) el.placeholder = t(el.dataset.i18nPlaceholder);
+  const toggle = $("#lang-toggle");
+  toggle.textContent = t("switchTo");
+  toggle.setAttribute("aria-label", t("switchLabel"));
+  updateImageField();
+  for (const id of state.order) renderTask(id);
+  updateConnection();
+}
+
+function setLanguage(lang) {
+  state.lang = lang;
+  state.t = translator(lang);
+  saveLanguage(lang);
+  applyLanguage();
+}
+
+// ------------------------------------------------------------------ sign in / out
+
+function showSignIn(message) {
+  $("#app-view").hidden = true;
+  $("#signin-view").hidden = false;
+  $("#sign-out").hidden = true;
+  $('[data-testid="user-name"]').hidden = true;
+  $("#signin-error").textContent = message || "";
+  $("#api-key").focus();
+}
+
+async function signIn(key) {
+  state.apiKey = key;
+  try {
+    state.me = await api("/v1/me");
+  } catch (e) {
+    state.apiKey = null;
+    showSignIn(e.status === 401 ? state.t("keyRejected") : e.message);
+    return false;
+  }
+  localStorage.setItem(KEY_STORAGE, key);
+  $("#signin-view").hidden = true;
+  $("#app-view").hidden = false;
+  $("#sign-out").hidden = false;
+  const who = $('[data-testid="user-name"]');
+  who.textContent = state.me.name;
+  who.hidden = false;
+  await loadModels();
+  await loadTasks();
+  return true;
+}
+
+function signOut(message) {
+  localStorage.removeItem(KEY_STORAGE);
+  state.apiKey = null;
+  state.me = null;
+  state.token = null;
+  for (const w of state.watchers.values()) w.stop();
+  state.watchers.clear();
+  state.tasks.clear();
+  state.order = [];
+  $("#tasks").replaceChildren();
+  $("#api-key").value = "";
+  showSignIn(message);
+}
+
+// ------------------------------------------------------------------ the form
+
+async function loadModels() {
+  const data = await api("/v1/models");
+  state.models = data.data;
+  state.defaultModel = data.default;
+  const select = $("#f-model");
+  select.replaceChildren(...state.models.map((m) => h("option", { value: m.id, text: m.display_name })));
+  select.value = state.models.some((m) => m.id === data.default) ? data.default : state.models[0]?.id;
+  onModelChange();
+}
+
+function currentModel() {
+  return state.models.find((m) => m.id === $("#f-model").value) || null;
+}
+
+function onModelChange() {
+  const m = currentModel();
+  if (!m) return;
+  $("#model-desc").textContent = m.description || "";
+  const size = $("#f-size");
+  size.replaceChildren(...m.sizes.map((s) => h("option", { value: s, text: s.replace("*", " × ") })));
+  size.value = m.default_size;
+  const frames = $("#f-frames");
+  frames.replaceChildren(...m.frame_counts.map((n) => h("option", { value: n, text: `${n} (${(n / m.fps).toFixed(1)} s)` })));
+  frames.value = String(m.default_frames);
+  const steps = $("#f-steps");
+  steps.max = m.max_steps;
+  steps.value = m.default_steps;
+  clearErrors();
+  updateImageField();
+}
+
+function updateImageField() {
+  const m = currentModel();
+  const field = $("#image-field");
+  if (!m) return;
+  field.hidden = m.image === "none";
+  $("#image-optional").textContent = m.image === "required" ? state.t("required") : state.t("optional");
+  $("#f-image").required = m.image === "required";
+}
+
+function setImage(file) {
+  $("#err-image").textContent = "";
+  if (state.imageUrl) URL.revokeObjectURL(state.imageUrl);
+  state.image = null;
+  state.imageUrl = null;
+  const preview = $("#image-preview");
+  if (file && !/^image\/(png|jpeg|webp)$/.test(file.type)) {
+    showFieldError("image", state.t("notAnImage"));
+    file = null;
+  }
+  if (file) {
+    state.image = file;
+    state.imageUrl = URL.createObjectURL(file);
+    preview.src = state.imageUrl;
+    preview.alt = file.name;
+  } else {
+    preview.removeAttribute("src");
+    $("#f-image").value = "";
+  }
+  preview.hidden = !file;
+  $("#drop-text").hidden = !!file;
+  $("#image-clear").hidden = !file;
+  $("#drop").classList.toggle("has-image", !!file);
+}
+
+function clearErrors() {
+  for (const el of document.querySelectorAll("#submit-form .field-error")) el.textContent = "";
+  for (const el of document.querySelectorAll("#submit-form [aria-invalid]")) el.removeAttribute("aria-invalid");
+}
+
+const FIELD_INPUT = {
+  prompt: "#f-prompt", model: "#f-model", size: "#f-size", num_frames: "#f-frames",
+  steps: "#f-steps", seed: "#f-seed", negative_prompt: "#f-negative", image: "#drop",
+};
+
+function showFieldError(field, message) {
+  const name = field ? String(field).split(".")[0] : null;
+  const target = name && document.getElementById(`err-${name}`);
+  if (target) {
+    target.textContent = message;
+    const input = $(FIELD_INPUT[name] || "#f-prompt");
+    if (input) {
+      input.setAttribute("aria-invalid", "true");
+      if (name === "seed" || name === "negative_prompt") $(".advanced").open = true;
+      input.focus();
+    }
+  } else {
+    $("#form-error").textContent = message;
+  }
+}
+
+async function onSubmit(ev) {
+  ev.preventDefault();
+  clearErrors();
+  const m = currentModel();
+  const prompt = $("#f-prompt").value.trim();
+  if (!prompt) {
+    showFieldError("prompt", state.t("promptRequired"));
+    return;
+  }
+  const form = new FormData();
+  form.append("prompt", prompt);
+  if (m) form.append("model", m.id);
+  form.append("size", $("#f-size").value);
+  form.append("num_frames", $("#f-frames").value);
+  if ($("#f-steps").value) form.append("steps", $("#f-steps").value);
+  if ($("#f-seed").value) form.append("seed", $("#f-seed").value);
+  if ($("#f-negative").value.trim()) form.append("negative_prompt", $("#f-negative").value.trim());
+  if (state.image && m && m.image !== "none") form.append("image", state.image, state.image.name);
+  const button = $("#submit-btn");
+  button.disabled = true;
+  button.textContent = state.t("submitting");
+  try {
+    const task = await api("/v1/tasks", { method: "POST", body: form });
+    upsertTask(task, { front: true });
+    $("#f-prompt").value = "";
+    setImage(null);
+  } catch (e) {
+    if (e.status !== 401) showFieldError(e.field, e.message);
+  } finally {
+    button.disabled = false;
+    button.textContent = state.t("generate");
+  }
+}
+
+// ------------------------------------------------------------------ tasks
+
+async function loadTasks({ more = false } = {}) {
+  const params = new URLSearchParams({ limit: String(PAGE) });
+  if (more && state.cursor) params.set("cursor", state.cursor);
+  const page = await api(`/v1/tasks?${params}`);
+  // Tasks already known are merged (events may be newer than the list), never dropped.
+  for (const task of page.data) upsertTask(task, { front: false });
+  state.cursor = page.next_cursor;
+  $("#more").hidden = !page.next_cursor;
+  sortOrder();
+  renderList();
+}
+
+function sortOrder() {
+  state.order.sort((a, b) => {
+    const ta = state.tasks.get(a).created_at;
+    const tb = state.tasks.get(b).created_at;
+    return ta < tb ? 1 : ta > tb ? -1 : (a < b ? 1 : -1);
+  });
+}
+
+function upsertTask(task, { front }) {
+  const known = state.tasks.get(task.id);
+  if (known) {
+    mergeTask(known, task);
+  } else {
+    state.tasks.set(task.id, { ...task });
+    if (front) state.order.unshift(task.id);
+    else state.order.push(task.id);
+  }
+  if (front) renderList();
+  renderTask(task.id);
+  ensureWatcher(task.id);
+}
+
+function mergeTask(known, fresh) {
+  // Progress never goes backwards within one attempt.
+  const progress = fresh.status === known.status ? Math.max(known.progress || 0, fresh.progress || 0) : fresh.progress;
+  Object.assign(known, fresh, { progress });
+}
+
+function renderList() {
+  const list = $("#tasks");
+  const want = state.order.map((id) => cardOf(id));
+  want.forEach((card, i) => {
+    if (list.children[i] !== card) list.insertBefore(card, list.children[i] || null);
+  });
+  $("#tasks-empty").hidden = state.order.length > 0;
+}
+
+const cards = new Map();
+
+function cardOf(id) {
+  let card = cards.get(id);
+  if (card) return card;
+  const t = state.tasks.get(id);
+  card = h("li", { class: "task card", "data-testid": "task", "data-task-id": id });
+  const badge = h("span", { class: "badge", "data-testid": "status" });
+  const prompt = h("p", { class: "prompt", "data-testid": "task-prompt", text: t.prompt });
+  const meta = h("p", { class: "meta muted", "data-testid": "task-meta" });
+  const bar = h("div", { class: "bar", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100", "data-testid": "progress" },
+    h("div", { class: "fill" }));
+  const percent = h("span", { class: "percent", "data-testid": "percent" });
+  const stage = h("span", { class: "stage", "data-testid": "stage" });
+  const eta = h("span", { class: "eta muted", "data-testid": "eta" });
+  const position = h("span", { class: "position", "data-testid": "queue-position" });
+  const progressRow = h("div", { class: "progress-row" }, bar, h("div", { class: "progress-text" }, position, stage, percent, eta));
+  const error = h("p", { class: "task-error", "data-testid": "error", role: "status" });
+  const media = h("div", { class: "media" });
+  const cancel = h("button", { type: "button", class: "ghost danger", "data-testid": "cancel", onclick: () => cancelTask(id) });
+  const actions = h("div", { class: "actions" }, cancel);
+  card.append(h("div", { class: "task-head" }, badge, h("time", { class: "muted", "data-testid": "created" })), prompt, meta, progressRow, error, media, actions);
+  card.parts = { badge, meta, bar, percent, stage, eta, position, progressRow, error, media, cancel, actions };
+  cards.set(id, card);
+  return card;
+}
+
+function fmtDuration(s) {
+  s = Math.max(0, Math.round(s));
+  if (s < 60) return `${s} s`;
+  const m = Math.floor(s / 60);
+  return `${m}:${String(s % 60).padStart(2, "0")}`;
+}
+
+function renderTask(id) {
+  const t = state.tasks.get(id);
+  if (!t) return;
+  const card = cardOf(id);
+  const p = card.parts;
+  const tr = state.t;
+  card.dataset.status = t.status;
+  p.badge.textContent = tr(`status.${t.status}`);
+  p.badge.className = `badge s-${t.status}`;
+  const params = t.params || {};
+  p.meta.textContent = [t.model, params.size ? params.size.replace("*", "×") : null, params.num_frames ? `${params.num_frames}f` : null, params.steps ? `${params.steps} ${tr("steps").toLowerCase()}` : null]
+    .filter(Boolean).join(" · ");
+  const created = card.querySelector("time");
+  if (t.created_at) {
+    created.dateTime = t.created_at;
+    created.textContent = new Date(t.created_at).toLocaleString(state.lang === "zh" ? "zh-CN" : "en");
+  }
+  const percent = Math.max(0, Math.min(100, Number(t.progress) || 0));
+  const active = !TERMINAL.has(t.status) || t.status === "completed";
+  p.progressRow.hidden = !active || t.status === "completed";
+  p.bar.setAttribute("aria-valuenow", String(Math.round(percent)));
+  p.bar.setAttribute("aria-label", tr(`status.${t.status}`));
+  p.bar.firstChild.style.width = `${percent}%`;
+  p.percent.textContent = `${percent.toFixed(0)}%`;
+  p.position.textContent = t.status === "queued" && t.queue_position ? tr("queuePosition", { n: t.queue_position }) : "";
+  p.position.hidden = !p.position.textContent;
+  p.stage.textContent = t.status === "running" && t.stage ? tr(`stage.${t.stage}`) : "";
+  p.stage.hidden = !p.stage.textContent;
+  p.eta.textContent = t.status === "running" && t.eta_s != null ? tr("eta", { t: fmtDuration(t.eta_s) }) : "";
+  p.eta.hidden = !p.eta.textContent;
+  // Failure reason (or a retry note while the task is queued again after a failure).
+  let errorText = "";
+  if (t.status === "failed" && t.error) errorText = tr("failedReason", { reason: t.error.message || t.error.code });
+  else if (t.status === "failed") errorText = tr("failedReason", { reason: tr("status.failed") });
+  else if (t.retry_note) errorText = tr("retrying", { reason: t.retry_note });
+  else if (t.status === "queued" && t.error) errorText = tr("retrying", { reason: t.error.code });
+  p.error.textContent = "";
+  if (errorText) p.error.append(icon("alert"), document.createTextNode(errorText));
+  p.error.hidden = !errorText;
+  p.cancel.textContent = "";
+  p.cancel.append(icon("x"), document.createTextNode(tr("cancel")));
+  p.cancel.hidden = TERMINAL.has(t.status) || t.status === "cancelling";
+  renderMedia(id, t, p);
+}
+
+function renderMedia(id, t, p) {
+  if (t.status !== "completed" || !t.video_url) {
+    if (p.media.firstChild) p.media.replaceChildren();
+    return;
+  }
+  if (p.media.dataset.ready === "1") {
+    const dl = p.media.querySelector('[data-testid="download"]');
+    dl.lastChild.textContent = state.t("download");
+    return;
+  }
+  p.media.dataset.ready = "1";
+  const video = h("video", { controls: true, playsinline: true, preload: "metadata", "data-testid": "video", "aria-label": t.prompt.slice(0, 120) });
+  const download = h("a", { class: "button ghost", "data-testid": "download", download: `${id}.mp4`, href: "#" }, icon("down"), document.createTextNode(state.t("download")));
+  p.media.append(video, h("div", { class: "actions" }, download));
+  let retried = false;
+  const setSources = async () => {
+    const token = await streamToken();
+    if (t.poster_url) video.poster = mediaUrl(t.poster_url, token);
+    video.src = mediaUrl(t.video_url, token);
+    download.href = mediaUrl(t.video_url, token);
+  };
+  // A media token expires after a few minutes: refresh it when the video errors, and
+  // right before a download starts.
+  video.addEventListener("error", () => {
+    if (retried) return;
+    retried = true;
+    state.token = null;
+    setSources().catch(() => {});
+  });
+  download.addEventListener("pointerdown", () => streamToken().then((tok) => { download.href = mediaUrl(t.video_url, tok); }).catch(() => {}));
+  setSources().catch(() => {});
+}
+
+async function cancelTask(id) {
+  const card = cardOf(id);
+  card.parts.cancel.disabled = true;
+  try {
+    const task = await api(`/v1/tasks/${id}/cancel`, { method: "POST" });
+    upsertTask(task, { front: false });
+  } catch (e) {
+    if (e.status === 409) await refreshTask(id);
+  } finally {
+    card.parts.cancel.disabled = false;
+  }
+}
+
+async function refreshTask(id) {
+  try {
+    const task = await api(`/v1/tasks/${id}`);
+    upsertTask(task, { front: false });
+  } catch (e) {
+    /* the next poll or event tries again */
+  }
+}
+
+// ------------------------------------------------------------------ live updates
+
+function applyEvent(t, msg) {
+  const d = msg.data || {};
+  switch (msg.type) {
+    case "queued":
+      Object.assign(t, { status: "queued", queue_position: d.position ?? t.queue_position, progress: t.status === "queued" ? t.progress : 0, stage: null, eta_s: null });
+      break;
+    case "dispatched":
+      Object.assign(t, { status: "dispatching", queue_position: null, retry_note: null });
+      break;
+    case "started":
+      Object.assign(t, { status: "running", queue_position: null });
+      break;
+    case "stage":
+      t.stage = d.stage;
+      break;
+    case "progress":
+      if (t.status === "queued" || t.status === "dispatching") t.status = "running";
+      t.progress = Math.max(Number(t.progress) || 0, Number(d.percent) || 0);
+      t.eta_s = d.eta_s ?? null;
+      if (d.stage) t.stage = d.stage;
+      t.queue_position = null;
+      break;
+    case "status":
+      if (d.status) t.status = d.status;
+      break;
+    case "completed":
+      Object.assign(t, { status: "completed", progress: 100, eta_s: null });
+      break;
+    case "failed":
+      if (d.retryable) t.retry_note = d.message || d.code;
+      else Object.assign(t, { status: "failed", error: { code: d.code, message: d.message } });
+      break;
+    case "cancelled":
+      t.status = "cancelled";
+      break;
+    default:
+      break; // heartbeat, log
+  }
+}
+
+class Watcher {
+  constructor(id) {
+    this.id = id;
+    this.ws = null;
+    this.lastId = null;
+    this.pollTimer = null;
+    this.retryTimer = null;
+    this.failures = 0;
+    this.stopped = false;
+    this.mode = "connecting";
+    this.connect();
+  }
+
+  async connect() {
+    if (this.stopped) return;
+    let token;
+    try {
+      token = await streamToken();
+    } catch (e) {
+      this.fallback();
+      return;
+    }
+    if (this.stopped) return;
+    const proto = location.protocol === "https:" ? "wss:" : "ws:";
+    const params = new URLSearchParams({ token });
+    if (this.lastId) params.set("after", this.lastId);
+    let ws;
+    try {
+      ws = new WebSocket(`${proto}//${location.host}/v1/tasks/${this.id}/events?${params}`);
+    } catch (e) {
+      this.fallback();
+      return;
+    }
+    this.ws = ws;
+    ws.onmessage = (ev) => this.onMessage(ev);
+    ws.onclose = (ev) => this.onClose(ev);
+  }
+
+  onMessage(ev) {
+    let msg;
+    try {
+      msg = JSON.parse(ev.data);
+    } catch (e) {
+      return;
+    }
+    if (!this.live) {
+      this.live = true;
+      this.failures = 0;
+      this.stopPolling();
+      this.setMode("live");
+    }
+    const t = state.tasks.get(this.id);
+    if (!t) return;
+    if (msg.type === "snapshot") {
+      if (msg.task) mergeTask(t, msg.task);
+      if (msg.last_event_id) this.lastId = msg.last_event_id;
+    } else {
+      if (msg.id) this.lastId = msg.id;
+      applyEvent(t, msg);
+    }
+    renderTask(this.id);
+    if (TERMINAL.has(t.status)) {
+      // The event has no media URLs or final error text: read the task once.
+      this.stop();
+      refreshTask(this.id);
+    }
+  }
+
+  onClose(ev) {
+    this.ws = null;
+    this.live = false;
+    if (this.stopped) return;
+    if (ev.code === 4404) {
+      this.stop();
+      refreshTask(this.id);
+      return;
+    }
+    if (ev.code === 4401) state.token = null;
+    this.fallback();
+  }
+
+  fallback() {
+    if (this.stopped) return;
+    this.failures += 1;
+    this.setMode(this.failures > 2 ? "polling" : "reconnecting");
+    this.startPolling();
+    const delay = Math.min(1000 * 2 ** Math.min(this.failures - 1, 4), 15000);
+    clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => this.connect(), delay);
+  }
+
+  startPolling() {
+    if (this.pollTimer) return;
+    const tick = async () => {
+      this.pollTimer = null;
+      if (this.stopped) return;
+      await refreshTask(this.id);
+      if (!this.stopped && !this.live) this.pollTimer = setTimeout(tick, POLL_MS);
+    };
+    this.pollTimer = setTimeout(tick, 0);
+  }
+
+  stopPolling() {
+    clearTimeout(this.pollTimer);
+    this.pollTimer = null;
+  }
+
+  setMode(mode) {
+    this.mode = mode;
+    updateConnection();
+  }
+
+  stop() {
+    this.stopped = true;
+    this.stopPolling();
+    clearTimeout(this.retryTimer);
+    if (this.ws) {
+      const ws = this.ws;
+      this.ws = null;
+      ws.onclose = null;
+      ws.close(1000);
+    }
+    state.watchers.delete(this.id);
+    updateConnection();
+  }
+}
+
+function ensureWatcher(id) {
+  const t = state.tasks.get(id);
+  if (!t || !state.apiKey) return;
+  const w = state.watchers.get(id);
+  if (TERMINAL.has(t.status)) {
+    if (w) w.stop();
+    return;
+  }
+  if (!w) state.watchers.set(id, new Watcher(id));
+}
+
+function updateConnection() {
+  const el = $("#conn");
+  const modes = [...state.watchers.values()].map((w) => w.mode);
+  let text = "";
+  let mode = "";
+  if (modes.includes("polling")) { mode = "polling"; text = state.t("polling"); }
+  else if (modes.includes("reconnecting")) { mode = "reconnecting"; text = state.t("reconnecting"); }
+  else if (modes.includes("live")) { mode = "live"; text = state.t("live"); }
+  el.textContent = text;
+  el.dataset.mode = mode;
+}
+
+// ------------------------------------------------------------------ start
+
+function wire() {
+  $("#lang-toggle").addEventListener("click", () => setLanguage(state.lang === "zh" ? "en" : "zh"));
+  $("#sign-out").addEventListener("click", () => signOut(""));
+  $("#signin-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const key = $("#api-key").value.trim();
+    if (!key) {
+      $("#signin-error").textContent = state.t("keyRequired");
+      return;
+    }
+    signIn(key);
+  });
+  $("#submit-form").addEventListener("submit", onSubmit);
+  $("#f-model").addEventListener("change", onModelChange);
+  $("#more").addEventListener("click", () => loadTasks({ more: true }));
+  const drop = $("#drop");
+  const input = $("#f-image");
+  drop.addEventListener("click", () => input.click());
+  drop.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); input.click(); }
+  });
+  input.addEventListener("change", () => setImage(input.files[0] || null));
+  for (const name of ["dragenter", "dragover"]) {
+    drop.addEventListener(name, (ev) => { ev.preventDefault(); drop.classList.add("over"); });
+  }
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    drop.classList.remove("over");
+    const file = ev.dataTransfer && ev.dataTransfer.files[0];
+    if (file) setImage(file);
+  });
+  $("#image-clear").addEventListener("click", () => setImage(null));
+  // Back from a sleeping laptop or a lost network: catch up at once.
+  window.addEventListener("online", () => { if (state.apiKey) loadTasks().catch(() => {}); });
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible" && state.apiKey) loadTasks().catch(() => {});
+  });
+}
+
+async function start() {
+  wire();
+  applyLanguage();
+  const saved = localStorage.getItem(KEY_STORAGE);
+  if (saved) await signIn(saved);
+  else showSignIn("");
+  document.body.dataset.ready = "1";
+}
+
+start();
