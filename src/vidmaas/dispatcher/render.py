@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -55,6 +56,8 @@ from vidmaas.domain.jobs import (
 )
 from vidmaas.domain.models import ModelRegistry
 from vidmaas.errors import ExecutorError, InvalidRequest
+
+log = logging.getLogger(__name__)
 
 API_VERSION: Final = "kubeflow.org/v1"
 KIND: Final = "PyTorchJob"
@@ -220,6 +223,8 @@ def _pod_template_validator() -> jsonschema.protocols.Validator | None:
         import referencing
         from kubernetes_validate import utils as kv
     except ImportError:
+        log.warning("kubernetes-validate is not installed: pod templates are checked against "
+                    "the CRD schema only, not the strict core schema")
         return None
     version = kv.latest_version()
     schema_dir = f"kubernetes-json-schema/v{version}-local-strict"
