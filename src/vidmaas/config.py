@@ -264,6 +264,11 @@ class Settings(BaseSettings):
     """Model used when a request names none; None means the registry's first."""
     model_root: Path | None = None
     """Prefix for relative model directories in the registry (local executor)."""
+    metrics_port: int = 9100
+    """Port of the ``/metrics``, ``/healthz`` and ``/readyz`` server of the dispatcher and
+    relay processes (the api serves them on its own port)."""
+    metrics_host: str = "0.0.0.0"
+    """Interface of that server."""
     log_level: str = "INFO"
     """Root log level."""
     log_json: bool = False

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from vidmaas.config import Settings
 from vidmaas.dispatcher.executors.base import Executor
 from vidmaas.dispatcher.service import Dispatcher
+from vidmaas.metrics import Heartbeat, Metrics, MetricsServer
 from vidmaas.relay.service import Relay
 from vidmaas.services import Services
 
@@ -38,14 +39,15 @@ def make_executor(settings: Settings) -> Executor:
     return LocalExecutor(settings=settings)
 
 
-def make_dispatcher(services: Services, executor: Executor) -> Dispatcher:
+def make_dispatcher(services: Services, executor: Executor, *, metrics: Metrics | None = None,
+                    heartbeat: Heartbeat | None = None) -> Dispatcher:
     return Dispatcher(settings=services.settings, sessions=services.sessions,
                       redis=services.redis, executor=executor, registry=services.registry)
 
 
-def make_relay(services: Services, *, consumer_name: str | None = None) -> Relay:
-    """A relay consumer; the name defaults to host-pid (a pod's name is its hostname)."""
-    return Relay(services, consumer_name=consumer_name or f"{socket.gethostname()}-{os.getpid()}")
+def _consumer_name() -> str:
+    """host-pid: a pod's hostname is its name, so consumers are told apart in the group."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 async def supervise(name: str, factory: Callable[[], Awaitable[None]],
@@ -71,7 +73,7 @@ class Roles:
         self.executor = executor or make_executor(services.settings)
         self.dispatcher = make_dispatcher(services, self.executor)
         # One stable name: after a restart this relay first finishes what it left pending.
-        self.relay = make_relay(services, consumer_name="embedded")
+        self.relay = Relay(services, consumer_name="embedded")
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -106,21 +108,35 @@ async def _until_signal(main: Callable[[], Awaitable[None]], on_stop: Callable[[
             loop.remove_signal_handler(sig)
 
 
+def _probe_server(settings: Settings, metrics: Metrics, beat: Heartbeat) -> MetricsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` for a role without an HTTP server."""
+    return MetricsServer(metrics, host=settings.metrics_host, port=settings.metrics_port,
+                         is_alive=beat.is_alive).start()
+
+
 async def run_dispatcher(settings: Settings) -> None:
     services = Services.open(settings)
     executor = make_executor(settings)
-    dispatcher = make_dispatcher(services, executor)
+    metrics = Metrics(role="dispatcher")
+    beat = Heartbeat(max_age_s=3 * settings.dispatcher.reconcile_interval_s + 30)
+    dispatcher = make_dispatcher(services, executor, metrics=metrics, heartbeat=beat)
+    server = _probe_server(settings, metrics, beat)
     try:
         await _until_signal(dispatcher.run, dispatcher.stop)
     finally:
+        server.close()
         await executor.close()
         await services.close()
 
 
 async def run_relay(settings: Settings) -> None:
     services = Services.open(settings)
-    relay = make_relay(services)
+    metrics = Metrics(role="relay")
+    beat = Heartbeat(max_age_s=120)
+    relay = Relay(services, consumer_name=_consumer_name(), metrics=metrics, heartbeat=beat)
+    server = _probe_server(settings, metrics, beat)
     try:
         await _until_signal(relay.run, relay.stop)
     finally:
+        server.close()
         await services.close()
