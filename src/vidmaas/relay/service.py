@@ -65,6 +65,8 @@ _ACTIVE = (TaskStatus.DISPATCHING, TaskStatus.RUNNING, TaskStatus.CANCELLING)
 # Events that move a task's status: idempotent by compare-and-set, never skipped by order.
 _MOVING = frozenset({EventType.STARTED, EventType.COMPLETED, EventType.FAILED,
                      EventType.CANCELLED})
+# Bookkeeping events that write the row (the rest only advance nothing but the stream).
+_BOOKKEEPING_WRITES = frozenset({EventType.PROGRESS, EventType.STAGE, EventType.HEARTBEAT})
 _ATTEMPT_MARKERS = (EventType.QUEUED.value, EventType.DISPATCHED.value)
 _TRANSIENT: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
@@ -104,6 +106,24 @@ class Outcome:
     """applied, duplicate, stale, ignored, dead."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    entry_id: str
+    fields: dict[str, str]
+    event: Event
+    event_id: str
+
+
+@dataclass(slots=True)
+class _Unit:
+    """Entries applied (and acknowledged) together: one status event, or a run of one
+    task's bookkeeping events with no status event between them."""
+
+    task_id: str
+    entries: list[_Entry]
+    moving: bool
+
+
 def _sid(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -140,7 +160,7 @@ class Relay:
         self._stopping = asyncio.Event()
         self._failures: dict[str, int] = {}
         self._own_pending = True  # start by finishing what this consumer name left
-        self._bookkeeping: set[asyncio.Task[Outcome]] = set()
+        self._bookkeeping: set[asyncio.Task[list[Outcome]]] = set()
         self.ready = asyncio.Event()
         """Set once the consumer group exists."""
         self.applied = 0
@@ -148,7 +168,8 @@ class Relay:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _shielded(self, coro: Coroutine[Any, Any, Outcome], *, name: str) -> Outcome:
+    async def _shielded(self, coro: Coroutine[Any, Any, list[Outcome]], *, name: str,
+                        ) -> list[Outcome]:
         """Run ``coro`` to its end even if the caller is cancelled; ``run()`` awaits it."""
         task = asyncio.create_task(coro, name=name)
         self._bookkeeping.add(task)
@@ -278,24 +299,50 @@ class Relay:
     # ------------------------------------------------------------------ entries
 
     async def process(self, entries: list[tuple[str, dict[str, str] | None]]) -> None:
-        """Apply entries in order; a transient failure stops the batch (left pending)."""
+        """Apply entries in order; a transient failure stops the batch (left pending).
+
+        Bookkeeping events of one task with no status event between them (progress,
+        stage, heartbeat, log, queued, dispatched) are applied together: one read and
+        at most one write per task and batch, which is what lets one relay keep up with
+        many tasks reporting progress several times a second.
+        """
+        units: list[_Unit] = []
+        runs: dict[str, _Unit] = {}
         for entry_id, fields in entries:
+            if not fields:
+                # Trimmed from the stream while pending: nothing left to apply.
+                await self.redis.xack(keys.EVENTS, keys.RELAY_GROUP, entry_id)
+                continue
+            entry = await self._parse(entry_id, fields)
+            if entry is None:
+                continue
+            tid = entry.event.task_id
+            if entry.event.type in _MOVING:
+                runs.pop(tid, None)
+                units.append(_Unit(tid, [entry], moving=True))
+                continue
+            run = runs.get(tid)
+            if run is None:
+                run = runs[tid] = _Unit(tid, [], moving=False)
+                units.append(run)
+            run.entries.append(entry)
+        for unit in units:
             if self._stopping.is_set():
                 return
+            first = unit.entries[0].entry_id
             try:
-                outcome = await self._shielded(self._handle(entry_id, fields),
-                                               name=f"relay-{self.consumer_name}-apply")
+                outcomes = await self._shielded(self._apply_unit(unit),
+                                                name=f"relay-{self.consumer_name}-apply")
             except _TRANSIENT:
                 raise
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                n = self._failures.get(entry_id, 0) + 1
-                self._failures[entry_id] = n
-                task_id = str((fields or {}).get("task_id", ""))[:64] or None
+                n = self._failures.get(first, 0) + 1
+                self._failures[first] = n
                 log.exception("relay %s: applying %s failed (%d/%d)", self.consumer_name,
-                              entry_id, n, self.options.max_apply_failures,
-                              extra={"task_id": task_id})
+                              first, n, self.options.max_apply_failures,
+                              extra={"task_id": unit.task_id})
                 if n < self.options.max_apply_failures:
                     # Leave it pending; retry it (in order) after a pause.
                     self._own_pending = True
@@ -304,19 +351,19 @@ class Relay:
                             self._stopping.wait(),
                             min(0.1 * 2 ** n, self.options.retry_backoff_max_s))
                     return
-                self._failures.pop(entry_id, None)
-                await self._dead_letter(entry_id, fields or {},
-                                        reason=f"apply failed: {type(e).__name__}: {e}")
-                outcome = Outcome(entry_id, None, "dead")
-            self._failures.pop(entry_id, None)
+                self._failures.pop(first, None)
+                for entry in unit.entries:
+                    await self._dead_letter(entry.entry_id, entry.fields,
+                                            reason=f"apply failed: {type(e).__name__}: {e}",
+                                            task_id=unit.task_id)
+                outcomes = [Outcome(x.entry_id, unit.task_id, "dead") for x in unit.entries]
+            self._failures.pop(first, None)
             if self._on_outcome is not None:
-                await self._on_outcome(outcome)
+                for outcome in outcomes:
+                    await self._on_outcome(outcome)
 
-    async def _handle(self, entry_id: str, fields: dict[str, str] | None) -> Outcome:
-        if not fields:
-            # Trimmed from the stream while pending: nothing left to apply.
-            await self.redis.xack(keys.EVENTS, keys.RELAY_GROUP, entry_id)
-            return Outcome(entry_id, None, "ignored")
+    async def _parse(self, entry_id: str, fields: dict[str, str]) -> _Entry | None:
+        """The entry's event, or None after dead-lettering a malformed one."""
         raw_task = str(fields.get("task_id", ""))[:64]
         try:
             event = ev.decode({k: v for k, v in fields.items() if k != "event_id"})
@@ -329,15 +376,100 @@ class Relay:
                 raise MalformedEvent(f"bad event_id {event_id[:40]!r}") from e
         except MalformedEvent as e:
             await self._dead_letter(entry_id, fields, reason=str(e), task_id=raw_task or None)
-            return Outcome(entry_id, raw_task or None, "dead")
-        outcome = await self.apply(event, event_id=event_id, entry_id=entry_id)
-        if outcome.action == "dead":
-            await self._dead_letter(entry_id, fields, reason="unknown task", task_id=event.task_id)
-            return outcome
-        await self.redis.xack(keys.EVENTS, keys.RELAY_GROUP, entry_id)
-        if outcome.action == "applied":
-            self.applied += 1
-        return outcome
+            return None
+        return _Entry(entry_id, fields, event, event_id)
+
+    async def _apply_unit(self, unit: _Unit) -> list[Outcome]:
+        if unit.moving:
+            [entry] = unit.entries
+            outcomes = [await self.apply(entry.event, event_id=entry.event_id,
+                                         entry_id=entry.entry_id)]
+        else:
+            outcomes = await self._apply_run(unit)
+        if outcomes and outcomes[0].action == "dead":
+            for entry in unit.entries:
+                await self._dead_letter(entry.entry_id, entry.fields, reason="unknown task",
+                                        task_id=unit.task_id)
+            return outcomes
+        await self.redis.xack(keys.EVENTS, keys.RELAY_GROUP,
+                              *[e.entry_id for e in unit.entries])
+        self.applied += sum(o.action == "applied" for o in outcomes)
+        return outcomes
+
+    async def _apply_run(self, unit: _Unit) -> list[Outcome]:
+        """Bookkeeping events of one task, in order, as one guarded write."""
+        tid = unit.task_id
+        task = await self._get(tid)
+        if task is None:
+            return [Outcome(e.entry_id, tid, "dead") for e in unit.entries]
+        last = task.last_event_id
+        status = TaskStatus(task.status)
+        active = status in _ACTIVE
+        values: dict[str, Any] = {}
+        outcomes: list[Outcome] = []
+        newest: _Entry | None = None
+        latest_progress: _Entry | None = None
+        for e in unit.entries:
+            if last is not None and id_key(e.event_id) <= id_key(last):
+                outcomes.append(Outcome(e.entry_id, tid, "duplicate"))
+                continue
+            newest = e
+            t, data = e.event.type, e.event.data
+            if t not in _BOOKKEEPING_WRITES:
+                outcomes.append(Outcome(e.entry_id, tid, "applied"))  # api/dispatcher moved it
+                continue
+            if not active:
+                # Terminal is final; queued means a retry reset the progress.
+                outcomes.append(Outcome(e.entry_id, tid, "ignored"))
+                continue
+            if t is EventType.HEARTBEAT:
+                values["last_heartbeat_at"] = utcnow()
+            elif t is EventType.STAGE:
+                values["stage"] = str(data["stage"])
+            else:
+                values["progress"] = max(float(values.get("progress", 0.0)),
+                                         float(data["percent"]))
+                if data.get("stage") is not None:
+                    values["stage"] = str(data["stage"])
+                eta = data.get("eta_s")
+                values["eta_s"] = float(eta) if isinstance(eta, int | float) \
+                    and not isinstance(eta, bool) else None
+                latest_progress = e
+            outcomes.append(Outcome(e.entry_id, tid, "applied"))
+        if values and newest is not None:
+            values["last_event_id"] = newest.event_id
+            if not await self._write_bookkeeping(tid, values):
+                log.debug("task %s: bookkeeping of %d events superseded", tid,
+                          len(unit.entries), extra={"task_id": tid})
+            else:
+                for key, value in values.items():
+                    setattr(task, key, value)
+        if latest_progress is not None and self.webhooks.targets(task, EventType.PROGRESS):
+            await self.webhooks.record(task=task, event=latest_progress.event,
+                                       event_id=latest_progress.event_id)
+        if self.metrics is not None:
+            for e, o in zip(unit.entries, outcomes, strict=True):
+                if o.action == "applied":
+                    self.metrics.observe_event(e.event.type.value)
+        return outcomes
+
+    async def _write_bookkeeping(self, task_id: str, values: dict[str, Any]) -> bool:
+        """Write progress/stage/heartbeat of an active task; False if it changed meanwhile.
+
+        Guarded in SQL, not only by the read before it: the task must still be active
+        (a terminal state is final even against a relay racing the one that finished
+        it) and progress must not go down.
+        """
+        stmt = (update(Task)
+                .where(Task.id == task_id, Task.status.in_([s.value for s in _ACTIVE]))
+                .values(updated_at=utcnow(), **values)
+                .execution_options(synchronize_session=False))
+        if "progress" in values:
+            stmt = stmt.where(Task.progress <= values["progress"])
+        async with self.services.sessions() as session:
+            res = await session.execute(stmt)
+            await session.commit()
+        return bool(res.rowcount)  # type: ignore[attr-defined]
 
     async def _dead_letter(self, entry_id: str, fields: dict[str, str], *, reason: str,
                            task_id: str | None = None) -> None:
@@ -356,10 +488,6 @@ class Relay:
         async with self.services.sessions() as session:
             return await repo.get_task(session=session, task_id=task_id)
 
-    async def _record(self, task_id: str, values: dict[str, Any]) -> None:
-        async with self.services.sessions() as session:
-            await repo.update_progress(session=session, task_id=task_id, values=values)
-
     async def _superseded(self, task_id: str, event_id: str) -> bool:
         """True if the task stream holds a later queued/dispatched event (a newer attempt)."""
         raw = cast(Any, await self.redis.xrange(keys.task_events(task_id), min=f"({event_id}",
@@ -367,20 +495,18 @@ class Relay:
         return any(_sid(f.get("type", "")) in _ATTEMPT_MARKERS for _, f in raw)
 
     async def apply(self, event: Event, *, event_id: str, entry_id: str = "") -> Outcome:
-        """Apply one event to its task row; does not acknowledge anything."""
+        """Apply one status event (started/completed/failed/cancelled) to its task row.
+
+        Acknowledges nothing; bookkeeping events go through ``process``."""
         tid = event.task_id
         extra = {"task_id": tid}
         task = await self._get(tid)
         if task is None:
             return Outcome(entry_id, tid, "dead")
+        # Status events are idempotent by compare-and-set and never skipped by id: with
+        # several relays, one task's entries can be applied out of order.
         seen = task.last_event_id is not None \
             and id_key(event_id) <= id_key(task.last_event_id)
-        if seen and event.type not in _MOVING:
-            # Older than what the row already reflects (a redelivery, or an entry another
-            # relay overtook): a stale stage or heartbeat must not overwrite a newer one.
-            log.debug("task %s: event %s %s already applied", tid, event_id, event.type.value,
-                      extra=extra)
-            return Outcome(entry_id, tid, "duplicate")
         status = TaskStatus(task.status)
         try:
             action = await self._apply_type(task, status, event, event_id)
@@ -388,15 +514,13 @@ class Relay:
             log.debug("task %s: %s %s already applied elsewhere (%s)", tid, event.type.value,
                       event_id, e, extra=extra)
             action = "stale"
-        wants_hook = event.type in _MOVING or bool(
-            event.type is EventType.PROGRESS and self.webhooks.targets(task, event.type))
-        fresh = await self._get(tid) if wants_hook else task
+        fresh = await self._get(tid)
         if fresh is None:
             return Outcome(entry_id, tid, action)
         if event.type.terminal:
             # Idempotent; covers a relay that died between a status change and the release.
             await self._release_if_terminal(fresh)
-        if wants_hook and action != "superseded" and self._webhook_due(fresh, event):
+        if action != "superseded" and self._webhook_due(fresh, event):
             await self.webhooks.record(task=fresh, event=event, event_id=event_id)
         await self._mark(tid, event_id)
         if action == "applied":
@@ -441,27 +565,8 @@ class Relay:
         tid = task.id
         data = event.data
         t = event.type
-        if t in (EventType.QUEUED, EventType.DISPATCHED, EventType.LOG, EventType.STATUS):
-            return "applied"  # written by api/dispatcher, which already moved the row
-        if t is EventType.HEARTBEAT:
-            if status.terminal:
-                return "ignored"
-            await self._record(tid, {"last_heartbeat_at": utcnow()})
-            return "applied"
-        if t in (EventType.PROGRESS, EventType.STAGE):
-            if status not in _ACTIVE:
-                return "ignored"  # terminal is final; queued means a retry reset it
-            if t is EventType.STAGE:
-                await self._record(tid, {"stage": str(data["stage"])})
-                return "applied"
-            values: dict[str, Any] = {"progress": float(data["percent"])}
-            if data.get("stage") is not None:
-                values["stage"] = str(data["stage"])
-            eta = data.get("eta_s")
-            values["eta_s"] = float(eta) if isinstance(eta, int | float) \
-                and not isinstance(eta, bool) else None
-            await self._record(tid, values)
-            return "applied"
+        if t not in _MOVING:
+            raise ValueError(f"{t.value} is not a status event")
         # Events that move the task: never from an earlier attempt.
         if status.terminal:
             return "stale"
@@ -522,6 +627,4 @@ class Relay:
             return status is TaskStatus.CANCELLED
         if t is EventType.STARTED:
             return status in (TaskStatus.RUNNING, TaskStatus.CANCELLING) or status.terminal
-        if t is EventType.PROGRESS:
-            return status in _ACTIVE
         return False
