@@ -5,13 +5,17 @@ Guarantees:
   created (``MKSTREAM``) at id ``0`` the first time any relay starts, so events
   published before the first relay ran are applied too. Several relays in the group
   share the entries; each entry is acknowledged only after it took effect.
-- Each event takes effect on its task row at most once: an event whose id (the task
-  stream entry id, ordered per task) is not newer than ``Task.last_event_id`` is
-  skipped, and applied events record their id. Status changes go through
-  ``Lifecycle`` (compare-and-set), so an event applied elsewhere first
-  (``StaleTransition`` / ``IllegalTransition``) is simply acknowledged.
-- Progress never goes backwards and a terminal status is final: progress, stage and
-  status events for a task that is already terminal change nothing.
+- Each event takes effect on its task row once, however often it is delivered.
+  Bookkeeping events (progress, stage, heartbeat) not newer than ``Task.last_event_id``
+  (task-stream ids are ordered per task) are skipped, and applied ones record their
+  id. Status events (started, completed, failed, cancelled) go through ``Lifecycle``
+  (compare-and-set): one applied before (``StaleTransition`` / ``IllegalTransition``)
+  changes nothing and is acknowledged. They are never skipped by id alone, because
+  with several relays one task's entries can be applied out of order.
+- Within a batch, a task's bookkeeping events with no status event between them are
+  applied as one write, guarded in SQL (the task still active, progress not lower).
+- Progress never goes backwards and a terminal status is final: progress, stage,
+  heartbeat and status events for a task that is already terminal change nothing.
 - An event of an earlier attempt (the task stream holds a later ``queued`` or
   ``dispatched`` event) never moves the task: a late ``failed`` from attempt 1 cannot
   fail attempt 2.
@@ -26,7 +30,11 @@ Guarantees:
   than a backing service being down. Neither stops the relay. While the database or
   Redis is down, entries stay pending and are retried with backoff.
 - Applying one entry (the change, its webhooks and its acknowledgement) is shielded
-  from cancellation, so ``stop()`` or a cancel never leaves half an event applied.
+  from cancellation, so ``stop()`` or a cancel never leaves half an event applied;
+  ``run()`` returns only after that bookkeeping has finished.
+- Webhooks are recorded (``relay.webhooks``) only for what the row confirms: a
+  ``failed`` that was retried sends no ``failed`` webhook, a stale ``completed`` on a
+  task that already failed sends none.
 """
 
 from __future__ import annotations
