@@ -273,6 +273,9 @@ class TaskQueue:
             pipe.zadd(keys.QUEUE_DELAYED, {task_id: now_ms() + int(delay_s * 1000)})
             pipe.hset(keys.QUEUE_DELAYED_USERS, task_id, user_id)
             pipe.hset(keys.QUEUE_GPUS, task_id, gpus)
+            # Wake a sleeping dispatcher so that it re-reads when the next retry is due.
+            pipe.lpush(keys.QUEUE_SIGNAL, "1")
+            pipe.ltrim(keys.QUEUE_SIGNAL, 0, SIGNAL_KEEP - 1)
             await pipe.execute()
 
     async def promote_due(self) -> list[tuple[str, str]]:
