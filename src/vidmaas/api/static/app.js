@@ -491,6 +491,17 @@ async function refreshTask(id) {
 
 // ------------------------------------------------------------------ live updates
 
+const SNAPSHOT_FIELDS = ["status", "progress", "stage", "eta_s", "queue_position", "attempts", "error"];
+
+function snapshotState(msg) {
+  // The task state a snapshot carries: in "data" (a subset of the task) or "task".
+  const src = msg.task || msg.data || {};
+  const out = {};
+  for (const k of SNAPSHOT_FIELDS) if (k in src) out[k] = src[k];
+  if (msg.task) Object.assign(out, msg.task);
+  return out;
+}
+
 function applyEvent(t, msg) {
   const d = msg.data || {};
   switch (msg.type) {
@@ -583,12 +594,16 @@ class Watcher {
       this.setMode("live");
     }
     const t = state.tasks.get(this.id);
-    if (!t) return;
+    if (!t || msg.type === "ping") return;
+    // Every message with an id (the snapshot's is its resume point) moves the cursor.
+    if (msg.id) this.lastId = msg.id;
     if (msg.type === "snapshot") {
-      if (msg.task) mergeTask(t, msg.task);
-      if (msg.last_event_id) this.lastId = msg.last_event_id;
+      mergeTask(t, snapshotState(msg));
+    } else if (msg.type === "end") {
+      this.stop();
+      refreshTask(this.id);
+      return;
     } else {
-      if (msg.id) this.lastId = msg.id;
       applyEvent(t, msg);
     }
     renderTask(this.id);
