@@ -7,7 +7,9 @@ Guarantees:
   no hidden files); anything else is a JSON 404 like every other unknown route.
 - Every response carries a strict Content-Security-Policy: scripts, styles, media and
   connections only from the page's own origin (WebSocket to the same host included),
-  images also from ``blob:``/``data:`` for the upload preview; nothing external loads.
+  images also from ``blob:``/``data:`` for the upload preview; nothing external loads,
+  except videos and posters from the object store's origin when downloads redirect
+  to presigned S3 URLs.
 - ``index.html`` is never cached (so a deploy takes effect at the next load); the
   static assets are revalidated with an ETag on every load (``no-cache``), which is
   cheap and never serves a stale ``app.js`` against a new ``index.html``.
@@ -18,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import re
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request, Response
 
+from vidmaas.config import Settings
 from vidmaas.errors import NotFound
 
 _PACKAGE = "vidmaas.api"
@@ -40,18 +44,40 @@ CONTENT_TYPES = {
 }
 
 # 'self' does not cover ws:/wss: in every browser, so the WebSocket origin is added
-# per request from the Host header (same origin only).
-_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-        "media-src 'self' blob:; connect-src 'self' {ws}; font-src 'self'; "
-        "manifest-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+# per request from the Host header (same origin only). Videos and posters may answer
+# with a redirect to a presigned object-store URL: that origin is added for media and
+# images only.
+_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+        "img-src 'self' blob: data:{store}; media-src 'self' blob:{store}; "
+        "connect-src 'self'{ws}; font-src 'self'; manifest-src 'self'; base-uri 'none'; "
+        "form-action 'self'; frame-ancestors 'none'")
+
+
+def _origin(url: str) -> str | None:
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        return None
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
+def store_origin(settings: Settings | None) -> str | None:
+    """Where presigned download URLs point, when downloads redirect to S3."""
+    if settings is None or not settings.storage.redirect_downloads \
+            or not settings.storage.url.startswith("s3://"):
+        return None
+    st = settings.storage
+    endpoint = st.s3_public_endpoint_url or st.s3_endpoint_url
+    return _origin(endpoint) if endpoint else "https://*.amazonaws.com"
 
 
 def csp_for(request: Request) -> str:
+    store = store_origin(getattr(request.app.state, "settings", None))
+    store_src = f" {store}" if store else ""
     host = request.headers.get("host", "")
     if not re.fullmatch(r"[A-Za-z0-9.\-:\[\]]{1,300}", host):
-        return _CSP.format(ws="")
+        return _CSP.format(ws="", store=store_src)
     scheme = "wss" if request.url.scheme == "https" else "ws"
-    return _CSP.format(ws=f"{scheme}://{host}")
+    return _CSP.format(ws=f" {scheme}://{host}", store=store_src)
 
 
 def _read(name: str) -> bytes:
