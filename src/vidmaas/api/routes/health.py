@@ -16,10 +16,12 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from vidmaas.api.deps import CallerDep, services_of
+from vidmaas.api.schemas import ErrorBody
 from vidmaas.bus.control import issue_stream_token
 
 router = APIRouter(tags=["health"])
 CHECK_TIMEOUT_S = 3.0
+_UNAUTHENTICATED: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}}
 
 
 @router.get("/healthz", summary="Liveness")
@@ -59,6 +61,7 @@ class StreamToken(BaseModel):
 
 
 @router.post("/v1/auth/stream-token", response_model=StreamToken, tags=["auth"],
+             responses=_UNAUTHENTICATED,
              summary="A short-lived token for WebSocket/SSE/media URLs (?token=)")
 async def stream_token(request: Request, caller: CallerDep) -> StreamToken:
     svc = services_of(request)
@@ -73,6 +76,7 @@ class Me(BaseModel):
     is_admin: bool
 
 
-@router.get("/v1/me", response_model=Me, tags=["auth"], summary="Who the key belongs to")
+@router.get("/v1/me", response_model=Me, tags=["auth"], responses=_UNAUTHENTICATED,
+            summary="Who the key belongs to")
 async def me(caller: CallerDep) -> Me:
     return Me(id=caller.id, name=caller.name, is_admin=caller.is_admin)

@@ -1,0 +1,1 @@
+"""Fuzzing the HTTP API against its own OpenAPI document."""
