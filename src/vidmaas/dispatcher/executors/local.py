@@ -1,0 +1,441 @@
+"""The local executor: each job is a process group on this machine (DESIGN §5).
+
+Guarantees:
+- A job runs as a pod would: in a fresh work directory under ``local.work_root``,
+  with the environment of DESIGN §5 (task id, Redis and storage URLs, storage
+  credentials, model and work directories, and the variables the Training Operator
+  injects), as ``torchrun --nproc-per-node N --nnodes 1 -m vidmaas.runtime.cli run
+  <job_args(spec)>`` (or a given program, for tests), in its own session and process
+  group, its stdout and stderr in ``job.log`` of the work directory.
+- State survives the dispatcher: the work directory holds ``job.json`` (attempt, pid,
+  process start time) and, once the job ends, ``exit_code`` (written by a small
+  ``sh`` wrapper that is the group leader). So a restarted dispatcher finds a job
+  still running, ``status`` answers after a restart, and a job ended while no
+  dispatcher ran reports its exit code.
+- ``launch`` is idempotent by (job name, attempt): the same attempt again answers with
+  the existing job, running or ended; a new attempt replaces an ended job's directory,
+  and stops a leftover of an earlier attempt first. Launches of one job name are
+  serialised across processes by a lock file.
+- ``cancel`` sends SIGTERM to the group and SIGKILL after ``grace_s``.
+- ``updates`` yields a ``JobStatus`` when a job's process ends: its exit code, whether
+  that is retryable (``exit_code_retryable``) and the tail of its log.
+- ``close`` stops watching; it never kills jobs.
+- Without ``keep_work_dirs``, an ended job's directory is emptied except for its
+  markers and log.
+
+One machine: dispatchers on several machines must not share a work root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vidmaas.config import Settings
+from vidmaas.dispatcher.executors.base import JobState, JobStatus
+from vidmaas.domain import jobs
+from vidmaas.domain.ids import task_id_from_job_name
+from vidmaas.domain.jobs import JobSpec, exit_code_retryable, job_args
+
+log = logging.getLogger(__name__)
+
+MARKER = "job.json"
+EXIT_FILE = "exit_code"
+LOG_FILE = "job.log"
+_KEEP = {MARKER, EXIT_FILE, LOG_FILE}
+ADOPTED_POLL_S = 0.2
+"""How often a job started by an earlier dispatcher process is checked for its end."""
+
+# The group leader: runs the job, then records its exit status for whoever asks later.
+# ``trap : TERM INT`` (a handler, not "ignore", which children would inherit) keeps the
+# shell alive until the job itself has ended.
+_WRAPPER = ('trap : TERM INT; "$@"; code=$?; echo $code > exit_code.tmp; '
+            'mv exit_code.tmp exit_code; exit $code')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """The kernel's start time of a live, non-zombie process (guards against pid reuse)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+@dataclass(slots=True)
+class _Job:
+    name: str
+    attempt: int
+    pid: int
+    start_time: str | None
+    proc: asyncio.subprocess.Process | None
+    watcher: asyncio.Task[None] | None = None
+    superseded: bool = False
+
+
+class LocalExecutor:
+    """Jobs as process groups under ``settings.local.work_root`` (see the module doc)."""
+
+    name = "local"
+
+    def __init__(self, *, settings: Settings, program: Sequence[str] | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
+        """``program``: run ``program + job_args(spec)`` directly instead of torchrun
+        (tests run a small double of the runtime this way)."""
+        self.settings = settings
+        self.cfg = settings.local
+        self.program = list(program) if program is not None else None
+        self.extra_env = dict(extra_env or {})
+        self.root = self.cfg.work_root.resolve()
+        self._jobs: dict[str, _Job] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._timers: set[asyncio.Task[None]] = set()
+        self._updates: asyncio.Queue[JobStatus] = asyncio.Queue()
+        self._adopted = False
+
+    # ------------------------------------------------------------------ command, env
+
+    def _torchrun(self) -> str:
+        exe = self.cfg.torchrun
+        if os.sep in exe or shutil.which(exe):
+            return exe
+        beside = Path(sys.executable).parent / exe
+        return str(beside) if beside.exists() else exe
+
+    def command(self, spec: JobSpec) -> list[str]:
+        if self.program is not None:
+            return [*self.program, *job_args(spec)]
+        return [self._torchrun(), "--nproc-per-node", str(spec.model.nproc_per_node),
+                "--nnodes", "1", "--master-addr", "127.0.0.1",
+                "--master-port", str(_free_port()),
+                "-m", "vidmaas.runtime.cli", "run", *job_args(spec)]
+
+    def environment(self, spec: JobSpec, work_dir: Path) -> dict[str, str]:
+        s = self.settings
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VIDMAAS_")}
+        storage_url = s.storage.url
+        if storage_url.startswith("file://") and not storage_url.startswith("file:///"):
+            storage_url = Path(storage_url[len("file://"):]).resolve().as_uri()
+        model_dir = Path(spec.model.model_dir)
+        if not model_dir.is_absolute() and s.model_root is not None:
+            model_dir = s.model_root / model_dir
+        nproc = spec.model.nproc_per_node
+        env.update({
+            jobs.ENV_TASK_ID: spec.task_id,
+            jobs.ENV_REDIS_URL: s.redis.url,
+            jobs.ENV_STORAGE_URL: storage_url,
+            jobs.ENV_MODEL_DIR: str(model_dir.resolve()),
+            jobs.ENV_WORK_DIR: str(work_dir),
+            jobs.ENV_ATTEMPT: str(spec.attempt),
+            jobs.ENV_S3_REGION: s.storage.s3_region,
+            jobs.ENV_WATERMARK_TEXT: s.runtime.watermark_text,
+            jobs.ENV_HEARTBEAT_INTERVAL_S: str(s.runtime.heartbeat_interval_s),
+            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+            "WORLD_SIZE": str(nproc),
+            "RANK": "0",
+            "PET_NNODES": "1",
+            "PET_NPROC_PER_NODE": str(nproc),
+            "PET_NODE_RANK": "0",
+            "PYTHONUNBUFFERED": "1",
+        })
+        if s.storage.s3_endpoint_url:
+            env[jobs.ENV_S3_ENDPOINT_URL] = s.storage.s3_endpoint_url
+        if s.storage.s3_access_key_id is not None:
+            env[jobs.ENV_AWS_ACCESS_KEY_ID] = s.storage.s3_access_key_id.get_secret_value()
+        if s.storage.s3_secret_access_key is not None:
+            env[jobs.ENV_AWS_SECRET_ACCESS_KEY] = \
+                s.storage.s3_secret_access_key.get_secret_value()
+        env.update(self.extra_env)
+        return env
+
+    # ------------------------------------------------------------------ on-disk state
+
+    def work_dir(self, job_name: str) -> Path:
+        if task_id_from_job_name(job_name) is None:
+            raise ValueError(f"not a job name: {job_name[:80]!r}")
+        return self.root / job_name
+
+    @staticmethod
+    def _read_marker(work_dir: Path) -> dict[str, Any] | None:
+        try:
+            data = json.loads((work_dir / MARKER).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    @staticmethod
+    def _write_marker(work_dir: Path, data: dict[str, Any]) -> None:
+        tmp = work_dir / (MARKER + ".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(work_dir / MARKER)
+
+    @staticmethod
+    def _exit_code(work_dir: Path) -> int | None:
+        try:
+            return int((work_dir / EXIT_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _log_tail(self, work_dir: Path) -> str:
+        path = work_dir / LOG_FILE
+        try:
+            with path.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - self.cfg.log_tail_bytes))
+                return f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    @staticmethod
+    def _alive(marker: dict[str, Any]) -> bool:
+        pid = marker.get("pid")
+        if not isinstance(pid, int):
+            return False
+        start = _proc_start_time(pid)
+        return start is not None and start == marker.get("start_time")
+
+    def _status_from_disk(self, job_name: str) -> JobStatus:
+        work_dir = self.work_dir(job_name)
+        marker = self._read_marker(work_dir)
+        if marker is None:
+            return JobStatus(job_name, JobState.MISSING, message="no such local job")
+        if self._alive(marker):
+            return JobStatus(job_name, JobState.RUNNING)
+        code = self._exit_code(work_dir)
+        return self._ended(job_name, work_dir, code)
+
+    def _ended(self, job_name: str, work_dir: Path, code: int | None) -> JobStatus:
+        tail = self._log_tail(work_dir)
+        if code == 0:
+            return JobStatus(job_name, JobState.SUCCEEDED, exit_code=0, retryable=False,
+                             message=tail or None)
+        reason = "process vanished" if code is None else f"exit code {code}"
+        return JobStatus(job_name, JobState.FAILED, reason=reason, exit_code=code,
+                         retryable=exit_code_retryable(code), message=tail or None)
+
+    # ------------------------------------------------------------------ launch
+
+    async def launch(self, spec: JobSpec) -> str:
+        await self._adopt_once()
+        lock = self._locks.setdefault(spec.job_name, asyncio.Lock())
+        async with lock:
+            fd = await asyncio.to_thread(self._lock_file, spec.job_name)
+            try:
+                await self._launch_locked(spec)
+            finally:
+                os.close(fd)  # releases the flock
+        return spec.job_name
+
+    def _lock_file(self, job_name: str) -> int:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / f".{job_name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    async def _launch_locked(self, spec: JobSpec) -> None:
+        name = spec.job_name
+        work_dir = self.work_dir(name)
+        marker = await asyncio.to_thread(self._read_marker, work_dir)
+        if marker is not None:
+            alive = self._alive(marker)
+            if marker.get("attempt") == spec.attempt:
+                if alive:
+                    self._watch_adopted(name, marker)
+                else:
+                    log.info("job %s attempt %d already ran; not starting it again", name,
+                             spec.attempt, extra={"task_id": spec.task_id})
+                    await self._updates.put(await asyncio.to_thread(
+                        self._ended, name, work_dir, self._exit_code(work_dir)))
+                return
+            if alive:
+                log.warning("job %s: stopping a leftover of attempt %s", name,
+                            marker.get("attempt"), extra={"task_id": spec.task_id})
+                job = self._jobs.get(name)
+                if job is not None:
+                    job.superseded = True
+                await self._kill_and_wait(marker)
+        await asyncio.to_thread(self._fresh_dir, work_dir)
+        await asyncio.to_thread(self._write_marker, work_dir,
+                                {"job_name": name, "attempt": spec.attempt, "pid": None})
+        cmd = ["/bin/sh", "-c", _WRAPPER, "vidmaas-job", *self.command(spec)]
+        env = self.environment(spec, work_dir)
+        log_f = await asyncio.to_thread((work_dir / LOG_FILE).open, "ab")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, cwd=work_dir, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log_f,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        finally:
+            log_f.close()
+        start_time = _proc_start_time(proc.pid)
+        await asyncio.to_thread(self._write_marker, work_dir, {
+            "job_name": name, "attempt": spec.attempt, "pid": proc.pid,
+            "start_time": start_time, "task_id": spec.task_id})
+        job = _Job(name=name, attempt=spec.attempt, pid=proc.pid, start_time=start_time,
+                   proc=proc)
+        job.watcher = asyncio.create_task(self._watch_child(job), name=f"local-job-{name}")
+        self._jobs[name] = job
+        log.info("job %s started: pid %d, attempt %d, %s", name, proc.pid, spec.attempt,
+                 work_dir, extra={"task_id": spec.task_id})
+
+    @staticmethod
+    def _fresh_dir(work_dir: Path) -> None:
+        if work_dir.exists():
+            shutil.rmtree(work_dir)
+        work_dir.mkdir(parents=True)
+
+    async def _kill_and_wait(self, marker: dict[str, Any]) -> None:
+        pid = int(marker["pid"])
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        for _ in range(100):
+            if not self._alive(marker):
+                return
+            await asyncio.sleep(0.02)
+
+    # ------------------------------------------------------------------ watching
+
+    async def _watch_child(self, job: _Job) -> None:
+        assert job.proc is not None
+        await job.proc.wait()
+        await self._finish(job)
+
+    async def _watch_adopted_loop(self, job: _Job) -> None:
+        # Not our child: no wait() to block on, so poll its /proc entry.
+        marker = {"pid": job.pid, "start_time": job.start_time}
+        while True:
+            if not self._alive(marker):
+                break
+            await asyncio.sleep(ADOPTED_POLL_S)
+        await self._finish(job)
+
+    def _watch_adopted(self, name: str, marker: dict[str, Any]) -> None:
+        if name in self._jobs and self._jobs[name].pid == marker.get("pid"):
+            return
+        job = _Job(name=name, attempt=int(marker.get("attempt") or 0), pid=int(marker["pid"]),
+                   start_time=marker.get("start_time"), proc=None)
+        job.watcher = asyncio.create_task(self._watch_adopted_loop(job),
+                                          name=f"local-job-{name}")
+        self._jobs[name] = job
+        log.info("job %s: watching pid %d started by an earlier dispatcher", name, job.pid,
+                 extra={"task_id": task_id_from_job_name(name)})
+
+    async def _finish(self, job: _Job) -> None:
+        work_dir = self.work_dir(job.name)
+        code = await asyncio.to_thread(self._exit_code, work_dir)
+        if code is None and job.proc is not None and job.proc.returncode is not None:
+            code = job.proc.returncode  # killed with the shell: -signal
+        status = await asyncio.to_thread(self._ended, job.name, work_dir, code)
+        if not self.cfg.keep_work_dirs:
+            await asyncio.to_thread(self._prune, work_dir)
+        if job.superseded:
+            return
+        log.info("job %s ended: %s (exit code %s)", job.name, status.state.value, code,
+                 extra={"task_id": task_id_from_job_name(job.name)})
+        await self._updates.put(status)
+
+    @staticmethod
+    def _prune(work_dir: Path) -> None:
+        with contextlib.suppress(OSError):
+            for entry in work_dir.iterdir():
+                if entry.name in _KEEP:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+    async def _adopt_once(self) -> None:
+        """Watch the live jobs an earlier dispatcher process started (once per executor)."""
+        if self._adopted:
+            return
+        self._adopted = True
+        for name, marker in await asyncio.to_thread(self._scan):
+            if self._alive(marker):
+                self._watch_adopted(name, marker)
+
+    def _scan(self) -> list[tuple[str, dict[str, Any]]]:
+        out: list[tuple[str, dict[str, Any]]] = []
+        if not self.root.is_dir():
+            return out
+        for entry in sorted(self.root.iterdir()):
+            if entry.is_dir() and task_id_from_job_name(entry.name) is not None:
+                marker = self._read_marker(entry)
+                if marker is not None:
+                    out.append((entry.name, marker))
+        return out
+
+    # ------------------------------------------------------------------ the protocol
+
+    async def status(self, job_name: str) -> JobStatus:
+        job = self._jobs.get(job_name)
+        if job is not None and job.proc is not None and job.proc.returncode is None:
+            return JobStatus(job_name, JobState.RUNNING)
+        return await asyncio.to_thread(self._status_from_disk, job_name)
+
+    async def cancel(self, job_name: str, *, grace_s: float) -> None:
+        marker = await asyncio.to_thread(self._read_marker, self.work_dir(job_name))
+        if marker is None or not self._alive(marker):
+            return
+        pgid = int(marker["pid"])
+        sig = signal.SIGKILL if grace_s <= 0 else signal.SIGTERM
+        log.info("job %s: sending %s to process group %d", job_name, sig.name, pgid,
+                 extra={"task_id": task_id_from_job_name(job_name)})
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+        if grace_s > 0:
+            timer = asyncio.create_task(self._kill_after(job_name, marker, grace_s),
+                                        name=f"local-kill-{job_name}")
+            self._timers.add(timer)
+            timer.add_done_callback(self._timers.discard)
+
+    async def _kill_after(self, job_name: str, marker: dict[str, Any], grace_s: float) -> None:
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while asyncio.get_running_loop().time() < deadline:
+            if not self._alive(marker):
+                return
+            await asyncio.sleep(min(0.1, grace_s))
+        if self._alive(marker):
+            log.warning("job %s: still alive %.0fs after SIGTERM; SIGKILL", job_name, grace_s,
+                        extra={"task_id": task_id_from_job_name(job_name)})
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(marker["pid"]), signal.SIGKILL)
+
+    async def list_jobs(self) -> list[str]:
+        return [name for name, marker in await asyncio.to_thread(self._scan)
+                if self._alive(marker)]
+
+    async def updates(self) -> AsyncIterator[JobStatus]:
+        await self._adopt_once()
+        while True:
+            yield await self._updates.get()
+
+    async def close(self) -> None:
+        tasks = [j.watcher for j in self._jobs.values() if j.watcher is not None]
+        tasks += list(self._timers)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
