@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from pydantic import SecretStr
 from sqlalchemy import select
 
 from vidmaas.bus import keys
@@ -48,7 +49,7 @@ def make_settings(*, db_url: str, redis_url: str, storage: StorageSettings,
                     storage=storage,
                     dispatcher=DispatcherSettings(max_attempts=max_attempts,
                                                   retry_backoff_s=0.05),
-                    webhooks=webhooks or WebhookSettings(signing_secret="test-secret",
+                    webhooks=webhooks or WebhookSettings(signing_secret=SecretStr("test-secret"),
                                                          allow_hosts=["127.0.0.1"],
                                                          backoff_initial_s=0.05))
 
@@ -107,7 +108,8 @@ class World:
 
     async def redeliver(self, event: ev.Event, event_id: str) -> None:
         """Put an already-published event on the global stream again (at-least-once)."""
-        await self.redis.xadd(keys.EVENTS, {**ev.encode(event), "event_id": event_id})
+        fields: dict[Any, Any] = {**ev.encode(event), "event_id": event_id}
+        await self.redis.xadd(keys.EVENTS, fields)
 
     async def gpus_held(self, task_id: str) -> int:
         return (await self.lifecycle.queue.leases()).get(task_id, 0)

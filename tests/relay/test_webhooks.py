@@ -31,7 +31,7 @@ from vidmaas.domain import webhooks as policy
 from vidmaas.domain.status import TaskStatus
 from vidmaas.metrics import Metrics, render
 from vidmaas.relay.service import Relay
-from vidmaas.relay.webhooks import Webhooks, WebhookSender
+from vidmaas.relay.webhooks import Webhooks, WebhookSender, resolve_host
 
 SECRET = "whsec-test-0123456789"
 
@@ -56,7 +56,7 @@ def relay_of(world: World, *, resolve: policy.Resolver | None = None,
              metrics: Metrics | None = None) -> Relay:
     cfg = world.svc.settings.webhooks
     sender = WebhookSender(sessions=world.svc.sessions, settings=cfg, poll_interval_s=0.05,
-                           metrics=metrics, **({"resolve": resolve} if resolve else {}))
+                           metrics=metrics, resolve=resolve or resolve_host)
     hooks = Webhooks(sessions=world.svc.sessions, settings=cfg, sender=sender,
                      progress_min_interval_s=progress_min_interval_s)
     return Relay(world.svc, consumer_name=name, options=FAST, webhooks=hooks)
