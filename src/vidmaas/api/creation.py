@@ -143,6 +143,9 @@ async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
                                  field="prompt")
         if not req.prompt.strip():
             raise InvalidRequest("the prompt is empty", field="prompt")
+        for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+            if text is not None and "\x00" in text:
+                raise InvalidRequest(f"the {name} contains a NUL character", field=name)
         # No job argv (and no PostgreSQL text column) can carry a NUL character.
         for name, value in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
             if value is not None and "\x00" in value:

@@ -78,8 +78,10 @@ class JobSpec:
 def job_args(spec: JobSpec) -> list[str]:
     """The runtime's arguments, in the seed template's names."""
     p = spec.params
+    # Free text is passed as --name=value: a prompt that starts with "-" (or is "--help")
+    # must never be read as an option by the runtime's parser.
     args = [
-        "--prompt", spec.prompt,
+        f"--prompt={spec.prompt}",
         "--size", str(p["size"]),
         "--frame-num", str(p["num_frames"]),
         "--sample-steps", str(p["steps"]),
@@ -90,5 +92,5 @@ def job_args(spec: JobSpec) -> list[str]:
     if spec.input_key:
         args += ["--image", spec.input_key]
     if spec.negative_prompt:
-        args += ["--negative-prompt", spec.negative_prompt]
+        args.append(f"--negative-prompt={spec.negative_prompt}")
     return args
