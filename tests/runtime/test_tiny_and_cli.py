@@ -60,16 +60,17 @@ def test_the_console_script_is_installed() -> None:
 
 
 def test_the_executors_arguments_parse_and_round_trip() -> None:
+    prompt = 'say "hi"\n--seed 3'
     spec = ModelRegistry.load()["tiny-ti2v"]
     job = JobSpec(task_id="t" * 26, job_name="j", user_id="u", model=spec,
-                  prompt='say "hi"\n--seed 3', attempt=1, input_key="inputs/x/image.png",
+                  prompt=prompt, attempt=1, input_key="inputs/x/image.png",
                   negative_prompt="blur",
                   params={"size": "96*64", "num_frames": 9, "steps": 4, "seed": 11, "fps": 8})
     ns = build_parser().parse_args(["generate", *job_args(job)])
     args = JobArgs.from_namespace(ns)
     assert (args.prompt, args.width, args.height, args.frame_num, args.sample_steps,
             args.seed, args.model, args.fps, args.image, args.negative_prompt) == \
-        ('say "hi"\n--seed 3', 96, 64, 9, 4, 11, "tiny-ti2v", 8, "inputs/x/image.png", "blur")
+        (prompt, 96, 64, 9, 4, 11, "tiny-ti2v", 8, "inputs/x/image.png", "blur")
     again = JobArgs.from_namespace(build_parser().parse_args(["run", *cli_args(args)]))
     assert again == args
 
@@ -91,3 +92,11 @@ def test_the_input_image_path_keeps_only_a_safe_extension() -> None:
     assert work.input_image("inputs/t/image.PNG") == Path("w/input/image.png")
     assert work.input_image("inputs/t/noext") == Path("w/input/image.img")
     assert work.input_image("inputs/t/x.../../../etc") == Path("w/input/image.img")
+
+
+@pytest.mark.parametrize("prompt", ["--help", "-1 apples", "--seed 3"])
+def test_a_prompt_that_looks_like_an_option_reaches_generate_as_typed(prompt: str) -> None:
+    first = JobArgs.from_namespace(build_parser().parse_args(
+        ["run", f"--prompt={prompt}", f"--negative-prompt={prompt}"]))
+    again = JobArgs.from_namespace(build_parser().parse_args(["generate", *cli_args(first)]))
+    assert (again.prompt, again.negative_prompt) == (prompt, prompt)

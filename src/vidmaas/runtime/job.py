@@ -204,7 +204,8 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
 
 def cli_args(args: JobArgs) -> list[str]:
     """``args`` back as a command line (to hand them to ``torchrun … generate``)."""
-    out = ["--prompt", args.prompt, "--size", f"{args.width}*{args.height}",
+    # Free text as --name=value: a prompt starting with "-" must stay a value.
+    out = [f"--prompt={args.prompt}", "--size", f"{args.width}*{args.height}",
            "--frame-num", str(args.frame_num), "--sample-steps", str(args.sample_steps),
            "--seed", str(args.seed), "--model", args.model]
     if args.fps is not None:
@@ -212,7 +213,7 @@ def cli_args(args: JobArgs) -> list[str]:
     if args.image:
         out += ["--image", args.image]
     if args.negative_prompt:
-        out += ["--negative-prompt", args.negative_prompt]
+        out.append(f"--negative-prompt={args.negative_prompt}")
     return out
 
 
