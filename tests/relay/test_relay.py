@@ -238,3 +238,14 @@ async def test_two_relays_share_the_stream_and_apply_each_event_once(world: Worl
         assert sorted(d.event_type for d in await world.deliveries(t.id)) == [
             "completed", "started"]
         assert await world.gpus_held(t.id) == 0
+
+
+async def test_completed_finishes_a_task_the_dispatcher_has_not_marked_running(
+        world: World) -> None:
+    task = await world.task(TaskStatus.DISPATCHING)
+    await world.publish(ev.Event(task.id, ev.EventType.COMPLETED, COMPLETED_DATA))
+    async with running(relay(world)):
+        await eventually(world.stream_drained)
+    after = await world.get(task.id)
+    assert (after.status, after.progress) == ("completed", 100.0)
+    assert await world.gpus_held(task.id) == 0

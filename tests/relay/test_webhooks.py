@@ -319,3 +319,25 @@ async def test_a_delivery_goes_to_the_checked_address_with_the_host_name_in_host
                 await eventually(lambda: settled(world, task.id, 1))
     [got] = rx.received
     assert got.headers["host"] == f"hooks.internal.test:{rx.port}"
+
+
+async def test_a_task_the_dispatcher_failed_announces_its_end_once_and_ignores_a_late_success(
+        make_world: WorldFactory) -> None:
+    with receiver() as rx:
+        async with make_world() as world:
+            task = await world.task(webhook_url=rx.url)
+            # The watchdog gives up on the job; then the job's own success arrives late.
+            await world.lifecycle.finish(
+                task_id=task.id, to=TaskStatus.FAILED,
+                fields={"error_code": "heartbeat_lost", "error_message": "silent"},
+                event=ev.failed(task.id, code="heartbeat_lost", message="silent",
+                                retryable=False))
+            await world.publish(ev.Event(task.id, ev.EventType.COMPLETED, COMPLETED_DATA))
+            async with running(relay_of(world)):
+                await eventually(world.stream_drained)
+                await eventually(lambda: settled(world, task.id, 1))
+            after = await world.get(task.id)
+    assert (after.status, after.video_key) == ("failed", None)
+    [got] = rx.received
+    body = json.loads(got.body)
+    assert (body["type"], body["task"]["error"]["code"]) == ("failed", "heartbeat_lost")
