@@ -405,6 +405,10 @@ async def _supervised(name: str, body: Callable[[], Awaitable[None]]) -> None:
         except asyncio.CancelledError:
             raise
         except Exception:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A client library turned our cancellation into an error: stop anyway.
+                raise asyncio.CancelledError() from None
             log.exception("%s failed; restarting in %.1fs", name, delay_s)
         if _now() - started > 30:
             delay_s = 0.1
@@ -455,8 +459,17 @@ class StreamHub:
     async def stop(self) -> None:
         for conn in list(self._connections):
             conn.shutdown()
-        for t in self._tasks:
-            t.cancel()
+        # Cancel until done: a client library may swallow one cancellation (seen with
+        # redis-py while connecting), and a task left running would outlive the app.
+        pending = set(self._tasks)
+        for _ in range(20):
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+            if not pending:
+                break
+        else:
+            log.error("stream hub tasks did not stop: %s", [t.get_name() for t in pending])
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         if self._reader is not None:
