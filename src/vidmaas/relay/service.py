@@ -42,6 +42,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -130,6 +132,11 @@ class _Unit:
     task_id: str
     entries: list[_Entry]
     moving: bool
+
+
+def default_consumer_name() -> str:
+    """A consumer name unique to this process: host name and process id."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _sid(value: str | bytes) -> str:
