@@ -6,8 +6,11 @@ import asyncio
 import dataclasses
 from typing import Any
 
+from sqlalchemy import update
+
 from tests.relay.support import COMPLETED_DATA, FAST, World, eventually, running
 from vidmaas.bus import keys
+from vidmaas.db.models import Task
 from vidmaas.domain import events as ev
 from vidmaas.domain.status import TaskStatus
 from vidmaas.metrics import Metrics, render
@@ -249,3 +252,22 @@ async def test_completed_finishes_a_task_the_dispatcher_has_not_marked_running(
     after = await world.get(task.id)
     assert (after.status, after.progress) == ("completed", 100.0)
     assert await world.gpus_held(task.id) == 0
+
+
+async def test_an_event_that_keeps_failing_to_apply_is_dead_lettered_after_a_few_tries(
+        world: World) -> None:
+    broken = await world.task()
+    healthy = await world.task()
+    async with world.svc.sessions() as s:  # a row no code path can make sense of
+        await s.execute(update(Task).where(Task.id == broken.id).values(status="weird"))
+        await s.commit()
+    await world.publish(ev.progress(broken.id, step=1, total=2, percent=50.0, eta_s=1.0))
+    await world.publish(ev.progress(healthy.id, step=1, total=2, percent=50.0, eta_s=1.0))
+    async with running(relay(world)):
+        await eventually(world.stream_drained)
+    assert (await world.get(healthy.id)).progress == 50.0
+    dead: Any = await world.redis.xrange(keys.EVENTS_DEAD)
+    # The broken task's entries of that batch (queued, dispatched, progress) go together.
+    assert {f["task_id"] for _, f in dead} == {broken.id}
+    assert "progress" in {f["type"] for _, f in dead}
+    assert all(f["dead_reason"].startswith("apply failed: ValueError") for _, f in dead)
