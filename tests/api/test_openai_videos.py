@@ -1,0 +1,253 @@
+"""The OpenAI-compatible /v1/videos API, driven by the official ``openai`` package against a
+real uvicorn server over real Redis and SQLite/PostgreSQL. Tasks are moved through their
+lifecycle by the test (no GPU), with a real MP4 in the object store."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+
+import av
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.api.test_streams import Server, serve, settings_for, start_running
+from vidmaas.config import Settings, StorageSettings
+from vidmaas.db import tasks as repo
+from vidmaas.domain import events as ev
+from vidmaas.domain.status import TaskStatus
+from vidmaas.storage.base import output_key
+
+# The openai package marks its videos methods deprecated (OpenAI's own Sora service); the
+# wire shape is what this server implements.
+pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
+
+
+def mp4_bytes(frames: int = 9) -> bytes:
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="mp4") as container:
+        stream = container.add_stream("h264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(frames):
+            img = np.full((64, 64, 3), i * 20, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
+def jpeg_bytes() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def png_bytes() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def oa_settings(db_url: str, redis_url: str, storage: StorageSettings) -> Settings:
+    s = settings_for(db_url, redis_url, storage)
+    s.api.openai_default_model = "tiny-t2v"
+    return s
+
+
+@pytest.fixture
+async def server(db_url: str, redis_url: str, local_storage: StorageSettings,
+                 ) -> AsyncIterator[Server]:
+    async for s in serve(oa_settings(db_url, redis_url, local_storage), db_url):
+        yield s
+
+
+@pytest.fixture
+async def server_sqlite(sqlite_url: str, redis_url: str, local_storage: StorageSettings,
+                        ) -> AsyncIterator[Server]:
+    async for s in serve(oa_settings(sqlite_url, redis_url, local_storage), sqlite_url):
+        yield s
+
+
+def client(server: Server, user: str = "alice") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(api_key=server.keys[user], base_url=server.base_url + "/v1",
+                              max_retries=0, timeout=30)
+
+
+async def finish_with_files(server: Server, task_id: str, video: bytes) -> None:
+    svc = server.svc
+    await start_running(server, task_id)
+    async with svc.sessions() as s:
+        await repo.update_progress(session=s, task_id=task_id, values={"progress": 40.0})
+    vkey, pkey = output_key(task_id, "video.mp4"), output_key(task_id, "poster.jpg")
+    await svc.store.put_bytes(vkey, video, content_type="video/mp4")
+    await svc.store.put_bytes(pkey, jpeg_bytes(), content_type="image/jpeg")
+    await asyncio.sleep(0.3)  # let a poll see it in progress
+    await svc.lifecycle.finish(
+        task_id=task_id, to=TaskStatus.COMPLETED, expected=TaskStatus.RUNNING,
+        fields={"progress": 100.0, "video_key": vkey, "poster_key": pkey},
+        event=ev.Event(task_id, ev.EventType.COMPLETED, {
+            "video_key": vkey, "poster_key": pkey, "width": 64, "height": 64,
+            "num_frames": 9, "fps": 8, "duration_s": 1.125, "seed": 1, "timings": {}}))
+
+
+async def test_the_openai_client_creates_a_video_polls_it_to_completion_and_downloads_it(
+        server: Server) -> None:
+    oa = client(server)
+    video = await oa.videos.create(prompt="a red fox in snow", model="tiny-t2v",
+                                   size="64x64", seconds="1")  # type: ignore[arg-type]
+    assert video.object == "video" and video.status == "queued" and video.progress == 0
+    assert video.size == "64x64" and video.seconds == "1" and video.model == "tiny-t2v"
+    assert video.error is None and video.completed_at is None and video.created_at > 0
+    row = await _row(server, video.id)
+    assert row.source == "openai" and row.params["num_frames"] == 9
+    mp4 = mp4_bytes()
+    seen: list[str] = []
+
+    async def watch() -> openai.types.Video:
+        while True:
+            v = await oa.videos.retrieve(video.id)
+            seen.append(v.status)
+            if v.status in ("completed", "failed"):
+                return v
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch(), name="poller")
+    await finish_with_files(server, video.id, mp4)
+    done = await asyncio.wait_for(watcher, 10)
+    assert "in_progress" in seen
+    assert done.status == "completed" and done.progress == 100
+    assert done.completed_at is not None and done.completed_at >= done.created_at
+    content = await oa.videos.download_content(video.id)
+    assert content.content == mp4
+    with av.open(io.BytesIO(content.content)) as c:
+        assert c.streams.video[0].codec_context.name == "h264"
+    thumb = await oa.videos.download_content(video.id, variant="thumbnail")
+    assert thumb.content[:3] == b"\xff\xd8\xff"
+    await oa.close()
+
+
+async def _row(server: Server, task_id: str) -> repo.Task:
+    async with server.svc.sessions() as s:
+        task = await repo.get_task(session=s, task_id=task_id)
+    assert task is not None
+    return task
+
+
+async def test_what_the_model_cannot_do_is_refused_with_openai_error_bodies(
+        server: Server) -> None:
+    oa = client(server)
+    cases = [({"size": "1280x720"}, "unsupported_size", "size"),
+             ({"seconds": "12"}, "unsupported_seconds", "seconds"),
+             ({"seconds": "-1"}, "invalid_seconds", "seconds"),
+             ({"size": "64*64"}, "invalid_size", "size"),
+             ({"model": "sora-2"}, "unknown_model", "model")]
+    for extra, code, param in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            await oa.videos.create(prompt="x", **extra)  # type: ignore[arg-type]
+        assert info.value.status_code == 400
+        assert info.value.code == code, extra
+        assert info.value.param == param
+        assert info.value.type == "invalid_request_error"
+    # Nothing was written for the refused requests.
+    assert (await oa.videos.list()).data == []
+    bad = openai.AsyncOpenAI(api_key="vmk_wrong", base_url=server.base_url + "/v1",
+                             max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as auth:
+        await bad.videos.list()
+    assert auth.value.status_code == 401 and auth.value.type == "authentication_error"
+    mine = await oa.videos.create(prompt="mine")
+    bob = client(server, "bob")
+    for call in (bob.videos.retrieve(mine.id), bob.videos.download_content(mine.id),
+                 bob.videos.delete(mine.id)):
+        with pytest.raises(openai.NotFoundError) as nf:
+            await call
+        assert nf.value.code == "video_not_found"
+    with pytest.raises(openai.ConflictError):  # not ready yet
+        await oa.videos.download_content(mine.id)
+    await asyncio.gather(oa.close(), bad.close(), bob.close())
+
+
+async def test_videos_are_listed_newest_first_in_pages_and_native_tasks_are_not_videos(
+        server_sqlite: Server) -> None:
+    server = server_sqlite
+    oa = client(server)
+    ids = [(await oa.videos.create(prompt=f"clip {i}")).id for i in range(5)]
+    r = await server.http.post("/v1/tasks", json={"prompt": "native"},
+                               headers=server.auth("alice"))
+    native = r.json()["id"]
+    await (client(server, "bob")).videos.create(prompt="bob's")
+    page = await oa.videos.list(limit=2)
+    assert [v.id for v in page.data] == ids[::-1][:2] and page.has_more
+    everything = [v.id async for v in oa.videos.list(limit=2)]
+    assert everything == ids[::-1]
+    ascending = [v.id async for v in oa.videos.list(limit=3, order="asc")]
+    assert ascending == ids
+    raw = (await server.http.get("/v1/videos", params={"limit": 2, "after": ids[3]},
+                                 headers=server.auth("alice"))).json()
+    assert raw["object"] == "list" and raw["first_id"] == ids[2] and raw["last_id"] == ids[1]
+    with pytest.raises(openai.NotFoundError):
+        await oa.videos.retrieve(native)
+    await oa.close()
+
+
+async def test_deleting_cancels_an_unfinished_video_and_removes_a_finished_ones_files(
+        server_sqlite: Server) -> None:
+    server = server_sqlite
+    oa = client(server)
+    queued = await oa.videos.create(prompt="to cancel")
+    gone = await oa.videos.delete(queued.id)
+    assert gone.id == queued.id and gone.deleted and gone.object == "video.deleted"
+    after = await oa.videos.retrieve(queued.id)
+    assert after.status == "failed" and after.error is not None
+    assert after.error.code == "cancelled"
+    finished = await oa.videos.create(prompt="to delete")
+    await finish_with_files(server, finished.id, mp4_bytes())
+    assert (await oa.videos.download_content(finished.id)).content
+    await oa.videos.delete(finished.id)
+    with pytest.raises(openai.NotFoundError):
+        await oa.videos.retrieve(finished.id)
+    with pytest.raises(openai.NotFoundError):
+        await oa.videos.download_content(finished.id)
+    assert not await server.svc.store.exists(output_key(finished.id, "video.mp4"))
+    assert [v.id async for v in oa.videos.list()] == [queued.id]
+    await oa.close()
+
+
+async def test_an_input_reference_upload_or_data_url_becomes_the_tasks_input_image(
+        server_sqlite: Server) -> None:
+    server = server_sqlite
+    oa = client(server)
+    v = await oa.videos.create(prompt="animate this", model="tiny-ti2v",
+                               input_reference=("cat.png", png_bytes(), "image/png"))
+    row = await _row(server, v.id)
+    assert row.input_key is not None and row.model == "tiny-ti2v"
+    assert await server.svc.store.exists(row.input_key)
+    # A text-only model refuses an image.
+    with pytest.raises(openai.BadRequestError) as info:
+        await oa.videos.create(prompt="x", model="tiny-t2v",
+                               input_reference=("cat.png", png_bytes(), "image/png"))
+    assert info.value.code == "image_not_supported"
+    # JSON with a base64 data URL and integer seconds, as some clients send it.
+    import base64
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    r = await server.http.post("/v1/videos", headers=server.auth("alice"), json={
+        "prompt": "json", "model": "tiny-ti2v", "seconds": 2,
+        "input_reference": {"image_url": data_url}})
+    assert r.status_code == 200, r.text
+    assert r.json()["seconds"] == "2" and (await _row(server, r.json()["id"])).input_key
+    r = await server.http.post("/v1/videos", headers=server.auth("alice"), json={
+        "prompt": "json", "input_reference": {"image_url": "http://169.254.169.254/x"}})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "unsupported_input_reference"
+    r = await server.http.post("/v1/videos", headers=server.auth("alice"), json={"size": 5})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param",
+                                                               "code"}
+    async with httpx.AsyncClient(base_url=server.base_url) as h:
+        r = await h.get("/v1/videos")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    await oa.close()
