@@ -316,6 +316,18 @@ class Client:
                 raise ClientError(0, "stream_lost", "the event stream keeps dropping")
             time.sleep(min(0.2 * 2 ** drops, 5.0))
 
+    def wait(self, task_id: str, *, timeout_s: float = 60.0, interval_s: float = 0.5) -> Task:
+        """The task once its row says it ended (a stream's terminal event can arrive
+        before the server has recorded it); ``ClientError`` ``timeout`` otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            task = self.get(task_id)
+            if task["status"] in TERMINAL_STATUSES:
+                return task
+            if time.monotonic() > deadline:
+                raise ClientError(0, "timeout", f"task {task_id} is still {task['status']}")
+            time.sleep(interval_s)
+
     def _settled(self, task_id: str, *, wait_s: float = 5.0) -> Message | None:
         """After a retryable failure: a snapshot if the task ended, None if it retries."""
         deadline = time.monotonic() + wait_s

@@ -265,9 +265,9 @@ def follow(client: Client, task_id: str, *, output: Path | None, err: Console) -
     except KeyboardInterrupt:
         say(err, f"stopped watching; the task goes on: vidmaas watch {task_id}")
         return 130
-    if view.status != "completed":
-        task = client.get(task_id)
-        view.status = task["status"]
+    # The stream can announce the end before the server has recorded it: the row decides.
+    task = client.wait(task_id)
+    view.status = task["status"]
     if view.status != "completed":
         if task["status"] == "failed" and task.get("error"):
             view.error = f"{task['error']['code']}: {task['error']['message']}"

@@ -341,6 +341,9 @@ function upsertTask(task, { front }) {
 }
 
 function mergeTask(known, fresh) {
+  // A terminal status is final: a read that lags behind the event stream (the server
+  // records an event a moment after it is streamed) must not bring a task back to life.
+  if (TERMINAL.has(known.status) && fresh.status && !TERMINAL.has(fresh.status)) return;
   // Progress never goes backwards within one attempt.
   const progress = fresh.status === known.status ? Math.max(known.progress || 0, fresh.progress || 0) : fresh.progress;
   Object.assign(known, fresh, { progress });
@@ -480,6 +483,22 @@ async function cancelTask(id) {
   }
 }
 
+async function settleTask(id) {
+  // Read the task until its row shows the end the stream announced (a minute at most).
+  for (let i = 0; i < 60 && state.apiKey; i += 1) {
+    try {
+      const task = await api(`/v1/tasks/${id}`);
+      if (TERMINAL.has(task.status)) {
+        upsertTask(task, { front: false });
+        return;
+      }
+    } catch (e) {
+      if (e.status === 404 || e.status === 401) return;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+}
+
 async function refreshTask(id) {
   try {
     const task = await api(`/v1/tasks/${id}`);
@@ -601,16 +620,16 @@ class Watcher {
       mergeTask(t, snapshotState(msg));
     } else if (msg.type === "end") {
       this.stop();
-      refreshTask(this.id);
+      settleTask(this.id);
       return;
     } else {
       applyEvent(t, msg);
     }
     renderTask(this.id);
     if (TERMINAL.has(t.status)) {
-      // The event has no media URLs or final error text: read the task once.
+      // Events carry no media URLs: read the task once the server has recorded the end.
       this.stop();
-      refreshTask(this.id);
+      settleTask(this.id);
     }
   }
 
@@ -620,7 +639,7 @@ class Watcher {
     if (this.stopped) return;
     if (ev.code === 4404) {
       this.stop();
-      refreshTask(this.id);
+      settleTask(this.id);
       return;
     }
     if (ev.code === 4401) state.token = null;
