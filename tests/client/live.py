@@ -96,18 +96,39 @@ class Driver:
                 "progress": percent, "stage": stage.value, "eta_s": eta_s,
                 "last_event_id": event_id})
 
-    async def complete(self, task_id: str) -> None:
+    async def complete(self, task_id: str, *, recorded_after_s: float | None = None) -> None:
+        """Upload a real video and poster and complete the task.
+
+        ``recorded_after_s``: publish ``completed`` first and record it in the row only
+        that much later, as when the runtime's event reaches clients before the relay
+        has applied it.
+        """
         store = self.svc.store
         video_key, poster_key = f"outputs/{task_id}/video.mp4", f"outputs/{task_id}/poster.jpg"
         await store.put_bytes(video_key, make_mp4(), content_type="video/mp4")
         await store.put_bytes(poster_key, jpeg(), content_type="image/jpeg")
         result = {"video_key": video_key, "poster_key": poster_key, "width": 64, "height": 64,
                   "num_frames": 16, "fps": 8, "duration_s": 2.0, "seed": 1, "timings": {}}
+        event = ev.Event(task_id, ev.EventType.COMPLETED, result)
+        if recorded_after_s is not None:
+            await self.svc.lifecycle.publish(event)
+            await asyncio.sleep(recorded_after_s)
         await self.svc.lifecycle.finish(
             task_id=task_id, to=TaskStatus.COMPLETED, expected=TaskStatus.RUNNING,
             fields={"video_key": video_key, "poster_key": poster_key, "progress": 100.0,
                     "stage": None, "eta_s": None, "result": result},
-            event=ev.Event(task_id, ev.EventType.COMPLETED, result))
+            event=None if recorded_after_s is not None else event)
+
+    async def retry(self, task_id: str, *, code: str, message: str) -> None:
+        """A retryable failure: the runtime's ``failed`` event, then back to ``queued``."""
+        lc = self.svc.lifecycle
+        await lc.publish(ev.failed(task_id, code=code, message=message, retryable=True))
+        async with self.svc.sessions() as s:
+            task = await repo.get_task(session=s, task_id=task_id)
+        assert task is not None
+        await lc.fail_or_retry(task, code=code, message=message, retryable=True,
+                               publish_failed=False)
+        await lc.publish(ev.queued(task_id, position=1))
 
     async def fail(self, task_id: str, *, code: str, message: str) -> None:
         await self.svc.lifecycle.finish(

@@ -147,3 +147,16 @@ async def _first_task(live: LiveServer) -> str:
             return rows[0].id
         await asyncio.sleep(0.05)
     raise AssertionError("the CLI did not submit")
+
+
+async def test_wait_downloads_even_when_the_end_is_streamed_before_it_is_recorded(
+        live: LiveServer, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    await vidmaas("submit", "--prompt", "racy", *conn(live))
+    task_id = capsys.readouterr().out.strip()
+    run = asyncio.create_task(vidmaas("watch", task_id, "-o", str(tmp_path / "racy.mp4"),
+                                      *conn(live)), name="cli")
+    await asyncio.sleep(0.5)
+    await live.driver.start(task_id)
+    await live.driver.complete(task_id, recorded_after_s=1.5)
+    assert await asyncio.wait_for(run, 60) == 0
+    assert (tmp_path / "racy.mp4").stat().st_size > 1000

@@ -294,3 +294,36 @@ async def test_the_page_is_served_with_a_strict_policy_and_loads_nothing_externa
     await page.wait_for_selector("body[data-ready='1']")
     assert requested and all(u.startswith(live.url) or u.startswith("data:")
                              for u in requested), requested
+
+
+async def test_a_video_appears_even_when_the_end_is_streamed_before_it_is_recorded(
+        pages: Pages, live: LiveServer) -> None:
+    page = await pages.open("alice")
+    card = await submit(page, "racy")
+    task_id = await task_id_of(card)
+    await live.driver.start(task_id)
+    await live.driver.progress(task_id, percent=90.0)
+    await expect(card.get_by_test_id("percent")).to_have_text("90%")
+    await live.driver.complete(task_id, recorded_after_s=2.0)
+    await expect(card.get_by_test_id("status")).to_have_text("Completed")
+    await expect(card.get_by_test_id("video")).to_be_visible(timeout=15_000)
+    await expect(card.get_by_test_id("status")).to_have_text("Completed")
+
+
+async def test_a_retried_attempt_shows_why_and_the_task_runs_again(pages: Pages,
+                                                                  live: LiveServer) -> None:
+    page = await pages.open("alice")
+    card = await submit(page, "flaky node")
+    task_id = await task_id_of(card)
+    await live.driver.start(task_id)
+    await live.driver.progress(task_id, percent=25.0)
+    await expect(card.get_by_test_id("percent")).to_have_text("25%")
+    await live.driver.retry(task_id, code="node_lost", message="the node went away")
+    await expect(card.get_by_test_id("status")).to_have_text("Queued")
+    await expect(card.get_by_test_id("error")).to_contain_text("retrying")
+    await expect(card.get_by_test_id("percent")).to_have_text("0%")
+    await live.driver.start(task_id)
+    await live.driver.progress(task_id, percent=10.0)
+    await expect(card.get_by_test_id("status")).to_have_text("Running")
+    await expect(card.get_by_test_id("percent")).to_have_text("10%")
+    await expect(card.get_by_test_id("error")).to_be_hidden()
