@@ -38,11 +38,13 @@ def tiny_models(tiny_model_root: Path) -> dict[str, Path]:
     """Layout → tiny checkpoint directory (t2v and ti2v from the shared root, plus a14b)."""
     from vidmaas.runtime.tiny import make_tiny
 
-    a14b = tiny_model_root / "tiny-a14b"
-    if not a14b.exists():
-        make_tiny(a14b, "a14b")
-    return {"t2v": tiny_model_root / "tiny-t2v", "ti2v": tiny_model_root / "tiny-ti2v",
-            "a14b": a14b}
+    models = {"t2v": tiny_model_root / "tiny-t2v", "ti2v": tiny_model_root / "tiny-ti2v",
+              "a14b": tiny_model_root / "tiny-a14b",
+              "a14b-i2v": tiny_model_root / "tiny-a14b-i2v"}
+    for layout in ("a14b", "a14b-i2v"):
+        if not models[layout].exists():
+            make_tiny(models[layout], layout)
+    return models
 
 
 @dataclass

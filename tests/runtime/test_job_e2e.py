@@ -63,15 +63,17 @@ def test_run_uploads_a_watermarked_h264_video_and_reports_completed(job: Job) ->
     assert (poster.format, poster.size) == ("JPEG", (64, 64))
 
 
-def test_run_with_an_image_fetches_it_and_drives_the_ti2v_image_pipeline(
-        job: Job, tiny_models: dict[str, object]) -> None:
+@pytest.mark.parametrize(("layout", "model"), [("ti2v", "tiny-ti2v"),
+                                               ("a14b-i2v", "wan2.2-i2v-a14b")])
+def test_run_with_an_image_fetches_it_and_drives_the_image_pipeline(
+        job: Job, tiny_models: dict[str, object], layout: str, model: str) -> None:
     buf = io.BytesIO()
     Image.new("RGB", (80, 48), (220, 40, 40)).save(buf, "PNG")
     key = f"inputs/{job.task_id}/image.png"
     job.put_object(key, buf.getvalue())
 
-    proc = job.run(job.command("run", "--image", key, model="tiny-ti2v"),
-                   extra_env={"VIDMAAS_MODEL_DIR": str(tiny_models["ti2v"])})
+    proc = job.run(job.command("run", "--image", key, model=model),
+                   extra_env={"VIDMAAS_MODEL_DIR": str(tiny_models[layout])})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (job.work_dir / "input" / "image.png").is_file()
     assert _stages(job)[0] == Stage.FETCH_INPUT
@@ -142,3 +144,12 @@ def test_exit_codes_are_the_domain_exit_codes() -> None:
     assert (BadInput("x").exit_code, ModelError("x").exit_code, OutOfMemory("x").exit_code,
             UploadFailed("x").exit_code) == (ExitCode.BAD_INPUT, ExitCode.MODEL_ERROR,
                                              ExitCode.OUT_OF_MEMORY, ExitCode.UPLOAD_FAILED)
+
+
+def test_an_image_to_video_model_without_an_image_fails_as_bad_input(
+        job: Job, tiny_models: dict[str, object]) -> None:
+    proc = job.run(job.command("run", model="wan2.2-i2v-a14b"),
+                   extra_env={"VIDMAAS_MODEL_DIR": str(tiny_models["a14b-i2v"])})
+    assert proc.returncode == ExitCode.BAD_INPUT, proc.stderr[-2000:]
+    failed = job.of_type(EventType.FAILED)
+    assert len(failed) == 1 and "needs --image" in failed[0].data["message"]

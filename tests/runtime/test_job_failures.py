@@ -147,3 +147,19 @@ def test_impossible_arguments_fail_as_bad_input(job: Job, size: str) -> None:
     proc = job.run(job.command("run", "--size", size))
     assert proc.returncode == ExitCode.BAD_INPUT
     assert _one_failed(job).data["code"] == "bad_input"
+
+
+def test_an_image_given_to_a_text_to_video_model_fails_as_bad_input_before_loading(
+        job: Job) -> None:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "PNG")
+    key = f"inputs/{job.task_id}/image.png"
+    job.put_object(key, buf.getvalue())
+    proc = job.run(job.command("run", "--image", key))
+    assert proc.returncode == ExitCode.BAD_INPUT, proc.stderr[-2000:]
+    assert "takes no image" in _one_failed(job).data["message"]
+    assert "load_model" not in [e.data.get("stage") for e in job.events()]

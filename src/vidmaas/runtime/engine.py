@@ -88,6 +88,18 @@ def read_model_index(model_dir: Path) -> dict[str, Any]:
     return data
 
 
+def check_image_use(model_index: dict[str, Any], *, has_image: bool) -> None:
+    """``BadInput`` if the checkpoint needs an image and has none, or takes none and has one.
+
+    Decided from ``model_index.json`` alone, before anything heavy is loaded.
+    """
+    image_model = model_index.get("_class_name") == "WanImageToVideoPipeline"
+    if image_model and not has_image:
+        raise BadInput("this model turns an image into a video: it needs --image")
+    if has_image and not image_model and not model_index.get("expand_timesteps"):
+        raise BadInput("this model is text-to-video and takes no image")
+
+
 def num_attention_heads(model_dir: Path) -> int:
     try:
         config = json.loads((model_dir / "transformer" / "config.json").read_text("utf-8"))

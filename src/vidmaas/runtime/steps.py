@@ -33,6 +33,7 @@ from vidmaas.runtime.engine import (
     Engine,
     Options,
     Request,
+    check_image_use,
     import_libraries,
     num_attention_heads,
     read_model_index,
@@ -182,7 +183,7 @@ def generate(ctx: Context) -> None:
     spec = ctx.model_spec()
     if env.model_dir is None:
         raise ModelError("VIDMAAS_MODEL_DIR is not set", code="model_missing")
-    read_model_index(env.model_dir)
+    check_image_use(read_model_index(env.model_dir), has_image=bool(args.image))
     reporter.started(world_size=env.dist.world_size, host=env.host)
     ctx.check_cancel()
     t = time.perf_counter()
