@@ -23,6 +23,7 @@ from vidmaas.dispatcher.render import manifest_yaml, render_pytorchjob
 from vidmaas.domain.ids import job_name as job_name_of
 from vidmaas.domain.jobs import JobSpec, job_args
 from vidmaas.domain.models import ModelRegistry
+from vidmaas.runtime.cli import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO_ROOT / ".." / "shared" / "k8s" / "crds" / "kubeflow.org_pytorchjobs.yaml"
@@ -84,7 +85,18 @@ def _containers(manifest: dict) -> list[dict]:
 
 
 def _arg_after(args: list[str], flag: str) -> str:
-    return args[args.index(flag) + 1]
+    """The value of ``flag`` in ``args``, spelled ``--flag value`` or ``--flag=value``."""
+    for i, arg in enumerate(args):
+        if arg == flag:
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1:]
+    raise AssertionError(f"{flag} not in the arguments")
+
+
+def _carries_prompt(container: dict) -> bool:
+    argv = [*container.get("command", []), *container.get("args", [])]
+    return any(a == "--prompt" or a.startswith("--prompt=") for a in argv)
 
 
 @pytest.mark.parametrize("model,size", [("tiny-t2v", "64*64"), ("wan2.2-t2v-a14b", "832*480")])
@@ -115,15 +127,18 @@ async def test_nasty_prompts_reach_the_container_exactly_as_typed(
         assert again["kind"] == "PyTorchJob" and again["metadata"]["name"] == spec.job_name
         replicas = again["spec"]["pytorchReplicaSpecs"]
         assert sum(r["replicas"] for r in replicas.values()) == spec.model.nnodes
-        carrying = [c for c in _containers(again) if "--prompt" in c.get("args", [])]
+        carrying = [c for c in _containers(again) if _carries_prompt(c)]
         assert carrying, "no container carries the prompt"
         for container in carrying:
-            args = container["args"]
-            assert _arg_after(args, "--prompt") == prompt
-            assert _arg_after(args, "--model") == model
-            assert _arg_after(args, "--size") == size
+            argv = [*container.get("command", []), *container.get("args", [])]
+            assert _arg_after(argv, "--prompt") == prompt
+            assert _arg_after(argv, "--model") == model
+            assert _arg_after(argv, "--size") == size
             if container["name"] == "pytorch":
-                assert args == job_args(spec)
+                assert container["args"] == job_args(spec)
+                # The runtime's own parser reads the prompt back exactly as typed.
+                ns = build_parser().parse_args(["run", *container["args"]])
+                assert ns.prompt == prompt
         text = manifest_yaml(manifest)
         assert "pwned" not in yaml.safe_dump(
             {k: v for k, v in again.items() if k != "spec"}), "metadata was injected"

@@ -146,10 +146,6 @@ async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
         for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
             if text is not None and "\x00" in text:
                 raise InvalidRequest(f"the {name} contains a NUL character", field=name)
-        # No job argv (and no PostgreSQL text column) can carry a NUL character.
-        for name, value in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
-            if value is not None and "\x00" in value:
-                raise InvalidRequest(f"{name} contains a NUL character", field=name)
         spec = svc.registry.get_or_raise(req.model or default_model_id(svc))
         params = spec.resolve(size=req.size, num_frames=req.num_frames, steps=req.steps,
                               seed=req.seed, has_image=req.image is not None)
