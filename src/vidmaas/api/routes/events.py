@@ -122,9 +122,9 @@ async def task_events_sse(
     hub = hub_of(request.app)
     if await _already_finished(hub, status=task.status, task_id=task.id, after=resume):
         return Response(status_code=204)
-    conn = hub.connect(user_id=caller.id, scope=caller.scope, single=task.id)
-
     async def body() -> AsyncIterator[str]:
+        # Registered inside the body, so a client gone before it starts leaves nothing.
+        conn = hub.connect(user_id=caller.id, scope=caller.scope, single=task.id)
         try:
             yield "retry: 1000\n\n"
             if not await conn.attach(task.id, after=resume):
