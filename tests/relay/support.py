@@ -186,6 +186,8 @@ class Receiver:
 
     plan: list[int] = field(default_factory=list)
     default_status: int = 200
+    delay_s: float = 0.0
+    """How long to think before answering (after the request is recorded)."""
     received: list[Received] = field(default_factory=list)
     port: int = 0
 
@@ -210,6 +212,8 @@ def receiver(plan: list[int] | None = None, *, default_status: int = 200) -> Ite
                 state.received.append(Received(self.path, {k.lower(): v for k, v in
                                                            self.headers.items()}, body))
                 status = state.answer()
+                delay_s = state.delay_s
+            time.sleep(delay_s)
             self.send_response(status)
             self.send_header("content-length", "2")
             self.end_headers()

@@ -148,7 +148,7 @@ async def test_retries_survive_a_relay_restart(make_world: WorldFactory) -> None
             task = await world.task(webhook_url=rx.url, webhook_events=["completed"])
             async with running(relay_of(world, name="first")):
                 await run_to_completion(world, task.id)
-                await eventually(lambda: _attempted(rx, 1))
+                await eventually(lambda: _recorded_failure(world, task.id))
             rx.default_status = 204
             async with running(relay_of(world, name="second")):
                 await eventually(lambda: settled(world, task.id, 1))
@@ -156,8 +156,34 @@ async def test_retries_survive_a_relay_restart(make_world: WorldFactory) -> None
     assert (row.status, row.attempts, row.last_status_code) == ("delivered", 2, 204)
 
 
-async def _attempted(rx: Receiver, n: int) -> bool:
-    return len(rx.received) >= n
+async def test_an_attempt_cut_short_by_a_shutdown_is_made_again_soon(
+        make_world: WorldFactory) -> None:
+    with receiver() as rx:
+        rx.delay_s = 3.0
+        async with make_world(backoff_initial_s=0.05) as world:
+            task = await world.task(webhook_url=rx.url, webhook_events=["completed"])
+            async with running(relay_of(world, name="first")):
+                await run_to_completion(world, task.id)
+                await eventually(lambda: _received(rx))
+            [row] = await world.deliveries(task.id)
+            assert (row.status, row.attempts, row.last_error) == (
+                "pending", 0, "interrupted by a relay shutdown")
+            rx.delay_s = 0.0
+            async with running(relay_of(world, name="second")):
+                await eventually(lambda: settled(world, task.id, 1))
+            [row] = await world.deliveries(task.id)
+    assert (row.status, row.attempts) == ("delivered", 1)
+    # The receiver saw it twice, under one webhook-id: it drops the duplicate.
+    assert len({r.headers["webhook-id"] for r in rx.received}) == 1 == len(rx.received) - 1
+
+
+async def _received(rx: Receiver) -> bool:
+    return bool(rx.received)
+
+
+async def _recorded_failure(world: World, task_id: str) -> bool:
+    rows = await world.deliveries(task_id)
+    return bool(rows) and rows[0].last_status_code == 500
 
 
 async def test_an_unreachable_receiver_is_an_error_that_is_retried(

@@ -24,7 +24,8 @@ Guarantees:
   backoff from ``backoff_initial_s`` until ``max_attempts``; then it is ``failed``.
   Progress deliveries are best-effort: one attempt. Every attempt records its status
   code or error (truncated).
-- Recording the outcome of an attempt is shielded from cancellation.
+- Recording the outcome of an attempt is shielded from cancellation; an attempt cut
+  short by a shutdown does not count and is due again after ``backoff_initial_s``.
 """
 
 from __future__ import annotations
@@ -281,6 +282,13 @@ class WebhookSender:
         error: str | None = None
         try:
             status_code = await self._post(client, row, addresses[0])
+        except asyncio.CancelledError:
+            # Stopped mid-attempt: the outcome is unknown, so the attempt does not count
+            # and the delivery is due again soon (rather than when the claim lapses).
+            await self._shielded(self._finish(
+                row, status=PENDING, code=None, error="interrupted by a relay shutdown",
+                retry_in_s=self.settings.backoff_initial_s, uncount=True))
+            raise
         except httpx.HTTPError as e:
             error = f"{type(e).__name__}: {e}"
         except OSError as e:
@@ -347,9 +355,11 @@ class WebhookSender:
         return response.status_code
 
     async def _finish(self, row: WebhookDelivery, *, status: DeliveryStatus, code: int | None,
-                      error: str | None, retry_in_s: float | None = None) -> None:
+                      error: str | None, retry_in_s: float | None = None,
+                      uncount: bool = False) -> None:
         now = utcnow()
         values: dict[str, Any] = {
+            "attempts": row.attempts - 1 if uncount else row.attempts,
             "status": status, "last_status_code": code,
             "last_error": None if error is None else _truncate(error),
             "next_attempt_at": None if retry_in_s is None
