@@ -255,6 +255,74 @@ async def test_a_websocket_client_resuming_with_after_mid_run_gets_no_gap_and_no
     assert ws2.close_code == 1000
 
 
+async def test_clients_joining_a_watched_task_behind_the_shared_reader_each_get_every_later_event(
+        server: Server) -> None:
+    """The back-fill path: another client keeps the task's shared read going while
+    joiners resume from older ids, as events keep arriving."""
+    import random
+
+    task_id = await new_task(server)
+    await start_running(server, task_id)
+    steady = await ws_open(server, f"/v1/tasks/{task_id}/events")
+    await ws_messages(steady, n=1)
+    total = 300
+    ids: list[str] = []
+
+    async def publish_all() -> None:
+        for i in range(1, total + 1):
+            ids.append(await progress(server, task_id, i, total=total))
+            if i % 10 == 0:
+                await asyncio.sleep(0.005)
+
+    async def join(delay_s: float, sse: bool) -> tuple[int, list[int]]:
+        await asyncio.sleep(delay_s)
+        k = max(1, len(ids) - random.randint(1, 40))
+        after = ids[k - 1]
+        got: list[int] = []
+        if sse:
+            async with server.http.stream(
+                    "GET", f"/v1/tasks/{task_id}/events",
+                    headers={**server.auth("alice"), "Last-Event-ID": after}) as resp:
+                async for _, kind, data in _sse_iter(resp):
+                    if kind == "progress":
+                        got.append(data["data"]["step"])
+                        if got[-1] == total:
+                            break
+        else:
+            ws = await ws_open(server, f"/v1/tasks/{task_id}/events?after={after}")
+            while not got or got[-1] != total:
+                m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if m["type"] == "progress":
+                    got.append(m["data"]["step"])
+            await ws.close()
+        return k, got
+
+    pub = asyncio.create_task(publish_all(), name="publisher")
+    await asyncio.sleep(0.05)
+    joins = [join(0.02 * i, sse=i % 3 == 0) for i in range(12)]
+    results = await asyncio.wait_for(asyncio.gather(*joins), 30)
+    await pub
+    for k, got in results:
+        assert got == list(range(k + 1, total + 1)), k
+    got = await ws_messages(steady, n=total)
+    assert steps(got) == list(range(1, total + 1))
+    await steady.close()
+
+
+async def _sse_iter(resp: httpx.Response) -> AsyncIterator[tuple[str | None, str,
+                                                                  dict[str, Any]]]:
+    fields: dict[str, str] = {}
+    async for line in resp.aiter_lines():
+        if line == "":
+            if "data" in fields:
+                yield fields.get("id"), fields.get("event", "message"), json.loads(
+                    fields["data"])
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+
+
 async def test_an_sse_client_resuming_with_last_event_id_gets_no_gap_and_no_duplicate(
         server_sqlite: Server) -> None:
     server = server_sqlite

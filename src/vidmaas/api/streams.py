@@ -444,6 +444,7 @@ class StreamHub:
         self._reading = False
         self._reader: aioredis.Redis | None = None
         self._reader_id: int | None = None
+        self._refresh_id = False
         self._tasks: list[asyncio.Task[None]] = []
         self.reads = 0
 
@@ -570,9 +571,17 @@ class StreamHub:
             low = "(" + str(raw[-1][0])
 
     async def _read_loop(self) -> None:
+        if self._reader is not None:  # restarted after an error: drop the old connection
+            with contextlib.suppress(Exception):
+                await self._reader.aclose()
         self._reader = self.services.redis.client()
         self._reader_id = int(await self._reader.client_id())
+        self._refresh_id = False
         while True:
+            if self._refresh_id:
+                # The connection may have been re-made by a retry: its id changed.
+                self._reader_id = int(await self._reader.client_id())
+                self._refresh_id = False
             if not self._cursor and self._global_cursor is None:
                 self._changed.clear()
                 await self._changed.wait()
@@ -628,11 +637,20 @@ class StreamHub:
                 self._discover.put_nowait(event.task_id)
 
     async def _unblock_loop(self) -> None:
+        """Wake the blocked read when the key set grew. An UNBLOCK can arrive before the
+        XREAD it is meant for (the read was started but not yet sent): retry briefly; if
+        it never takes, the reader's id is stale and the reader fetches it again."""
         while True:
             await self._kick.wait()
             self._kick.clear()
-            if self._reading and self._reader_id is not None:
-                await self.services.redis.client_unblock(self._reader_id)
+            for _ in range(100):
+                if not self._reading or self._reader_id is None:
+                    break
+                if await self.services.redis.client_unblock(self._reader_id):
+                    break
+                await asyncio.sleep(0.005)
+            else:
+                self._refresh_id = True
 
     # -- new tasks of multiplexed connections
 
