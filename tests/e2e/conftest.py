@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,5 +110,3 @@ async def pages(live: LiveServer, browser: Browser, request: pytest.FixtureReque
         await p.close()
     assert not p.errors, p.errors
 
-
-Opener = Callable[..., Awaitable[Page]]

@@ -12,6 +12,7 @@ const KEY_STORAGE = "vidmaas.apiKey";
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const POLL_MS = 2000;
 const PAGE = 20;
+const LIST_REFRESH_MS = 30_000;
 
 const state = {
   lang: initialLanguage(),
@@ -97,12 +98,20 @@ async function api(path, { method = "GET", body, json } = {}) {
   return data;
 }
 
+let tokenRequest = null; // one request shared by every socket that needs a token now
+
 async function streamToken() {
   const now = Date.now();
   if (state.token && state.token.expiresAt - now > 30_000) return state.token.token;
-  const data = await api("/v1/auth/stream-token", { method: "POST" });
-  state.token = { token: data.token, expiresAt: now + data.expires_in_s * 1000 };
-  return data.token;
+  if (!tokenRequest) {
+    tokenRequest = api("/v1/auth/stream-token", { method: "POST" })
+      .then((data) => {
+        state.token = { token: data.token, expiresAt: Date.now() + data.expires_in_s * 1000 };
+        return data.token;
+      })
+      .finally(() => { tokenRequest = null; });
+  }
+  return tokenRequest;
 }
 
 function mediaUrl(path, token) {
@@ -755,6 +764,10 @@ function wire() {
   document.addEventListener("visibilitychange", () => {
     if (document.visibilityState === "visible" && state.apiKey) loadTasks().catch(() => {});
   });
+  // Tasks submitted elsewhere (the CLI, another tab) show up within half a minute.
+  setInterval(() => {
+    if (document.visibilityState === "visible" && state.apiKey) loadTasks().catch(() => {});
+  }, LIST_REFRESH_MS);
 }
 
 async function start() {
