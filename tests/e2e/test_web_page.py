@@ -327,3 +327,34 @@ async def test_a_retried_attempt_shows_why_and_the_task_runs_again(pages: Pages,
     await expect(card.get_by_test_id("status")).to_have_text("Running")
     await expect(card.get_by_test_id("percent")).to_have_text("10%")
     await expect(card.get_by_test_id("error")).to_be_hidden()
+
+
+async def test_a_dropped_stream_is_polled_over_and_resumed_from_the_last_event(
+        pages: Pages, live: LiveServer) -> None:
+    from playwright.async_api import WebSocketRoute
+
+    page = await pages.open("alice", label="dropped")
+    sockets: list[tuple[str, WebSocketRoute]] = []
+
+    def proxy(ws: WebSocketRoute) -> None:
+        ws.connect_to_server()
+        sockets.append((ws.url, ws))
+
+    await page.route_web_socket(re.compile(r".*/v1/tasks/.*/events.*"), proxy)
+    card = await submit(page, "through a flaky network")
+    task_id = await task_id_of(card)
+    await live.driver.start(task_id)
+    await live.driver.progress(task_id, percent=20.0)
+    await expect(card.get_by_test_id("percent")).to_have_text("20%")
+    await expect(page.get_by_test_id("connection")).to_have_text("Live")
+    first_count = len(sockets)
+    await sockets[-1][1].close(code=1011)  # the connection drops
+    await expect(page.get_by_test_id("connection")).not_to_have_text("Live")
+    await live.driver.progress(task_id, percent=45.0)
+    await expect(card.get_by_test_id("percent")).to_have_text("45%", timeout=10_000)
+    await expect(page.get_by_test_id("connection")).to_have_text("Live", timeout=10_000)
+    assert len(sockets) > first_count
+    resumed_url = sockets[-1][0]
+    assert f"/v1/tasks/{task_id}/events" in resumed_url and "after=" in resumed_url
+    await live.driver.progress(task_id, percent=80.0)
+    await expect(card.get_by_test_id("percent")).to_have_text("80%")
