@@ -19,9 +19,11 @@ from tests.dispatcher.dispatch_support import (
     make_settings,
     running,
 )
-from vidmaas.config import Settings
+from vidmaas.bus.events import read_task_events
+from vidmaas.config import Settings, StorageSettings
 from vidmaas.dispatcher.executors.base import JobState, JobStatus
 from vidmaas.dispatcher.executors.local import LocalExecutor
+from vidmaas.domain.events import EventType
 from vidmaas.domain.ids import job_name, new_task_id
 from vidmaas.domain.jobs import JobSpec, job_args
 from vidmaas.domain.models import ModelRegistry
@@ -87,15 +89,13 @@ async def test_a_job_runs_in_a_fresh_work_dir_with_the_contract_environment(
     assert (await executor.status(spec.job_name)).state is JobState.SUCCEEDED
 
 
-def test_the_default_command_is_torchrun_of_the_runtime_with_the_job_args(
+def test_the_default_command_is_the_runtime_entry_with_exactly_the_job_args(
         tmp_path: Path) -> None:
     settings = _settings(tmp_path, "redis://x")
     spec = _spec("a 'quoted' prompt")
     cmd = LocalExecutor(settings=settings).command(spec)
-    assert Path(cmd[0]).name == "torchrun"
-    assert cmd[1:3] == ["--nproc-per-node", "1"]
-    assert cmd[cmd.index("-m") + 1:cmd.index("-m") + 3] == ["vidmaas.runtime.cli", "run"]
-    assert cmd[cmd.index("run") + 1:] == job_args(spec)
+    assert cmd[:4] == [sys.executable, "-m", "vidmaas.runtime.cli", "run"]
+    assert cmd[4:] == job_args(spec)
 
 
 async def test_launching_the_same_attempt_twice_starts_one_process(
@@ -213,4 +213,30 @@ async def test_a_job_that_exits_without_a_terminal_event_fails_its_task_with_cod
 
 
 async def _job_ended(executor: LocalExecutor, task_id: str) -> bool:
-    return (await executor.status(job_name(task_id))).state.finished
+    state = (await executor.status(job_name(task_id))).state
+    return state in (JobState.SUCCEEDED, JobState.FAILED)
+
+
+@pytest.mark.slow
+async def test_the_real_runtime_runs_a_tiny_model_job_to_a_reported_video(
+        tmp_path: Path, sqlite_url: str, redis: aioredis.Redis, redis_url: str,
+        tiny_model_root: Path, local_storage: StorageSettings) -> None:
+    settings = _settings(tmp_path, redis_url, sqlite_url)
+    settings.model_root = tiny_model_root
+    settings.storage = local_storage
+    async with database(sqlite_url) as sessions:
+        world = World(settings=settings, sessions=sessions, redis=redis)
+        task = await world.submit("alice")
+        executor = LocalExecutor(settings=settings)
+        async with running(world.dispatcher(executor)):
+            await eventually(lambda: _job_ended(executor, task.id), timeout_s=90,
+                             interval_s=0.1)
+        status = await executor.status(job_name(task.id))
+        await executor.close()
+    assert (status.state, status.exit_code) == (JobState.SUCCEEDED, 0), status.message
+    events = [e for _, e in await read_task_events(redis, task.id)]
+    completed = [e for e in events if e.type is EventType.COMPLETED]
+    assert [e.type for e in events].count(EventType.STARTED) == 1
+    assert len(completed) == 1
+    video = Path(local_storage.url.removeprefix("file://")) / completed[0].data["video_key"]
+    assert video.stat().st_size > 0

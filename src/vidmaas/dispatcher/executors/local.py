@@ -4,9 +4,10 @@ Guarantees:
 - A job runs as a pod would: in a fresh work directory under ``local.work_root``,
   with the environment of DESIGN §5 (task id, Redis and storage URLs, storage
   credentials, model and work directories, and the variables the Training Operator
-  injects), as ``torchrun --nproc-per-node N --nnodes 1 -m vidmaas.runtime.cli run
-  <job_args(spec)>`` (or a given program, for tests), in its own session and process
-  group, its stdout and stderr in ``job.log`` of the work directory.
+  injects, ``PET_NPROC_PER_NODE`` from the registry), as ``vidmaas-job run
+  <job_args(spec)>`` (the pod's entry; the runtime runs ``torchrun`` for its
+  generate step when the job has several processes), or a given program for tests,
+  in its own session and process group, stdout and stderr in ``job.log``.
 - State survives the dispatcher: the work directory holds ``job.json`` (attempt, pid,
   process start time) and, once the job ends, ``exit_code`` (written by a small
   ``sh`` wrapper that is the group leader). So a restarted dispatcher finds a job
@@ -116,20 +117,13 @@ class LocalExecutor:
 
     # ------------------------------------------------------------------ command, env
 
-    def _torchrun(self) -> str:
-        exe = self.cfg.torchrun
-        if os.sep in exe or shutil.which(exe):
-            return exe
-        beside = Path(sys.executable).parent / exe
-        return str(beside) if beside.exists() else exe
-
     def command(self, spec: JobSpec) -> list[str]:
+        """What a pod's container runs: ``vidmaas-job run <job_args>``. The runtime starts
+        ``torchrun --nproc-per-node N … generate`` itself when the job has several
+        processes (from ``PET_NPROC_PER_NODE``), as it does in a pod."""
         if self.program is not None:
             return [*self.program, *job_args(spec)]
-        return [self._torchrun(), "--nproc-per-node", str(spec.model.nproc_per_node),
-                "--nnodes", "1", "--master-addr", "127.0.0.1",
-                "--master-port", str(_free_port()),
-                "-m", "vidmaas.runtime.cli", "run", *job_args(spec)]
+        return [sys.executable, "-m", "vidmaas.runtime.cli", "run", *job_args(spec)]
 
     def environment(self, spec: JobSpec, work_dir: Path) -> dict[str, str]:
         s = self.settings
