@@ -66,9 +66,11 @@ class Pages:
     errors: list[str] = field(default_factory=list)
 
     async def open(self, user: str | None = "alice", *, label: str | None = None,
-                   locale: str = "en-US", viewport: dict[str, int] | None = None) -> Page:
+                   locale: str = "en-US", viewport: dict[str, int] | None = None,
+                   timezone_id: str = "UTC") -> Page:
         ctx = await self.browser.new_context(
-            locale=locale, viewport=viewport or {"width": 1280, "height": 900},  # type: ignore[arg-type]
+            locale=locale, timezone_id=timezone_id,
+            viewport=viewport or {"width": 1280, "height": 900},  # type: ignore[arg-type]
             base_url=self.live.url, is_mobile=bool(viewport and viewport["width"] < 500),
             has_touch=bool(viewport and viewport["width"] < 500))
         self.contexts.append(ctx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
+from datetime import UTC, datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -243,12 +244,19 @@ async def test_without_the_event_stream_the_page_polls_and_still_shows_progress(
 
 
 async def test_the_page_speaks_chinese_or_english_and_remembers_the_choice(
-        pages: Pages) -> None:
-    page = await pages.open("alice", locale="zh-CN")
+        pages: Pages, live: LiveServer) -> None:
+    page = await pages.open("alice", locale="zh-CN", timezone_id="Asia/Shanghai")
     await expect(page.get_by_test_id("submit")).to_have_text("生成")
     assert await page.evaluate("document.documentElement.lang") == "zh-CN"
     card = await submit(page, "狐狸")
     await expect(card.get_by_test_id("status")).to_have_text("排队中")
+    # Times are shown in the browser's time zone (UTC+8 here).
+    created = datetime.fromisoformat(
+        (await aget(f"{live.url}/v1/tasks/{await task_id_of(card)}",
+                    headers={"Authorization": f"Bearer {live.keys['alice']}"})).json()[
+            "created_at"]).replace(tzinfo=UTC)
+    local = created.astimezone(timezone(timedelta(hours=8)))
+    await expect(card.get_by_test_id("created")).to_contain_text(local.strftime("%H:%M"))
     await expect(card.get_by_test_id("queue-position")).to_have_text("排队第 1 位")
     await page.get_by_test_id("lang").click()
     await expect(page.get_by_test_id("submit")).to_have_text("Generate")

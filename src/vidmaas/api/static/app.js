@@ -394,6 +394,11 @@ function cardOf(id) {
   return card;
 }
 
+function parseTime(text) {
+  // Server times are UTC; some databases hand them back without an offset.
+  return new Date(/(Z|[+-]\d\d:?\d\d)$/.test(text) ? text : `${text}Z`);
+}
+
 function fmtDuration(s) {
   s = Math.max(0, Math.round(s));
   if (s < 60) return `${s} s`;
@@ -416,11 +421,10 @@ function renderTask(id) {
   const created = card.querySelector("time");
   if (t.created_at) {
     created.dateTime = t.created_at;
-    created.textContent = new Date(t.created_at).toLocaleString(state.lang === "zh" ? "zh-CN" : "en");
+    created.textContent = parseTime(t.created_at).toLocaleString(state.lang === "zh" ? "zh-CN" : "en");
   }
   const percent = Math.max(0, Math.min(100, Number(t.progress) || 0));
-  const active = !TERMINAL.has(t.status) || t.status === "completed";
-  p.progressRow.hidden = !active || t.status === "completed";
+  p.progressRow.hidden = TERMINAL.has(t.status);
   p.bar.setAttribute("aria-valuenow", String(Math.round(percent)));
   p.bar.setAttribute("aria-label", tr(`status.${t.status}`));
   p.bar.firstChild.style.width = `${percent}%`;
