@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +161,19 @@ async def test_wait_downloads_even_when_the_end_is_streamed_before_it_is_recorde
     await live.driver.complete(task_id, recorded_after_s=1.5)
     assert await asyncio.wait_for(run, 60) == 0
     assert (tmp_path / "racy.mp4").stat().st_size > 1000
+
+
+async def test_json_output_and_a_status_filter_are_for_scripts(
+        live: LiveServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await vidmaas("submit", "--prompt", "kept", "--json", *conn(live)) == 0
+    kept = json.loads(capsys.readouterr().out)
+    await vidmaas("submit", "--prompt", "dropped", *conn(live))
+    dropped = capsys.readouterr().out.strip()
+    await vidmaas("cancel", dropped, *conn(live))
+    capsys.readouterr()
+    assert await vidmaas("tasks", "--status", "queued", "--json", *conn(live)) == 0
+    page = json.loads(capsys.readouterr().out)
+    assert [t["id"] for t in page["data"]] == [kept["id"]] and kept["status"] == "queued"
+    assert await vidmaas("tasks", "--status", "cancelled", *conn(live)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [[dropped, "cancelled"]]
