@@ -240,3 +240,32 @@ async def test_the_real_runtime_runs_a_tiny_model_job_to_a_reported_video(
     assert len(completed) == 1
     video = Path(local_storage.url.removeprefix("file://")) / completed[0].data["video_key"]
     assert video.stat().st_size > 0
+
+
+async def test_concurrent_jobs_get_distinct_gpus_and_a_freed_gpu_is_reused(
+        tmp_path: Path, redis_url: str) -> None:
+    settings = _settings(tmp_path, redis_url)
+    settings.gpu_capacity = 2
+    executor = _executor(settings, tmp_path)
+    specs = [_spec("sleep"), _spec("sleep"), _spec("sleep")]
+    work = tmp_path / "jobs"
+    try:
+        await asyncio.gather(executor.launch(specs[0]), executor.launch(specs[1]))
+        await eventually(lambda: _has_launches(tmp_path, 2))
+        first = {_devices(work, s) for s in specs[:2]}
+        await executor.cancel(specs[0].job_name, grace_s=5)
+        await _next_update(executor)
+        await executor.launch(specs[2])
+        third = _devices(work, specs[2])
+        held_by_second = _devices(work, specs[1])
+        for s in specs[1:]:
+            await executor.cancel(s.job_name, grace_s=0)
+    finally:
+        await executor.close()
+    assert first == {"0", "1"}
+    assert third != held_by_second
+
+
+def _devices(work: Path, spec: JobSpec) -> str:
+    marker = json.loads((work / spec.job_name / "job.json").read_text())
+    return ",".join(marker["devices"])

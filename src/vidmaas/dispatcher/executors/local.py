@@ -17,6 +17,9 @@ Guarantees:
   the existing job, running or ended; a new attempt replaces an ended job's directory,
   and stops a leftover of an earlier attempt first. Launches of one job name are
   serialised across processes by a lock file.
+- GPUs: each job gets ``CUDA_VISIBLE_DEVICES`` of its own, ``spec.gpus`` ids that no
+  other live job of the work root holds (from the dispatcher's own
+  ``CUDA_VISIBLE_DEVICES``, else ``0 … gpu_capacity-1``), recorded in ``job.json``.
 - ``cancel`` sends SIGTERM to the group and SIGKILL after ``grace_s``.
 - ``updates`` yields a ``JobStatus`` when a job's process ends: its exit code, whether
   that is retryable (``exit_code_retryable``) and the tail of its log.
@@ -244,6 +247,21 @@ class LocalExecutor:
                 os.close(fd)  # releases the flock
         return spec.job_name
 
+    def _free_devices(self, n: int, job_name: str) -> list[str]:
+        """``n`` GPU ids no live job of this work root holds. The pool is the dispatcher's
+        own ``CUDA_VISIBLE_DEVICES`` if set, else ``0 … gpu_capacity-1``."""
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        pool = [d.strip() for d in visible.split(",") if d.strip()] if visible else \
+            [str(i) for i in range(max(self.settings.gpu_capacity, 1))]
+        held = {d for name, marker in self._scan() if name != job_name and self._alive(marker)
+                for d in marker.get("devices") or []}
+        chosen = [d for d in pool if d not in held][:n]
+        if len(chosen) < n:
+            log.warning("job %s: only %d free GPUs of %d needed; sharing", job_name,
+                        len(chosen), n, extra={"task_id": task_id_from_job_name(job_name)})
+            chosen += [d for d in pool if d not in chosen][: n - len(chosen)]
+        return chosen
+
     def _lock_file(self, job_name: str) -> int:
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / f".{job_name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -277,17 +295,25 @@ class LocalExecutor:
                                 {"job_name": name, "attempt": spec.attempt, "pid": None})
         cmd = ["/bin/sh", "-c", _WRAPPER, "vidmaas-job", *self.command(spec)]
         env = self.environment(spec, work_dir)
-        log_f = await asyncio.to_thread((work_dir / LOG_FILE).open, "ab")
+        # Devices are chosen and recorded under one machine-wide lock, so that two
+        # launches (in any dispatcher process on this machine) never pick the same GPU.
+        devices_fd = await asyncio.to_thread(self._lock_file, "devices")
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, cwd=work_dir, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log_f,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            devices = await asyncio.to_thread(self._free_devices, spec.gpus, name)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+            log_f = await asyncio.to_thread((work_dir / LOG_FILE).open, "ab")
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *cmd, cwd=work_dir, env=env, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_f, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            finally:
+                log_f.close()
+            start_time = _proc_start_time(proc.pid)
+            await asyncio.to_thread(self._write_marker, work_dir, {
+                "job_name": name, "attempt": spec.attempt, "pid": proc.pid,
+                "start_time": start_time, "task_id": spec.task_id, "devices": devices})
         finally:
-            log_f.close()
-        start_time = _proc_start_time(proc.pid)
-        await asyncio.to_thread(self._write_marker, work_dir, {
-            "job_name": name, "attempt": spec.attempt, "pid": proc.pid,
-            "start_time": start_time, "task_id": spec.task_id})
+            os.close(devices_fd)
         job = _Job(name=name, attempt=spec.attempt, pid=proc.pid, start_time=start_time,
                    proc=proc)
         job.watcher = asyncio.create_task(self._watch_child(job), name=f"local-job-{name}")
