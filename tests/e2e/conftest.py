@@ -67,9 +67,9 @@ class Pages:
 
     async def open(self, user: str | None = "alice", *, label: str | None = None,
                    locale: str = "en-US", viewport: dict[str, int] | None = None,
-                   timezone_id: str = "UTC") -> Page:
+                   timezone_id: str = "UTC", dark: bool = False) -> Page:
         ctx = await self.browser.new_context(
-            locale=locale, timezone_id=timezone_id,
+            locale=locale, timezone_id=timezone_id, color_scheme="dark" if dark else "light",
             viewport=viewport or {"width": 1280, "height": 900},  # type: ignore[arg-type]
             base_url=self.live.url, is_mobile=bool(viewport and viewport["width"] < 500),
             has_touch=bool(viewport and viewport["width"] < 500))

@@ -267,8 +267,9 @@ async def test_the_page_speaks_chinese_or_english_and_remembers_the_choice(
     await expect(page.get_by_test_id("submit")).to_have_text("生成")
 
 
-async def test_the_page_fits_a_phone_screen(pages: Pages, live: LiveServer) -> None:
-    page = await pages.open("alice", label="phone", viewport={"width": 390, "height": 844})
+async def test_the_page_fits_a_phone_screen_in_dark_mode(pages: Pages, live: LiveServer) -> None:
+    page = await pages.open("alice", label="phone", viewport={"width": 390, "height": 844},
+                            dark=True)
     card = await submit(page, "a fox on a phone")
     task_id = await task_id_of(card)
     await live.driver.start(task_id)
@@ -280,6 +281,14 @@ async def test_the_page_fits_a_phone_screen(pages: Pages, live: LiveServer) -> N
     assert box and box["width"] > 300  # full-width button
     task_box = await card.bounding_box()
     assert task_box and task_box["x"] >= 0 and task_box["x"] + task_box["width"] <= 390
+    background = await page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(17, 19, 21)"  # the dark palette
+    # Every form control has a label a screen reader can announce.
+    unlabeled = await page.evaluate("""() => [...document.querySelectorAll(
+        'input:not([type=file]), select, textarea, button')].filter((el) =>
+        !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+        && !el.textContent.trim()).map((el) => el.id || el.outerHTML.slice(0, 60))""")
+    assert unlabeled == []
 
 
 async def test_the_page_is_served_with_a_strict_policy_and_loads_nothing_external(
