@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import av
@@ -191,3 +192,26 @@ def test_a_config_file_that_does_not_parse_is_an_error(tmp_path: Path) -> None:
         resolve(server=None, api_key=None, config_path=str(cfg), env={})
     with pytest.raises(ConfigError, match="does not exist"):
         resolve(server=None, api_key=None, config_path=str(tmp_path / "nope.toml"), env={})
+
+
+async def test_the_async_client_watches_a_task_to_completion_and_downloads_it(
+        live: LiveServer, tmp_path: Path) -> None:
+    async with AsyncClient(live.url, live.keys["alice"]) as c:
+        task = await c.submit("async watch", model="tiny-t2v")
+
+        async def drive() -> None:
+            await asyncio.sleep(0.3)
+            await live.driver.start(task["id"])
+            await live.driver.progress(task["id"], percent=50.0)
+            await live.driver.complete(task["id"], recorded_after_s=0.5)
+
+        driver = asyncio.create_task(drive(), name="drive")
+        kinds = []
+        async with contextlib.aclosing(c.watch(task["id"])) as stream:
+            async for msg in stream:
+                kinds.append(msg["type"])
+        await driver
+        assert kinds[0] == "snapshot" and "progress" in kinds and kinds[-1] == "completed"
+        assert (await c.wait(task["id"]))["status"] == "completed"
+        path = await c.download(task["id"], tmp_path / "a.mp4")
+        assert path.read_bytes()[4:8] == b"ftyp"

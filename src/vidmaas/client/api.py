@@ -16,10 +16,12 @@ Guarantees:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import mimetypes
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -353,7 +355,7 @@ class Client:
 
 
 class AsyncClient:
-    """The same REST calls for asyncio code (``watch`` is the blocking client's)."""
+    """``Client`` for asyncio code: the same calls, awaited; ``watch`` is an async iterator."""
 
     def __init__(self, server: str, api_key: str | None, *, timeout_s: float = 30.0,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
@@ -413,7 +415,7 @@ class AsyncClient:
         return dict((await self._request("POST", f"/v1/tasks/{task_id}/cancel")).json())
 
     async def events(self, task_id: str, *, after: str | None = None,
-                     read_timeout_s: float = 60.0) -> AsyncIterator[Message]:
+                     read_timeout_s: float = 60.0) -> AsyncGenerator[Message, None]:
         """The task's SSE stream, as ``Client.events``."""
         params = {"after": after} if after else {}
         headers = {"Accept": "text/event-stream"}
@@ -435,6 +437,68 @@ class AsyncClient:
                         yield msg
         except httpx.TransportError as e:
             raise _unreachable(self.server, e) from e
+
+    async def watch(self, task_id: str, *, after: str | None = None,
+                    poll_interval_s: float = 2.0, max_reconnects: int = 30,
+                    ) -> AsyncGenerator[Message, None]:
+        """``Client.watch`` for asyncio: resumes after drops, polls without a stream."""
+        last = after
+        drops = 0
+        while True:
+            try:
+                # aclosing: leaving early closes the HTTP stream now, not at collection.
+                async with contextlib.aclosing(self.events(task_id, after=last)) as stream:
+                    async for msg in stream:
+                        drops = 0
+                        if msg.get("id"):
+                            last = str(msg["id"])
+                        if msg.get("type") == "ping":
+                            continue
+                        yield msg
+                        if is_terminal(msg):
+                            return
+            except ClientError as e:
+                if _stream_fallback(e):
+                    async with contextlib.aclosing(
+                            self._poll(task_id, interval_s=poll_interval_s)) as polled:
+                        async for snap in polled:
+                            yield snap
+                    return
+                if e.status not in (0, 502, 503, 504):
+                    raise
+            else:
+                task = await self.get(task_id)
+                if task["status"] in TERMINAL_STATUSES:
+                    yield {"type": "snapshot", "task_id": task_id, "task": task}
+                    return
+            drops += 1
+            if drops > max_reconnects:
+                raise ClientError(0, "stream_lost", "the event stream keeps dropping")
+            await asyncio.sleep(min(0.2 * 2 ** drops, 5.0))
+
+    async def _poll(self, task_id: str, *, interval_s: float) -> AsyncGenerator[Message, None]:
+        seen: Any = None
+        while True:
+            task = await self.get(task_id)
+            state = (task["status"], task["progress"], task["stage"], task["queue_position"])
+            if state != seen:
+                seen = state
+                yield {"type": "snapshot", "task": task}
+            if task["status"] in TERMINAL_STATUSES:
+                return
+            await asyncio.sleep(interval_s)
+
+    async def wait(self, task_id: str, *, timeout_s: float = 60.0, interval_s: float = 0.5,
+                   ) -> Task:
+        """``Client.wait``: the task once its row says it ended."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            task = await self.get(task_id)
+            if task["status"] in TERMINAL_STATUSES:
+                return task
+            if time.monotonic() > deadline:
+                raise ClientError(0, "timeout", f"task {task_id} is still {task['status']}")
+            await asyncio.sleep(interval_s)
 
     async def download(self, task_id: str, path: Path | str, *, which: str = "video") -> Path:
         target = Path(path)
