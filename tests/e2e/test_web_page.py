@@ -375,3 +375,19 @@ async def test_a_dropped_stream_is_polled_over_and_resumed_from_the_last_event(
     assert f"/v1/tasks/{task_id}/events" in resumed_url and "after=" in resumed_url
     await live.driver.progress(task_id, percent=80.0)
     await expect(card.get_by_test_id("percent")).to_have_text("80%")
+
+
+async def test_older_tasks_load_on_demand_newest_first(pages: Pages, live: LiveServer) -> None:
+    from vidmaas.client import AsyncClient
+
+    async with AsyncClient(live.url, live.keys["alice"]) as c:
+        for i in range(22):
+            await c.submit(f"task {i:02d}")
+    page = await pages.open("alice")
+    prompts = page.get_by_test_id("task-prompt")
+    await expect(prompts).to_have_count(20)
+    await expect(prompts.first).to_have_text("task 21")
+    await page.get_by_test_id("more").click()
+    await expect(prompts).to_have_count(22)
+    await expect(prompts.last).to_have_text("task 00")
+    await expect(page.get_by_test_id("more")).to_be_hidden()

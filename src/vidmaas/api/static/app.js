@@ -24,6 +24,7 @@ const state = {
   tasks: new Map(), // id -> task (TaskOut shape, updated by events)
   order: [], // ids, newest first
   cursor: null,
+  pagedOn: false, // "Load more" was used: refreshes leave the cursor alone
   watchers: new Map(), // id -> Watcher
   token: null, // {token, expiresAt}
   image: null, // File
@@ -167,8 +168,12 @@ async function signIn(key) {
   const who = $('[data-testid="user-name"]');
   who.textContent = state.me.name;
   who.hidden = false;
-  await loadModels();
-  await loadTasks();
+  try {
+    await loadModels();
+    await loadTasks();
+  } catch (e) {
+    if (state.apiKey) $("#form-error").textContent = e.message;
+  }
   return true;
 }
 
@@ -181,6 +186,9 @@ function signOut(message) {
   state.watchers.clear();
   state.tasks.clear();
   state.order = [];
+  state.cursor = null;
+  state.pagedOn = false;
+  cards.clear();
   $("#tasks").replaceChildren();
   $("#api-key").value = "";
   showSignIn(message);
@@ -321,8 +329,12 @@ async function loadTasks({ more = false } = {}) {
   const page = await api(`/v1/tasks?${params}`);
   // Tasks already known are merged (events may be newer than the list), never dropped.
   for (const task of page.data) upsertTask(task, { front: false });
-  state.cursor = page.next_cursor;
-  $("#more").hidden = !page.next_cursor;
+  // A refresh of the first page keeps the place of pages loaded with "Load more".
+  if (more || !state.pagedOn) {
+    state.cursor = page.next_cursor;
+    state.pagedOn = more;
+    $("#more").hidden = !page.next_cursor;
+  }
   sortOrder();
   renderList();
 }
