@@ -218,3 +218,27 @@ async def test_scheduling_a_retry_wakes_a_sleeping_dispatcher(redis: aioredis.Re
     await redis.delete(keys.QUEUE_SIGNAL)
     await q.schedule_retry(user_id="u", task_id="t1", gpus=1, delay_s=0.05)
     assert await q.wait_signal(0.1) is True
+
+
+async def test_launches_the_dispatch_gap_and_capacity_are_exported_as_metrics(
+        sqlite_url: str, redis: aioredis.Redis, redis_url: str) -> None:
+    from vidmaas.metrics import Heartbeat, Metrics
+
+    settings = make_settings(db_url=sqlite_url, redis_url=redis_url, capacity=2)
+    metrics = Metrics(role="dispatcher")
+    now = [0.0]
+    beat = Heartbeat(max_age_s=10, clock=lambda: now[0])
+    now[0] = 100.0
+    assert not beat.is_alive()
+    async with database(sqlite_url) as sessions:
+        world = World(settings=settings, sessions=sessions, redis=redis)
+        tasks = [await world.submit(f"u{i}") for i in range(3)]
+        executor = FakeExecutor(duration_s=0.01, on_event=world.relay_finish)
+        async with running(world.dispatcher(executor, metrics=metrics, heartbeat=beat)):
+            await eventually(lambda: _done(world, [t.id for t in tasks]))
+            assert beat.is_alive()
+        await executor.close()
+    sample = metrics.registry.get_sample_value
+    assert sample("vidmaas_dispatches_total", {"executor": "fake"}) == 3
+    assert sample("vidmaas_dispatch_gap_seconds_count") == 3
+    assert sample("vidmaas_gpu_capacity") == 2

@@ -62,6 +62,7 @@ from vidmaas.domain.models import ModelRegistry
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import VidmaasError
 from vidmaas.lifecycle import Lifecycle
+from vidmaas.metrics import Heartbeat, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,11 @@ class Dispatcher:
 
     def __init__(self, *, settings: Settings, sessions: async_sessionmaker[AsyncSession],
                  redis: aioredis.Redis, executor: Executor, registry: ModelRegistry,
-                 dispatcher_id: str | None = None, test_hooks: bool = False) -> None:
+                 dispatcher_id: str | None = None, test_hooks: bool = False,
+                 metrics: Metrics | None = None, heartbeat: Heartbeat | None = None) -> None:
+        """``metrics``: where launches, the dispatch gap and queue/capacity snapshots are
+        recorded; ``heartbeat``: beaten by the admission and sweep loops (liveness probe);
+        ``test_hooks``: honour ``keys.TEST_HOOK`` pauses (crash tests only)."""
         self.settings = settings
         self.cfg = settings.dispatcher
         self.sessions = sessions
@@ -109,6 +114,9 @@ class Dispatcher:
         self.ready = asyncio.Event()
         """Set once the first reconcile pass has run."""
         self.launched = 0
+        self.metrics = metrics
+        self.heartbeat = heartbeat
+        self._woke_at = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -199,7 +207,13 @@ class Dispatcher:
         waiter = TaskQueue(aioredis.Redis(connection_pool=pool))
         try:
             while not self._stopping.is_set():
-                await self.admit()
+                self._woke_at = time.monotonic()
+                if self.heartbeat is not None:
+                    self.heartbeat.beat()
+                if await self.admit() and self.metrics is not None:
+                    self.metrics.set_capacity(in_use=await self.queue.gpus_in_use(),
+                                              capacity=self.settings.gpu_capacity)
+                    self.metrics.set_queue_depths(await self.queue.depths())
                 timeout_s = min(self.cfg.reconcile_interval_s, WAKE_MAX_S)
                 due_s = await self.queue.next_due_in_s()
                 if due_s is not None:
@@ -305,6 +319,11 @@ class Dispatcher:
             await self.queue.ack(tid)
             return
         self.launched += 1
+        if self.metrics is not None:
+            queued_s = _age_s(task.queued_at, datetime.now(UTC))
+            self.metrics.observe_dispatch(executor=self.executor.name,
+                                          gap_s=time.monotonic() - self._woke_at,
+                                          queue_wait_s=queued_s or 0.0)
         log.info("task %s: launched job %s (attempt %d)", tid, spec.job_name, spec.attempt,
                  extra={"task_id": tid})
         await self._hook("after_launch")
@@ -459,7 +478,21 @@ class Dispatcher:
                 self.ready.set()
             await self.watchdog()
             await self.redis.zadd(keys.DISPATCHERS, {self.id: int(time.time() * 1000)})
+            if self.heartbeat is not None:
+                self.heartbeat.beat()
+            if self.metrics is not None:
+                await self._export_snapshot(self.metrics)
             await self._pause(self.cfg.reconcile_interval_s)
+
+    async def _export_snapshot(self, metrics: Metrics) -> None:
+        try:
+            metrics.set_capacity(in_use=await self.queue.gpus_in_use(),
+                                 capacity=self.settings.gpu_capacity)
+            metrics.set_queue_depths(await self.queue.depths())
+            async with self.sessions() as session:
+                metrics.set_task_counts(await repo.count_by_status(session=session))
+        except Exception:
+            log.exception("dispatcher %s: metrics snapshot failed", self.id)
 
     async def watchdog(self) -> None:
         """Fail or retry silent, overdue and stuck-dispatching tasks."""
