@@ -652,7 +652,11 @@ class Dispatcher:
 
 async def serve(settings: Settings, executor: Executor, *, test_hooks: bool = False,
                 registry: ModelRegistry | None = None) -> None:
-    """Run one dispatcher with its own database and Redis clients until SIGTERM/SIGINT."""
+    """Run one dispatcher with its own database and Redis clients until SIGTERM/SIGINT.
+
+    A minimal runner (the crash tests start it in a child process); the ``vidmaas
+    dispatcher`` command uses ``vidmaas.roles.run_dispatcher``, which adds metrics.
+    """
     engine = make_engine(settings.database)
     client = connect(settings.redis.url)
     dispatcher = Dispatcher(settings=settings, sessions=make_sessionmaker(engine), redis=client,
@@ -671,16 +675,3 @@ async def serve(settings: Settings, executor: Executor, *, test_hooks: bool = Fa
         await client.aclose()
         await engine.dispose()
 
-
-def main() -> None:
-    """``python -m vidmaas.dispatcher.service``: a dispatcher with the local executor."""
-    from vidmaas.dispatcher.executors.local import LocalExecutor
-
-    settings = Settings()
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(settings, LocalExecutor(settings=settings)))
-
-
-if __name__ == "__main__":
-    main()
