@@ -171,7 +171,9 @@ async def test_an_expired_claim_of_a_dispatching_task_launches_its_job_once_and_
 
 
 async def test_capacity_held_by_a_task_that_is_no_longer_active_is_released(
-        db_url: str, redis: aioredis.Redis, redis_url: str) -> None:
+        db_url: str, redis: aioredis.Redis, redis_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "LEASE_GRACE_S", 0.0)
     settings = make_settings(db_url=db_url, redis_url=redis_url)
     executor = FakeExecutor()
     q = TaskQueue(redis)

@@ -73,6 +73,9 @@ CANCEL_SCAN_S = 1.0
 REQUEUE_GRACE_S = 10.0
 """A ``queued`` task is re-enqueued by the reconciler only once it has been queued this
 long, so it never races the api's enqueue or a retry being scheduled."""
+LEASE_GRACE_S = 10.0
+"""A lease of a task that is not active is released only once the task has not changed
+for this long: whoever just finished or requeued it is releasing it right now."""
 STOP_TIMEOUT_S = 10.0
 """How long ``stop()`` lets the loops finish their current step before cancelling."""
 TEST_STEPS = ("after_claim", "after_dispatching", "after_launch")
@@ -616,6 +619,9 @@ class Dispatcher:
         for tid in await self.queue.leases():
             task = await self._get(tid)
             if task is not None and TaskStatus(task.status).active:
+                continue
+            changed_s = None if task is None else _age_s(task.updated_at, datetime.now(UTC))
+            if changed_s is not None and changed_s < LEASE_GRACE_S:
                 continue
             if await self.queue.is_claimed(tid):
                 continue  # being dispatched right now
