@@ -162,6 +162,7 @@ async def time_lists(db_url: str, redis_url: str, tmp: Path, ids: dict[str, list
 
 def dispatcher_rss(db_url: str, redis_url: str, tmp: Path, timeout_s: float) -> str:
     import psutil
+    from tests.support.services import free_port
 
     from vidmaas.bus import keys as k
     from vidmaas.bus.client import connect
@@ -169,7 +170,8 @@ def dispatcher_rss(db_url: str, redis_url: str, tmp: Path, timeout_s: float) -> 
     env = {**os.environ, "VIDMAAS_DATABASE_URL": db_url, "VIDMAAS_REDIS_URL": redis_url,
            "VIDMAAS_STORAGE_URL": (tmp / "objects").as_uri(), "VIDMAAS_GPU_CAPACITY": "0",
            "VIDMAAS_EXECUTOR": "local", "VIDMAAS_LOG_LEVEL": "WARNING",
-           "VIDMAAS_LOCAL_WORK_ROOT": str(tmp / "jobs")}
+           "VIDMAAS_LOCAL_WORK_ROOT": str(tmp / "jobs"), "VIDMAAS_METRICS_HOST": "127.0.0.1",
+           "VIDMAAS_METRICS_PORT": str(free_port())}
     log = (tmp / "dispatcher.log").open("wb")
     proc = subprocess.Popen([vidmaas_bin(), "dispatcher"], env=env, stdout=log,
                             stderr=subprocess.STDOUT)

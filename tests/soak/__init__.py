@@ -1,0 +1,1 @@
+"""The crash-and-restart soak, short version (the long one is scripts/soak.py)."""

@@ -1,0 +1,615 @@
+"""The crash-and-restart soak: the roles as separate processes under a chaos loop.
+
+``run_soak(config, ...)`` starts Redis (append-only), ``vidmaas api``, ``vidmaas
+dispatcher`` ×N and ``vidmaas relay`` ×M on a PostgreSQL database, all on 127.0.0.1,
+with the local executor running the tiny model. Several users submit tasks (each with
+an ``Idempotency-Key``, retried until accepted, so a create lost to a crash is retried
+and never doubled) while a chaos loop SIGKILLs and restarts roles, restarts Redis,
+and SIGKILLs job process groups (found by ``VIDMAAS_TASK_ID`` in their environment).
+A sampler watches, several times a second, the capacity leases in Redis and the job
+processes alive. After the chaos the system is given time to drain, then stopped.
+
+The report checks the promises of DESIGN §2:
+- nothing accepted is lost: every accepted id exists, one task per idempotency key;
+- every task is terminal, or queued and really in the queue;
+- no task ran two jobs at the same time (never two live job process groups for one
+  task; at most one ``started`` event per ``dispatched`` attempt in its stream);
+- capacity was never exceeded (the sum of leases, and the number of live job groups);
+- every completed task's video decodes with PyAV (all frames) and has a poster.
+
+Used by ``tests/soak/test_soak_short.py`` (short) and ``scripts/soak.py`` (long). Every
+stage is bounded in time; the run stops by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from tests.support.services import free_port, redis_server_binary, wait_port
+
+TERMINAL = {"completed", "failed", "cancelled"}
+JOB_ENV = "VIDMAAS_TASK_ID"
+ROLE_ACTIONS = ("api", "dispatcher", "relay", "redis", "job")
+
+
+@dataclass
+class SoakConfig:
+    tasks: int = 300
+    users: int = 5
+    capacity: int = 2
+    dispatchers: int = 2
+    relays: int = 2
+    chaos: list[str] | None = None
+    """An explicit schedule of actions (from ``ROLE_ACTIONS``); None draws at random."""
+    chaos_duration_s: float = 600.0
+    """Random chaos stops after this long (an explicit schedule stops when done)."""
+    chaos_interval_s: tuple[float, float] = (3.0, 8.0)
+    submit_spread_s: float = 60.0
+    """Submissions are spread over this long."""
+    drain_timeout_s: float = 600.0
+    max_attempts: int = 4
+    seed: int = 1
+    model: str = "tiny-t2v"
+
+
+@dataclass
+class SoakReport:
+    accepted: int = 0
+    submitted: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    kills: Counter[str] = field(default_factory=Counter)
+    videos_decoded: int = 0
+    frames_decoded: int = 0
+    max_leases: int = 0
+    max_live_jobs: int = 0
+    jobs_seen: int = 0
+    samples: int = 0
+    attempts: Counter[int] = field(default_factory=Counter)
+    legitimately_queued: int = 0
+    violations: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    _violation_counts: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def violate(self, kind: str, detail: str) -> None:
+        """Record a violation; repeated samples of one kind count instead of repeating."""
+        self._violation_counts[kind] += 1
+        if self._violation_counts[kind] == 1:
+            self.violations.append(detail)
+
+    def summary(self) -> str:
+        lines = [
+            f"submitted {self.submitted}, accepted {self.accepted}",
+            "statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items())),
+            f"still queued (in the queue): {self.legitimately_queued}",
+            "attempts per task: " + ", ".join(f"{k}: {v}" for k, v in
+                                               sorted(self.attempts.items())),
+            "kills/restarts: " + ", ".join(f"{k} {v}" for k, v in sorted(self.kills.items())),
+            f"videos decoded: {self.videos_decoded} ({self.frames_decoded} frames)",
+            f"capacity: max leases {self.max_leases}, max live job groups "
+            f"{self.max_live_jobs} over {self.samples} samples; {self.jobs_seen} job "
+            "process groups seen",
+            "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()),
+        ]
+        if self.violations:
+            lines.append(f"VIOLATIONS ({len(self.violations)} kinds, "
+                         f"{sum(self._violation_counts.values())} observations):")
+            lines += [f"  - {v}" for v in self.violations[:50]]
+        else:
+            lines.append("no violations")
+        return "\n".join(lines)
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Cluster:
+    """Redis and the roles as child processes that can be killed and started again."""
+
+    def __init__(self, *, work: Path, pg_url: str, model_root: Path, cfg: SoakConfig) -> None:
+        self.work = work
+        self.cfg = cfg
+        self.redis_port = free_port()
+        self.api_port = free_port()
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.base_url = f"http://127.0.0.1:{self.api_port}"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs = work / "logs"
+        self.job_root = work / "jobs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ,
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+            "VIDMAAS_DATABASE_URL": pg_url,
+            "VIDMAAS_DATABASE_POOL_SIZE": "5",
+            "VIDMAAS_REDIS_URL": self.redis_url,
+            "VIDMAAS_STORAGE_URL": (work / "objects").as_uri(),
+            "VIDMAAS_EXECUTOR": "local",
+            "VIDMAAS_GPU_CAPACITY": str(cfg.capacity),
+            "VIDMAAS_MODEL_ROOT": str(model_root),
+            "VIDMAAS_DEFAULT_MODEL": cfg.model,
+            "VIDMAAS_LOCAL_WORK_ROOT": str(self.job_root),
+            "VIDMAAS_LOCAL_TORCHRUN": _bin("torchrun"),
+            "VIDMAAS_API_MAX_QUEUED_PER_USER": "100000",
+            "VIDMAAS_DISPATCHER_PER_USER_RUNNING_CAP": str(cfg.capacity),
+            "VIDMAAS_DISPATCHER_MAX_ATTEMPTS": str(cfg.max_attempts),
+            "VIDMAAS_DISPATCHER_RETRY_BACKOFF_S": "0.5",
+            "VIDMAAS_DISPATCHER_RECONCILE_INTERVAL_S": "2",
+            "VIDMAAS_DISPATCHER_CLAIM_LEASE_S": "6",
+            "VIDMAAS_DISPATCHER_HEARTBEAT_TIMEOUT_S": "30",
+            "VIDMAAS_DISPATCHER_DISPATCHING_TIMEOUT_S": "30",
+            "VIDMAAS_DISPATCHER_CANCEL_GRACE_S": "3",
+            "VIDMAAS_RUNTIME_HEARTBEAT_INTERVAL_S": "2",
+            "VIDMAAS_LOG_LEVEL": "INFO",
+            "OMP_NUM_THREADS": "1",
+        }
+
+    # -- Redis
+
+    def start_redis(self) -> None:
+        binary = redis_server_binary()
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        data = self.work / "redis"
+        data.mkdir(exist_ok=True)
+        log = (self.logs / "redis.log").open("ab")
+        proc = subprocess.Popen(
+            [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data),
+             "--protected-mode", "no", "--loglevel", "warning"],
+            stdout=log, stderr=subprocess.STDOUT)
+        self.procs["redis"] = proc
+        wait_port(self.redis_port, proc=proc)
+
+    def restart_redis(self) -> None:
+        """Stop Redis (it writes its append-only file) and start it on the same port."""
+        proc = self.procs["redis"]
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        time.sleep(0.5)
+        self.start_redis()
+
+    # -- roles
+
+    def start_role(self, name: str) -> None:
+        role = name.split("-", maxsplit=1)[0]
+        args = [_bin("vidmaas"), role]
+        if role == "api":
+            args += ["--host", "127.0.0.1", "--port", str(self.api_port)]
+        log = (self.logs / f"{name}.log").open("ab")
+        # Each dispatcher/relay serves its probes on a port of its own, on 127.0.0.1.
+        env = {**self.env, "VIDMAAS_METRICS_HOST": "127.0.0.1",
+               "VIDMAAS_METRICS_PORT": str(free_port())}
+        self.procs[name] = subprocess.Popen(args, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT)
+
+    def role_names(self) -> list[str]:
+        return (["api"] + [f"dispatcher-{i}" for i in range(self.cfg.dispatchers)]
+                + [f"relay-{i}" for i in range(self.cfg.relays)])
+
+    def start_all(self) -> None:
+        self.start_redis()
+        for name in self.role_names():
+            self.start_role(name)
+        self.wait_api()
+
+    def wait_api(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.base_url + "/healthz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError("the API did not come up:\n" + self.tail("api"))
+
+    def kill_role(self, name: str) -> None:
+        proc = self.procs.get(name)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+    def ensure_running(self) -> None:
+        """Start any role that is not running (after the chaos)."""
+        if self.procs["redis"].poll() is not None:
+            self.start_redis()
+        for name in self.role_names():
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                self.start_role(name)
+        self.wait_api()
+
+    def stop_all(self) -> None:
+        self.stop_roles()
+        self.stop_redis()
+
+    def stop_roles(self) -> None:
+        """Stop the roles and kill any job left; Redis stays up for the final checks."""
+        for name in reversed(list(self.procs)):
+            if name == "redis":
+                continue
+            proc = self.procs[name]
+            if proc.poll() is None:
+                proc.terminate()
+        for name, proc in self.procs.items():
+            if name == "redis":
+                continue
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for pgid in {g for _, g, _ in job_processes(self.job_root)}:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+
+    def stop_redis(self) -> None:
+        redis = self.procs.get("redis")
+        if redis is not None and redis.poll() is None:
+            redis.terminate()
+            try:
+                redis.wait(20)
+            except subprocess.TimeoutExpired:
+                redis.kill()
+                redis.wait()
+
+    def tail(self, name: str, chars: int = 3000) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+def job_processes(work_root: Path) -> list[tuple[str, int, str]]:
+    """(task id, process group, attempt) of every live job process whose work directory
+    is under ``work_root`` (this soak's jobs only, never another run's)."""
+    out = []
+    me = os.getuid()
+    root = str(work_root) + os.sep
+    for proc in psutil.process_iter(["pid", "uids", "status"]):
+        try:
+            if proc.info["uids"] is None or proc.info["uids"].real != me:
+                continue
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            env = proc.environ()
+            task_id = env.get(JOB_ENV)
+            if task_id and env.get("VIDMAAS_WORK_DIR", "").startswith(root):
+                out.append((task_id, os.getpgid(proc.pid), env.get("VIDMAAS_ATTEMPT", "?")))
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return out
+
+
+# ---------------------------------------------------------------- watchers
+
+
+class Sampler(threading.Thread):
+    """Samples capacity leases and live job groups until stopped."""
+
+    def __init__(self, cluster: Cluster, report: SoakReport, capacity: int) -> None:
+        super().__init__(name="soak-sampler", daemon=True)
+        self.cluster = cluster
+        self.report = report
+        self.capacity = capacity
+        self.stop_event = threading.Event()
+        self.groups_seen: set[int] = set()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        import redis
+
+        from vidmaas.bus import keys
+
+        client = redis.Redis.from_url(self.cluster.redis_url, socket_timeout=1,
+                                      socket_connect_timeout=1)
+        try:
+            while not self.stop_event.wait(0.25):
+                self.sample(client, keys.CAPACITY_LEASES)
+        finally:
+            client.close()
+
+    def sample(self, client: Any, leases_key: str) -> None:
+        report = self.report
+        try:
+            leases = sum(int(v) for v in client.hgetall(leases_key).values())
+        except Exception:
+            leases = None  # Redis is restarting
+        procs = job_processes(self.cluster.job_root)
+        by_task: dict[str, set[int]] = defaultdict(set)
+        for task_id, pgid, _attempt in procs:
+            by_task[task_id].add(pgid)
+        groups = {g for _, g, _ in procs}
+        with self.lock:
+            report.samples += 1
+            self.groups_seen |= groups
+            report.jobs_seen = len(self.groups_seen)
+            if leases is not None:
+                report.max_leases = max(report.max_leases, leases)
+                if leases > self.capacity:
+                    report.violate("leases", f"leases sum to {leases} > capacity "
+                                   f"{self.capacity}")
+            report.max_live_jobs = max(report.max_live_jobs, len(groups))
+            if len(groups) > self.capacity:
+                report.violate("jobs", f"{len(groups)} job process groups alive at once "
+                               f"> capacity {self.capacity}: {dict(by_task)}")
+            for task_id, pgids in by_task.items():
+                if len(pgids) > 1:
+                    report.violate(f"twice {task_id}", f"task {task_id} ran {len(pgids)} jobs "
+                                   f"at once (process groups {sorted(pgids)})")
+
+
+class Submitter(threading.Thread):
+    """Creates ``tasks`` tasks, each with its own Idempotency-Key, retried until accepted."""
+
+    def __init__(self, cluster: Cluster, keys: list[str], cfg: SoakConfig,
+                 deadline: float) -> None:
+        super().__init__(name="soak-submitter", daemon=True)
+        self.cluster = cluster
+        self.keys = keys
+        self.cfg = cfg
+        self.deadline = deadline
+        self.accepted: dict[str, str] = {}
+        """idempotency key → task id"""
+        self.gave_up: list[str] = []
+        self.retries = 0
+
+    def run(self) -> None:
+        gap = self.cfg.submit_spread_s / max(1, self.cfg.tasks)
+        with httpx.Client(base_url=self.cluster.base_url, timeout=10) as client:
+            for i in range(self.cfg.tasks):
+                user_key = self.keys[i % len(self.keys)]
+                ikey = f"soak-{self.cfg.seed}-{i}"
+                while time.monotonic() < self.deadline:
+                    try:
+                        r = client.post("/v1/tasks", json={
+                            "prompt": f"soak task {i}: a kite over a hill", "model":
+                            self.cfg.model, "seed": i},
+                            headers={"Authorization": f"Bearer {user_key}",
+                                     "Idempotency-Key": ikey})
+                        if r.status_code == 202:
+                            self.accepted[ikey] = r.json()["id"]
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    self.retries += 1
+                    time.sleep(0.3)
+                else:
+                    self.gave_up.append(ikey)
+                time.sleep(gap)
+
+
+# ---------------------------------------------------------------- chaos
+
+
+def chaos(cluster: Cluster, cfg: SoakConfig, report: SoakReport, rng: random.Random,
+          log: Any) -> None:
+    """Run the chaos schedule (or random chaos for ``chaos_duration_s``)."""
+    started = time.monotonic()
+    schedule = list(cfg.chaos) if cfg.chaos is not None else None
+    while True:
+        if schedule is not None:
+            if not schedule:
+                return
+            action = schedule.pop(0)
+        else:
+            if time.monotonic() - started > cfg.chaos_duration_s:
+                return
+            action = rng.choice(ROLE_ACTIONS)
+        time.sleep(rng.uniform(*cfg.chaos_interval_s))
+        if action == "redis":
+            log("chaos: restarting Redis")
+            cluster.restart_redis()
+            report.kills["redis restart"] += 1
+        elif action == "job":
+            groups = sorted({(t, g) for t, g, _ in job_processes(cluster.job_root)})
+            if not groups:
+                log("chaos: no job to kill")
+                report.kills["job (none running)"] += 1
+                continue
+            task_id, pgid = rng.choice(groups)
+            log(f"chaos: SIGKILL job group {pgid} of task {task_id}")
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+            report.kills["job"] += 1
+        else:
+            names = [n for n in cluster.role_names() if n.split("-")[0] == action]
+            name = rng.choice(names)
+            log(f"chaos: SIGKILL {name}")
+            cluster.kill_role(name)
+            report.kills[action] += 1
+            time.sleep(rng.uniform(0.2, 2.0))
+            cluster.start_role(name)
+
+
+# ---------------------------------------------------------------- final checks
+
+
+async def _make_users(db_url: str, n: int) -> list[str]:
+    from vidmaas.db import users
+    from vidmaas.db.engine import make_engine, make_sessionmaker
+
+    engine = make_engine(db_url)
+    try:
+        async with make_sessionmaker(engine)() as s:
+            out = []
+            for i in range(n):
+                u = await users.create_user(session=s, name=f"soak-user-{i}")
+                out.append(await users.create_key(session=s, user_id=u.id))
+            return out
+    finally:
+        await engine.dispose()
+
+
+async def _all_tasks(db_url: str) -> list[Any]:
+    from sqlalchemy import select
+
+    from vidmaas.db.engine import make_engine, make_sessionmaker
+    from vidmaas.db.models import Task
+
+    engine = make_engine(db_url)
+    try:
+        async with make_sessionmaker(engine)() as s:
+            return list((await s.execute(select(Task))).scalars())
+    finally:
+        await engine.dispose()
+
+
+def _drain(cluster: Cluster, db_url: str, timeout_s: float, log: Any) -> list[Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tasks = asyncio.run(_all_tasks(db_url))
+        open_ = [t for t in tasks if t.status not in TERMINAL]
+        if not open_ or time.monotonic() > deadline:
+            return tasks
+        log(f"draining: {len(open_)} tasks not finished "
+            f"({dict(Counter(t.status for t in open_))})")
+        time.sleep(3)
+
+
+def _check(cluster: Cluster, report: SoakReport, tasks: list[Any],
+           submitter: Submitter) -> None:
+    import av
+    import redis
+
+    from vidmaas.bus import keys
+    from vidmaas.bus.events import parse_entries
+
+    by_id = {t.id: t for t in tasks}
+    report.accepted = len(submitter.accepted)
+    for ikey in submitter.gave_up:
+        report.violations.append(f"create {ikey} was never accepted (the API stayed down?)")
+    for ikey, task_id in submitter.accepted.items():
+        if task_id not in by_id:
+            report.violations.append(f"accepted task {task_id} ({ikey}) is lost")
+    per_key = Counter(t.idempotency_key for t in tasks)
+    for ikey, n in per_key.items():
+        if n > 1:
+            report.violations.append(f"idempotency key {ikey} made {n} tasks")
+    if len(tasks) != len(set(submitter.accepted.values())):
+        report.violations.append(f"{len(tasks)} tasks in the database for "
+                                 f"{len(submitter.accepted)} accepted creates")
+    report.statuses = Counter(t.status for t in tasks)
+    client = redis.Redis.from_url(cluster.redis_url)
+    objects = cluster.work / "objects"
+    try:
+        for t in tasks:
+            report.attempts[int(t.attempts)] += 1
+            if t.status == "queued":
+                queued = client.lpos(keys.user_queue(t.user_id), t.id) is not None \
+                    or client.zscore(keys.QUEUE_DELAYED, t.id) is not None \
+                    or client.zscore(keys.QUEUE_CLAIMS, t.id) is not None
+                if queued:
+                    report.legitimately_queued += 1
+                else:
+                    report.violations.append(f"task {t.id} is queued but not in the queue")
+            elif t.status not in TERMINAL:
+                report.violations.append(f"task {t.id} ended the soak {t.status}")
+            events = parse_entries(client.xrange(keys.task_events(t.id)))
+            started = 0
+            for _eid, event in events:
+                kind = event.type.value
+                if kind == "dispatched":
+                    started = 0
+                elif kind == "started":
+                    started += 1
+                    if started > 1:
+                        report.violations.append(
+                            f"task {t.id}: two started events in one attempt")
+            kinds = [e.type.value for _, e in events]
+            if t.status == "completed":
+                if "completed" not in kinds:
+                    report.violations.append(f"task {t.id} completed without the event")
+                video = objects / (t.video_key or "missing")
+                poster = objects / (t.poster_key or "missing")
+                try:
+                    with av.open(str(video)) as container:
+                        frames = sum(1 for _ in container.decode(video=0))
+                    if frames < 1:
+                        raise ValueError("no frames")
+                    report.videos_decoded += 1
+                    report.frames_decoded += frames
+                except Exception as e:
+                    report.violations.append(f"task {t.id}: the video does not decode: {e}")
+                if not poster.is_file():
+                    report.violations.append(f"task {t.id}: no poster")
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_soak(cfg: SoakConfig, *, work: Path, pg_url: str, model_root: Path,
+             log: Any = print) -> SoakReport:
+    """Run the soak (see the module docstring) and return its report."""
+    from vidmaas.db.migrate import upgrade_sync
+
+    report = SoakReport(submitted=cfg.tasks)
+    rng = random.Random(cfg.seed)
+    t0 = time.monotonic()
+    upgrade_sync(pg_url)
+    keys = asyncio.run(_make_users(pg_url, cfg.users))
+    cluster = Cluster(work=work, pg_url=pg_url, model_root=model_root, cfg=cfg)
+    sampler = Sampler(cluster, report, cfg.capacity)
+    started = time.monotonic()
+
+    def stamp(msg: str) -> None:
+        log(f"[{time.monotonic() - started:6.1f}s] {msg}")
+
+    try:
+        cluster.start_all()
+        report.timings["start"] = time.monotonic() - t0
+        sampler.start()
+        submitter = Submitter(cluster, keys, cfg, deadline=time.monotonic()
+                              + cfg.submit_spread_s + cfg.chaos_duration_s + 120)
+        submitter.start()
+        stamp(f"started; {cfg.tasks} tasks from {cfg.users} users, capacity {cfg.capacity}")
+        chaos(cluster, cfg, report, rng, stamp)
+        stamp("chaos over")
+        report.timings["chaos"] = time.monotonic() - t0 - report.timings["start"]
+        cluster.ensure_running()
+        submitter.join(cfg.submit_spread_s + 180)
+        t1 = time.monotonic()
+        tasks = _drain(cluster, pg_url, cfg.drain_timeout_s, stamp)
+        report.timings["drain"] = time.monotonic() - t1
+        stamp("draining done; stopping the roles")
+    finally:
+        sampler.stop_event.set()
+        sampler.join(10)
+        cluster.stop_roles()
+    try:
+        if cluster.procs["redis"].poll() is not None:
+            cluster.start_redis()
+        _check(cluster, report, tasks, submitter)
+    finally:
+        cluster.stop_redis()
+    report.timings["total"] = time.monotonic() - t0
+    if not report.ok:
+        for name in cluster.role_names():
+            log(f"---- tail of {name}.log\n{cluster.tail(name, 1500)}")
+    return report
