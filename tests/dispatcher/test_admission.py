@@ -131,7 +131,10 @@ async def test_a_freed_slot_is_refilled_within_milliseconds(
     starts = [at for _, _, at in executor.launches]
     gaps = [start - free for free, start in zip(freed, starts[1:], strict=False)]
     assert len(gaps) == 3
-    assert max(gaps) < 0.25, gaps  # no polling interval: a signal wakes admission
+    # A signal wakes admission: without it the next launch would wait for the 5 s
+    # fallback wake-up. (Generous bound: shared CI machines stall for a while.)
+    assert max(gaps) < 1.5, gaps
+    assert sorted(gaps)[1] < 0.5, gaps
 
 
 async def test_a_task_cancelled_after_its_claim_never_starts_a_job(

@@ -274,39 +274,33 @@ class Dispatcher:
 
     async def _dispatch_claim(self, claim: Claim) -> None:
         tid = claim.task_id
+        name = job_name_of(tid)
         await self._hook("after_claim")
-        task = await self._get(tid)
-        if task is None or TaskStatus(task.status) is not TaskStatus.QUEUED:
-            status = "missing" if task is None else task.status
-            log.info("task %s: claimed but %s; dropping the claim", tid, status,
-                     extra={"task_id": tid})
-            if task is None or not TaskStatus(task.status).active:
-                await self.lifecycle.release(tid)
-            await self.queue.ack(tid)
-            return
-        attempt = task.attempts + 1
-        try:
-            spec = self._spec(task, attempt)
-        except VidmaasError as e:
-            await self.lifecycle.finish(
-                task_id=tid, to=TaskStatus.FAILED, expected=TaskStatus.QUEUED,
-                fields={"error_code": "unknown_model", "error_message": e.message},
-                event=ev.failed(tid, code="unknown_model", message=e.message, retryable=False))
-            await self.queue.ack(tid)
-            return
+        # The compare-and-set is the read: it only succeeds on a task still queued, and
+        # returns the row, so the hot path makes no separate read first.
         try:
             task = await self.lifecycle.transition(
                 task_id=tid, to=TaskStatus.DISPATCHING, expected=TaskStatus.QUEUED,
-                fields={"attempts": attempt, "job_name": spec.job_name,
-                        "executor": self.executor.name},
-                event=ev.dispatched(tid, executor=self.executor.name, job_name=spec.job_name,
-                                    attempt=attempt))
-        except VidmaasError as e:  # StaleTransition: cancelled meanwhile
-            log.info("task %s: not dispatched (%s)", tid, e, extra={"task_id": tid})
-            await self.lifecycle.release(tid)
+                fields={"attempts": Task.attempts + 1, "job_name": name,
+                        "executor": self.executor.name})
+        except VidmaasError as e:  # cancelled meanwhile, or gone
+            current = await self._get(tid)
+            log.info("task %s: claimed but not dispatchable (%s); dropping the claim", tid, e,
+                     extra={"task_id": tid})
+            if current is None or not TaskStatus(current.status).active:
+                await self.lifecycle.release(tid)
             await self.queue.ack(tid)
             return
+        await self.lifecycle.publish(ev.dispatched(tid, executor=self.executor.name,
+                                                   job_name=name, attempt=task.attempts))
         await self._hook("after_dispatching")
+        try:
+            spec = self._spec(task, task.attempts)
+        except VidmaasError as e:
+            await self.fail_or_retry(task, code="unknown_model", message=e.message,
+                                     retryable=False)
+            await self.queue.ack(tid)
+            return
         await self._launch_and_run(task, spec)
 
     async def _launch_and_run(self, task: Task, spec: JobSpec) -> None:
