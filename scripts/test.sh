@@ -7,9 +7,12 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh "runtime,dev"
 export PATH="$PWD/.venv/bin:$PATH"
 
-# A browser for the web page's tests: Debian's Chromium (never a downloaded one).
-if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+# A browser for the web page's tests: Debian's Chromium (never a downloaded one), and a
+# CJK font so the Chinese page renders in its screenshots.
+if { [ ! -x /usr/bin/chromium ] || [ ! -d /usr/share/fonts/truetype/wqy ]; } \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      chromium fonts-wqy-microhei) >/dev/null \
     || echo "warning: could not install chromium; browser tests will be skipped"
 fi
 # PostgreSQL on 127.0.0.1:5432 (started if installed and down).
