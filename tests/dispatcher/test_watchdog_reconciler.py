@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 import redis.asyncio as aioredis
 
-from tests.dispatcher.dispatch_support import World, database, make_settings
+from tests.dispatcher.dispatch_support import World, database, eventually, make_settings, running
 from vidmaas.bus.queue import TaskQueue
 from vidmaas.db import tasks as repo
 from vidmaas.dispatcher import service
@@ -224,3 +224,22 @@ async def test_jobs_of_no_active_task_are_reported_and_deleted_when_configured(
     await executor.close()
     assert (executor.cancels == [job_name(stray)]) is delete
 
+
+
+async def test_a_job_the_executor_reports_stuck_is_stopped_and_its_task_retried(
+        sqlite_url: str, redis: aioredis.Redis, redis_url: str) -> None:
+    settings = make_settings(db_url=sqlite_url, redis_url=redis_url, retry_backoff_s=30)
+    executor = FakeExecutor(outcome=lambda _spec: FakeOutcome(stuck=True))
+    async with database(sqlite_url) as sessions:
+        world = World(settings=settings, sessions=sessions, redis=redis)
+        task = await world.submit("alice")
+        async with running(world.dispatcher(executor)):
+            await eventually(lambda: _status_is(world, task.id, "queued", "job_stuck"))
+    await executor.close()
+    assert executor.cancels == [job_name(task.id)]
+    assert await TaskQueue(redis).gpus_in_use() == 0
+
+
+async def _status_is(world: World, task_id: str, status: str, code: str) -> bool:
+    task = await world.get(task_id)
+    return (task.status, task.error_code) == (status, code)
