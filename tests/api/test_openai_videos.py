@@ -180,7 +180,9 @@ async def test_videos_are_listed_newest_first_in_pages_and_native_tasks_are_not_
     r = await server.http.post("/v1/tasks", json={"prompt": "native"},
                                headers=server.auth("alice"))
     native = r.json()["id"]
-    await (client(server, "bob")).videos.create(prompt="bob's")
+    bob = client(server, "bob")
+    await bob.videos.create(prompt="bob's")
+    await bob.close()
     page = await oa.videos.list(limit=2)
     assert [v.id for v in page.data] == ids[::-1][:2] and page.has_more
     everything = [v.id async for v in oa.videos.list(limit=2)]

@@ -188,6 +188,87 @@ def steps(msgs: list[dict[str, Any]]) -> list[int]:
     return [m["data"]["step"] for m in msgs if m["type"] == "progress"]
 
 
+class RawWebSocket:
+    """A WebSocket client on a plain socket with a tiny receive buffer that reads nothing
+    until asked: a truly slow client (client libraries keep reading in the background)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.close_code: int | None = None
+
+    @classmethod
+    async def open(cls, server: Server, path: str, *, user: str) -> RawWebSocket:
+        def handshake() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", int(server.base_url.rsplit(":", 1)[1])))
+            sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                          "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer "
+                          f"{server.keys[user]}\r\n\r\n").encode())
+            return sock
+
+        raw = cls(await asyncio.to_thread(handshake))
+        head = await asyncio.to_thread(raw._read_until, b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return raw
+
+    def _read_until(self, marker: bytes) -> bytes:
+        while marker not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+        head, _, self.buf = self.buf.partition(marker)
+        return head
+
+    def _read_exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _frame(self) -> tuple[int, bytes]:
+        b0, b1 = self._read_exactly(2)
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(self._read_exactly(2), "big")
+        elif n == 127:
+            n = int.from_bytes(self._read_exactly(8), "big")
+        return b0 & 0x0F, self._read_exactly(n)
+
+    def _until_end(self) -> list[dict[str, Any]]:
+        self.sock.settimeout(20)
+        out: list[dict[str, Any]] = []
+        while True:
+            opcode, payload = self._frame()
+            if opcode == 8:  # close
+                self.close_code = int.from_bytes(payload[:2], "big") if payload else None
+                return out
+            m = json.loads(payload)
+            if m["type"] != "ping":
+                out.append(m)
+
+    async def next_message(self) -> dict[str, Any]:
+        def one() -> dict[str, Any]:
+            self.sock.settimeout(10)
+            opcode, payload = self._frame()
+            assert opcode == 1, opcode
+            return dict(json.loads(payload))
+
+        return await asyncio.to_thread(one)
+
+    async def messages_until_end(self) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._until_end)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 # ------------------------------------------------------------------ tests
 
 async def test_an_sse_stream_starts_with_a_snapshot_then_every_event_and_ends_after_completion(
@@ -394,12 +475,8 @@ async def test_a_slow_websocket_client_gets_coalesced_progress_and_all_state_eve
     await start_running(server, task_id)
     path = f"/v1/tasks/{task_id}/events"
     fast = await ws_open(server, path)
-    small = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    small.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    small.connect(("127.0.0.1", int(server.base_url.rsplit(":", 1)[1])))
-    small.setblocking(False)
-    slow = await connect(server.ws_url + path, additional_headers=server.auth("alice"),
-                         sock=small, max_queue=1, max_size=2**22)
+    slow = await RawWebSocket.open(server, path, user="alice")
+    assert (await slow.next_message())["type"] == "snapshot"
     await ws_messages(fast, n=1)
     received: list[dict[str, Any]] = []
     latencies: list[float] = []
@@ -415,30 +492,80 @@ async def test_a_slow_websocket_client_gets_coalesced_progress_and_all_state_eve
                 return
 
     reader = asyncio.create_task(read_fast(), name="fast-reader")
-    total = 1500
+    # ~10 MB: more than the kernel and transport buffers hold for a client not reading.
+    total = 1000
     for i in range(1, total + 1):
         e = ev.Event(task_id, ev.EventType.PROGRESS,
                      {"step": i, "total": total, "percent": 100 * i / total, "eta_s": None,
-                      "pad": "x" * 2000, "sent": time.monotonic()})
+                      "pad": "x" * 10_000, "sent": time.monotonic()})
         await server.svc.lifecycle.publish(e)
-        if i % 500 == 0:
+        if i % 250 == 0:
             await server.svc.lifecycle.publish(ev.stage(task_id, ev.Stage.DECODE))
     await complete(server, task_id)
     await asyncio.wait_for(reader, 20)
     assert steps(received) == list(range(1, total + 1))
     assert sorted(latencies)[len(latencies) // 2] < 0.5
     # The slow one was not read at all meanwhile; its buffer stayed bounded.
-    assert server.hub.outbox_high_water() <= 33
-    rest = await ws_messages(slow, until="end", timeout_s=20)
+    assert server.hub.outbox_high_water() == 32  # reached, never passed
+    rest = await slow.messages_until_end()
     kinds = [m["type"] for m in rest]
-    assert kinds[0] == "snapshot" and kinds[-2:] == ["completed", "end"]
-    assert kinds.count("stage") == 3
+    assert kinds[-2:] == ["completed", "end"]
+    assert kinds.count("stage") == 4
     slow_steps = steps(rest)
     assert slow_steps == sorted(slow_steps) and len(slow_steps) < total
+    assert slow_steps[-1] == total  # coalesced to the latest
     ids = event_ids(rest)
     assert len(ids) == len(set(ids))
     await fast.close()
-    await slow.close()
+    slow.close()
+
+
+async def test_a_connection_whose_client_takes_nothing_lags_within_its_buffer_then_gets_every_event(
+        server_sqlite: Server) -> None:
+    """The engine side: past its buffer a connection stops taking live deliveries and
+    later reads the task's stream itself, from where it stopped."""
+    server = server_sqlite
+    task_id = await new_task(server)
+    await start_running(server, task_id)
+    conn = server.hub.connect(user_id="u", scope=None, single=task_id)
+    try:
+        assert await conn.attach(task_id)
+        ids = [await server.svc.lifecycle.publish(ev.stage(task_id, ev.Stage.DENOISE))
+               for _ in range(100)]  # the buffer is 32; stage events are never dropped
+        await asyncio.sleep(0.3)
+        assert len(conn.outbox) <= 32 and conn.watches[task_id].lagging
+        await complete(server, task_id)
+        got: list[dict[str, Any]] = []
+        async with asyncio.timeout(10):
+            async for batch in conn.messages():
+                got += batch
+        assert conn.outbox.high_water <= 32
+    finally:
+        conn.close()
+    assert got[0]["type"] == "snapshot"
+    assert event_ids(got)[:100] == ids
+    assert [m["type"] for m in got][-2:] == ["completed", "end"]
+
+
+async def test_a_websocket_client_that_stops_reading_costs_a_bounded_buffer_and_later_gets_every_event(  # noqa: E501
+        server_sqlite: Server) -> None:
+    server = server_sqlite
+    task_id = await new_task(server)
+    await start_running(server, task_id)
+    slow = await RawWebSocket.open(server, f"/v1/tasks/{task_id}/events", user="alice")
+    assert (await slow.next_message())["type"] == "snapshot"
+    total = 800  # ~8 MB of never-dropped events: more than every buffer on the way
+    for i in range(total):
+        await server.svc.lifecycle.publish(ev.Event(task_id, ev.EventType.STAGE, {
+            "stage": "denoise", "n": i, "pad": "x" * 10_000}))
+    await asyncio.sleep(0.2)
+    assert server.hub.outbox_high_water() == 32  # reached, never passed
+    await complete(server, task_id)
+    got = await slow.messages_until_end()
+    assert [m["data"]["n"] for m in got if m["type"] == "stage"] == list(range(total))
+    assert [m["type"] for m in got][-2:] == ["completed", "end"]
+    assert slow.close_code == 1000
+    slow.close()
 
 
 async def test_the_multiplexed_stream_follows_the_callers_existing_and_new_tasks_only(

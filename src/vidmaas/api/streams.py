@@ -23,14 +23,15 @@ A ``Connection`` is one client (an SSE response or a WebSocket). Guarantees:
   the hub already reads behind its cursor back-fills the difference with ``XRANGE`` while
   holding the hub's deliveries, and each connection drops anything at or before the last
   id it queued.
-- A slow client cannot hurt others: the hub never waits for a connection (delivery only
-  appends to the connection's bounded outbox of ``limit`` messages). A client that keeps
-  up gets every event. Once ``limit`` messages wait, droppable ones (progress, heartbeat,
-  queue position, log) go first, oldest superseded first, so progress coalesces to the
-  latest. State and terminal events and snapshots are never dropped; a client so far
-  behind that ``limit`` such messages wait is disconnected (``TooSlow``, WebSocket close
-  4408) and can resume from its last id. A resume from further back than half the
-  buffer may likewise skip superseded progress, never a state or terminal event.
+- A slow client cannot hurt others, and costs a bounded buffer: the hub never waits for a
+  connection (delivery only appends to the connection's outbox of ``limit`` messages).
+  A client that keeps up gets every event. Once ``limit`` messages wait, droppable ones
+  (progress, heartbeat, queue position, log) go first, oldest superseded first, so
+  progress coalesces to the latest. A state or terminal event (never dropped) that finds
+  no room makes the watch *lag*: it ignores live deliveries and, as the client drains
+  its outbox, reads the task's stream itself from its cursor in pages of half the
+  buffer, then goes live again without gap (the Redis stream is the buffer).
+  ``TooSlow`` (close 4408) remains only as a guard; this engine does not reach it.
 - A task's stream ends only when its row is terminal: after a terminal-type event the row
   is checked (with backoff, because a retryable failure may send the task back to
   ``queued``); a row found terminal without its terminal event is given a short grace for
@@ -135,18 +136,24 @@ class Outbox:
         return self._live
 
     def put(self, msg: Message, *, droppable: bool = False,
-            key: tuple[str, str] | None = None) -> None:
+            key: tuple[str, str] | None = None, force: bool = False) -> None:
+        """Queue a message; ``force`` (snapshots, ``end``: one per watched task) never
+        counts as an overflow."""
         item = _Item(msg, droppable, key)
         self._items.append(item)
         self._live += 1
         if key is not None:
             self._latest[key] = item
-        if self._live > self.limit:
-            self._drop_one()
+        if self._live > self.limit and not force and not self._drop_one():
+            self.overflowed = True
         self.high_water = max(self.high_water, self._live)
         self.ready.set()
 
-    def _drop_one(self) -> None:
+    def make_room(self) -> bool:
+        """Whether one more message fits, dropping a droppable one if that makes it fit."""
+        return self._live < self.limit or self._drop_one()
+
+    def _drop_one(self) -> bool:
         fallback: _Item | None = None
         for item in self._items:
             if not (item.alive and item.droppable):
@@ -157,13 +164,13 @@ class Outbox:
             if fallback is None:
                 fallback = item
         if fallback is None:
-            self.overflowed = True
-            return
+            return False
         fallback.alive = False
         self._live -= 1
         self.dropped += 1
         while self._items and not self._items[0].alive:
             self._items.popleft()
+        return True
 
     def take(self) -> list[Message]:
         out = [item.msg for item in self._items if item.alive]
@@ -183,6 +190,9 @@ class _Watch:
     cursor: str
     """The last event id queued for the client; anything at or before it is dropped."""
     holding: list[tuple[str, Event]] | None = None
+    lagging: bool = False
+    """The client fell behind: live deliveries are ignored and the connection reads the
+    task's stream itself from ``cursor`` as its outbox drains (``_catch_up``)."""
     saw_terminal: bool = False
     row_terminal_since: float | None = None
     next_check: float | None = None
@@ -235,13 +245,14 @@ class Connection:
 
     def deliver(self, task_id: str, entries: Iterable[tuple[str, Event]]) -> None:
         w = self.watches.get(task_id)
-        if w is None or w.ended:
+        if w is None or w.ended or w.lagging:
             return
         if w.holding is not None:
             w.holding.extend(entries)
             return
         for event_id, event in entries:
-            self._push(w, event_id, event)
+            if not self._push(w, event_id, event):
+                return
 
     def offer(self, msg: Message, *, key: tuple[str, str]) -> None:
         """A message that is not a stream event (queue position push)."""
@@ -253,9 +264,14 @@ class Connection:
         self.going_away = True
         self.outbox.ready.set()
 
-    def _push(self, w: _Watch, event_id: str, event: Event) -> None:
+    def _push(self, w: _Watch, event_id: str, event: Event) -> bool:
+        """Queue one event; False (and the watch lagging) if the outbox has no room for an
+        event that may not be dropped."""
         if id_key(event_id) <= id_key(w.cursor):
-            return
+            return True
+        if event.type not in _DROPPABLE and not self.outbox.make_room():
+            w.lagging = True
+            return False
         w.cursor = event_id
         msg = event.to_json(event_id=event_id)
         kind = _COALESCED.get(event.type)
@@ -269,6 +285,36 @@ class Connection:
             w.saw_terminal = False
             w.row_terminal_since = None
             w.next_check = None
+        return True
+
+    async def _catch_up(self, w: _Watch) -> None:
+        """Read a lagging task's stream from its cursor while the outbox has room; go live
+        again once the reads reach the hub's cursor.
+
+        Live deliveries are held from the moment the hub's cursor is noted, so once every
+        event up to that cursor is read, the held ones (all after it) close the gap.
+        """
+        page = max(1, self.outbox.limit // 2)
+        while w.lagging and not w.ended and len(self.outbox) < page:
+            upto = self.hub.cursor_of(w.task_id) or "+"
+            w.holding = []
+            try:
+                entries, last_raw, full = await self.hub.read_page(
+                    w.task_id, after=w.cursor, upto=upto, count=page)
+            finally:
+                held, w.holding = w.holding, None
+            w.lagging = False
+            for event_id, event in entries:
+                if not self._push(w, event_id, event):
+                    break
+            if w.lagging:
+                return
+            if last_raw is not None and id_key(last_raw) > id_key(w.cursor):
+                w.cursor = last_raw  # past malformed entries too
+            if full:
+                w.lagging = True  # more to read before the live stream
+                continue
+            self.deliver(w.task_id, held)
 
     # -- attaching
 
@@ -285,7 +331,7 @@ class Connection:
         position = await position_of(svc, task)
         start = after if after is not None else (last_id or "0-0")
         self.outbox.put(snapshot_message(task, start=start, last_event_id=last_id,
-                                         position=position))
+                                         position=position), force=True)
         w = _Watch(task_id=task_id, user_id=task.user_id, cursor=start)
         self.watches[task_id] = w
         if TaskStatus(task.status).terminal:
@@ -309,7 +355,7 @@ class Connection:
     def _end(self, w: _Watch, *, announce: bool = True) -> None:
         if announce:
             self.outbox.put({"v": WIRE_VERSION, "type": "end", "task_id": w.task_id,
-                             "data": {}})
+                             "data": {}}, force=True)
         w.ended = True
         self.watches.pop(w.task_id, None)
         self.hub.unwatch(self, w.task_id)
@@ -328,7 +374,7 @@ class Connection:
         """Row checks that are due; True if a watch ended."""
         now = _now()
         due = [w for w in self.watches.values()
-               if w.next_check is not None and w.next_check <= now]
+               if w.next_check is not None and w.next_check <= now and not w.lagging]
         ended = False
         for w in due:
             async with self.hub.services.sessions() as s:
@@ -377,6 +423,8 @@ class Connection:
                 return
             if self.done():
                 return
+            for w in [w for w in self.watches.values() if w.lagging]:
+                await self._catch_up(w)
             if len(self.outbox):
                 continue
             now = _now()
@@ -556,6 +604,17 @@ class StreamHub:
             return None, None
         parsed = parse_entries(raw)
         return str(raw[0][0]), parsed[0][1] if parsed else None
+
+    def cursor_of(self, task_id: str) -> str | None:
+        return self._cursor.get(task_id)
+
+    async def read_page(self, task_id: str, *, after: str, upto: str, count: int,
+                        ) -> tuple[list[tuple[str, Event]], str | None, bool]:
+        """Up to ``count`` events with ``after`` < id ≤ ``upto``; the last entry id read
+        (malformed entries included); whether the page was full (more may follow)."""
+        raw = cast(Any, await self.services.redis.xrange(
+            keys.task_events(task_id), min="(" + after, max=upto, count=count))
+        return parse_entries(raw), (str(raw[-1][0]) if raw else None), len(raw) >= count
 
     async def read_range(self, task_id: str, *, after: str, upto: str,
                          ) -> list[tuple[str, Event]]:

@@ -17,7 +17,8 @@ Guarantees: the same authentication as REST (``Authorization: Bearer`` or a ``?t
 stream token); someone else's task is 404 (SSE) / close 4404 (WebSocket), exactly like a
 missing one. WebSocket close codes: 1000 stream complete, 1001 server going away, 1011
 internal error, 4400 bad request (a malformed ``after``), 4401 unauthenticated, 4404 no
-such task, 4408 the client fell too far behind (resume with ``?after=`` the last id).
+such task, 4408 the client fell too far behind (reserved: a lagging connection catches
+up from Redis instead; resume with ``?after=`` the last id if it is ever sent).
 Every per-connection task is named and ends with its connection.
 """
 
