@@ -239,7 +239,7 @@ class Connection:
         self.outbox = Outbox(limit=hub.buffer_events)
         self.watches: dict[str, _Watch] = {}
         self.going_away = False
-        self._attached_single = False
+        self.closed = False
 
     # -- called by the hub, synchronously: never blocks
 
@@ -329,6 +329,8 @@ class Connection:
         if task is None:
             return False
         position = await position_of(svc, task)
+        if self.closed or task_id in self.watches:
+            return self.closed is False  # gone meanwhile, or attached by a racing call
         start = after if after is not None else (last_id or "0-0")
         self.outbox.put(snapshot_message(task, start=start, last_event_id=last_id,
                                          position=position), force=True)
@@ -361,6 +363,7 @@ class Connection:
         self.hub.unwatch(self, w.task_id)
 
     def close(self) -> None:
+        self.closed = True
         for w in list(self.watches.values()):
             self._end(w, announce=False)
         self.hub.forget(self)
@@ -565,6 +568,8 @@ class StreamHub:
             rows = await repo.list_tasks(session=s, user_id=conn.user_id, limit=1000,
                                          statuses=unfinished)
         for task in reversed(rows):
+            if conn.closed:
+                return
             await conn.attach(task.id)
 
     def watch(self, conn: Connection, task_id: str, *, user_id: str, after: str, status: str,
@@ -731,8 +736,12 @@ class StreamHub:
             for task_id in dict.fromkeys(batch):
                 owner = self._owner_cache.get(task_id)
                 for conn in list(self._mux.get(owner or "", ())):
-                    if task_id not in conn.watches and not conn.going_away:
-                        await conn.attach(task_id)
+                    if task_id not in conn.watches and not conn.closed:
+                        try:
+                            await conn.attach(task_id)
+                        except Exception:
+                            log.exception("task %s: could not attach a new task to a stream",
+                                          task_id, extra={"task_id": task_id})
 
     # -- queue positions
 
