@@ -64,13 +64,17 @@ class Job:
 
     def run(self, cmd: Sequence[str], *, extra_env: Mapping[str, str] | None = None,
             timeout_s: float = 100) -> subprocess.CompletedProcess[str]:
+        # A session of its own, as the executors start jobs: signals meant for a job's
+        # process group never reach pytest.
         return subprocess.run(list(cmd), env={**self.env, **(extra_env or {})},
-                              capture_output=True, text=True, timeout=timeout_s, check=False)
+                              capture_output=True, text=True, timeout=timeout_s, check=False,
+                              start_new_session=True)
 
     def start(self, cmd: Sequence[str], *, extra_env: Mapping[str, str] | None = None,
               ) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(list(cmd), env={**self.env, **(extra_env or {})},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
         self.procs.append(proc)
         return proc
 

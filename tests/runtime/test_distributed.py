@@ -27,7 +27,7 @@ def test_two_rank_cfg_parallel_output_equals_single_process_output_exactly(
         env = job_env(task_id="", redis_url="", storage=None, model_dir=tiny_models[layout],
                       work_dir=tmp_path / name)
         proc = subprocess.run([*prefix, *args], env=env, capture_output=True, text=True,
-                              timeout=100, check=False)
+                              timeout=100, check=False, start_new_session=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
         frames.append(np.load(tmp_path / name / "output" / "frames.npy"))
     import json

@@ -82,9 +82,9 @@ async def test_only_one_terminal_event_per_job_whatever_the_steps_report(
     assert types == [EventType.FAILED, EventType.STARTED]
 
 
-async def test_a_rank_other_than_zero_writes_nothing(redis_url: str, tmp_path: Path) -> None:
+async def test_a_rank_off_node_zero_writes_nothing(redis_url: str, tmp_path: Path) -> None:
     task_id = new_task_id()
-    r = _reporter(redis_url, tmp_path, task_id, reports=False)
+    r = _reporter(redis_url, tmp_path, task_id, reports=False, reports_outcome=False)
     r.stage(Stage.DENOISE)
     r.progress(Stage.DENOISE, 1, 1)
     r.failed(code="x", message="y", retryable=True)
@@ -130,3 +130,18 @@ async def test_without_a_redis_url_the_reporter_is_silent(tmp_path: Path) -> Non
     r.stage(Stage.DENOISE)
     assert not r.failed(code="x", message="y", retryable=False)
     assert r.cancel_requested() is None
+
+
+async def test_another_rank_on_node_zero_may_tell_why_the_job_failed_but_only_once(
+        redis_url: str, tmp_path: Path) -> None:
+    task_id = new_task_id()
+    rank1 = _reporter(redis_url, tmp_path, task_id, reports=False, reports_outcome=True)
+    rank0 = _reporter(redis_url, tmp_path, task_id)
+    rank1.progress(Stage.DENOISE, 1, 1)
+    assert rank1.failed(code="unsupported_world_size", message="3 ranks", retryable=False)
+    assert not rank0.failed(code="terminated", message="SIGTERM", retryable=True)
+    rank0.close()
+    rank1.close()
+    events = _events(redis_url, task_id)
+    assert [(e.type, e.data.get("code")) for e in events] == \
+        [(EventType.FAILED, "unsupported_world_size")]

@@ -3,12 +3,15 @@
 Guarantees:
 - ``vidmaas-job --help`` imports neither torch nor diffusers, and nothing reads the
   environment before a command runs.
-- Every command ends in exactly one exit code from ``domain.jobs.ExitCode``; on rank
-  0 a failure is also exactly one ``failed`` event (``cancelled`` for a cancel), its
-  code and ``retryable`` flag chosen by ``runtime.errors``. SIGTERM (the executor's
-  hard stop) ends the job the same way: ``cancelled`` if a cancel was requested,
-  otherwise a retryable ``failed``.
+- Every command ends in exactly one exit code from ``domain.jobs.ExitCode``; for the
+  job a failure is also exactly one ``failed`` event (``cancelled`` for a cancel),
+  sent by the first rank on node 0 to fail, with the code and ``retryable`` flag
+  that ``runtime.errors`` chooses. SIGTERM (the executor's hard stop) ends the job
+  the same way: ``cancelled`` if a cancel was requested, otherwise a retryable
+  ``failed``.
 - Logs go to stderr, one line per state change, each with the task id.
+- ``main`` ends the process without the interpreter's slow teardown of torch once
+  the command has finished everything it does.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def execute(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s rank={env.dist.rank} %(name)s %(message)s")
     reporter = Reporter(task_id=env.task_id, redis_url=env.redis_url,
                         work_dir=WorkDir(env.work_dir), reports=env.dist.is_reporter,
+                        reports_outcome=env.dist.reports_outcome,
                         heartbeat_interval_s=env.heartbeat_interval_s,
                         progress_interval_s=env.progress_interval_s)
     step: Callable[[steps.Context], None] = {
@@ -106,8 +110,17 @@ def execute(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The ``vidmaas-job`` console script."""
-    sys.exit(int(execute(argv)))
+    """The ``vidmaas-job`` console script; ends the process with the command's exit code."""
+    code = int(execute(argv))
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    # The interpreter's teardown of torch and diffusers takes seconds (as long as the
+    # whole generation of a small video). By now every event is sent, every file is
+    # written and closed and the process group is gone, so only the logs need flushing.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

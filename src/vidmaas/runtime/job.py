@@ -70,6 +70,11 @@ class Dist:
         return self.rank == 0 and self.node_rank == 0
 
     @property
+    def reports_outcome(self) -> bool:
+        """Any rank on the node of rank 0 may report the job's one terminal event."""
+        return self.node_rank == 0
+
+    @property
     def job_world_size(self) -> int:
         return self.world_size if self.under_torchrun else self.nnodes * self.nproc_per_node
 
@@ -123,7 +128,7 @@ class JobEnv:
             under_torchrun=under_torchrun,
             nnodes=integer("PET_NNODES", 1),
             nproc_per_node=integer("PET_NPROC_PER_NODE", 1),
-            node_rank=(0 if under_torchrun else integer("PET_NODE_RANK", 0)),
+            node_rank=integer("GROUP_RANK" if under_torchrun else "PET_NODE_RANK", 0),
         )
         fault: dict[str, str] = {}
         for part in (opt(ENV_FAULT) or "").split(","):

@@ -10,8 +10,12 @@ Guarantees:
 - ``progress`` is the stage-weighted overall percent (``STAGE_WEIGHTS``), never lower
   than one already sent by any step of this job, throttled to one per
   ``progress_interval_s`` except at a stage's end; each carries an ``eta_s``.
-- Only a reporter made with ``reports=True`` (rank 0) writes events at all; the
-  others are silent, so a multi-rank job does not repeat itself.
+- Only a reporter made with ``reports=True`` (rank 0) writes progress, stages,
+  heartbeats and ``started``; the others are silent, so a multi-rank job does not
+  repeat itself. A reporter made with ``reports_outcome=True`` (any rank on the node
+  of rank 0, which shares its work directory) may write the one terminal event:
+  whichever rank fails first tells why, and rank 0, stopped by torchrun because of
+  it, does not bury that under its own ``terminated``.
 - Without a Redis URL (a job run by hand) every method is a no-op.
 - ``heartbeats()`` runs a daemon thread that sends ``heartbeat`` every
   ``heartbeat_interval_s`` (0 turns it off) until the block exits.
@@ -29,7 +33,7 @@ from typing import Any
 
 from vidmaas.domain import events as ev
 from vidmaas.domain.events import Event, Stage
-from vidmaas.runtime.job import WorkDir, atomic_write
+from vidmaas.runtime.job import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +61,20 @@ class Reporter:
     """Writes one job's events to Redis; see the module docstring for the guarantees."""
 
     def __init__(self, *, task_id: str, redis_url: str | None, work_dir: WorkDir,
-                 reports: bool = True, heartbeat_interval_s: float = 5.0,
+                 reports: bool = True, reports_outcome: bool | None = None,
+                 heartbeat_interval_s: float = 5.0,
                  progress_interval_s: float = 0.5, critical_retry_s: float = 120.0) -> None:
         self.task_id = task_id
         self.work = work_dir
-        self.reports = reports and bool(redis_url) and bool(task_id)
+        connected = bool(redis_url) and bool(task_id)
+        self.reports = reports and connected
+        self.reports_outcome = (reports if reports_outcome is None else reports_outcome) \
+            and connected
         self.heartbeat_interval_s = heartbeat_interval_s
         self.progress_interval_s = progress_interval_s
         self.critical_retry_s = critical_retry_s
         self._client: Any = None
-        if self.reports and redis_url:
+        if (self.reports or self.reports_outcome) and redis_url:
             from vidmaas.bus.client import connect_sync
 
             self._client = connect_sync(redis_url, socket_timeout_s=5.0)
@@ -78,7 +86,7 @@ class Reporter:
 
     def publish(self, event: Event, *, retry_s: float = 0.0) -> bool:
         """Write ``event``; retry Redis errors for ``retry_s``. True if it was written."""
-        if not self.reports:
+        if not (self.reports or (event.type.terminal and self.reports_outcome)):
             return False
         from redis.exceptions import RedisError
 
@@ -102,15 +110,18 @@ class Reporter:
 
     def _once(self, marker: str, event: Event) -> bool:
         """Publish ``event`` unless this job already did (terminal events, ``started``)."""
-        if not self.reports:
+        if not (self.reports or (event.type.terminal and self.reports_outcome)):
             return False
         path = self.work.marker(marker)
-        with self._lock:
-            if path.exists():
-                log.info("task_id=%s %s already reported; not repeating %s", self.task_id,
-                         marker, event.type.value)
-                return False
-            atomic_write(path, event.type.value.encode())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # O_EXCL: of several processes racing, exactly one creates it
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            log.info("task_id=%s %s already reported; not repeating %s", self.task_id,
+                     marker, event.type.value)
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(event.type.value)
         return self.publish(event, retry_s=self.critical_retry_s)
 
     def already_terminal(self) -> bool:
@@ -164,7 +175,7 @@ class Reporter:
 
     def cancel_requested(self) -> str | None:
         """Who asked to cancel the task, or None (also None when Redis cannot say)."""
-        if not self.reports:
+        if self._client is None:
             return None
         from redis.exceptions import RedisError
 

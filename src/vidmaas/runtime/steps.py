@@ -186,6 +186,7 @@ def generate(ctx: Context) -> None:
     check_image_use(read_model_index(env.model_dir), has_image=bool(args.image))
     reporter.started(world_size=env.dist.world_size, host=env.host)
     ctx.check_cancel()
+    reporter.stage(Stage.LOAD_MODEL)  # importing torch and diffusers is part of it
     t = time.perf_counter()
     import torch
 
@@ -198,7 +199,6 @@ def generate(ctx: Context) -> None:
     distributed.init_process_group(p, cuda=torch.cuda.is_available(),
                                    local_rank=env.dist.local_rank)
     try:
-        reporter.stage(Stage.LOAD_MODEL)
         t = time.perf_counter()
         engine = Engine.load(env.model_dir, plan=p, local_rank=env.dist.local_rank,
                              options=Options(cpu_offload=bool(spec and spec.cpu_offload),
@@ -210,7 +210,8 @@ def generate(ctx: Context) -> None:
         def on_step(step: int, total: int) -> str | None:
             fault(step)
             reporter.progress(Stage.DENOISE, step, total)
-            return reporter.cancel_requested()
+            # Rank 0 decides for all (distributed.agree_on_cancel): no need to ask Redis.
+            return reporter.cancel_requested() if p.rank == 0 else None
 
         req = Request(prompt=args.prompt, width=args.width, height=args.height,
                       num_frames=args.frame_num, steps=args.sample_steps, seed=args.seed,
