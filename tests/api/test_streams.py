@@ -666,6 +666,31 @@ async def test_idle_clients_get_keep_alive_pings(sqlite_url: str, redis_url: str
         assert lines[0] == "retry: 1000"
 
 
+async def test_streams_keep_flowing_after_the_shared_readers_redis_connection_is_killed(
+        server_sqlite: Server) -> None:
+    server = server_sqlite
+    first = await new_task(server)
+    ws = await ws_open(server, f"/v1/tasks/{first}/events")
+    await ws_messages(ws, n=1)
+    await start_running(server, first)
+    assert [m["type"] for m in await ws_messages(ws, n=2)] == ["dispatched", "started"]
+    reader_id = server.hub._reader_id
+    assert reader_id is not None
+    await server.svc.redis.execute_command("CLIENT", "KILL", "ID", str(reader_id))
+    await progress(server, first, 1)
+    assert steps(await ws_messages(ws, n=1)) == [1]
+    # A new key is still picked up at once (the blocked read is woken on the new connection).
+    second = await new_task(server)
+    ws2 = await ws_open(server, f"/v1/tasks/{second}/events")
+    await ws_messages(ws2, n=1)
+    t0 = time.monotonic()
+    await start_running(server, second)
+    assert [m["type"] for m in await ws_messages(ws2, n=2)] == ["dispatched", "started"]
+    assert time.monotonic() - t0 < 2.0
+    await ws.close()
+    await ws2.close()
+
+
 async def test_five_hundred_idle_websocket_connections_share_one_reader_and_all_get_events(
         server_sqlite: Server) -> None:
     server = server_sqlite
