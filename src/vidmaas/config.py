@@ -146,8 +146,6 @@ class LocalExecutorSettings(BaseModel):
 
     work_root: Path = Path("./.vidmaas/jobs")
     """Parent of each job's fresh work directory."""
-    torchrun: str = "torchrun"
-    """The torchrun launcher to use (a path, or a name on PATH)."""
     keep_work_dirs: bool = False
     """Keep a job's work directory after it ends (debugging)."""
     log_tail_bytes: int = 4000

@@ -42,7 +42,8 @@ def make_executor(settings: Settings) -> Executor:
 def make_dispatcher(services: Services, executor: Executor, *, metrics: Metrics | None = None,
                     heartbeat: Heartbeat | None = None) -> Dispatcher:
     return Dispatcher(settings=services.settings, sessions=services.sessions,
-                      redis=services.redis, executor=executor, registry=services.registry)
+                      redis=services.redis, executor=executor, registry=services.registry,
+                      metrics=metrics, heartbeat=heartbeat)
 
 
 def _consumer_name() -> str:
