@@ -534,16 +534,27 @@ async def test_a_connection_whose_client_takes_nothing_lags_within_its_buffer_th
                for _ in range(100)]  # the buffer is 32; stage events are never dropped
         await asyncio.sleep(0.3)
         assert len(conn.outbox) <= 32 and conn.watches[task_id].lagging
-        await complete(server, task_id)
+
+        async def publish_more() -> None:  # while the connection catches up
+            for i in range(300):
+                ids.append(await server.svc.lifecycle.publish(
+                    ev.stage(task_id, ev.Stage.DECODE)))
+                if i % 20 == 0:
+                    await asyncio.sleep(0.002)
+            await complete(server, task_id)
+
+        pub = asyncio.create_task(publish_more(), name="publisher")
         got: list[dict[str, Any]] = []
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(20):
             async for batch in conn.messages():
                 got += batch
+                await asyncio.sleep(0.001)  # a client a little slower than the publisher
+        await pub
         assert conn.outbox.high_water <= 32
     finally:
         conn.close()
     assert got[0]["type"] == "snapshot"
-    assert event_ids(got)[:100] == ids
+    assert event_ids(got)[:400] == ids
     assert [m["type"] for m in got][-2:] == ["completed", "end"]
 
 

@@ -245,10 +245,12 @@ class Connection:
 
     def deliver(self, task_id: str, entries: Iterable[tuple[str, Event]]) -> None:
         w = self.watches.get(task_id)
-        if w is None or w.ended or w.lagging:
+        if w is None or w.ended:
             return
-        if w.holding is not None:
+        if w.holding is not None:  # a read from Redis is in flight: keep these for after it
             w.holding.extend(entries)
+            return
+        if w.lagging:
             return
         for event_id, event in entries:
             if not self._push(w, event_id, event):
