@@ -472,7 +472,7 @@ async def _supervised(name: str, body: Callable[[], Awaitable[None]]) -> None:
 class StreamHub:
     """The per-process reader and fan-out (see the module docstring)."""
 
-    def __init__(self, services: Services, *, block_ms: int = 5000, count: int = 200,
+    def __init__(self, services: Services, *, block_ms: int = 2000, count: int = 200,
                  buffer_events: int | None = None, ping_interval_s: float | None = None,
                  ) -> None:
         cfg = services.settings.api
