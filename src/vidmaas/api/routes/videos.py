@@ -112,6 +112,23 @@ class OpenAIRoute(APIRoute):
 router = APIRouter(prefix="/v1/videos", tags=["openai"], route_class=OpenAIRoute)
 
 
+class OpenAIErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error body, which every error of these routes has."""
+
+    error: OpenAIErrorInfo
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorBody} for code in (400, 401, 404, 409, 413, 415, 429, 503)}
+
+
 # ------------------------------------------------------------------ shapes
 
 class VideoError(BaseModel):
@@ -283,7 +300,8 @@ async def _parse_create(request: Request) -> tuple[VideoCreate, bytes | None]:
     return data, image
 
 
-@router.post("", response_model=Video, summary="Create a video (OpenAI-compatible)")
+@router.post("", response_model=Video, responses=_ERRORS,
+             summary="Create a video (OpenAI-compatible)")
 async def create_video(
     request: Request, caller: CallerDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
@@ -319,12 +337,13 @@ async def load_video(request: Request, *, video_id: str, scope: str | None) -> T
     return task
 
 
-@router.get("/{video_id}", response_model=Video, summary="Retrieve a video")
+@router.get("/{video_id}", response_model=Video, responses=_ERRORS,
+            summary="Retrieve a video")
 async def retrieve_video(request: Request, video_id: str, caller: CallerDep) -> Video:
     return video_out(await load_video(request, video_id=video_id, scope=caller.scope))
 
 
-@router.get("", response_model=VideoList, summary="List videos")
+@router.get("", response_model=VideoList, responses=_ERRORS, summary="List videos")
 async def list_videos(
     request: Request, caller: CallerDep,
     after: Annotated[str | None, Query(max_length=64)] = None,
@@ -352,7 +371,8 @@ async def list_videos(
                      last_id=page[-1].id if page else None, has_more=len(rows) > limit)
 
 
-@router.delete("/{video_id}", response_model=VideoDeleted, summary="Delete a video")
+@router.delete("/{video_id}", response_model=VideoDeleted, responses=_ERRORS,
+               summary="Delete a video")
 async def delete_video(request: Request, video_id: str, caller: CallerDep) -> VideoDeleted:
     """Cancels an unfinished video; removes a finished one's files (a completed video then
     answers 404). A failed or cancelled video keeps its record."""
@@ -375,7 +395,7 @@ async def delete_video(request: Request, video_id: str, caller: CallerDep) -> Vi
 
 @router.get("/{video_id}/content", summary="Download a video's content",
             response_class=Response,
-            responses={200: {"content": {"video/mp4": {}, "image/jpeg": {}}},
+            responses={**_ERRORS, 200: {"content": {"video/mp4": {}, "image/jpeg": {}}},
                        307: {"description": "presigned URL"}})
 async def video_content(
     request: Request, video_id: str, caller: CallerOrTokenDep,
