@@ -152,7 +152,6 @@ class Cluster:
             "VIDMAAS_MODEL_ROOT": str(model_root),
             "VIDMAAS_DEFAULT_MODEL": cfg.model,
             "VIDMAAS_LOCAL_WORK_ROOT": str(self.job_root),
-            "VIDMAAS_LOCAL_TORCHRUN": _bin("torchrun"),
             "VIDMAAS_API_MAX_QUEUED_PER_USER": "100000",
             "VIDMAAS_DISPATCHER_PER_USER_RUNNING_CAP": str(cfg.capacity),
             "VIDMAAS_DISPATCHER_MAX_ATTEMPTS": str(cfg.max_attempts),

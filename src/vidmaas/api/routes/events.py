@@ -38,6 +38,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from vidmaas.api.deps import CallerOrTokenDep, authenticate, services_of
 from vidmaas.api.routes.tasks import load_own
+from vidmaas.api.schemas import ErrorBody
 from vidmaas.api.streams import (
     Connection,
     GoingAway,
@@ -111,7 +112,8 @@ async def _already_finished(hub: StreamHub, *, status: str, task_id: str,
 
 @router.get("/v1/tasks/{task_id}/events", summary="Follow a task's events (Server-Sent Events)",
             response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}},
+            responses={**{code: {"model": ErrorBody} for code in (401, 404, 422)},
+                       200: {"content": {"text/event-stream": {}}},
                        204: {"description": "the task finished and the client has it all"}})
 async def task_events_sse(
     request: Request, task_id: str, caller: CallerOrTokenDep,
