@@ -14,7 +14,9 @@ The report checks the promises of DESIGN §2:
 - every task is terminal, or queued and really in the queue;
 - no task ran two jobs at the same time (never two live job process groups for one
   task; at most one ``started`` event per ``dispatched`` attempt in its stream);
-- capacity was never exceeded (the sum of leases, and the number of live job groups);
+- capacity was never exceeded: the sum of leases never passes it, nor the number of
+  live job groups holding a lease plus those that outlived theirs by over 15 s (a job
+  exits a moment after its terminal event frees its capacity);
 - every completed task's video decodes with PyAV (all frames) and has a poster.
 
 Used by ``tests/soak/test_soak_short.py`` (short) and ``scripts/soak.py`` (long). Every
@@ -44,6 +46,8 @@ from tests.support.services import free_port, redis_server_binary, wait_port
 
 TERMINAL = {"completed", "failed", "cancelled"}
 JOB_ENV = "VIDMAAS_TASK_ID"
+UNLEASED_GRACE_S = 15.0
+"""How long a job may outlive its task's lease (exiting after its terminal event)."""
 ROLE_ACTIONS = ("api", "dispatcher", "relay", "redis", "job")
 
 
@@ -77,6 +81,7 @@ class SoakReport:
     frames_decoded: int = 0
     max_leases: int = 0
     max_live_jobs: int = 0
+    max_unleased_s: float = 0.0
     jobs_seen: int = 0
     samples: int = 0
     attempts: Counter[int] = field(default_factory=Counter)
@@ -106,7 +111,8 @@ class SoakReport:
             f"videos decoded: {self.videos_decoded} ({self.frames_decoded} frames)",
             f"capacity: max leases {self.max_leases}, max live job groups "
             f"{self.max_live_jobs} over {self.samples} samples; {self.jobs_seen} job "
-            "process groups seen",
+            f"process groups seen; longest a job outlived its lease "
+            f"{self.max_unleased_s:.1f} s",
             "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()),
         ]
         if self.violations:
@@ -317,6 +323,8 @@ class Sampler(threading.Thread):
         self.capacity = capacity
         self.stop_event = threading.Event()
         self.groups_seen: set[int] = set()
+        self.unleased: dict[tuple[str, int], float] = {}
+        """(task, group) of live jobs whose task holds no lease → first seen so."""
         self.lock = threading.Lock()
 
     def run(self) -> None:
@@ -335,27 +343,48 @@ class Sampler(threading.Thread):
     def sample(self, client: Any, leases_key: str) -> None:
         report = self.report
         try:
-            leases = sum(int(v) for v in client.hgetall(leases_key).values())
+            leased = {(k.decode() if isinstance(k, bytes) else k): int(v)
+                      for k, v in client.hgetall(leases_key).items()}
         except Exception:
-            leases = None  # Redis is restarting
+            leased = None  # Redis is restarting
         procs = job_processes(self.cluster.job_root)
         by_task: dict[str, set[int]] = defaultdict(set)
         for task_id, pgid, _attempt in procs:
             by_task[task_id].add(pgid)
-        groups = {g for _, g, _ in procs}
+        groups = {(t, g) for t, g, _ in procs}
+        now = time.monotonic()
         with self.lock:
             report.samples += 1
-            self.groups_seen |= groups
+            self.groups_seen |= {g for _, g in groups}
             report.jobs_seen = len(self.groups_seen)
-            if leases is not None:
+            report.max_live_jobs = max(report.max_live_jobs, len(groups))
+            if leased is not None:
+                leases = sum(leased.values())
                 report.max_leases = max(report.max_leases, leases)
                 if leases > self.capacity:
                     report.violate("leases", f"leases sum to {leases} > capacity "
                                    f"{self.capacity}")
-            report.max_live_jobs = max(report.max_live_jobs, len(groups))
-            if len(groups) > self.capacity:
-                report.violate("jobs", f"{len(groups)} job process groups alive at once "
-                               f"> capacity {self.capacity}: {dict(by_task)}")
+                # A job whose task holds no lease may be finishing (its terminal event
+                # freed the capacity; the process is exiting). Past a grace period it is
+                # a job running outside capacity.
+                for key in list(self.unleased):
+                    if key not in groups or key[0] in leased:
+                        del self.unleased[key]
+                for key in groups:
+                    if key[0] not in leased:
+                        self.unleased.setdefault(key, now)
+                lingering = [k for k, since in self.unleased.items()
+                             if now - since > UNLEASED_GRACE_S]
+                if self.unleased:
+                    report.max_unleased_s = max(report.max_unleased_s,
+                                                now - min(self.unleased.values()))
+                counted = len([k for k in groups if k[0] in leased]) + len(lingering)
+                if counted > self.capacity:
+                    report.violate("jobs", f"{counted} jobs hold or outlive capacity at once "
+                                   f"> capacity {self.capacity}: {dict(by_task)}")
+                for key in lingering:
+                    report.violate(f"unleased {key}", f"job group {key[1]} of task {key[0]} "
+                                   f"ran over {UNLEASED_GRACE_S:.0f} s without a lease")
             for task_id, pgids in by_task.items():
                 if len(pgids) > 1:
                     report.violate(f"twice {task_id}", f"task {task_id} ran {len(pgids)} jobs "
