@@ -163,3 +163,14 @@ def test_an_image_given_to_a_text_to_video_model_fails_as_bad_input_before_loadi
     assert proc.returncode == ExitCode.BAD_INPUT, proc.stderr[-2000:]
     assert "takes no image" in _one_failed(job).data["message"]
     assert "load_model" not in [e.data.get("stage") for e in job.events()]
+
+
+@pytest.mark.slow
+def test_a_failure_under_the_torchrun_it_launched_is_reported_once_with_the_childs_exit_code(
+        job: Job) -> None:
+    proc = job.run(job.command("run"), extra_env={"PET_NPROC_PER_NODE": "2",
+                                                  "VIDMAAS_TEST_FAULT": "oom_at_step=1"})
+    assert proc.returncode == ExitCode.OUT_OF_MEMORY, proc.stderr[-2000:]
+    failed = _one_failed(job)
+    assert (failed.data["code"], failed.data["retryable"]) == ("out_of_memory", True)
+    assert job.object_keys() == []

@@ -24,10 +24,15 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from vidmaas.domain.jobs import ExitCode
 from vidmaas.runtime.errors import Cancelled, InfraError, JobError, classify
 from vidmaas.runtime.job import JobArgs, JobEnv, WorkDir, add_job_args
+
+if TYPE_CHECKING:
+    from vidmaas.runtime import steps
+    from vidmaas.runtime.reporter import Reporter
 
 log = logging.getLogger("vidmaas.runtime")
 
@@ -79,6 +84,16 @@ def execute(argv: Sequence[str] | None = None) -> int:
     step: Callable[[steps.Context], None] = {
         "fetch-input": steps.fetch_input, "generate": steps.generate,
         "postprocess": steps.postprocess_step, "run": steps.run}[ns.command]
+    code = _run(ns, env, reporter, step)
+    if code != ExitCode.OK:
+        WorkDir(env.work_dir).record_exit_code(code)
+    return code
+
+
+def _run(ns: argparse.Namespace, env: JobEnv, reporter: Reporter,
+         step: Callable[[steps.Context], None]) -> int:
+    from vidmaas.runtime import steps
+
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     log.info("task_id=%s %s starting (rank %d of %d)", env.task_id, ns.command,
              env.dist.rank, env.dist.world_size)

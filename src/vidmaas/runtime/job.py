@@ -257,6 +257,23 @@ class WorkDir:
     def marker(self, name: str) -> Path:
         return self.state / name
 
+    def record_exit_code(self, code: int) -> None:
+        """Keep the first failing process's exit code (torchrun answers 1 for any)."""
+        path = self.marker("exit_code")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except OSError:
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(str(code))
+
+    def recorded_exit_code(self) -> int | None:
+        try:
+            return int(self.marker("exit_code").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
     def write_json(self, path: Path, data: Mapping[str, Any]) -> None:
         atomic_write(path, json.dumps(dict(data)).encode())
 

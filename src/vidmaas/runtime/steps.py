@@ -334,7 +334,8 @@ def _torchrun_generate(ctx: Context) -> None:
     if code == 0:
         return
     if ctx.reporter.already_terminal():
-        raise StepExited(code)
+        # torchrun answers 1 whatever its worker's code was: pass the worker's on.
+        raise StepExited(ctx.work.recorded_exit_code() or code)
     known = code if code in {c.value for c in ExitCode} else ExitCode.INFRA_ERROR
     raise JobError(f"generate exited with {code} without reporting why",
                    code="generate_failed", exit_code=ExitCode(known))
