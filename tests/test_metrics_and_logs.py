@@ -234,6 +234,8 @@ def test_exception_text_is_in_the_json_line(log_stream: io.StringIO) -> None:
 def test_secrets_are_redacted_from_messages_extras_and_tracebacks(
     log_stream: io.StringIO, json_format: bool,
 ) -> None:
+    # A uvicorn server started earlier in the process sets its access logger's level.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     configure_logging(level="INFO", json=json_format, stream=log_stream)
     log = logging.getLogger("vidmaas.api")
     log.info("request headers %s", {"Authorization": "Bearer vmk_live_SECRET1"})

@@ -169,7 +169,11 @@ def configure_logging(*, level: str, json: bool, stream: TextIO | None = None) -
     root.setLevel(numeric)
 
     for name in _UVICORN_LOGGERS:
+        # uvicorn's own configuration (or an earlier server in this process) may have
+        # given these loggers handlers, a level or propagate=False: route them to ours.
         logger = logging.getLogger(name)
         logger.handlers.clear()
+        logger.setLevel(logging.NOTSET)
+        logger.disabled = False
         logger.propagate = True
     return handler

@@ -415,7 +415,7 @@ def test_render_job_for_cli_prints_the_manifest_the_dispatcher_would_submit() ->
     (manifest,) = list(yaml.safe_load_all(text))
     assert manifest["metadata"]["name"] == job_name(task_id)
     args = _main(manifest["spec"]["pytorchReplicaSpecs"]["Master"])["args"]
-    assert args[:4] == ["--prompt", 'say "hi"\n---', "--size", "832*480"]
+    assert args[:3] == ['--prompt=say "hi"\n---', "--size", "832*480"]
     assert args[args.index("--image") + 1] == f"inputs/{task_id}/input.png"
     assert args[args.index("--seed") + 1] == "7"
 

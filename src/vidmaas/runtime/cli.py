@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from vidmaas.domain.jobs import ExitCode
 from vidmaas.runtime.errors import Cancelled, InfraError, JobError, classify
-from vidmaas.runtime.job import JobArgs, JobEnv, WorkDir, add_job_args
+from vidmaas.runtime.job import JobArgParser, JobArgs, JobEnv, WorkDir, add_job_args
 
 if TYPE_CHECKING:
     from vidmaas.runtime import steps
@@ -52,7 +52,7 @@ class Terminated(InfraError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = JobArgParser(
         prog="vidmaas-job",
         description="The vidmaas job runtime: one video generation task inside its job. "
                     "Configured by VIDMAAS_* environment variables (see docs/runtime.md).")

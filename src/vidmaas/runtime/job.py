@@ -192,9 +192,31 @@ class JobArgs:
                    image=ns.image or None, negative_prompt=ns.negative_prompt or None)
 
 
+class _FreeText(argparse.Action):
+    """Stores free text exactly as given. argparse (3.11) drops a value that is exactly
+    ``--`` even in ``--prompt=--``; such a value arrives here as an empty list."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, "--" if values == [] else values)
+
+
+class JobArgParser(argparse.ArgumentParser):
+    """An argument parser that keeps a free-text value of exactly ``--``."""
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        if isinstance(action, _FreeText) and arg_strings == ["--"]:
+            return "--"
+        return super()._get_values(action, arg_strings)
+
+
 def add_job_args(parser: argparse.ArgumentParser) -> None:
-    """The job's arguments, in the seed template's names (see ``domain.jobs.job_args``)."""
-    parser.add_argument("--prompt", required=True, help="what to generate, as typed")
+    """The job's arguments, in the seed template's names (see ``domain.jobs.job_args``).
+
+    Free text must come as ``--prompt=VALUE`` (what ``job_args`` writes), so a prompt
+    that starts with ``-`` is never read as an option."""
+    parser.add_argument("--prompt", required=True, action=_FreeText,
+                        help="what to generate, as typed")
     parser.add_argument("--size", default="64*64", help="W*H in pixels (Wan's notation)")
     parser.add_argument("--frame-num", type=int, default=9, help="frames, 4k+1")
     parser.add_argument("--sample-steps", type=int, default=4, help="denoising steps")
@@ -204,7 +226,8 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
                         help="frames per second of the video (default: the model's)")
     parser.add_argument("--image", default=None,
                         help="object key of the input image in the store (image-to-video)")
-    parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    parser.add_argument("--negative-prompt", default=None, action=_FreeText,
+                        help="what to steer away from")
 
 
 def cli_args(args: JobArgs) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from boto3.exceptions import Boto3Error
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -51,7 +52,7 @@ class S3Store:
             if code in _MISSING:
                 raise NotFound(f"no object {kwargs.get('Key', '')}") from e
             raise StorageError(f"S3 {what} failed: {code or e}") from e
-        except BotoCoreError as e:
+        except (BotoCoreError, Boto3Error) as e:  # S3UploadFailedError is a Boto3Error
             raise StorageError(f"S3 {what} failed: {e}") from e
 
     async def ensure_ready(self) -> None:
