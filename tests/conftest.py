@@ -153,3 +153,12 @@ def tiny_model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_tiny(root / "tiny-t2v", "t2v")
     make_tiny(root / "tiny-ti2v", "ti2v")
     return root
+
+
+@pytest.fixture
+def embedded_data_dir(tmp_path: Path, tiny_model_root: Path) -> Path:
+    """A `vidmaas up` data directory whose tiny models are already made (generating them
+    is tested by the runtime's own tests; here it would only cost time)."""
+    d = tmp_path / "vidmaas-data"
+    shutil.copytree(tiny_model_root, d / "models")
+    return d
