@@ -80,8 +80,10 @@ def embedded_redis(data_dir: Path) -> Iterator[str]:
     args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(rdir),
             "--appendonly", "yes", "--save", "", "--protected-mode", "yes",
             "--loglevel", "warning", "--logfile", str(rdir / "redis.log")]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    # Started before vidmaas starts any thread, so preexec_fn is safe here.
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # noqa: PLW1509
     marker = data_dir / "redis.url"
     try:
         deadline = time.monotonic() + REDIS_START_TIMEOUT_S
@@ -158,7 +160,7 @@ async def _serve(settings: Settings, *, data_dir: Path, host: str, port: int) ->
         url = f"http://{host}:{port}/"
 
         async def announce() -> None:
-            while not server.started:
+            while not server.started:  # noqa: ASYNC110 (uvicorn exposes only a flag)
                 await asyncio.sleep(0.05)
             print(f"\nvidmaas is up: {url}\n  admin API key: {key}\n"
                   f"  data directory: {data_dir}\n  stop with Ctrl-C\n", flush=True)

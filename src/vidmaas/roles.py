@@ -10,13 +10,13 @@ restarted after a short pause, never silently lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
 
+from vidmaas.aio import supervise
 from vidmaas.config import Settings
 from vidmaas.dispatcher.executors.base import Executor
 from vidmaas.dispatcher.service import Dispatcher
@@ -51,21 +51,6 @@ def _consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-async def supervise(name: str, factory: Callable[[], Awaitable[None]],
-                    stop: asyncio.Event) -> None:
-    """Run ``factory()`` until ``stop``; restart it after a crash."""
-    while not stop.is_set():
-        try:
-            await factory()
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s crashed; restarting in %.0fs", name, RESTART_PAUSE_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), RESTART_PAUSE_S)
-
-
 class Roles:
     """The dispatcher and the relay over one ``Services`` (embedded mode)."""
 
@@ -80,9 +65,12 @@ class Roles:
 
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(supervise("dispatcher", self.dispatcher.run, self._stop),
+            asyncio.create_task(supervise("dispatcher", self.dispatcher.run,
+                                          stopping=self._stop, log=log,
+                                          backoff_initial_s=RESTART_PAUSE_S),
                                 name="role-dispatcher"),
-            asyncio.create_task(supervise("relay", self.relay.run, self._stop),
+            asyncio.create_task(supervise("relay", self.relay.run, stopping=self._stop, log=log,
+                                          backoff_initial_s=RESTART_PAUSE_S),
                                 name="role-relay"),
         ]
 
@@ -90,7 +78,7 @@ class Roles:
         self._stop.set()
         self.dispatcher.stop()
         self.relay.stop()
-        done, pending = await asyncio.wait(self._tasks, timeout=10)
+        _, pending = await asyncio.wait(self._tasks, timeout=10)
         for t in pending:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -44,6 +44,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from vidmaas.aio import pause, supervise
 from vidmaas.bus import keys
 from vidmaas.bus.client import connect
 from vidmaas.bus.control import cancel_requested
@@ -161,25 +162,11 @@ class Dispatcher:
             log.info("dispatcher %s stopped", self.id)
 
     async def _supervise(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
-        backoff_s = 0.2
-        while not self._stopping.is_set():
-            try:
-                await fn()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                if self._stopping.is_set():
-                    return
-                log.exception("dispatcher %s: %s failed; restarting in %.1fs", self.id, name,
-                              backoff_s)
-                await self._pause(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+        await supervise(f"dispatcher {self.id}: {name}", fn, stopping=self._stopping, log=log)
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake at once on ``stop()``."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        await pause(self._stopping, seconds)
 
     async def _hook(self, step: str) -> None:
         """Crash tests pause here (``keys.TEST_HOOK``), to kill the process at this step."""

@@ -54,6 +54,7 @@ import redis.exceptions
 import sqlalchemy.exc
 from sqlalchemy import select, update
 
+from vidmaas.aio import supervise
 from vidmaas.bus import keys
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task, utcnow
@@ -213,19 +214,9 @@ class Relay:
             log.info("relay %s stopped", self.consumer_name)
 
     async def _supervise(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
-        backoff_s = 0.2
-        while not self._stopping.is_set():
-            try:
-                await fn()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("relay %s: %s loop failed; restarting in %.1fs",
-                              self.consumer_name, name, backoff_s)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), backoff_s)
-                backoff_s = min(backoff_s * 2, self.options.retry_backoff_max_s)
+        await supervise(f"relay {self.consumer_name}: {name} loop", fn,
+                        stopping=self._stopping, log=log,
+                        backoff_max_s=self.options.retry_backoff_max_s)
 
     async def ensure_group(self) -> None:
         try:
