@@ -518,7 +518,9 @@ class Dispatcher:
                                       message=f"task ran past its deadline of "
                                               f"{self.cfg.task_deadline_s:.0f}s")
             return
-        last = task.last_heartbeat_at or task.started_at or task.dispatched_at
+        # The newest sign of life: a retried task's last heartbeat is its previous attempt's.
+        last = max((t for t in (task.last_heartbeat_at, task.started_at, task.dispatched_at)
+                    if t is not None), default=None)
         silent_s = _age_s(last, now)
         if silent_s is None or silent_s <= self.cfg.heartbeat_timeout_s:
             return
