@@ -29,7 +29,9 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: database, Redis and object store reachable")
+@router.get("/readyz", summary="Readiness: database, Redis and object store reachable",
+            responses={503: {"description": "a backing service does not answer; the body "
+                                            "names which"}})
 async def readyz(request: Request) -> JSONResponse:
     svc = services_of(request)
 
