@@ -112,3 +112,17 @@ async def test_removing_a_queued_task_takes_it_out_of_the_order(redis: aioredis.
     assert await q.remove(user_id="u", task_id="t1")
     assert await q.position(user_id="u", task_id="t1") is None
     assert await q.position(user_id="u", task_id="t2") == 1
+
+
+async def test_positions_of_many_tasks_at_once_equal_their_single_positions(
+        redis: aioredis.Redis) -> None:
+    q = TaskQueue(redis)
+    plan = [(f"u{i % 5}", f"t{i}") for i in range(23)]
+    for user, task in plan:
+        await q.enqueue(user_id=user, task_id=task, gpus=1)
+    await q.remove(user_id="u2", task_id="t7")
+    asked = [*plan, ("u9", "nope")]
+    many = await q.positions(asked)
+    for user, task in asked:
+        assert many[task] == await q.position(user_id=user, task_id=task)
+    assert many["t7"] is None and many["nope"] is None

@@ -197,3 +197,14 @@ async def position_of(svc: Services, task: Task) -> int | None:
         log.warning("task %s: queue position unavailable", task.id, extra={"task_id": task.id})
         return None
 
+
+async def positions_of(svc: Services, tasks: list[Task]) -> dict[str, int | None]:
+    """Queue positions of the queued tasks among ``tasks`` (one Redis round trip)."""
+    queued = [(t.user_id, t.id) for t in tasks if t.status == "queued"]
+    if not queued:
+        return {}
+    try:
+        return await svc.lifecycle.queue.positions(queued)
+    except Exception:
+        log.warning("queue positions unavailable for a page of %d tasks", len(queued))
+        return {}

@@ -79,6 +79,34 @@ end
 return ahead + 1
 """
 
+_POSITIONS_LUA = """
+-- KEYS: 1 ring; ARGV: 1 user queue prefix, then user, task pairs
+local ring = redis.call('LRANGE', KEYS[1], 0, -1)
+local lens, order = {}, {}
+for i, u in ipairs(ring) do
+  lens[u] = redis.call('LLEN', ARGV[1] .. u)
+  order[u] = i
+end
+local out = {}
+for j = 2, #ARGV, 2 do
+  local user, task = ARGV[j], ARGV[j + 1]
+  local idx = redis.call('LPOS', ARGV[1] .. user, task)
+  if not idx or not order[user] then
+    out[#out + 1] = -1
+  else
+    local ahead = idx
+    for _, u in ipairs(ring) do
+      if u ~= user then
+        if order[u] < order[user] then ahead = ahead + math.min(lens[u], idx + 1)
+        else ahead = ahead + math.min(lens[u], idx) end
+      end
+    end
+    out[#out + 1] = ahead + 1
+  end
+end
+return out
+"""
+
 _CLAIM_LUA = """
 -- KEYS: 1 ring, 2 leases, 3 user running, 4 lease users, 5 claims, 6 claim owner, 7 gpus
 -- ARGV: 1 capacity, 2 per-user cap, 3 lease expiry ms, 4 dispatcher id, 5 user queue prefix
@@ -203,6 +231,16 @@ class TaskQueue:
             _POSITION_LUA, 2, keys.QUEUE_USERS, keys.user_queue(user_id), user_id, task_id,
             keys.USER_QUEUE_PREFIX))
         return None if pos < 0 else pos
+
+    async def positions(self, items: list[tuple[str, str]]) -> dict[str, int | None]:
+        """Positions of many (user, task) pairs in one script (a page of a list)."""
+        if not items:
+            return {}
+        flat = [x for pair in items for x in pair]
+        res = await self._r.eval(  # type: ignore[misc]
+            _POSITIONS_LUA, 1, keys.QUEUE_USERS, keys.USER_QUEUE_PREFIX, *flat)
+        return {task: (None if int(p) < 0 else int(p))
+                for (_, task), p in zip(items, res, strict=True)}
 
     async def is_queued(self, *, user_id: str, task_id: str) -> bool:
         return await self._r.lpos(keys.user_queue(user_id), task_id) is not None

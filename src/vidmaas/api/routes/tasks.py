@@ -138,8 +138,8 @@ async def list_tasks(
     rows = await repo.list_tasks(session=session, user_id=caller.scope, limit=limit + 1,
                                  before=cursor, statuses=status)
     page = rows[:limit]
-    svc = services_of(request)
-    data = [task_out(t, position=await creation.position_of(svc, t)) for t in page]
+    positions = await creation.positions_of(services_of(request), page)
+    data = [task_out(t, position=positions.get(t.id)) for t in page]
     return TaskList(data=data, next_cursor=page[-1].id if len(rows) > limit else None)
 
 
