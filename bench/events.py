@@ -154,30 +154,6 @@ async def run_load(name: str, urls: list[str], headers: dict[str, str] | None,
     return result
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"port {port} did not open")
-
-
-def stop_proc(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=20)
@@ -193,7 +169,7 @@ def main() -> None:
         return
     if args.short:
         args.tasks, args.subscribers, args.duration_s = 10, 50, 3.0
-    from tests.support.services import free_port
+    from tests.support.services import free_port, stop, wait_port
 
     print(machine())
     print(f"events: {args.tasks} tasks × {args.rate:g} progress events/s, "
@@ -219,7 +195,7 @@ def main() -> None:
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE)
             try:
-                wait_port(port, proc)
+                wait_port(port, timeout_s=60, proc=proc)
                 headers = {"Authorization": f"Bearer {key}"}
                 if not task_ids:
                     with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers,
@@ -238,7 +214,7 @@ def main() -> None:
                     name, urls, headers if name == "vidmaas" else None, task_ids,
                     redis_url=redis_url, rate=args.rate, duration_s=args.duration_s)))
             finally:
-                stop_proc(proc)
+                stop(proc)
         for r in results:
             print(r.line(expected))
         api, bare = results

@@ -162,7 +162,7 @@ async def time_lists(db_url: str, redis_url: str, tmp: Path, ids: dict[str, list
 
 def dispatcher_rss(db_url: str, redis_url: str, tmp: Path, timeout_s: float) -> str:
     import psutil
-    from tests.support.services import free_port
+    from tests.support.services import free_port, stop
 
     from vidmaas.bus import keys as k
     from vidmaas.bus.client import connect
@@ -204,12 +204,7 @@ def dispatcher_rss(db_url: str, redis_url: str, tmp: Path, timeout_s: float) -> 
             time.sleep(0.2)
         return f"not measured: no reconcile pass within {timeout_s:.0f} s"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
 
 

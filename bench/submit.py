@@ -162,15 +162,6 @@ def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16)
@@ -184,7 +175,7 @@ def main() -> None:
         return
     if args.short:
         args.clients, args.duration_s, args.warmup_s = min(args.clients, 8), 3.0, 1.0
-    from tests.support.services import free_port
+    from tests.support.services import free_port, stop
 
     print(machine())
     print(f"submit: {args.clients} concurrent clients, {args.duration_s:.0f} s per server "
