@@ -97,6 +97,9 @@ class ApiSettings(BaseModel):
     """Longest accepted prompt."""
     max_queued_per_user: int = 50
     """Tasks one user may have waiting (queued) at once; 429 above it."""
+    key_cache_ttl_s: float = 10.0
+    """How long an API process remembers a key that authenticated (by its hash); a
+    revoked key stops working within this time. 0 looks every key up every time."""
     stream_token_ttl_s: int = 300
     """Lifetime of the short-lived token browsers use on WebSocket/SSE URLs."""
     stream_ping_interval_s: float = 15.0

@@ -3,11 +3,15 @@
 Guarantees: a request is authenticated by ``Authorization: Bearer <api key>`` or, for
 browsers on WebSocket/SSE/media URLs that cannot set headers, by a short-lived
 ``?token=`` stream token; a missing or unknown credential is 401 with the same body
-either way. Nothing here reads global state: everything hangs off ``app.state``.
+either way. A key that authenticated is remembered (by its hash, never in plain) for
+``api.key_cache_ttl_s``, so a revoked key stops working within that time; unknown
+keys are never remembered. Nothing here reads global state: everything hangs off
+``app.state``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -54,15 +58,53 @@ def _bearer(conn: HTTPConnection) -> str | None:
     return None
 
 
+class KeyCache:
+    """Callers of recently seen API keys, by key hash, for a few seconds (bounded)."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, *, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, Caller]] = {}
+
+    def get(self, key: str) -> Caller | None:
+        if self.ttl_s <= 0:
+            return None
+        hit = self._entries.get(users.hash_key(key))
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def put(self, key: str, caller: Caller) -> None:
+        if self.ttl_s <= 0:
+            return
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[users.hash_key(key)] = (time.monotonic() + self.ttl_s, caller)
+
+
+def key_cache(conn: HTTPConnection) -> KeyCache:
+    state = conn.app.state
+    cache: KeyCache | None = getattr(state, "key_cache", None)
+    if cache is None:
+        cache = KeyCache(ttl_s=services_of(conn).settings.api.key_cache_ttl_s)
+        state.key_cache = cache
+    return cache
+
+
 async def authenticate(conn: HTTPConnection, *, allow_token: bool) -> Caller:
     svc = services_of(conn)
     key = _bearer(conn)
+    if key is not None and (cached := key_cache(conn).get(key)) is not None:
+        return cached
     async with svc.sessions() as s:
         if key is not None:
             user = await users.authenticate(session=s, key=key)
             if user is None:
                 raise Unauthenticated("unknown or revoked API key")
-            return Caller(user.id, user.name, user.is_admin)
+            caller = Caller(user.id, user.name, user.is_admin)
+            key_cache(conn).put(key, caller)
+            return caller
         token = conn.query_params.get("token") if allow_token else None
         if token:
             user_id = await user_of_stream_token(svc.redis, token)
