@@ -12,9 +12,9 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vidmaas.config import Settings, embedded_settings
 from vidmaas.errors import VidmaasError
@@ -22,6 +22,7 @@ from vidmaas.errors import VidmaasError
 log = logging.getLogger("vidmaas")
 
 Command = Callable[[argparse.Namespace, Settings], int]
+T = TypeVar("T")
 _COMMANDS: dict[str, Command] = {}
 
 
@@ -113,21 +114,30 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
 
 # ---------------------------------------------------------------- users
 
-@command("users create")
-def _users_create(args: argparse.Namespace, settings: Settings) -> int:
-    from vidmaas.db import users
+def _with_session(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``work(session)`` on a fresh engine that is disposed afterwards."""
     from vidmaas.db.engine import make_engine, make_sessionmaker
 
-    async def run() -> str:
+    async def run() -> T:
         engine = make_engine(settings.database)
         try:
             async with make_sessionmaker(engine)() as s:
-                user = await users.create_user(session=s, name=args.name, is_admin=args.admin)
-                return await users.create_key(session=s, user_id=user.id)
+                return await work(s)
         finally:
             await engine.dispose()
 
-    key = asyncio.run(run())
+    return asyncio.run(run())
+
+
+@command("users create")
+def _users_create(args: argparse.Namespace, settings: Settings) -> int:
+    from vidmaas.db import users
+
+    async def work(s: Any) -> str:
+        user = await users.create_user(session=s, name=args.name, is_admin=args.admin)
+        return await users.create_key(session=s, user_id=user.id)
+
+    key = _with_session(settings, work)
     print(f"created {'admin ' if args.admin else ''}user {args.name}; API key (shown once):")
     print(key)
     return 0
@@ -136,23 +146,17 @@ def _users_create(args: argparse.Namespace, settings: Settings) -> int:
 @command("users key")
 def _users_key(args: argparse.Namespace, settings: Settings) -> int:
     from vidmaas.db import users
-    from vidmaas.db.engine import make_engine, make_sessionmaker
     from vidmaas.errors import NotFound
 
-    async def run() -> str:
-        engine = make_engine(settings.database)
-        try:
-            async with make_sessionmaker(engine)() as s:
-                user = await users.get_user_by_name(session=s, name=args.name)
-                if user is None:
-                    raise NotFound(f"no user {args.name!r}")
-                if args.revoke_others:
-                    await users.revoke_keys(session=s, user_id=user.id)
-                return await users.create_key(session=s, user_id=user.id)
-        finally:
-            await engine.dispose()
+    async def work(s: Any) -> str:
+        user = await users.get_user_by_name(session=s, name=args.name)
+        if user is None:
+            raise NotFound(f"no user {args.name!r}")
+        if args.revoke_others:
+            await users.revoke_keys(session=s, user_id=user.id)
+        return await users.create_key(session=s, user_id=user.id)
 
-    key = asyncio.run(run())
+    key = _with_session(settings, work)
     print(f"new API key for {args.name} (shown once):")
     print(key)
     return 0
@@ -161,17 +165,11 @@ def _users_key(args: argparse.Namespace, settings: Settings) -> int:
 @command("users list")
 def _users_list(args: argparse.Namespace, settings: Settings) -> int:
     from vidmaas.db import users
-    from vidmaas.db.engine import make_engine, make_sessionmaker
 
-    async def run() -> list[Any]:
-        engine = make_engine(settings.database)
-        try:
-            async with make_sessionmaker(engine)() as s:
-                return await users.list_users(session=s)
-        finally:
-            await engine.dispose()
+    async def work(s: Any) -> list[Any]:
+        return await users.list_users(session=s)
 
-    for u in asyncio.run(run()):
+    for u in _with_session(settings, work):
         print(f"{u.name}\t{'admin' if u.is_admin else 'user'}\t{u.id}")
     return 0
 

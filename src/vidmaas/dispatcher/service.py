@@ -281,12 +281,17 @@ class Dispatcher:
         await self.lifecycle.publish(ev.dispatched(tid, executor=self.executor.name,
                                                    job_name=name, attempt=task.attempts))
         await self._hook("after_dispatching")
+        await self._launch_task(task)
+
+    async def _launch_task(self, task: Task) -> None:
+        """Build the job of a dispatching task and launch it; a task whose model is gone
+        fails for good."""
         try:
             spec = self._spec(task, task.attempts)
         except VidmaasError as e:
             await self.fail_or_retry(task, code="unknown_model", message=e.message,
                                      retryable=False)
-            await self.queue.ack(tid)
+            await self.queue.ack(task.id)
             return
         await self._launch_and_run(task, spec)
 
@@ -570,14 +575,7 @@ class Dispatcher:
                 await self.queue.ack(tid)
                 await self.lifecycle.enqueue(task, front=True)
             elif status is TaskStatus.DISPATCHING:
-                try:
-                    spec = self._spec(task, task.attempts)
-                except VidmaasError as e:
-                    await self.fail_or_retry(task, code="unknown_model", message=e.message,
-                                             retryable=False)
-                    await self.queue.ack(tid)
-                    continue
-                await self._launch_and_run(task, spec)
+                await self._launch_task(task)
             else:  # running or cancelling: the job exists; the claim is settled
                 await self.queue.ack(tid)
 
