@@ -34,12 +34,13 @@ from vidmaas.config import Settings
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.domain import events as ev
-from vidmaas.domain.status import TaskStatus
+from vidmaas.domain.status import ACTIVE, TaskStatus
 from vidmaas.errors import StaleTransition
+from vidmaas.logs import TaskLog
 
 log = logging.getLogger(__name__)
+tlog = TaskLog(log)
 
-_ACTIVE = (TaskStatus.DISPATCHING, TaskStatus.RUNNING, TaskStatus.CANCELLING)
 
 
 @dataclass
@@ -84,13 +85,12 @@ class Lifecycle:
         try:
             return await self.enqueue(task)
         except Exception:
-            log.exception("task %s: enqueue failed; the reconciler will enqueue it", task.id,
-                          extra={"task_id": task.id})
+            tlog.exception(task.id, "enqueue failed; the reconciler will enqueue it")
             return None
 
     async def cancel(self, task: Task, *, by: str) -> Task:
         """Cancel (queued: at once) or start cancelling (active) a task."""
-        status = TaskStatus(task.status)
+        status = task.status
         if status is TaskStatus.QUEUED:
             try:
                 done = await self.transition(task_id=task.id, to=TaskStatus.CANCELLED,
@@ -114,7 +114,7 @@ class Lifecycle:
         return await self.transition(task_id=task.id, to=TaskStatus.CANCELLING, expected=status)
 
     async def finish(self, *, task_id: str, to: TaskStatus,
-                     expected: TaskStatus | tuple[TaskStatus, ...] = _ACTIVE,
+                     expected: TaskStatus | tuple[TaskStatus, ...] = ACTIVE,
                      fields: dict[str, Any] | None = None, event: ev.Event | None = None) -> Task:
         """Move a task to a terminal status and release its GPUs."""
         task = await self.transition(task_id=task_id, to=to, expected=expected, fields=fields,
@@ -133,7 +133,7 @@ class Lifecycle:
         ``publish_failed`` is False when the ``failed`` event already exists (the relay
         applying a runtime's event): the task then moves without a second one.
         """
-        status = TaskStatus(task.status)
+        status = task.status
         cfg = self.settings.dispatcher
         if (retryable and status in (TaskStatus.DISPATCHING, TaskStatus.RUNNING)
                 and task.attempts < cfg.max_attempts):
@@ -148,8 +148,8 @@ class Lifecycle:
             await self.publish(ev.log(task.id, level="warning",
                                       message=f"attempt {task.attempts} failed ({code}); "
                                               f"retrying in {delay_s:.0f}s"))
-            log.info("task %s: attempt %d failed (%s); retry in %.1fs", task.id, task.attempts,
-                     code, delay_s, extra={"task_id": task.id})
+            tlog.info(task.id, "attempt %d failed (%s); retry in %.1fs", task.attempts, code,
+                      delay_s)
             return moved
         event = ev.failed(task.id, code=code, message=message, retryable=False) \
             if publish_failed else None

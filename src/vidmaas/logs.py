@@ -4,9 +4,11 @@ Guarantees:
 - :func:`configure_logging` is the only place that installs handlers; it is
   idempotent (calling it again replaces its own handler, never stacks a second
   one) and leaves handlers it did not install alone. Nothing happens at import.
-- Every line carries ``task_id``: from the record's ``extra={"task_id": …}`` if
-  given, else from the context variable :data:`task_id_var` (set it with
-  :func:`bind_task_id` around the work for one task), else ``null``/``-``.
+- Every line carries ``task_id``: set by :class:`TaskLog` (the one way code logs a
+  line about a task: ``tlog.info(task_id, "launched %s", job)`` writes ``task <id>:
+  launched …`` with the record's ``task_id`` set), else from the context variable
+  :data:`task_id_var` (set it with :func:`bind_task_id` around the work for one
+  task), else ``null``/``-``.
 - A JSON line is one object with ``ts`` (UTC, ISO 8601, milliseconds), ``level``,
   ``logger``, ``message``, ``task_id``, ``exc`` (the traceback text, when there is
   one) and any other ``extra`` fields that JSON can hold (others are ``repr``-ed).
@@ -75,6 +77,41 @@ def bind_task_id(task_id: str | None) -> Iterator[None]:
         yield
     finally:
         task_id_var.reset(token)
+
+
+class TaskLog:
+    """Lines about one task: the message gets a ``task <id>: `` prefix and the record
+    its ``task_id``, so every line about a task is found by grepping either."""
+
+    __slots__ = ("_log",)
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+
+    def _emit(self, level: int, task_id: str | None, msg: str, args: tuple[object, ...],
+              exc_info: bool) -> None:
+        if not self._log.isEnabledFor(level):
+            return
+        if task_id is not None:
+            msg, args = "task %s: " + msg, (task_id, *args)
+        self._log.log(level, msg, *args, exc_info=exc_info, extra={"task_id": task_id},
+                      stacklevel=3)
+
+    def debug(self, task_id: str | None, msg: str, *args: object) -> None:
+        self._emit(logging.DEBUG, task_id, msg, args, False)
+
+    def info(self, task_id: str | None, msg: str, *args: object) -> None:
+        self._emit(logging.INFO, task_id, msg, args, False)
+
+    def warning(self, task_id: str | None, msg: str, *args: object) -> None:
+        self._emit(logging.WARNING, task_id, msg, args, False)
+
+    def error(self, task_id: str | None, msg: str, *args: object) -> None:
+        self._emit(logging.ERROR, task_id, msg, args, False)
+
+    def exception(self, task_id: str | None, msg: str, *args: object) -> None:
+        """An error line with the current exception's traceback."""
+        self._emit(logging.ERROR, task_id, msg, args, True)
 
 
 def _task_id(record: logging.LogRecord) -> str | None:

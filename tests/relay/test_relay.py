@@ -6,11 +6,10 @@ import asyncio
 import dataclasses
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import text
 
 from tests.relay.support import COMPLETED_DATA, FAST, World, eventually, running
 from vidmaas.bus import keys
-from vidmaas.db.models import Task
 from vidmaas.domain import events as ev
 from vidmaas.domain.status import TaskStatus
 from vidmaas.metrics import Metrics, render
@@ -259,7 +258,8 @@ async def test_an_event_that_keeps_failing_to_apply_is_dead_lettered_after_a_few
     broken = await world.task()
     healthy = await world.task()
     async with world.svc.sessions() as s:  # a row no code path can make sense of
-        await s.execute(update(Task).where(Task.id == broken.id).values(status="weird"))
+        await s.execute(text("UPDATE tasks SET status = 'weird' WHERE id = :id"),
+                        {"id": broken.id})
         await s.commit()
     await world.publish(ev.progress(broken.id, step=1, total=2, percent=50.0, eta_s=1.0))
     await world.publish(ev.progress(healthy.id, step=1, total=2, percent=50.0, eta_s=1.0))

@@ -30,10 +30,12 @@ from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.domain.ids import new_task_id
 from vidmaas.errors import InvalidRequest, PayloadTooLarge, RateLimited
+from vidmaas.logs import TaskLog
 from vidmaas.services import Services
 from vidmaas.storage.base import input_key
 
 log = logging.getLogger(__name__)
+tlog = TaskLog(log)
 
 IDEMPOTENCY_KEY_MAX = 128
 
@@ -178,8 +180,7 @@ async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
             if stored_key is not None:
                 await svc.store.delete(stored_key)
             return task, False, await position_of(svc, task)
-    log.info("task %s created by %s (model %s)", task.id, caller.name, spec.id,
-             extra={"task_id": task.id})
+    tlog.info(task.id, "created by %s (model %s)", caller.name, spec.id)
     position = await svc.lifecycle.admit_new(task)
     return task, True, position
 
@@ -194,7 +195,7 @@ async def position_of(svc: Services, task: Task) -> int | None:
     try:
         return await svc.lifecycle.queue.position(user_id=task.user_id, task_id=task.id)
     except Exception:
-        log.warning("task %s: queue position unavailable", task.id, extra={"task_id": task.id})
+        tlog.warning(task.id, "queue position unavailable")
         return None
 
 

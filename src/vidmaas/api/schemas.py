@@ -111,13 +111,13 @@ class ModelList(BaseModel):
 
 
 def task_out(task: Task, *, position: int | None, base_path: str = "/v1/tasks") -> TaskOut:
-    completed = task.status == TaskStatus.COMPLETED.value
+    completed = task.status is TaskStatus.COMPLETED
     error = ErrorInfo(code=task.error_code, message=task.error_message or "") \
         if task.error_code and task.status in (TaskStatus.FAILED.value,
                                                TaskStatus.QUEUED.value) else None
     p = task.params
     return TaskOut(
-        id=task.id, status=TaskStatus(task.status), model=task.model, prompt=task.prompt,
+        id=task.id, status=task.status, model=task.model, prompt=task.prompt,
         negative_prompt=task.negative_prompt,
         params=TaskParams(size=p["size"], width=p["width"], height=p["height"],
                           num_frames=p["num_frames"], steps=p["steps"], seed=p["seed"],

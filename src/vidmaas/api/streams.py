@@ -58,16 +58,19 @@ import redis.asyncio as aioredis
 from sqlalchemy import select
 
 from vidmaas.api.creation import position_of
+from vidmaas.bus import events as bus_events
 from vidmaas.bus import keys
-from vidmaas.bus.events import parse_entries
+from vidmaas.bus.events import id_key, parse_entries
 from vidmaas.bus.queue import TaskQueue
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.domain.events import STATUS_OF_EVENT, WIRE_VERSION, Event, EventType
 from vidmaas.domain.status import TaskStatus
+from vidmaas.logs import TaskLog
 from vidmaas.services import Services
 
 log = logging.getLogger(__name__)
+tlog = TaskLog(log)
 
 STREAM_ID_RE = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 TERMINAL_GRACE_S = 2.0
@@ -87,12 +90,6 @@ class TooSlow(Exception):
 
 class GoingAway(Exception):
     """The server is shutting down."""
-
-
-def id_key(stream_id: str) -> tuple[int, int]:
-    """A stream id as a comparable pair (``"5"`` is ``5-0``)."""
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def valid_stream_id(value: str) -> bool:
@@ -214,7 +211,7 @@ def snapshot_message(task: Task, *, start: str, last_event_id: str | None,
         "status": task.status, "progress": round(task.progress, 2), "stage": task.stage,
         "eta_s": task.eta_s, "queue_position": position, "last_event_id": last_event_id,
         "attempts": task.attempts, "error": error,
-        "result": task.result if task.status == TaskStatus.COMPLETED.value else None}}
+        "result": task.result if task.status is TaskStatus.COMPLETED else None}}
 
 
 def position_message(task_id: str, position: int) -> Message:
@@ -301,19 +298,19 @@ class Connection:
             upto = self.hub.cursor_of(w.task_id) or "+"
             w.holding = []
             try:
-                entries, last_raw, full = await self.hub.read_page(
-                    w.task_id, after=w.cursor, upto=upto, count=page)
+                got = await self.hub.read_page(w.task_id, after=w.cursor, upto=upto,
+                                               count=page)
             finally:
                 held, w.holding = w.holding, None
             w.lagging = False
-            for event_id, event in entries:
+            for event_id, event in got.events:
                 if not self._push(w, event_id, event):
                     break
             if w.lagging:
                 return
-            if last_raw is not None and id_key(last_raw) > id_key(w.cursor):
-                w.cursor = last_raw  # past malformed entries too
-            if full:
+            if got.last_id is not None and id_key(got.last_id) > id_key(w.cursor):
+                w.cursor = got.last_id  # past malformed entries too
+            if got.full:
                 w.lagging = True  # more to read before the live stream
                 continue
             self.deliver(w.task_id, held)
@@ -338,7 +335,7 @@ class Connection:
                                          position=position), force=True)
         w = _Watch(task_id=task_id, user_id=task.user_id, cursor=start)
         self.watches[task_id] = w
-        if TaskStatus(task.status).terminal:
+        if task.status.terminal:
             w.row_terminal_since = _now()
             w.next_check = _now()
             if last_event is not None and last_event.type.terminal and last_id is not None \
@@ -388,7 +385,7 @@ class Connection:
                 self._end(w)
                 ended = True
                 continue
-            if TaskStatus(task.status).terminal:
+            if task.status.terminal:
                 if w.row_terminal_since is None:
                     w.row_terminal_since = now
                 if w.saw_terminal or now - w.row_terminal_since >= TERMINAL_GRACE_S:
@@ -558,9 +555,9 @@ class StreamHub:
     async def open_mux(self, conn: Connection) -> None:
         """Attach every unfinished task of the caller and follow new ones."""
         if self._global_cursor is None:
-            last = cast(Any, await self.services.redis.xrevrange(keys.EVENTS, count=1))
+            last = await bus_events.newest_global_id(self.services.redis)
             if self._global_cursor is None:
-                self._global_cursor = str(last[0][0]) if last else "0-0"
+                self._global_cursor = last or "0-0"
                 self._wake()
         self._mux.setdefault(conn.user_id, set()).add(conn)
         # Listed after registering: a task created before the registration has its row
@@ -605,36 +602,22 @@ class StreamHub:
     # -- Redis reads
 
     async def last_entry(self, task_id: str) -> tuple[str | None, Event | None]:
-        raw = cast(Any, await self.services.redis.xrevrange(keys.task_events(task_id),
-                                                              count=1))
-        if not raw:
-            return None, None
-        parsed = parse_entries(raw)
-        return str(raw[0][0]), parsed[0][1] if parsed else None
+        return await bus_events.last_entry(self.services.redis, task_id)
 
     def cursor_of(self, task_id: str) -> str | None:
         return self._cursor.get(task_id)
 
     async def read_page(self, task_id: str, *, after: str, upto: str, count: int,
-                        ) -> tuple[list[tuple[str, Event]], str | None, bool]:
-        """Up to ``count`` events with ``after`` < id ≤ ``upto``; the last entry id read
-        (malformed entries included); whether the page was full (more may follow)."""
-        raw = cast(Any, await self.services.redis.xrange(
-            keys.task_events(task_id), min="(" + after, max=upto, count=count))
-        return parse_entries(raw), (str(raw[-1][0]) if raw else None), len(raw) >= count
+                        ) -> bus_events.Page:
+        """Up to ``count`` events with ``after`` < id ≤ ``upto`` (see ``bus.events.Page``)."""
+        return await bus_events.read_page(self.services.redis, task_id, after=after,
+                                          upto=upto, count=count)
 
     async def read_range(self, task_id: str, *, after: str, upto: str,
                          ) -> list[tuple[str, Event]]:
         """Events with ``after`` < id ≤ ``upto``."""
-        out: list[tuple[str, Event]] = []
-        low = "(" + after
-        while True:
-            raw = cast(Any, await self.services.redis.xrange(
-                keys.task_events(task_id), min=low, max=upto, count=BACKFILL_PAGE))
-            out += parse_entries(raw)
-            if len(raw) < BACKFILL_PAGE:
-                return out
-            low = "(" + str(raw[-1][0])
+        return await bus_events.read_range(self.services.redis, task_id, after=after,
+                                           upto=upto, page=BACKFILL_PAGE)
 
     async def _read_loop(self) -> None:
         if self._reader is not None:  # restarted after an error: drop the old connection
@@ -742,8 +725,7 @@ class StreamHub:
                         try:
                             await conn.attach(task_id)
                         except Exception:
-                            log.exception("task %s: could not attach a new task to a stream",
-                                          task_id, extra={"task_id": task_id})
+                            tlog.exception(task_id, "could not attach a new task to a stream")
 
     # -- queue positions
 

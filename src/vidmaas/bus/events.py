@@ -10,8 +10,12 @@ Guarantees:
   their last event; the global stream is capped too.
 - ``publish_sync`` is the same for the job runtime, which uses a blocking client
   from its worker threads.
-- ``read_task_events`` returns events strictly after a given id, in order, and
-  skips (and logs) entries that are not valid events.
+- The readers here are the only place that reads a task's stream: ``read_task_events``
+  and ``read_range`` return events strictly after a given id, in order; ``last_entry``
+  the newest; ``attempt_result`` the terminal event of the task's current attempt;
+  ``superseded`` whether an event belongs to an earlier attempt. Every reader skips
+  (and logs) entries that are not valid events.
+- ``id_key`` orders stream ids; ``text`` is the one bytes→str helper for Redis replies.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import redis
 import redis.asyncio as aioredis
 
 from vidmaas.bus import keys
-from vidmaas.domain.events import Event, MalformedEvent, decode, encode
+from vidmaas.domain.events import Event, EventType, MalformedEvent, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +62,22 @@ def _args(event: Event, limits: StreamLimits) -> tuple[list[str], list[str | int
     return [keys.task_events(event.task_id), keys.EVENTS], flat
 
 
-def _s(value: str | bytes) -> str:
+def text(value: str | bytes) -> str:
+    """A Redis reply value as text (clients may or may not decode responses)."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+_s = text
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a sortable pair (``"12-3"`` → ``(12, 3)``; ``"5"`` is ``5-0``)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+ATTEMPT_MARKERS = frozenset({EventType.QUEUED, EventType.DISPATCHED})
+"""Events that begin a new attempt of a task (a retry is re-``queued``, then ``dispatched``)."""
 
 
 async def publish(client: aioredis.Redis, event: Event,
@@ -76,7 +94,7 @@ async def publish(client: aioredis.Redis, event: Event,
                      maxlen=limits.global_maxlen, approximate=True)
         return event_id
     key_list, argv = _args(event, limits)
-    result = await client.eval(_PUBLISH_LUA, len(key_list), *key_list, *argv)  # type: ignore[misc]
+    result = await client.eval(_PUBLISH_LUA, len(key_list), *key_list, *argv)
     return _s(result)
 
 
@@ -92,7 +110,7 @@ def publish_sync(client: redis.Redis, event: Event, limits: StreamLimits = Strea
                 maxlen=limits.global_maxlen, approximate=True)
         return event_id
     key_list, argv = _args(event, limits)
-    return _s(client.eval(_PUBLISH_LUA, len(key_list), *key_list, *argv))  # type: ignore[arg-type]
+    return _s(client.eval(_PUBLISH_LUA, len(key_list), *key_list, *argv))
 
 
 def parse_entries(entries: list[tuple[str | bytes, dict[str | bytes, str | bytes]]],
@@ -120,7 +138,71 @@ async def read_task_events(client: aioredis.Redis, task_id: str, *, after: str =
     return parse_entries(entries)
 
 
-async def last_event_id(client: aioredis.Redis, task_id: str) -> str | None:
-    """The id of the newest event of a task, if any."""
-    entries = cast(Any, await client.xrevrange(keys.task_events(task_id), count=1))
-    return _s(entries[0][0]) if entries else None
+async def last_entry(client: aioredis.Redis, task_id: str,
+                     ) -> tuple[str | None, Event | None]:
+    """The newest entry id of a task's stream and its event (None if malformed or absent)."""
+    raw = cast(Any, await client.xrevrange(keys.task_events(task_id), count=1))
+    if not raw:
+        return None, None
+    parsed = parse_entries(raw)
+    return _s(raw[0][0]), parsed[0][1] if parsed else None
+
+
+async def newest_global_id(client: aioredis.Redis) -> str | None:
+    """The id of the newest entry of the global stream, if any."""
+    raw = cast(Any, await client.xrevrange(keys.EVENTS, count=1))
+    return _s(raw[0][0]) if raw else None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a task's stream: its valid events, the id of the last entry read
+    (malformed entries included; None when the page is empty), and whether it was full
+    (more may follow)."""
+
+    events: list[tuple[str, Event]]
+    last_id: str | None
+    full: bool
+
+
+async def read_page(client: aioredis.Redis, task_id: str, *, after: str, upto: str = "+",
+                    count: int = 500) -> Page:
+    """Up to ``count`` entries with ``after`` < id ≤ ``upto``."""
+    raw = cast(Any, await client.xrange(keys.task_events(task_id), min="(" + after, max=upto,
+                                        count=count))
+    return Page(parse_entries(raw), _s(raw[-1][0]) if raw else None, len(raw) >= count)
+
+
+async def read_range(client: aioredis.Redis, task_id: str, *, after: str, upto: str = "+",
+                     page: int = 500) -> list[tuple[str, Event]]:
+    """Every event with ``after`` < id ≤ ``upto``, read in pages of ``page``."""
+    out: list[tuple[str, Event]] = []
+    while True:
+        got = await read_page(client, task_id, after=after, upto=upto, count=page)
+        out += got.events
+        if not got.full or got.last_id is None:
+            return out
+        after = got.last_id
+
+
+async def attempt_result(client: aioredis.Redis, task_id: str, *, scan: int = 500,
+                         ) -> Event | None:
+    """The terminal event published for the task's current attempt, if any: the newest
+    terminal event not older than the newest ``dispatched`` (within the last ``scan``)."""
+    raw = cast(Any, await client.xrevrange(keys.task_events(task_id), count=scan))
+    for _id, event in parse_entries(list(raw)):
+        if event.type.terminal:
+            return event
+        if event.type is EventType.DISPATCHED:
+            return None
+    return None
+
+
+async def superseded(client: aioredis.Redis, task_id: str, event_id: str, *,
+                     scan: int = 2000) -> bool:
+    """True if the task's stream holds a ``queued`` or ``dispatched`` after ``event_id``:
+    the event belongs to an earlier attempt than the task's current one."""
+    raw = cast(Any, await client.xrange(keys.task_events(task_id), min=f"({event_id}",
+                                        count=scan))
+    markers = {m.value for m in ATTEMPT_MARKERS}
+    return any(f.get("type", "") in markers for _, f in raw)

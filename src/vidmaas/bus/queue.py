@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from vidmaas.bus import keys
+from vidmaas.bus.events import text
 
 SIGNAL_KEEP = 64
 
@@ -196,10 +197,6 @@ class ClaimResult:
     blocked_task_id: str | None = None
 
 
-def _s(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -212,7 +209,7 @@ class TaskQueue:
 
     async def enqueue(self, *, user_id: str, task_id: str, gpus: int, front: bool = False) -> bool:
         """Add a task (at the back of its user's list, or the front for a retry)."""
-        added = await self._r.eval(  # type: ignore[misc]
+        added = await self._r.eval(
             _ENQUEUE_LUA, 5, keys.QUEUE_USERS, keys.user_queue(user_id), keys.QUEUE_CLAIMS,
             keys.QUEUE_GPUS, keys.QUEUE_SIGNAL, user_id, task_id, gpus, "1" if front else "0",
             SIGNAL_KEEP)
@@ -220,14 +217,14 @@ class TaskQueue:
 
     async def remove(self, *, user_id: str, task_id: str) -> bool:
         """Take a queued task out (cancel); False if it was not queued."""
-        n = await self._r.eval(  # type: ignore[misc]
+        n = await self._r.eval(
             _REMOVE_LUA, 3, keys.QUEUE_USERS, keys.user_queue(user_id), keys.QUEUE_GPUS,
             user_id, task_id)
         return int(n) > 0
 
     async def position(self, *, user_id: str, task_id: str) -> int | None:
         """1-based place in the fair order, or None if the task is not queued."""
-        pos = int(await self._r.eval(  # type: ignore[misc]
+        pos = int(await self._r.eval(
             _POSITION_LUA, 2, keys.QUEUE_USERS, keys.user_queue(user_id), user_id, task_id,
             keys.USER_QUEUE_PREFIX))
         return None if pos < 0 else pos
@@ -237,7 +234,7 @@ class TaskQueue:
         if not items:
             return {}
         flat = [x for pair in items for x in pair]
-        res = await self._r.eval(  # type: ignore[misc]
+        res = await self._r.eval(
             _POSITIONS_LUA, 1, keys.QUEUE_USERS, keys.USER_QUEUE_PREFIX, *flat)
         return {task: (None if int(p) < 0 else int(p))
                 for (_, task), p in zip(items, res, strict=True)}
@@ -254,12 +251,12 @@ class TaskQueue:
     async def claim_next(self, *, dispatcher_id: str, capacity: int, per_user_cap: int,
                          lease_s: float) -> ClaimResult:
         """Atomically take the next admissible task and its GPUs (see module doc)."""
-        res = await self._r.eval(  # type: ignore[misc]
+        res = await self._r.eval(
             _CLAIM_LUA, 7, keys.QUEUE_USERS, keys.CAPACITY_LEASES, keys.USER_RUNNING,
             keys.LEASE_OWNERS, keys.QUEUE_CLAIMS, keys.QUEUE_CLAIM_OWNER, keys.QUEUE_GPUS,
             capacity, per_user_cap, now_ms() + int(lease_s * 1000), dispatcher_id,
             keys.USER_QUEUE_PREFIX)
-        parts = [_s(p) for p in res]
+        parts = [text(p) for p in res]
         if parts[0] == "claimed":
             return ClaimResult("claimed", Claim(parts[1], parts[2], int(parts[3])))
         if parts[0] == "full":
@@ -271,27 +268,27 @@ class TaskQueue:
 
     async def ack(self, task_id: str) -> None:
         """The claim is settled (the task runs, or ended): forget the queue entry."""
-        await self._r.eval(_ACK_LUA, 3, keys.QUEUE_CLAIMS,  # type: ignore[misc]
+        await self._r.eval(_ACK_LUA, 3, keys.QUEUE_CLAIMS,
                            keys.QUEUE_CLAIM_OWNER, keys.QUEUE_GPUS, task_id)
 
     async def expired_claims(self, *, limit: int = 100) -> list[tuple[str, str, str]]:
         """(task, dispatcher, user) of claims whose lease ran out."""
         raw: list[str] = await self._r.zrangebyscore(  # type: ignore[assignment]
             keys.QUEUE_CLAIMS, "-inf", now_ms(), start=0, num=limit)
-        ids = [_s(t) for t in raw]
+        ids = [text(t) for t in raw]
         out = []
         for task_id in ids:
             owner = await self._r.hget(keys.QUEUE_CLAIM_OWNER, task_id)
-            dispatcher, _, user = _s(owner or "|").partition("|")
+            dispatcher, _, user = text(owner or "|").partition("|")
             out.append((task_id, dispatcher, user))
         return out
 
     async def claims(self) -> list[str]:
-        return [_s(t) for t in await self._r.zrange(keys.QUEUE_CLAIMS, 0, -1)]  # type: ignore[arg-type]
+        return [text(t) for t in await self._r.zrange(keys.QUEUE_CLAIMS, 0, -1)]  # type: ignore[arg-type]
 
     async def release(self, task_id: str) -> bool:
         """Free the task's GPUs and running slot; True if it held any."""
-        n = await self._r.eval(_RELEASE_LUA, 4, keys.CAPACITY_LEASES,  # type: ignore[misc]
+        n = await self._r.eval(_RELEASE_LUA, 4, keys.CAPACITY_LEASES,
                                keys.USER_RUNNING, keys.LEASE_OWNERS, keys.QUEUE_SIGNAL,
                                task_id, SIGNAL_KEEP)
         return bool(n)
@@ -299,7 +296,7 @@ class TaskQueue:
     async def leases(self) -> dict[str, int]:
         """task → GPUs, for every task holding capacity."""
         raw = await self._r.hgetall(keys.CAPACITY_LEASES)
-        return {_s(k): int(v) for k, v in raw.items()}
+        return {text(k): int(v) for k, v in raw.items()}
 
     async def gpus_in_use(self) -> int:
         return sum((await self.leases()).values())
@@ -318,7 +315,7 @@ class TaskQueue:
 
     async def promote_due(self) -> list[tuple[str, str]]:
         """Take due retries out of the delayed set; the caller enqueues them (front)."""
-        res = [_s(x) for x in await self._r.eval(  # type: ignore[misc]
+        res = [text(x) for x in await self._r.eval(
             _PROMOTE_LUA, 2, keys.QUEUE_DELAYED, keys.QUEUE_DELAYED_USERS, now_ms())]
         return [(res[i], res[i + 1]) for i in range(0, len(res), 2)]
 
@@ -341,7 +338,7 @@ class TaskQueue:
 
     async def depths(self) -> dict[str, int]:
         """user → queued tasks."""
-        users = [_s(u) for u in await self._r.lrange(keys.QUEUE_USERS, 0, -1)]
+        users = [text(u) for u in await self._r.lrange(keys.QUEUE_USERS, 0, -1)]
         if not users:
             return {}
         async with self._r.pipeline(transaction=False) as pipe:
@@ -352,7 +349,7 @@ class TaskQueue:
 
     async def user_running(self) -> dict[str, int]:
         raw = await self._r.hgetall(keys.USER_RUNNING)
-        return {_s(k): int(v) for k, v in raw.items()}
+        return {text(k): int(v) for k, v in raw.items()}
 
     async def announce_move(self) -> None:
         """Tell API processes that positions may have changed."""

@@ -28,6 +28,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from vidmaas.domain.status import TaskStatus
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -50,6 +52,19 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class StatusType(TypeDecorator[TaskStatus]):
+    """A task status stored as its string value, read back as the ``TaskStatus`` enum."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value: TaskStatus | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else TaskStatus(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> TaskStatus | None:
+        return None if value is None else TaskStatus(value)
 
 
 class Base(DeclarativeBase):
@@ -95,7 +110,7 @@ class Task(Base):
     source: Mapped[str] = mapped_column(String(16), default="native")
     """Which API created it: ``native`` or ``openai``."""
 
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[TaskStatus] = mapped_column(StatusType())
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     stage: Mapped[str | None] = mapped_column(String(32), default=None)
     eta_s: Mapped[float | None] = mapped_column(Float, default=None)

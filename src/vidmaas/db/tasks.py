@@ -30,8 +30,10 @@ from vidmaas.db.models import Task, utcnow
 from vidmaas.domain.events import Event
 from vidmaas.domain.status import TaskStatus, check_transition
 from vidmaas.errors import NotFound, StaleTransition
+from vidmaas.logs import TaskLog
 
 log = logging.getLogger(__name__)
+tlog = TaskLog(log)
 
 Publisher = Callable[[Event], Awaitable[str]]
 
@@ -83,7 +85,7 @@ async def create_task(*, session: AsyncSession, new: NewTask) -> tuple[Task, boo
         negative_prompt=new.negative_prompt, params=new.params, gpus=new.gpus,
         input_key=new.input_key, idempotency_key=new.idempotency_key,
         webhook_url=new.webhook_url, webhook_events=new.webhook_events, source=new.source,
-        status=TaskStatus.QUEUED.value, progress=0.0, attempts=0,
+        status=TaskStatus.QUEUED, progress=0.0, attempts=0,
         created_at=now, updated_at=now, queued_at=now,
     )
     session.add(task)
@@ -128,7 +130,7 @@ async def list_tasks(*, session: AsyncSession, user_id: str | None, limit: int,
     if before is not None:
         stmt = stmt.where(Task.id < before)
     if statuses:
-        stmt = stmt.where(Task.status.in_([s.value for s in statuses]))
+        stmt = stmt.where(Task.status.in_(list(statuses)))
     if source is not None:
         stmt = stmt.where(Task.source == source)
     return list((await session.execute(stmt)).scalars())
@@ -136,7 +138,7 @@ async def list_tasks(*, session: AsyncSession, user_id: str | None, limit: int,
 
 async def tasks_with_status(*, session: AsyncSession, statuses: Collection[TaskStatus],
                             limit: int = 10_000) -> list[Task]:
-    stmt = (select(Task).where(Task.status.in_([s.value for s in statuses]))
+    stmt = (select(Task).where(Task.status.in_(list(statuses)))
             .order_by(Task.id).limit(limit).execution_options(populate_existing=True))
     return list((await session.execute(stmt)).scalars())
 
@@ -148,7 +150,7 @@ async def count_by_status(*, session: AsyncSession) -> dict[str, int]:
 
 async def count_queued(*, session: AsyncSession, user_id: str) -> int:
     res = await session.execute(select(func.count()).select_from(Task).where(
-        Task.user_id == user_id, Task.status == TaskStatus.QUEUED.value))
+        Task.user_id == user_id, Task.status == TaskStatus.QUEUED))
     return int(res.scalar_one())
 
 
@@ -180,27 +182,25 @@ async def transition(
     stamp = _STAMP[to]
     values.setdefault(stamp, now)
     res = await session.execute(
-        update(Task).where(Task.id == task_id, Task.status.in_([e.value for e in exp]))
+        update(Task).where(Task.id == task_id, Task.status.in_(exp))
         .values(**values).execution_options(synchronize_session=False))
     if res.rowcount != 1:  # type: ignore[attr-defined]
         await session.rollback()
         current = await get_task(session=session, task_id=task_id)
         if current is None:
             raise NotFound(f"no task {task_id}")
-        status = TaskStatus(current.status)
+        status = current.status
         raise StaleTransition(
             f"task {task_id} is {status.value}, not {'/'.join(e.value for e in exp)}")
     await session.commit()
-    log.info("task %s %s -> %s", task_id, "/".join(e.value for e in exp), to.value,
-             extra={"task_id": task_id})
+    tlog.info(task_id, "%s -> %s", "/".join(e.value for e in exp), to.value)
     task = await get_task(session=session, task_id=task_id)
     assert task is not None
     if event is not None and publish is not None:
         try:
             await publish(event)
         except Exception:
-            log.exception("task %s: could not publish %s event", task_id, event.type.value,
-                          extra={"task_id": task_id})
+            tlog.exception(task_id, "could not publish %s event", event.type.value)
     return task
 
 

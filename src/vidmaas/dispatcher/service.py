@@ -39,7 +39,6 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
 
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -48,7 +47,7 @@ from vidmaas.aio import pause, supervise
 from vidmaas.bus import keys
 from vidmaas.bus.client import connect
 from vidmaas.bus.control import cancel_requested
-from vidmaas.bus.events import parse_entries
+from vidmaas.bus.events import attempt_result
 from vidmaas.bus.queue import Claim, TaskQueue
 from vidmaas.config import Settings
 from vidmaas.db import tasks as repo
@@ -63,9 +62,11 @@ from vidmaas.domain.models import ModelRegistry
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import VidmaasError
 from vidmaas.lifecycle import Lifecycle
+from vidmaas.logs import TaskLog
 from vidmaas.metrics import Heartbeat, Metrics
 
 log = logging.getLogger(__name__)
+tlog = TaskLog(log)
 
 WAKE_MAX_S = 5.0
 """Longest the admission loop sleeps without a signal (stays under Redis socket timeouts)."""
@@ -81,7 +82,6 @@ STOP_TIMEOUT_S = 10.0
 """How long ``stop()`` lets the loops finish their current step before cancelling."""
 TEST_STEPS = ("after_claim", "after_dispatching", "after_launch")
 
-_ACTIVE = (TaskStatus.DISPATCHING, TaskStatus.RUNNING, TaskStatus.CANCELLING)
 
 
 def new_dispatcher_id() -> str:
@@ -172,7 +172,7 @@ class Dispatcher:
         """Crash tests pause here (``keys.TEST_HOOK``), to kill the process at this step."""
         if not self._test_hooks:
             return
-        value = await self.redis.hget(keys.TEST_HOOK, step)  # type: ignore[misc]
+        value = await self.redis.hget(keys.TEST_HOOK, step)
         if value:
             log.warning("dispatcher %s: test hook pauses %ss at %s", self.id, value, step)
             await asyncio.sleep(float(value))
@@ -227,11 +227,10 @@ class Dispatcher:
         n = 0
         for task_id, _user in await self.queue.promote_due():
             task = await self._get(task_id)
-            if task is None or TaskStatus(task.status) is not TaskStatus.QUEUED:
+            if task is None or task.status is not TaskStatus.QUEUED:
                 continue
             await self.lifecycle.enqueue(task, front=True)
-            log.info("task %s: retry due, back at the front of the queue", task_id,
-                     extra={"task_id": task_id})
+            tlog.info(task_id, "retry due, back at the front of the queue")
             n += 1
         return n
 
@@ -272,9 +271,8 @@ class Dispatcher:
                         "executor": self.executor.name})
         except VidmaasError as e:  # cancelled meanwhile, or gone
             current = await self._get(tid)
-            log.info("task %s: claimed but not dispatchable (%s); dropping the claim", tid, e,
-                     extra={"task_id": tid})
-            if current is None or not TaskStatus(current.status).active:
+            tlog.info(tid, "claimed but not dispatchable (%s); dropping the claim", e)
+            if current is None or not current.status.active:
                 await self.lifecycle.release(tid)
             await self.queue.ack(tid)
             return
@@ -301,8 +299,7 @@ class Dispatcher:
         try:
             await self.executor.launch(spec)
         except Exception as e:
-            log.warning("task %s: launch of %s failed: %s", tid, spec.job_name, e,
-                        extra={"task_id": tid})
+            tlog.warning(tid, "launch of %s failed: %s", spec.job_name, e)
             await self.fail_or_retry(task, code="launch_failed",
                                      message=f"launch failed: {e}"[:2000], retryable=True)
             await self.queue.ack(tid)
@@ -313,8 +310,7 @@ class Dispatcher:
             self.metrics.observe_dispatch(executor=self.executor.name,
                                           gap_s=time.monotonic() - self._woke_at,
                                           queue_wait_s=queued_s or 0.0)
-        log.info("task %s: launched job %s (attempt %d)", tid, spec.job_name, spec.attempt,
-                 extra={"task_id": tid})
+        tlog.info(tid, "launched job %s (attempt %d)", spec.job_name, spec.attempt)
         await self._hook("after_launch")
         try:
             await self.lifecycle.transition(task_id=tid, to=TaskStatus.RUNNING,
@@ -322,7 +318,7 @@ class Dispatcher:
         except VidmaasError as e:
             # Cancelled or finished while launching: the cancel scan and the job updates
             # take it from here.
-            log.info("task %s: not moved to running (%s)", tid, e, extra={"task_id": tid})
+            tlog.info(tid, "not moved to running (%s)", e)
         await self.queue.ack(tid)
 
     # ------------------------------------------------------------------ job updates
@@ -351,16 +347,6 @@ class Dispatcher:
             stopping.cancel()
             await asyncio.gather(stopping, return_exceptions=True)
 
-    async def terminal_event_of_attempt(self, task_id: str) -> ev.Event | None:
-        """The terminal event the runtime published for the current attempt, if any."""
-        raw: Any = await self.redis.xrevrange(keys.task_events(task_id), count=500)
-        for _id, event in parse_entries(list(raw)):
-            if event.type.terminal:
-                return event
-            if event.type is ev.EventType.DISPATCHED:
-                return None
-        return None
-
     async def on_job_status(self, status: JobStatus, *, task: Task | None = None) -> None:
         """Map a job's state to its task (see the module docstring)."""
         if not status.state.finished and not status.stuck:
@@ -371,18 +357,17 @@ class Dispatcher:
         task = task if task is not None else await self._get(tid)
         if task is None:
             return
-        current = TaskStatus(task.status)
+        current = task.status
         if not current.active:
             return
         if task.job_name is not None and task.job_name != status.job_name:
             return
         if status.stuck and not status.state.finished:
-            log.warning("task %s: job %s is stuck (%s); stopping it", tid, status.job_name,
-                        status.reason, extra={"task_id": tid})
+            tlog.warning(tid, "job %s is stuck (%s); stopping it", status.job_name, status.reason)
             await self.executor.cancel(status.job_name, grace_s=0)
-        if await self.terminal_event_of_attempt(tid) is not None:
-            log.info("task %s: job %s %s after reporting its result; the relay applies it",
-                     tid, status.job_name, status.state.value, extra={"task_id": tid})
+        if await attempt_result(self.redis, tid) is not None:
+            tlog.info(tid, "job %s %s after reporting its result; the relay applies it",
+                      status.job_name, status.state.value)
             return
         if current is TaskStatus.CANCELLING:
             by = await cancel_requested(self.redis, tid) or "user"
@@ -390,13 +375,12 @@ class Dispatcher:
                 await self.lifecycle.finish(task_id=tid, to=TaskStatus.CANCELLED,
                                             expected=TaskStatus.CANCELLING,
                                             event=ev.cancelled(tid, by=by))
-                log.info("task %s: job %s ended; cancelled", tid, status.job_name,
-                         extra={"task_id": tid})
+                tlog.info(tid, "job %s ended; cancelled", status.job_name)
             self._cancel_sent.discard(tid)
             return
         code, message, retryable = self._failure_of(status)
-        log.warning("task %s: job %s %s without a result: %s", tid, status.job_name,
-                    status.state.value, code, extra={"task_id": tid})
+        tlog.warning(tid, "job %s %s without a result: %s", status.job_name, status.state.value,
+                     code)
         await self.fail_or_retry(task, code=code, message=message, retryable=retryable)
 
     async def fail_or_retry(self, task: Task, *, code: str, message: str,
@@ -410,11 +394,10 @@ class Dispatcher:
                                                           retryable=retryable)
             except VidmaasError as e:
                 fresh = await self._get(task.id)
-                if fresh is None or TaskStatus(fresh.status) not in (
+                if fresh is None or fresh.status not in (
                         TaskStatus.DISPATCHING, TaskStatus.RUNNING) \
                         or fresh.status == task.status:
-                    log.info("task %s: %s not applied (%s)", task.id, code, e,
-                             extra={"task_id": task.id})
+                    tlog.info(task.id, "%s not applied (%s)", code, e)
                     return None
                 task = fresh
         return None
@@ -450,8 +433,7 @@ class Dispatcher:
             job = task.job_name or job_name_of(task.id)
             if task.id not in self._cancel_sent:
                 self._cancel_sent.add(task.id)
-                log.info("task %s: cancelling job %s (grace %.0fs)", task.id, job,
-                         self.cfg.cancel_grace_s, extra={"task_id": task.id})
+                tlog.info(task.id, "cancelling job %s (grace %.0fs)", job, self.cfg.cancel_grace_s)
                 await self.executor.cancel(job, grace_s=self.cfg.cancel_grace_s)
             status = await self.executor.status(job)
             if status.state.finished:
@@ -492,26 +474,24 @@ class Dispatcher:
             try:
                 await self._watch_task(task, now)
             except Exception:
-                log.exception("task %s: watchdog check failed", task.id,
-                              extra={"task_id": task.id})
+                tlog.exception(task.id, "watchdog check failed")
 
     async def _watch_task(self, task: Task, now: datetime) -> None:
         tid = task.id
         job = task.job_name or job_name_of(tid)
         since_dispatch = _age_s(task.dispatched_at, now) or 0.0
-        if TaskStatus(task.status) is TaskStatus.DISPATCHING:
+        if task.status is TaskStatus.DISPATCHING:
             if since_dispatch <= self.cfg.dispatching_timeout_s or await self.queue.is_claimed(tid):
                 return
             status = await self.executor.status(job)
             if status.state in (JobState.PENDING, JobState.RUNNING):
-                log.info("task %s: dispatching too long but job %s is %s; running", tid, job,
-                         status.state.value, extra={"task_id": tid})
+                tlog.info(tid, "dispatching too long but job %s is %s; running", job,
+                          status.state.value)
                 with contextlib.suppress(VidmaasError):
                     await self.lifecycle.transition(task_id=tid, to=TaskStatus.RUNNING,
                                                     expected=TaskStatus.DISPATCHING)
             elif status.state is JobState.MISSING:
-                log.warning("task %s: dispatching for %.0fs and no job; retrying", tid,
-                            since_dispatch, extra={"task_id": tid})
+                tlog.warning(tid, "dispatching for %.0fs and no job; retrying", since_dispatch)
                 await self.fail_or_retry(
                     task, code="dispatch_timeout", retryable=True,
                     message=f"no job {job} after {since_dispatch:.0f}s dispatching")
@@ -536,15 +516,14 @@ class Dispatcher:
         if status.state.finished:
             await self.on_job_status(status, task=task)
             return
-        if await self.terminal_event_of_attempt(tid) is not None:
+        if await attempt_result(self.redis, tid) is not None:
             return
         await self._kill_and_fail(task, job, code="heartbeat_lost", retryable=True,
                                   message=f"no heartbeat for {silent_s:.0f}s")
 
     async def _kill_and_fail(self, task: Task, job: str, *, code: str, message: str,
                              retryable: bool) -> None:
-        log.warning("task %s: %s; stopping job %s", task.id, code, job,
-                    extra={"task_id": task.id})
+        tlog.warning(task.id, "%s; stopping job %s", code, job)
         if await self.fail_or_retry(task, code=code, message=message,
                                     retryable=retryable) is not None:
             await self.executor.cancel(job, grace_s=0)
@@ -564,9 +543,8 @@ class Dispatcher:
             # Take the claim over first, so that other reconcilers leave it to us.
             await self.queue.renew_claim(tid, lease_s=self.cfg.claim_lease_s)
             task = await self._get(tid)
-            status = None if task is None else TaskStatus(task.status)
-            log.warning("task %s: claim of dispatcher %s expired; task is %s", tid, owner,
-                        status, extra={"task_id": tid})
+            status = None if task is None else task.status
+            tlog.warning(tid, "claim of dispatcher %s expired; task is %s", owner, status)
             if task is None or status is None or status.terminal:
                 await self.lifecycle.release(tid)
                 await self.queue.ack(tid)
@@ -590,16 +568,15 @@ class Dispatcher:
                     or await self.queue.is_delayed(task.id)):
                 continue
             fresh = await self._get(task.id)
-            if fresh is None or TaskStatus(fresh.status) is not TaskStatus.QUEUED:
+            if fresh is None or fresh.status is not TaskStatus.QUEUED:
                 continue
-            log.warning("task %s: queued but missing from the queue; enqueuing", task.id,
-                        extra={"task_id": task.id})
+            tlog.warning(task.id, "queued but missing from the queue; enqueuing")
             await self.lifecycle.enqueue(fresh)
 
     async def _reconcile_leases(self) -> None:
         for tid in await self.queue.leases():
             task = await self._get(tid)
-            if task is not None and TaskStatus(task.status).active:
+            if task is not None and task.status.active:
                 continue
             changed_s = None if task is None else _age_s(task.updated_at, datetime.now(UTC))
             if changed_s is not None and changed_s < LEASE_GRACE_S:
@@ -607,10 +584,10 @@ class Dispatcher:
             if await self.queue.is_claimed(tid):
                 continue  # being dispatched right now
             task = await self._get(tid)
-            if task is not None and TaskStatus(task.status).active:
+            if task is not None and task.status.active:
                 continue
-            log.warning("task %s: holds GPUs but is %s; releasing", tid,
-                        "missing" if task is None else task.status, extra={"task_id": tid})
+            tlog.warning(tid, "holds GPUs but is %s; releasing",
+                         "missing" if task is None else task.status)
             await self.lifecycle.release(tid)
 
     async def _reconcile_jobs(self) -> None:
@@ -623,16 +600,14 @@ class Dispatcher:
         for job in await self.executor.list_jobs():
             tid = task_id_from_job_name(job)
             owner = None if tid is None else await self._get(tid)
-            if owner is not None and TaskStatus(owner.status).active:
+            if owner is not None and owner.status.active:
                 continue
             what = "unknown" if owner is None else owner.status
             if self.cfg.delete_unknown_jobs:
-                log.warning("job %s belongs to no active task (%s); deleting it", job, what,
-                            extra={"task_id": tid})
+                tlog.warning(tid, "job %s belongs to no active task (%s); deleting it", job, what)
                 await self.executor.cancel(job, grace_s=0)
             else:
-                log.warning("job %s belongs to no active task (%s)", job, what,
-                            extra={"task_id": tid})
+                tlog.warning(tid, "job %s belongs to no active task (%s)", job, what)
 
 
 # ---------------------------------------------------------------------- entry points

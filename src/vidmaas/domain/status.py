@@ -2,7 +2,8 @@
 
 Guarantees: ``TaskStatus`` is the only set of statuses; ``TRANSITIONS`` is the only
 table of legal moves; ``check_transition`` is the only judge of a move. Terminal
-statuses have no way out.
+statuses have no way out. ``TERMINAL`` and ``ACTIVE`` are the only definitions of
+those two groups.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ class TaskStatus(enum.StrEnum):
     @property
     def active(self) -> bool:
         """Holds (or is about to hold) GPUs."""
-        return self in (TaskStatus.DISPATCHING, TaskStatus.RUNNING, TaskStatus.CANCELLING)
+        return self in ACTIVE
 
 
 TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+ACTIVE: tuple[TaskStatus, ...] = (TaskStatus.DISPATCHING, TaskStatus.RUNNING,
+                                  TaskStatus.CANCELLING)
+"""The statuses of a task that holds (or is about to hold) GPUs, in life order."""
 
 S = TaskStatus
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {

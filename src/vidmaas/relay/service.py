@@ -56,29 +56,30 @@ from sqlalchemy import select, update
 
 from vidmaas.aio import supervise
 from vidmaas.bus import keys
+from vidmaas.bus.events import id_key, superseded, text
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task, utcnow
 from vidmaas.domain import events as ev
 from vidmaas.domain.events import Event, EventType, MalformedEvent
-from vidmaas.domain.status import TaskStatus
+from vidmaas.domain.status import ACTIVE, TaskStatus
 from vidmaas.errors import IllegalTransition, NotFound, StaleTransition
 from vidmaas.lifecycle import Lifecycle
+from vidmaas.logs import TaskLog
 from vidmaas.metrics import Heartbeat, Metrics
 from vidmaas.relay.webhooks import Webhooks
 from vidmaas.services import Services
 
 log = logging.getLogger(__name__)
+tlog = TaskLog(log)
 
 MAX_LOGGED_CHARS = 200
 DEAD_MAXLEN = 100_000
 
-_ACTIVE = (TaskStatus.DISPATCHING, TaskStatus.RUNNING, TaskStatus.CANCELLING)
 # Events that move a task's status: idempotent by compare-and-set, never skipped by order.
 _MOVING = frozenset({EventType.STARTED, EventType.COMPLETED, EventType.FAILED,
                      EventType.CANCELLED})
 # Bookkeeping events that write the row (the rest only advance nothing but the stream).
 _BOOKKEEPING_WRITES = frozenset({EventType.PROGRESS, EventType.STAGE, EventType.HEARTBEAT})
-_ATTEMPT_MARKERS = (EventType.QUEUED.value, EventType.DISPATCHED.value)
 _TRANSIENT: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
     sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
@@ -138,16 +139,6 @@ class _Unit:
 def default_consumer_name() -> str:
     """A consumer name unique to this process: host name and process id."""
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def _sid(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def id_key(entry_id: str) -> tuple[int, int]:
-    """A stream entry id as a sortable pair (``"12-3"`` → ``(12, 3)``)."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _trunc(text: object, limit: int = MAX_LOGGED_CHARS) -> str:
@@ -265,7 +256,7 @@ class Relay:
         if not resp:
             return []
         _, entries = resp[0]
-        return [(_sid(i), f) for i, f in entries]
+        return [(text(i), f) for i, f in entries]
 
     async def claim_abandoned(self) -> int:
         """Take over entries idle on other consumers (dead relays); apply them. Count."""
@@ -276,9 +267,9 @@ class Relay:
                 keys.EVENTS, keys.RELAY_GROUP, self.consumer_name,
                 min_idle_time=self.options.claim_idle_ms, start_id=start,
                 count=self.options.batch_size))
-            start = _sid(resp[0])
-            entries = [(_sid(i), f) for i, f in resp[1]]
-            deleted = [_sid(i) for i in resp[2]] if len(resp) > 2 else []
+            start = text(resp[0])
+            entries = [(text(i), f) for i, f in resp[1]]
+            deleted = [text(i) for i in resp[2]] if len(resp) > 2 else []
             if deleted:
                 log.warning("relay %s: %d pending entries were trimmed from the stream "
                             "before they were applied", self.consumer_name, len(deleted))
@@ -297,7 +288,7 @@ class Relay:
             consumers = cast(Any, await self.redis.xinfo_consumers(keys.EVENTS,
                                                                    keys.RELAY_GROUP))
             for c in consumers:
-                name = _sid(c["name"])
+                name = text(c["name"])
                 if name != self.consumer_name and int(c["pending"]) == 0 \
                         and int(c["idle"]) > self.options.forget_consumers_idle_ms:
                     await self.redis.xgroup_delconsumer(keys.EVENTS, keys.RELAY_GROUP, name)
@@ -346,9 +337,8 @@ class Relay:
             except Exception as e:
                 n = self._failures.get(first, 0) + 1
                 self._failures[first] = n
-                log.exception("relay %s: applying %s failed (%d/%d)", self.consumer_name,
-                              first, n, self.options.max_apply_failures,
-                              extra={"task_id": unit.task_id})
+                tlog.exception(unit.task_id, "relay %s: applying %s failed (%d/%d)",
+                               self.consumer_name, first, n, self.options.max_apply_failures)
                 if n < self.options.max_apply_failures:
                     # Leave it pending; retry it (in order) after a pause.
                     self._own_pending = True
@@ -409,8 +399,8 @@ class Relay:
         if task is None:
             return [Outcome(e.entry_id, tid, "dead") for e in unit.entries]
         last = task.last_event_id
-        status = TaskStatus(task.status)
-        active = status in _ACTIVE
+        status = task.status
+        active = status in ACTIVE
         values: dict[str, Any] = {}
         outcomes: list[Outcome] = []
         newest: _Entry | None = None
@@ -445,8 +435,7 @@ class Relay:
         if values and newest is not None:
             values["last_event_id"] = newest.event_id
             if not await self._write_bookkeeping(tid, values):
-                log.debug("task %s: bookkeeping of %d events superseded", tid,
-                          len(unit.entries), extra={"task_id": tid})
+                tlog.debug(tid, "bookkeeping of %d events superseded", len(unit.entries))
             else:
                 for key, value in values.items():
                     setattr(task, key, value)
@@ -467,7 +456,7 @@ class Relay:
         it) and progress must not go down.
         """
         stmt = (update(Task)
-                .where(Task.id == task_id, Task.status.in_([s.value for s in _ACTIVE]))
+                .where(Task.id == task_id, Task.status.in_(ACTIVE))
                 .values(updated_at=utcnow(), **values)
                 .execution_options(synchronize_session=False))
         if "progress" in values:
@@ -479,8 +468,8 @@ class Relay:
 
     async def _dead_letter(self, entry_id: str, fields: dict[str, str], *, reason: str,
                            task_id: str | None = None) -> None:
-        log.warning("relay %s: dead-lettering %s: %s", self.consumer_name, entry_id,
-                    _trunc(reason), extra={"task_id": task_id})
+        tlog.warning(task_id, "relay %s: dead-lettering %s: %s", self.consumer_name, entry_id,
+                     _trunc(reason))
         dead = {str(k)[:64]: str(v)[:10_000] for k, v in fields.items()}
         dead.update({"dead_reason": reason[:2000], "dead_entry_id": entry_id,
                      "dead_by": self.consumer_name})
@@ -493,12 +482,6 @@ class Relay:
     async def _get(self, task_id: str) -> Task | None:
         async with self.services.sessions() as session:
             return await repo.get_task(session=session, task_id=task_id)
-
-    async def _superseded(self, task_id: str, event_id: str) -> bool:
-        """True if the task stream holds a later queued/dispatched event (a newer attempt)."""
-        raw = cast(Any, await self.redis.xrange(keys.task_events(task_id), min=f"({event_id}",
-                                                count=2000))
-        return any(_sid(f.get("type", "")) in _ATTEMPT_MARKERS for _, f in raw)
 
     async def apply(self, event: Event, *, event_id: str, entry_id: str = "") -> Outcome:
         """Apply one status event (started/completed/failed/cancelled) to its task row.
@@ -513,7 +496,7 @@ class Relay:
         # several relays, one task's entries can be applied out of order.
         seen = task.last_event_id is not None \
             and id_key(event_id) <= id_key(task.last_event_id)
-        status = TaskStatus(task.status)
+        status = task.status
         try:
             action = await self._apply_type(task, status, event, event_id)
         except (StaleTransition, IllegalTransition, NotFound) as e:
@@ -563,7 +546,7 @@ class Relay:
                     return
 
     async def _release_if_terminal(self, task: Task) -> None:
-        if TaskStatus(task.status).terminal:
+        if task.status.terminal:
             await self.lifecycle.release(task.id)
 
     async def _apply_type(self, task: Task, status: TaskStatus, event: Event, event_id: str,
@@ -576,9 +559,8 @@ class Relay:
         # Events that move the task: never from an earlier attempt.
         if status.terminal:
             return "stale"
-        if await self._superseded(tid, event_id):
-            log.info("task %s: %s %s belongs to an earlier attempt; not applied", tid,
-                     t.value, event_id, extra={"task_id": tid})
+        if await superseded(self.redis, tid, event_id):
+            tlog.info(tid, "%s %s belongs to an earlier attempt; not applied", t.value, event_id)
             return "superseded"
         if t is EventType.STARTED:
             if status is TaskStatus.DISPATCHING:
@@ -601,14 +583,14 @@ class Relay:
                 event=None)
             return "applied"
         if t is EventType.FAILED:
-            if status not in _ACTIVE:
+            if status not in ACTIVE:
                 return "stale"
             await self.lifecycle.fail_or_retry(
                 task, code=str(data["code"])[:64], message=str(data["message"]),
                 retryable=bool(data["retryable"]), publish_failed=False)
             return "applied"
         if t is EventType.CANCELLED:
-            if status not in _ACTIVE:
+            if status not in ACTIVE:
                 return "stale"
             if status is TaskStatus.RUNNING:
                 # running → cancelled is not a legal move: through cancelling.
@@ -623,7 +605,7 @@ class Relay:
     @staticmethod
     def _webhook_due(task: Task, event: Event) -> bool:
         """Does the row agree with the event? (a retried failure is no ``failed`` webhook)."""
-        status = TaskStatus(task.status)
+        status = task.status
         t = event.type
         if t is EventType.COMPLETED:
             return status is TaskStatus.COMPLETED

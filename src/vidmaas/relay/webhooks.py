@@ -50,9 +50,11 @@ from vidmaas.config import WebhookSettings
 from vidmaas.db.models import Task, WebhookDelivery, utcnow
 from vidmaas.domain import webhooks as policy
 from vidmaas.domain.events import Event, EventType
+from vidmaas.logs import TaskLog
 from vidmaas.metrics import Metrics
 
 log = logging.getLogger(__name__)
+tlog = TaskLog(log)
 
 MAX_ERROR_CHARS = 500
 PROGRESS_MIN_INTERVAL_S = 5.0
@@ -154,8 +156,8 @@ class Webhooks:
                     continue  # recorded before: this is a redelivered event
             created += 1
         if created:
-            log.info("task %s: %d webhook deliveries for %s %s", task.id, created,
-                     event.type.value, event_id, extra={"task_id": task.id})
+            tlog.info(task.id, "%d webhook deliveries for %s %s", created, event.type.value,
+                      event_id)
             self.sender.wake()
         return created
 
@@ -376,5 +378,5 @@ class WebhookSender:
                 await session.commit()
         except Exception:
             # The claim lease runs out and the attempt is made again: at least once.
-            log.exception("task %s: could not record webhook %s attempt %d", row.task_id,
-                          row.delivery_id, row.attempts, extra={"task_id": row.task_id})
+            tlog.exception(row.task_id, "could not record webhook %s attempt %d", row.delivery_id,
+                           row.attempts)

@@ -73,7 +73,7 @@ class S3Store:
     async def get_bytes(self, key: str) -> bytes:
         resp = await self._call("get", self._client.get_object, Bucket=self.bucket,
                                 Key=self._k(key))
-        return await asyncio.to_thread(resp["Body"].read)  # type: ignore[no-any-return]
+        return await asyncio.to_thread(resp["Body"].read)
 
     async def download(self, key: str, path: Path) -> None:
         await self._call("download", self._client.download_file, Bucket=self.bucket,

@@ -45,10 +45,10 @@ from vidmaas.api.streams import (
     Message,
     StreamHub,
     TooSlow,
-    id_key,
     install_hub,
     valid_stream_id,
 )
+from vidmaas.bus.events import id_key
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.domain.ids import is_task_id

@@ -191,7 +191,7 @@ def seconds_label(num_frames: int, fps: int) -> str:
 
 
 def video_out(task: Task) -> Video:
-    status = TaskStatus(task.status)
+    status = task.status
     error = None
     if status is TaskStatus.CANCELLED:
         error = VideoError(code="cancelled", message="the video was cancelled")
@@ -320,7 +320,7 @@ async def create_video(
 
 def _visible() -> Any:
     """Videos not deleted: a completed task whose files were removed is gone."""
-    return not_(and_(Task.status == TaskStatus.COMPLETED.value, Task.video_key.is_(None)))
+    return not_(and_(Task.status == TaskStatus.COMPLETED, Task.video_key.is_(None)))
 
 
 async def load_video(request: Request, *, video_id: str, scope: str | None) -> Task:
@@ -378,7 +378,7 @@ async def delete_video(request: Request, video_id: str, caller: CallerDep) -> Vi
     answers 404). A failed or cancelled video keeps its record."""
     task = await load_video(request, video_id=video_id, scope=caller.scope)
     svc = services_of(request)
-    status = TaskStatus(task.status)
+    status = task.status
     if not status.terminal:
         if status is not TaskStatus.CANCELLING:
             await svc.lifecycle.cancel(task, by=caller.name)

@@ -52,8 +52,10 @@ from vidmaas.dispatcher.executors.base import JobState, JobStatus
 from vidmaas.domain import jobs
 from vidmaas.domain.ids import task_id_from_job_name
 from vidmaas.domain.jobs import JobSpec, exit_code_retryable, job_args
+from vidmaas.logs import TaskLog
 
 log = logging.getLogger(__name__)
+tlog = TaskLog(log)
 
 MARKER = "job.json"
 EXIT_FILE = "exit_code"
@@ -257,8 +259,9 @@ class LocalExecutor:
                 for d in marker.get("devices") or []}
         chosen = [d for d in pool if d not in held][:n]
         if len(chosen) < n:
-            log.warning("job %s: only %d free GPUs of %d needed; sharing", job_name,
-                        len(chosen), n, extra={"task_id": task_id_from_job_name(job_name)})
+            tlog.warning(task_id_from_job_name(job_name),
+                         "job %s: only %d free GPUs of %d needed; sharing", job_name, len(chosen),
+                         n)
             chosen += [d for d in pool if d not in chosen][: n - len(chosen)]
         return chosen
 
@@ -278,14 +281,14 @@ class LocalExecutor:
                 if alive:
                     self._watch_adopted(name, marker)
                 else:
-                    log.info("job %s attempt %d already ran; not starting it again", name,
-                             spec.attempt, extra={"task_id": spec.task_id})
+                    tlog.info(spec.task_id, "job %s attempt %d already ran; not starting it again",
+                              name, spec.attempt)
                     await self._updates.put(await asyncio.to_thread(
                         self._ended, name, work_dir, self._exit_code(work_dir)))
                 return
             if alive:
-                log.warning("job %s: stopping a leftover of attempt %s", name,
-                            marker.get("attempt"), extra={"task_id": spec.task_id})
+                tlog.warning(spec.task_id, "job %s: stopping a leftover of attempt %s", name,
+                             marker.get("attempt"))
                 job = self._jobs.get(name)
                 if job is not None:
                     job.superseded = True
@@ -318,8 +321,8 @@ class LocalExecutor:
                    proc=proc)
         job.watcher = asyncio.create_task(self._watch_child(job), name=f"local-job-{name}")
         self._jobs[name] = job
-        log.info("job %s started: pid %d, attempt %d, %s", name, proc.pid, spec.attempt,
-                 work_dir, extra={"task_id": spec.task_id})
+        tlog.info(spec.task_id, "job %s started: pid %d, attempt %d, %s", name, proc.pid,
+                  spec.attempt, work_dir)
 
     @staticmethod
     def _fresh_dir(work_dir: Path) -> None:
@@ -360,8 +363,8 @@ class LocalExecutor:
         job.watcher = asyncio.create_task(self._watch_adopted_loop(job),
                                           name=f"local-job-{name}")
         self._jobs[name] = job
-        log.info("job %s: watching pid %d started by an earlier dispatcher", name, job.pid,
-                 extra={"task_id": task_id_from_job_name(name)})
+        tlog.info(task_id_from_job_name(name),
+                  "job %s: watching pid %d started by an earlier dispatcher", name, job.pid)
 
     async def _finish(self, job: _Job) -> None:
         work_dir = self.work_dir(job.name)
@@ -373,8 +376,8 @@ class LocalExecutor:
             await asyncio.to_thread(self._prune, work_dir)
         if job.superseded:
             return
-        log.info("job %s ended: %s (exit code %s)", job.name, status.state.value, code,
-                 extra={"task_id": task_id_from_job_name(job.name)})
+        tlog.info(task_id_from_job_name(job.name), "job %s ended: %s (exit code %s)", job.name,
+                  status.state.value, code)
         await self._updates.put(status)
 
     @staticmethod
@@ -422,8 +425,8 @@ class LocalExecutor:
             return
         pgid = int(marker["pid"])
         sig = signal.SIGKILL if grace_s <= 0 else signal.SIGTERM
-        log.info("job %s: sending %s to process group %d", job_name, sig.name, pgid,
-                 extra={"task_id": task_id_from_job_name(job_name)})
+        tlog.info(task_id_from_job_name(job_name), "job %s: sending %s to process group %d",
+                  job_name, sig.name, pgid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
         if grace_s > 0:
@@ -439,8 +442,8 @@ class LocalExecutor:
                 return
             await asyncio.sleep(min(0.1, grace_s))
         if self._alive(marker):
-            log.warning("job %s: still alive %.0fs after SIGTERM; SIGKILL", job_name, grace_s,
-                        extra={"task_id": task_id_from_job_name(job_name)})
+            tlog.warning(task_id_from_job_name(job_name),
+                         "job %s: still alive %.0fs after SIGTERM; SIGKILL", job_name, grace_s)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(int(marker["pid"]), signal.SIGKILL)
 
