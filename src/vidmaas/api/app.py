@@ -3,14 +3,15 @@
 Guarantees: ``create_app(settings)`` builds a fresh app with no global state; its
 services (database, Redis, store) open in the lifespan and close when it ends, unless
 a ``Services`` is passed in (``vidmaas up`` shares one between the roles), in which
-case the caller owns it. Extra routers (event streams, the OpenAI API, the web page)
-are mounted by ``create_app`` when their modules are present.
+case the caller owns it. Every router is imported here by name and mounted on every
+app: a missing one is an import error at start, never a silently absent route. No
+security check depends on what is mounted (the webhook target check at task creation
+is part of ``api.creation``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -18,16 +19,11 @@ from fastapi import FastAPI
 
 from vidmaas import __version__
 from vidmaas.api import errors
-from vidmaas.api.routes import health, models, tasks
+from vidmaas.api.routes import events, health, metrics, models, tasks, ui, videos, webhooks
 from vidmaas.config import Settings
 from vidmaas.services import Services
 
 log = logging.getLogger(__name__)
-
-# Optional route modules, mounted when present: each exposes ``install(app)``.
-_OPTIONAL = ("vidmaas.api.routes.events", "vidmaas.api.routes.videos",
-             "vidmaas.api.routes.webhooks",
-             "vidmaas.api.routes.ui", "vidmaas.api.routes.metrics")
 
 
 def create_app(settings: Settings, *, services: Services | None = None) -> FastAPI:
@@ -56,12 +52,9 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(tasks.router)
-    for name in _OPTIONAL:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        module.install(app)
+    events.install(app)  # the SSE/WebSocket routes and the stream hub's start and stop
+    videos.install(app)
+    webhooks.install(app)
+    ui.install(app)
+    metrics.install(app)  # /metrics and the request-counting middleware
     return app

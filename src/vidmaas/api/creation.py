@@ -1,13 +1,20 @@
 """Creating a task, shared by the native and the OpenAI-compatible APIs.
 
 Guarantees (DESIGN §2 step 1):
-- The body is read with a hard byte limit (413 past it, before parsing anything).
+- The request body is read by ``api.body`` (one reader for both APIs: size limit,
+  content type, form fields); this module starts from the fields it produced.
 - Parameters are resolved against the model registry before anything is written;
   an input image is sniffed, bounded and re-encoded (``api.uploads``).
 - Write order: the input image under ``inputs/{task_id}/``, then the task row
   (``queued``), then the queue entry. If the row cannot be written the stored image
   is deleted (nothing half-written). If the enqueue fails after the insert, the task
   stays ``queued`` and the reconciler enqueues it (nothing accepted is lost).
+- A ``webhook_url`` is always checked against the SSRF policy
+  (``domain.webhooks.check_target`` with ``webhooks.allow_hosts``) before anything is
+  written: a private, loopback, link-local, multicast, reserved or metadata target is
+  422 on field ``webhook_url`` with the policy's code (``webhook_target_not_allowed``,
+  ``invalid_webhook_url`` or ``webhook_host_unresolvable``). The relay applies the same
+  policy again before every delivery.
 - With an ``Idempotency-Key``, a retried create returns the first task and writes
   nothing new.
 - A user with ``max_queued_per_user`` tasks waiting gets 429 with ``Retry-After``.
@@ -15,21 +22,20 @@ Guarantees (DESIGN §2 step 1):
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
-
-from starlette.datastructures import FormData, UploadFile
-from starlette.requests import Request
-from starlette.types import Message
 
 from vidmaas.api.deps import Caller
 from vidmaas.api.uploads import clean_image
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
+from vidmaas.domain import webhooks as policy
 from vidmaas.domain.ids import new_task_id
-from vidmaas.errors import InvalidRequest, PayloadTooLarge, RateLimited
+from vidmaas.errors import InvalidRequest, RateLimited
 from vidmaas.logs import TaskLog
 from vidmaas.services import Services
 from vidmaas.storage.base import input_key
@@ -55,69 +61,6 @@ class CreateRequest:
     source: str = "native"
 
 
-async def read_body(request: Request, *, limit_bytes: int) -> bytes:
-    """The whole body, or ``PayloadTooLarge`` as soon as it passes the limit."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
-        raise PayloadTooLarge(f"the request body is over {limit_bytes} bytes")
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit_bytes:
-            raise PayloadTooLarge(f"the request body is over {limit_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def parse_form(request: Request, body: bytes) -> FormData:
-    """Parse a multipart/urlencoded body that was already read (and size-checked)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        return await Request(request.scope, receive=replay).form(max_files=1, max_fields=32)
-    except Exception as e:
-        raise InvalidRequest(f"the form could not be parsed: {e}", code="invalid_form") from e
-
-
-async def form_image(form: FormData, name: str) -> bytes | None:
-    value = form.get(name)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, UploadFile):
-        raise InvalidRequest(f"{name} must be a file", field=name)
-    data = await value.read()
-    return data or None
-
-
-def form_int(form: FormData, name: str) -> int | None:
-    value = form.get(name)
-    if value is None or value == "":
-        return None
-    if isinstance(value, UploadFile):
-        raise InvalidRequest(f"{name} must be a number", field=name)
-    try:
-        return int(value)
-    except ValueError as e:
-        raise InvalidRequest(f"{name} must be an integer", field=name) from e
-
-
-def form_str(form: FormData, name: str) -> str | None:
-    value = form.get(name)
-    if value is None or value == "":
-        return None
-    if isinstance(value, UploadFile):
-        raise InvalidRequest(f"{name} must be text", field=name)
-    return value
-
-
 def check_idempotency_key(key: str | None) -> str | None:
     if key is None:
         return None
@@ -128,10 +71,23 @@ def check_idempotency_key(key: str | None) -> str | None:
     return key
 
 
+async def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses of a host name (the system resolver, off the event loop)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+async def check_webhook_url(url: str, *, allow_hosts: Collection[str],
+                            resolve: policy.Resolver = resolve_host) -> None:
+    """``InvalidRequest`` (field ``webhook_url``) unless the SSRF policy allows ``url``."""
+    try:
+        await policy.check_target(url, allow_hosts=allow_hosts, resolve=resolve)
+    except policy.TargetRefused as e:
+        raise InvalidRequest(str(e), field="webhook_url", code=e.code) from e
+
+
 async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
-                      idempotency_key: str | None,
-                      validate_webhook: Callable[[str], Awaitable[None]] | None = None,
-                      ) -> tuple[Task, bool, int | None]:
+                      idempotency_key: str | None) -> tuple[Task, bool, int | None]:
     """Validate, store, insert, enqueue. Returns (task, created, queue position)."""
     cfg = svc.settings.api
     key = check_idempotency_key(idempotency_key)
@@ -151,8 +107,9 @@ async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
         spec = svc.registry.get_or_raise(req.model or default_model_id(svc))
         params = spec.resolve(size=req.size, num_frames=req.num_frames, steps=req.steps,
                               seed=req.seed, has_image=req.image is not None)
-        if req.webhook_url is not None and validate_webhook is not None:
-            await validate_webhook(req.webhook_url)
+        if req.webhook_url is not None:
+            await check_webhook_url(req.webhook_url,
+                                    allow_hosts=svc.settings.webhooks.allow_hosts)
         if await repo.count_queued(session=s, user_id=caller.id) >= cfg.max_queued_per_user:
             raise RateLimited(f"you have {cfg.max_queued_per_user} tasks waiting; wait for some "
                               "to start", retry_after_s=30, code="too_many_queued")

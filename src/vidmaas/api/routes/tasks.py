@@ -8,21 +8,20 @@ URL when the store can make one, and stream the file (with Range support) otherw
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
-from pydantic import ValidationError
 
 from vidmaas.api import creation
+from vidmaas.api.body import Form, read_body, validated
 from vidmaas.api.deps import CallerDep, CallerOrTokenDep, SessionDep, services_of
 from vidmaas.api.schemas import ErrorBody, TaskCreate, TaskList, TaskOut, task_out
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.domain.ids import is_task_id
 from vidmaas.domain.status import TaskStatus
-from vidmaas.errors import Conflict, InvalidRequest, NotFound, UnsupportedMedia
+from vidmaas.errors import Conflict, InvalidRequest, NotFound
 from vidmaas.storage.base import LocalStore
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
@@ -70,60 +69,42 @@ async def create_task(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
     svc = services_of(request)
-    body = await creation.read_body(request, limit_bytes=svc.settings.api.max_upload_bytes)
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        form = await creation.parse_form(request, body)
-        prompt = creation.form_str(form, "prompt")
-        if prompt is None:
-            raise InvalidRequest("prompt is required", field="prompt")
-        events = creation.form_str(form, "webhook_events")
-        req = creation.CreateRequest(
-            prompt=prompt, model=creation.form_str(form, "model"),
-            size=creation.form_str(form, "size"),
-            num_frames=creation.form_int(form, "num_frames"),
-            steps=creation.form_int(form, "steps"), seed=creation.form_int(form, "seed"),
-            negative_prompt=creation.form_str(form, "negative_prompt"),
-            image=await creation.form_image(form, "image"),
-            webhook_url=creation.form_str(form, "webhook_url"),
-            webhook_events=[e.strip() for e in events.split(",")] if events else None)
-        # Same field rules as the JSON body.
-        _validate(TaskCreate, {k: v for k, v in {
-            "prompt": req.prompt, "model": req.model, "size": req.size,
-            "num_frames": req.num_frames, "steps": req.steps, "seed": req.seed,
-            "negative_prompt": req.negative_prompt, "webhook_url": req.webhook_url,
-            "webhook_events": req.webhook_events}.items() if v is not None})
-    elif ctype in {"application/json", ""}:
-        try:
-            raw = json.loads(body or b"null")
-        except ValueError as e:
-            raise InvalidRequest("the body is not valid JSON", code="invalid_json") from e
-        data = _validate(TaskCreate, raw)
-        req = creation.CreateRequest(
-            prompt=data.prompt, model=data.model, size=data.size, num_frames=data.num_frames,
-            steps=data.steps, seed=data.seed, negative_prompt=data.negative_prompt,
-            webhook_url=data.webhook_url,
-            webhook_events=list(data.webhook_events) if data.webhook_events else None)
-    else:
-        raise UnsupportedMedia("send application/json or multipart/form-data",
-                               code="unsupported_content_type")
-    validate_webhook = getattr(request.app.state, "validate_webhook", None)
+    body = await read_body(request, limit_bytes=svc.settings.api.max_upload_bytes)
+    req = await _from_form(body.form) if body.form is not None else _from_json(body.json)
     task, _created, position = await creation.create_task(
-        svc=svc, caller=caller, req=req, idempotency_key=idempotency_key,
-        validate_webhook=validate_webhook)
+        svc=svc, caller=caller, req=req, idempotency_key=idempotency_key)
     out = task_out(task, position=position)
     return JSONResponse(out.model_dump(mode="json"), status_code=202,
                         headers={"Location": f"/v1/tasks/{task.id}"})
 
 
-def _validate(model: type[TaskCreate], raw: Any) -> TaskCreate:
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequest(f"{field}: {first['msg']}" if field else first["msg"],
-                             field=field) from e
+def _from_json(raw: Any) -> creation.CreateRequest:
+    data = validated(TaskCreate, raw)
+    return creation.CreateRequest(
+        prompt=data.prompt, model=data.model, size=data.size, num_frames=data.num_frames,
+        steps=data.steps, seed=data.seed, negative_prompt=data.negative_prompt,
+        webhook_url=data.webhook_url,
+        webhook_events=list(data.webhook_events) if data.webhook_events else None)
+
+
+async def _from_form(form: Form) -> creation.CreateRequest:
+    prompt = form.text("prompt")
+    if prompt is None:
+        raise InvalidRequest("prompt is required", field="prompt")
+    events = form.text("webhook_events")
+    req = creation.CreateRequest(
+        prompt=prompt, model=form.text("model"), size=form.text("size"),
+        num_frames=form.integer("num_frames"), steps=form.integer("steps"),
+        seed=form.integer("seed"), negative_prompt=form.text("negative_prompt"),
+        image=await form.file("image"), webhook_url=form.text("webhook_url"),
+        webhook_events=[e.strip() for e in events.split(",")] if events else None)
+    # Same field rules as the JSON body.
+    validated(TaskCreate, {k: v for k, v in {
+        "prompt": req.prompt, "model": req.model, "size": req.size,
+        "num_frames": req.num_frames, "steps": req.steps, "seed": req.seed,
+        "negative_prompt": req.negative_prompt, "webhook_url": req.webhook_url,
+        "webhook_events": req.webhook_events}.items() if v is not None})
+    return req
 
 
 @router.get("", response_model=TaskList, responses=_ERRORS, summary="List your tasks")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
@@ -33,10 +32,11 @@ from fastapi import APIRouter, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import and_, not_, select
 
 from vidmaas.api import creation
+from vidmaas.api.body import read_body, validated
 from vidmaas.api.deps import CallerDep, CallerOrTokenDep, services_of
 from vidmaas.api.errors import status_of
 from vidmaas.api.routes.tasks import _download
@@ -45,7 +45,7 @@ from vidmaas.db.models import Task
 from vidmaas.domain.ids import is_task_id
 from vidmaas.domain.models import ModelSpec, parse_size
 from vidmaas.domain.status import TaskStatus
-from vidmaas.errors import InvalidRequest, NotFound, RateLimited, UnsupportedMedia, VidmaasError
+from vidmaas.errors import InvalidRequest, NotFound, RateLimited, VidmaasError
 
 OPENAI_SOURCE = "openai"
 MAX_SECONDS = 3600.0
@@ -261,37 +261,22 @@ def _data_url_image(value: str) -> bytes:
 
 async def _parse_create(request: Request) -> tuple[VideoCreate, bytes | None]:
     svc = services_of(request)
-    body = await creation.read_body(request, limit_bytes=svc.settings.api.max_upload_bytes)
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, limit_bytes=svc.settings.api.max_upload_bytes)
     image: bytes | None = None
-    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        form = await creation.parse_form(request, body)
-        raw: dict[str, Any] = {k: creation.form_str(form, k)
-                               for k in ("prompt", "model", "size", "seconds")}
+    raw: Any = body.json
+    if body.form is not None:
+        form = body.form
+        raw = {k: form.text(k) for k in ("prompt", "model", "size", "seconds")}
         if "input_reference" in form:
-            image = await creation.form_image(form, "input_reference")
-        ref_url = creation.form_str(form, "input_reference[image_url]")
+            image = await form.file("input_reference")
+        ref_url = form.text("input_reference[image_url]")
         if ref_url is not None:
             image = _data_url_image(ref_url)
-        if creation.form_str(form, "input_reference[file_id]") is not None:
+        if form.text("input_reference[file_id]") is not None:
             raise InvalidRequest("file ids are not supported; upload the image",
                                  field="input_reference", code="unsupported_input_reference")
         raw = {k: v for k, v in raw.items() if v is not None}
-    elif ctype in ("application/json", ""):
-        try:
-            raw = json.loads(body or b"null")
-        except ValueError as e:
-            raise InvalidRequest("the body is not valid JSON", code="invalid_json") from e
-    else:
-        raise UnsupportedMedia("send application/json or multipart/form-data",
-                               code="unsupported_content_type")
-    try:
-        data = VideoCreate.model_validate(raw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"],
-                             field=param) from e
+    data = validated(VideoCreate, raw)
     if data.input_reference is not None:
         if "file_id" in data.input_reference or "image_url" not in data.input_reference:
             raise InvalidRequest("file ids are not supported; send image_url as a data URL",
