@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
 
 from vidmaas.bus.control import user_of_stream_token
 from vidmaas.db import users
+from vidmaas.db.engine import Session
 from vidmaas.errors import Unauthenticated
 from vidmaas.services import Services
 
@@ -43,7 +43,7 @@ def services_of(conn: HTTPConnection) -> Services:
     return svc
 
 
-async def session(request: Request) -> AsyncIterator[AsyncSession]:
+async def session(request: Request) -> AsyncIterator[Session]:
     async with services_of(request).sessions() as s:
         yield s
 
@@ -124,6 +124,6 @@ async def caller_or_token(request: Request) -> Caller:
     return await authenticate(request, allow_token=True)
 
 
-SessionDep = Annotated[AsyncSession, Depends(session)]
+SessionDep = Annotated[Session, Depends(session)]
 CallerDep = Annotated[Caller, Depends(caller)]
 CallerOrTokenDep = Annotated[Caller, Depends(caller_or_token)]

@@ -3,7 +3,8 @@
 Guarantees: one function makes an engine from a URL (``postgresql://`` is rewritten to
 asyncpg); SQLite engines use WAL, foreign keys and a busy timeout so the embedded
 instance's roles can share the file; sessions never expire objects on commit, so a
-returned row stays readable after its transaction.
+returned row stays readable after its transaction. ``Session`` is the session type
+the roles annotate with, so that only ``db`` imports SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -21,6 +22,9 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from vidmaas.config import DatabaseSettings
+
+Session = AsyncSession
+"""A database session (what ``Services.sessions()`` opens)."""
 
 
 def normalize_url(url: str) -> str:
@@ -61,3 +65,9 @@ def make_engine(settings: DatabaseSettings | str) -> AsyncEngine:
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def ping(engine: AsyncEngine) -> None:
+    """Raise unless the database answers a trivial query."""
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))

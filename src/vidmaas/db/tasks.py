@@ -220,3 +220,39 @@ async def update_progress(*, session: AsyncSession, task_id: str, values: dict[s
     await session.commit()
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
+
+
+def _not_deleted() -> Any:
+    """Not a completed task whose files were removed (a deleted OpenAI video)."""
+    return ~((Task.status == TaskStatus.COMPLETED) & Task.video_key.is_(None))
+
+
+async def get_visible_task(*, session: AsyncSession, task_id: str, source: str,
+                           user_id: str | None = None) -> Task | None:
+    """The task created through ``source`` (``"openai"``), or None if missing, someone
+    else's (with ``user_id``), or completed with its files removed (deleted)."""
+    stmt = (select(Task).where(Task.id == task_id, Task.source == source, _not_deleted())
+            .execution_options(populate_existing=True))
+    if user_id is not None:
+        stmt = stmt.where(Task.user_id == user_id)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def list_visible_tasks(*, session: AsyncSession, source: str, user_id: str | None,
+                             limit: int, after: str | None = None,
+                             ascending: bool = False) -> list[Task]:
+    """One page of the tasks created through ``source`` that are not deleted (see
+    ``get_visible_task``), by id: newest first, or oldest first with ``ascending``;
+    ``after`` is the last id of the previous page."""
+    stmt = select(Task).where(Task.source == source, _not_deleted()).limit(limit)
+    if user_id is not None:
+        stmt = stmt.where(Task.user_id == user_id)
+    if ascending:
+        stmt = stmt.order_by(Task.id.asc())
+        if after is not None:
+            stmt = stmt.where(Task.id > after)
+    else:
+        stmt = stmt.order_by(Task.id.desc())
+        if after is not None:
+            stmt = stmt.where(Task.id < after)
+    return list((await session.execute(stmt)).scalars())

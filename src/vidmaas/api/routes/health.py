@@ -13,11 +13,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import text
 
 from vidmaas.api.deps import CallerDep, services_of
 from vidmaas.api.schemas import ErrorBody
 from vidmaas.bus.control import issue_stream_token
+from vidmaas.db.engine import ping
 
 router = APIRouter(tags=["health"])
 CHECK_TIMEOUT_S = 3.0
@@ -36,8 +36,7 @@ async def readyz(request: Request) -> JSONResponse:
     svc = services_of(request)
 
     async def db() -> None:
-        async with svc.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+        await ping(svc.engine)
 
     async def redis() -> None:
         await svc.redis.ping()

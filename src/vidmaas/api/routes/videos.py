@@ -33,7 +33,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import and_, not_, select
 
 from vidmaas.api import creation
 from vidmaas.api.body import read_body, validated
@@ -303,20 +302,12 @@ async def create_video(
     return video_out(task)
 
 
-def _visible() -> Any:
-    """Videos not deleted: a completed task whose files were removed is gone."""
-    return not_(and_(Task.status == TaskStatus.COMPLETED, Task.video_key.is_(None)))
-
-
 async def load_video(request: Request, *, video_id: str, scope: str | None) -> Task:
     if not is_task_id(video_id):
         raise NotFound("no such video", code="video_not_found", field="video_id")
     async with services_of(request).sessions() as s:
-        stmt = select(Task).where(Task.id == video_id, Task.source == OPENAI_SOURCE,
-                                  _visible()).execution_options(populate_existing=True)
-        if scope is not None:
-            stmt = stmt.where(Task.user_id == scope)
-        task = (await s.execute(stmt)).scalar_one_or_none()
+        task = await repo.get_visible_task(session=s, task_id=video_id, source=OPENAI_SOURCE,
+                                           user_id=scope)
     if task is None:
         raise NotFound("no such video", code="video_not_found", field="video_id")
     return task
@@ -337,19 +328,10 @@ async def list_videos(
 ) -> VideoList:
     if after is not None and not is_task_id(after):
         raise InvalidRequest("after must be a video id", field="after")
-    stmt = select(Task).where(Task.source == OPENAI_SOURCE, _visible()).limit(limit + 1)
-    if caller.scope is not None:
-        stmt = stmt.where(Task.user_id == caller.scope)
-    if order == "desc":
-        stmt = stmt.order_by(Task.id.desc())
-        if after is not None:
-            stmt = stmt.where(Task.id < after)
-    else:
-        stmt = stmt.order_by(Task.id.asc())
-        if after is not None:
-            stmt = stmt.where(Task.id > after)
     async with services_of(request).sessions() as s:
-        rows = list((await s.execute(stmt)).scalars())
+        rows = await repo.list_visible_tasks(session=s, source=OPENAI_SOURCE,
+                                             user_id=caller.scope, limit=limit + 1,
+                                             after=after, ascending=order == "asc")
     page = rows[:limit]
     return VideoList(data=[video_out(t) for t in page],
                      first_id=page[0].id if page else None,
