@@ -11,8 +11,8 @@ import pytest
 
 from tests.client.live import LiveServer, png
 from vidmaas.client import AsyncClient, Client, ClientError
-from vidmaas.client.api import SSEParser, is_terminal, snapshot_state
 from vidmaas.client.config import ConfigError, resolve
+from vidmaas.client.wire import SSEParser, is_terminal, snapshot_state
 
 
 def client(live: LiveServer, user: str = "alice") -> Client:

@@ -2,7 +2,10 @@
 
 Guarantees: importing this package does nothing but define names (no network, no
 environment reads); every error the server answers is raised as ``ClientError`` with
-the server's ``status``, ``code``, ``message`` and ``field``.
+the server's ``status``, ``code``, ``message`` and ``field``. ``Client`` (blocking,
+``client.sync``) and ``AsyncClient`` (asyncio, ``client.aio``) share one wire module
+(``client.wire``: requests, answers, messages) and one watch policy (``client.watch``),
+so they offer the same calls and follow a task the same way.
 
     from vidmaas.client import Client
 
@@ -13,6 +16,8 @@ the server's ``status``, ``code``, ``message`` and ``field``.
         c.download(task["id"], "fox.mp4")
 """
 
-from vidmaas.client.api import TERMINAL_STATUSES, AsyncClient, Client, ClientError
+from vidmaas.client.aio import AsyncClient
+from vidmaas.client.sync import Client
+from vidmaas.client.wire import TERMINAL_STATUSES, ClientError
 
 __all__ = ["TERMINAL_STATUSES", "AsyncClient", "Client", "ClientError"]

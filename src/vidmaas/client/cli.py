@@ -26,8 +26,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
-from vidmaas.client.api import Client, ClientError, Message, is_terminal, snapshot_state
 from vidmaas.client.config import ConfigError, resolve
+from vidmaas.client.sync import Client
+from vidmaas.client.wire import ClientError, Message, is_terminal, snapshot_state
 
 STAGE_NAMES = {
     "fetch_input": "fetching input", "load_model": "loading model",

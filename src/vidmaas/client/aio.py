@@ -1,0 +1,177 @@
+"""``AsyncClient``: ``Client`` for asyncio code, over an async httpx client.
+
+Guarantees: the same methods as ``Client`` with the same arguments and results,
+awaited; the requests, the reading of answers and errors (``client.wire``) and the
+behaviour of ``watch`` and ``wait`` (``client.watch``) are shared with it, so the two
+cannot drift. ``events`` and ``watch`` are async generators: leave them early inside
+``contextlib.aclosing`` and the HTTP stream closes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from vidmaas.client import wire
+from vidmaas.client.watch import Deadline, Do, WatchPolicy
+from vidmaas.client.wire import ClientError, Message, Task
+
+
+class AsyncClient:
+    """``Client`` for asyncio code: the same calls, awaited; ``watch`` is an async iterator."""
+
+    def __init__(self, server: str, api_key: str | None, *, timeout_s: float = 30.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.server = server.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(base_url=self.server, headers=headers,
+                                       timeout=timeout_s, transport=transport)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None,
+                        ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, call: wire.Call) -> dict[str, Any]:
+        try:
+            return wire.decoded(
+                await self._http.request(call.method, call.path, **call.options()))
+        except httpx.TransportError as e:
+            raise wire.unreachable(self.server, e) from e
+
+    # ------------------------------------------------------------ REST
+
+    async def me(self) -> dict[str, Any]:
+        """Who the API key belongs to: ``{id, name, is_admin}``."""
+        return await self._call(wire.me())
+
+    async def models(self) -> dict[str, Any]:
+        """``{data: [model, ...], default: id}``."""
+        return await self._call(wire.models())
+
+    async def submit(
+        self, prompt: str, *, model: str | None = None, size: str | None = None,
+        num_frames: int | None = None, steps: int | None = None, seed: int | None = None,
+        negative_prompt: str | None = None, image: Path | str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Task:
+        """Create a task; with ``image`` it is sent as multipart. Returns the task."""
+        return await self._call(wire.submit(
+            prompt, model=model, size=size, num_frames=num_frames, steps=steps, seed=seed,
+            negative_prompt=negative_prompt, image=image, idempotency_key=idempotency_key))
+
+    async def get(self, task_id: str) -> Task:
+        return await self._call(wire.get(task_id))
+
+    async def list(self, *, limit: int = 20, cursor: str | None = None,
+                   status: Iterable[str] | None = None) -> dict[str, Any]:
+        """One page, newest first: ``{data: [task, ...], next_cursor}``."""
+        return await self._call(wire.list_page(limit=limit, cursor=cursor, status=status))
+
+    async def cancel(self, task_id: str) -> Task:
+        """Cancel a task (queued: at once; running: it becomes ``cancelling``)."""
+        return await self._call(wire.cancel(task_id))
+
+    async def stream_token(self) -> dict[str, Any]:
+        """A short-lived ``{token, expires_in_s}`` for ``?token=`` URLs."""
+        return await self._call(wire.stream_token())
+
+    async def download(self, task_id: str, path: Path | str, *, which: str = "video") -> Path:
+        """``Client.download``: never leaves half a file at ``path``."""
+        call = wire.download(task_id, which=which)
+        target = Path(path)
+        tmp = wire.partial_path(target)
+        try:
+            async with self._http.stream(call.method, call.path, **call.options()) as r:
+                if r.status_code >= 400:
+                    await r.aread()
+                    raise wire.error_of(r)
+                with tmp.open("wb") as f:
+                    async for chunk in r.aiter_bytes():
+                        f.write(chunk)
+        except httpx.TransportError as e:
+            tmp.unlink(missing_ok=True)
+            raise wire.unreachable(self.server, e) from e
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.replace(target)
+        return target
+
+    # ------------------------------------------------------------ events
+
+    async def events(self, task_id: str, *, after: str | None = None,
+                     read_timeout_s: float = 60.0) -> AsyncGenerator[Message, None]:
+        """The task's SSE stream, as ``Client.events``."""
+        call = wire.events(task_id, after=after, read_timeout_s=read_timeout_s)
+        try:
+            async with self._http.stream(call.method, call.path, **call.options()) as r:
+                if r.status_code >= 400:
+                    await r.aread()
+                    raise wire.error_of(r)
+                if wire.stream_done(r):
+                    return
+                parser = wire.SSEParser()
+                async for line in r.aiter_lines():
+                    msg = parser.feed(line)
+                    if msg is not None:
+                        yield msg
+        except httpx.TransportError as e:
+            raise wire.unreachable(self.server, e) from e
+
+    async def watch(self, task_id: str, *, after: str | None = None,
+                    poll_interval_s: float = 2.0, max_reconnects: int = 30,
+                    ) -> AsyncGenerator[Message, None]:
+        """``Client.watch`` for asyncio (the rules are ``client.watch``'s module doc)."""
+        policy = WatchPolicy(task_id, after=after, poll_interval_s=poll_interval_s,
+                             max_reconnects=max_reconnects)
+        stream: AsyncGenerator[Message, None] | None = None
+        step = policy.start()
+        try:
+            while True:
+                for msg in step.emit:
+                    yield msg
+                if step.do is Do.STOP:
+                    return
+                if step.delay_s > 0:
+                    await asyncio.sleep(step.delay_s)
+                try:
+                    if step.do is Do.FETCH:
+                        step = policy.task(await self.get(task_id))
+                        continue
+                    if step.do is Do.OPEN:
+                        if stream is not None:
+                            await stream.aclose()
+                        stream = self.events(task_id, after=policy.last_event_id)
+                    assert stream is not None
+                    got = await anext(stream, None)
+                except ClientError as e:
+                    if stream is not None:
+                        await stream.aclose()
+                        stream = None
+                    step = policy.failed(e)
+                    continue
+                step = policy.ended() if got is None else policy.message(got)
+        finally:
+            if stream is not None:
+                await stream.aclose()
+
+    async def wait(self, task_id: str, *, timeout_s: float = 60.0, interval_s: float = 0.5,
+                   ) -> Task:
+        """``Client.wait``: the task once its row says it ended."""
+        deadline = Deadline(task_id, timeout_s=timeout_s)
+        while True:
+            task = await self.get(task_id)
+            if deadline.done(task):
+                return task
+            await asyncio.sleep(interval_s)
