@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +22,9 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from PIL import Image
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tests.api.conftest import api_settings, make_users
 from tests.support.services import free_port
@@ -130,6 +133,15 @@ class Driver:
                                publish_failed=False)
         await lc.publish(ev.queued(task_id, position=1))
 
+    async def give_up(self, task_id: str, *, code: str, message: str) -> None:
+        """A retryable failure with no attempt left: the runtime's ``failed`` event
+        (retryable), then the task fails without another event, as the relay does."""
+        await self.svc.lifecycle.publish(ev.failed(task_id, code=code, message=message,
+                                                   retryable=True))
+        await self.svc.lifecycle.finish(
+            task_id=task_id, to=TaskStatus.FAILED, expected=TaskStatus.RUNNING,
+            fields={"error_code": code, "error_message": message}, event=None)
+
     async def fail(self, task_id: str, *, code: str, message: str) -> None:
         await self.svc.lifecycle.finish(
             task_id=task_id, to=TaskStatus.FAILED, expected=TaskStatus.RUNNING,
@@ -152,14 +164,28 @@ class LiveServer:
     driver: Driver
 
 
+def _hiding(app: ASGIApp, hidden: re.Pattern[str]) -> ASGIApp:
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and hidden.fullmatch(scope["path"]):
+            missing = JSONResponse({"error": {"code": "not_found", "message": "Not Found",
+                                              "field": None}}, status_code=404)
+            await missing(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return asgi
+
+
 @asynccontextmanager
 async def live_server(*, db_url: str, redis_url: str, storage: StorageSettings,
-                      ) -> AsyncIterator[LiveServer]:
+                      hidden: re.Pattern[str] | None = None) -> AsyncIterator[LiveServer]:
+    """``hidden``: HTTP paths it matches answer 404, as a server without them would."""
     settings = api_settings(db_url=db_url, redis_url=redis_url, storage=storage)
     keys = await make_users(db_url)
     app = create_app(settings)
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on",
+    served = app if hidden is None else _hiding(app, hidden)
+    config = uvicorn.Config(served, host="127.0.0.1", port=port, log_config=None, lifespan="on",
                             ws="websockets-sansio", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     before = asyncio.all_tasks()
