@@ -3,8 +3,8 @@
 Guarantees: no other module spells a key; changing a name here changes it everywhere.
 The queue and capacity keys share the hash tag ``{q}`` so that their Lua scripts,
 which must be atomic over all of them, also run on Redis Cluster (one slot). The
-queue scripts build per-user list names from ``USER_QUEUE_PREFIX``, which is why
-those lists carry the same tag.
+queue scripts build per-user queue names from ``USER_QUEUE_PREFIX``, which is why
+those keys carry the same tag.
 """
 
 from __future__ import annotations
@@ -25,10 +25,24 @@ def task_events(task_id: str) -> str:
     return f"{PREFIX}task:{task_id}:events"
 
 
-# Queue (round-robin across users, FIFO within a user).
+# Queue (weighted fair share across users, priority then FIFO within a user).
 _Q = PREFIX + "{q}:"
-QUEUE_USERS = _Q + "users"
-"""LIST: the ring of users with queued tasks, in round-robin order (head goes next)."""
+QUEUE_USERS = _Q + "fair:users"
+"""ZSET user → virtual time (normalised GPU-seconds received): the users with queued
+tasks; the smallest virtual time goes next."""
+QUEUE_VTIME = _Q + "fair:vtime"
+"""HASH user → virtual time, kept while the user has nothing queued (so leaving the
+queue and coming back never earns credit)."""
+QUEUE_VNOW = _Q + "fair:vnow"
+"""STRING: the system virtual time (start tag of the latest admitted task); a user who
+starts queueing begins at max(own virtual time, this)."""
+QUEUE_USER_SEQ = _Q + "fair:seq"
+"""HASH user → order in which the user last started queueing (breaks virtual-time ties)."""
+QUEUE_SEQ = _Q + "fair:seq-counter"
+"""STRING counter behind ``QUEUE_USER_SEQ``."""
+USER_SHARES = _Q + "fair:shares"
+"""HASH user → ``weight|gpu_cap``: the fairness weight and GPUs-at-once quota of a user
+(0: no cap of their own), refreshed at every enqueue that names them."""
 QUEUE_CLAIMS = _Q + "claims"
 """ZSET task_id → lease expiry (ms): entries a dispatcher took but has not acknowledged."""
 QUEUE_CLAIM_OWNER = _Q + "claim-owner"
@@ -37,25 +51,36 @@ QUEUE_SIGNAL = _Q + "signal"
 """LIST used as a wake-up signal: pushed on enqueue and on capacity release."""
 QUEUE_GPUS = _Q + "gpus"
 """HASH task_id → GPUs its job will need (set at enqueue, read by admission)."""
+QUEUE_COST = _Q + "cost"
+"""HASH task_id → estimated cost in GPU-seconds (GPUs × the model's typical run time),
+fixed at enqueue: what admission charges, and what queue positions simulate."""
+QUEUE_MODEL = _Q + "model"
+"""HASH task_id → model id of a queued task."""
 QUEUE_DELAYED = _Q + "delayed"
 """ZSET task_id → time (ms) a retry becomes due; moved into the queue when due."""
 QUEUE_DELAYED_USERS = _Q + "delayed-users"
 """HASH task_id → user of a delayed retry."""
-USER_QUEUE_PREFIX = _Q + "user:"
+USER_QUEUE_PREFIX = _Q + "fair:user:"
 
 
 def user_queue(user_id: str) -> str:
-    """LIST: one user's queued task ids, oldest first."""
+    """ZSET: one user's queued task ids scored by their order key (enqueue time in ms,
+    moved earlier for a higher priority class)."""
     return USER_QUEUE_PREFIX + user_id
 
 
 # Capacity.
 CAPACITY_LEASES = _Q + "leases"
 """HASH task_id → GPUs held by that task's job."""
+LEASE_INFO = _Q + "lease-info"
+"""HASH task_id → ``user|gpus|cost|start_ms|model`` of a held lease, so a release
+decrements the right user and charges what the lease really cost."""
 USER_RUNNING = _Q + "user-running"
 """HASH user → number of that user's tasks holding capacity."""
-LEASE_OWNERS = _Q + "lease-users"
-"""HASH task_id → user, so a release can decrement the right user."""
+USER_GPUS = _Q + "user-gpus"
+"""HASH user → GPUs that user's tasks hold."""
+MODEL_RUN_S = _Q + "model-run-s"
+"""HASH model → moving average of how long a completed task held its GPUs (seconds)."""
 
 
 def cancel_flag(task_id: str) -> str:
