@@ -68,10 +68,8 @@ async def test_a_long_absence_earns_no_credit(redis: aioredis.Redis) -> None:
     q = TaskQueue(redis)
     for i in range(10):
         await q.enqueue(user_id="busy", task_id=f"x{i}", gpus=1)
-    for _ in range(8):
-        tid = await _claim(q)
-        assert tid is not None
-        await q.release(tid)
+    for _ in range(8):  # served (and still holding the GPUs: charged, not yet settled)
+        assert await _claim(q) is not None
     # Back after being away: alternates with busy instead of taking eight turns in a row.
     for i in range(4):
         await q.enqueue(user_id="back", task_id=f"y{i}", gpus=1)
@@ -135,7 +133,7 @@ async def test_a_completed_task_teaches_its_model_a_run_time(redis: aioredis.Red
     assert "other" not in await q.model_run_s()
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
 async def test_positions_predict_the_order_under_weights_priorities_and_settled_charges(
         redis: aioredis.Redis, seed: int) -> None:
     rng = random.Random(seed)
@@ -156,6 +154,13 @@ async def test_positions_predict_the_order_under_weights_priorities_and_settled_
         await q.enqueue(user_id=user, task_id=task, gpus=rng.choice([1, 2, 4]),
                         model=rng.choice(["m1", "m2"]), priority=rng.choice(list(Priority)),
                         share=Share(weight=float(users.index(user) + 1)))
+    for user, task in rng.sample(plan, 5):  # cancels from the middle
+        assert await q.remove(user_id=user, task_id=task)
+        plan.remove((user, task))
+    await q.set_share("u0", Share(weight=3.5))
+    await q.enqueue(user_id="u1", task_id="retry", gpus=2, front=True)
+    plan.append(("u1", "retry"))
     predicted = await q.positions(plan)
+    assert sorted(p for p in predicted.values() if p is not None) == list(range(1, len(plan) + 1))
     order = await _drain(q)
     assert {task: order.index(task) + 1 for task in order} == predicted

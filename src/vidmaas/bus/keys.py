@@ -28,21 +28,19 @@ def task_events(task_id: str) -> str:
 # Queue (weighted fair share across users, priority then FIFO within a user).
 _Q = PREFIX + "{q}:"
 QUEUE_USERS = _Q + "fair:users"
-"""ZSET user → virtual time (normalised GPU-seconds received): the users with queued
-tasks; the smallest virtual time goes next."""
+"""ZSET user → virtual start time of the user's next queued task: the users with queued
+tasks; the smallest goes next."""
 QUEUE_VTIME = _Q + "fair:vtime"
-"""HASH user → virtual time, kept while the user has nothing queued (so leaving the
-queue and coming back never earns credit)."""
+"""HASH user → virtual time (normalised GPU-seconds received) of a user with nothing
+queued, so leaving the queue and coming back never earns credit."""
 QUEUE_VNOW = _Q + "fair:vnow"
 """STRING: the system virtual time (start tag of the latest admitted task); a user who
 starts queueing begins at max(own virtual time, this)."""
-QUEUE_USER_SEQ = _Q + "fair:seq"
-"""HASH user → order in which the user last started queueing (breaks virtual-time ties)."""
 QUEUE_SEQ = _Q + "fair:seq-counter"
-"""STRING counter behind ``QUEUE_USER_SEQ``."""
+"""STRING counter: the order in which users started queueing (breaks ties)."""
 USER_SHARES = _Q + "fair:shares"
 """HASH user → ``weight|gpu_cap``: the fairness weight and GPUs-at-once quota of a user
-(0: no cap of their own), refreshed at every enqueue that names them."""
+(0: no cap of their own)."""
 QUEUE_CLAIMS = _Q + "claims"
 """ZSET task_id → lease expiry (ms): entries a dispatcher took but has not acknowledged."""
 QUEUE_CLAIM_OWNER = _Q + "claim-owner"
@@ -53,20 +51,33 @@ QUEUE_GPUS = _Q + "gpus"
 """HASH task_id → GPUs its job will need (set at enqueue, read by admission)."""
 QUEUE_COST = _Q + "cost"
 """HASH task_id → estimated cost in GPU-seconds (GPUs × the model's typical run time),
-fixed at enqueue: what admission charges, and what queue positions simulate."""
+fixed at enqueue: what admission charges, and what queue positions count."""
 QUEUE_MODEL = _Q + "model"
 """HASH task_id → model id of a queued task."""
 QUEUE_DELAYED = _Q + "delayed"
 """ZSET task_id → time (ms) a retry becomes due; moved into the queue when due."""
 QUEUE_DELAYED_USERS = _Q + "delayed-users"
 """HASH task_id → user of a delayed retry."""
-USER_QUEUE_PREFIX = _Q + "fair:user:"
+USER_QUEUE_PREFIX = _Q + "fair:"
+"""Prefix of the per-user keys below (the queue scripts build them from it)."""
 
 
 def user_queue(user_id: str) -> str:
     """ZSET: one user's queued task ids scored by their order key (enqueue time in ms,
     moved earlier for a higher priority class)."""
-    return USER_QUEUE_PREFIX + user_id
+    return USER_QUEUE_PREFIX + "o:" + user_id
+
+
+def user_queue_costs(user_id: str) -> str:
+    """ZSET: the same tasks scored by the summed cost of the user's tasks before them
+    since the user started queueing (their virtual start, before the weight)."""
+    return USER_QUEUE_PREFIX + "p:" + user_id
+
+
+def user_fair_state(user_id: str) -> str:
+    """HASH ``base`` (virtual time at cost 0), ``next`` (cost sum so far) and ``seq``
+    (when the user started queueing) of a user with queued tasks."""
+    return USER_QUEUE_PREFIX + "h:" + user_id
 
 
 # Capacity.

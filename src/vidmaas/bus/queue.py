@@ -49,6 +49,7 @@ from vidmaas.bus.queue_lua import (
     PROMOTE_LUA,
     RELEASE_LUA,
     REMOVE_LUA,
+    SET_SHARE_LUA,
 )
 from vidmaas.domain.fairness import Priority, Share, order_key_ms
 
@@ -102,24 +103,26 @@ class TaskQueue:
         key = order_key_ms(enqueued_ms=now_ms(), priority=priority,
                            priority_step_s=self.priority_step_s)
         added = await self._r.eval(
-            ENQUEUE_LUA, 13, keys.QUEUE_USERS, keys.user_queue(user_id), keys.QUEUE_CLAIMS,
-            keys.QUEUE_GPUS, keys.QUEUE_SIGNAL, keys.QUEUE_VTIME, keys.QUEUE_VNOW,
-            keys.QUEUE_USER_SEQ, keys.QUEUE_SEQ, keys.USER_SHARES, keys.QUEUE_COST,
-            keys.QUEUE_MODEL, keys.MODEL_RUN_S,
+            ENQUEUE_LUA, 11, keys.QUEUE_USERS, keys.QUEUE_CLAIMS, keys.QUEUE_GPUS,
+            keys.QUEUE_SIGNAL, keys.QUEUE_VTIME, keys.QUEUE_VNOW, keys.QUEUE_SEQ,
+            keys.USER_SHARES, keys.QUEUE_COST, keys.QUEUE_MODEL, keys.MODEL_RUN_S,
             user_id, task_id, gpus, "1" if front else "0", SIGNAL_KEEP, key, model,
-            repr(float(self.default_run_s)), "" if share is None else share.encode())
+            repr(float(self.default_run_s)), "" if share is None else share.encode(),
+            keys.USER_QUEUE_PREFIX)
         return bool(added)
 
     async def set_share(self, user_id: str, share: Share) -> None:
         """Change a user's weight and GPU quota now (an admin changed them)."""
-        await self._r.hset(keys.USER_SHARES, user_id, share.encode())
+        await self._r.eval(SET_SHARE_LUA, 2, keys.QUEUE_USERS, keys.USER_SHARES, user_id,
+                           share.encode(), keys.USER_QUEUE_PREFIX)
         await self.signal()
 
     async def remove(self, *, user_id: str, task_id: str) -> bool:
         """Take a queued task out (cancel); False if it was not queued."""
         n = await self._r.eval(
-            REMOVE_LUA, 5, keys.QUEUE_USERS, keys.user_queue(user_id), keys.QUEUE_GPUS,
-            keys.QUEUE_COST, keys.QUEUE_MODEL, user_id, task_id)
+            REMOVE_LUA, 6, keys.QUEUE_USERS, keys.QUEUE_GPUS, keys.QUEUE_COST,
+            keys.QUEUE_MODEL, keys.QUEUE_VTIME, keys.USER_SHARES, user_id, task_id,
+            keys.USER_QUEUE_PREFIX)
         return int(n) > 0
 
     async def position(self, *, user_id: str, task_id: str) -> int | None:
@@ -130,9 +133,9 @@ class TaskQueue:
         """Positions of many (user, task) pairs in one script (a page of a list)."""
         if not items:
             return {}
-        res = await self._r.eval(
-            POSITIONS_LUA, 4, keys.QUEUE_USERS, keys.QUEUE_USER_SEQ, keys.USER_SHARES,
-            keys.QUEUE_COST, keys.USER_QUEUE_PREFIX, *[task for _, task in items])
+        flat = [x for pair in items for x in pair]
+        res = await self._r.eval(POSITIONS_LUA, 2, keys.QUEUE_USERS, keys.USER_SHARES,
+                                 keys.USER_QUEUE_PREFIX, *flat)
         return {task: (None if int(p) < 0 else int(p))
                 for (_, task), p in zip(items, res, strict=True)}
 
@@ -150,10 +153,10 @@ class TaskQueue:
         """Atomically take the next admissible task and its GPUs (see module doc)."""
         now = now_ms()
         res = await self._r.eval(
-            CLAIM_LUA, 14, keys.QUEUE_USERS, keys.CAPACITY_LEASES, keys.USER_RUNNING,
+            CLAIM_LUA, 13, keys.QUEUE_USERS, keys.CAPACITY_LEASES, keys.USER_RUNNING,
             keys.LEASE_INFO, keys.QUEUE_CLAIMS, keys.QUEUE_CLAIM_OWNER, keys.QUEUE_GPUS,
-            keys.QUEUE_VTIME, keys.QUEUE_VNOW, keys.QUEUE_USER_SEQ, keys.USER_SHARES,
-            keys.QUEUE_COST, keys.QUEUE_MODEL, keys.USER_GPUS,
+            keys.QUEUE_VTIME, keys.QUEUE_VNOW, keys.USER_SHARES, keys.QUEUE_COST,
+            keys.QUEUE_MODEL, keys.USER_GPUS,
             capacity, per_user_cap, now + int(lease_s * 1000), dispatcher_id,
             keys.USER_QUEUE_PREFIX, now)
         parts = [text(p) for p in res]
@@ -194,7 +197,8 @@ class TaskQueue:
             RELEASE_LUA, 9, keys.CAPACITY_LEASES, keys.USER_RUNNING, keys.LEASE_INFO,
             keys.QUEUE_SIGNAL, keys.USER_GPUS, keys.QUEUE_VTIME, keys.QUEUE_USERS,
             keys.USER_SHARES, keys.MODEL_RUN_S,
-            task_id, SIGNAL_KEEP, now_ms(), "1" if completed else "0", RUN_S_ALPHA)
+            task_id, SIGNAL_KEEP, now_ms(), "1" if completed else "0", RUN_S_ALPHA,
+            keys.USER_QUEUE_PREFIX)
         return bool(n)
 
     async def leases(self) -> dict[str, int]:
@@ -206,9 +210,14 @@ class TaskQueue:
         return sum((await self.leases()).values())
 
     async def virtual_times(self) -> dict[str, float]:
-        """user → virtual time (normalised GPU-seconds received), for every user seen."""
-        raw = await self._r.hgetall(keys.QUEUE_VTIME)
-        return {text(k): float(v) for k, v in raw.items()}
+        """user → virtual time (normalised GPU-seconds received, weight applied): the
+        start of their next queued task, or where they left off if none is queued."""
+        out = {text(k): float(v) for k, v in (await self._r.hgetall(keys.QUEUE_VTIME)).items()}
+        heads: list[tuple[str, float]] = await self._r.zrange(  # type: ignore[assignment]
+            keys.QUEUE_USERS, 0, -1, withscores=True)
+        for user, head in heads:
+            out[user] = float(head)
+        return out
 
     async def model_run_s(self) -> dict[str, float]:
         """model → moving-average seconds a completed task held its GPUs."""
