@@ -94,6 +94,35 @@ MODEL_RUN_S = _Q + "model-run-s"
 """HASH model → moving average of how long a completed task held its GPUs (seconds)."""
 
 
+# Warm pools (DESIGN §12): long-lived workers of one model each.
+POOL_WORKERS = _Q + "pool:workers"
+"""HASH worker id → ``model|gpus|state|since_ms|task|attempt|done``: every registered
+pool worker (``starting``, ``idle``, ``busy`` or ``draining``)."""
+POOL_ALIVE = _Q + "pool:alive"
+"""ZSET worker id → lease expiry (ms), renewed by the worker's heartbeat."""
+POOL_IDLE_PREFIX = _Q + "pool:idle:"
+"""Prefix of the per-model idle sets (the claim script builds them from it)."""
+MODEL_QUEUED = _Q + "model-queued"
+"""HASH model → number of its tasks waiting in the queue."""
+POOL_LEASE_PREFIX = "pool:"
+"""Member-name prefix of a worker's GPUs in ``CAPACITY_LEASES`` (task ids never start so)."""
+
+
+def pool_idle(model: str) -> str:
+    """ZSET worker id → idle since (ms): a model's workers ready for an assignment."""
+    return POOL_IDLE_PREFIX + model
+
+
+def worker_inbox(worker_id: str) -> str:
+    """LIST of assignments (JSON) for one worker, oldest first."""
+    return f"{PREFIX}pool:{worker_id}:inbox"
+
+
+def task_fence(task_id: str) -> str:
+    """``worker|attempt`` that may publish for a pooled task; anything else is dropped."""
+    return f"{PREFIX}task:{task_id}:fence"
+
+
 def cancel_flag(task_id: str) -> str:
     """Set when a task is to stop; the runtime checks it between denoising steps."""
     return f"{PREFIX}task:{task_id}:cancel"

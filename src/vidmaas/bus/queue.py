@@ -63,6 +63,8 @@ class Claim:
     user_id: str
     gpus: int
     model: str = ""
+    worker_id: str | None = None
+    """The pool worker the task was assigned to (None: the task gets a job of its own)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,9 +105,10 @@ class TaskQueue:
         key = order_key_ms(enqueued_ms=now_ms(), priority=priority,
                            priority_step_s=self.priority_step_s)
         added = await self._r.eval(
-            ENQUEUE_LUA, 11, keys.QUEUE_USERS, keys.QUEUE_CLAIMS, keys.QUEUE_GPUS,
+            ENQUEUE_LUA, 12, keys.QUEUE_USERS, keys.QUEUE_CLAIMS, keys.QUEUE_GPUS,
             keys.QUEUE_SIGNAL, keys.QUEUE_VTIME, keys.QUEUE_VNOW, keys.QUEUE_SEQ,
             keys.USER_SHARES, keys.QUEUE_COST, keys.QUEUE_MODEL, keys.MODEL_RUN_S,
+            keys.MODEL_QUEUED,
             user_id, task_id, gpus, "1" if front else "0", SIGNAL_KEEP, key, model,
             repr(float(self.default_run_s)), "" if share is None else share.encode(),
             keys.USER_QUEUE_PREFIX)
@@ -120,8 +123,9 @@ class TaskQueue:
     async def remove(self, *, user_id: str, task_id: str) -> bool:
         """Take a queued task out (cancel); False if it was not queued."""
         n = await self._r.eval(
-            REMOVE_LUA, 6, keys.QUEUE_USERS, keys.QUEUE_GPUS, keys.QUEUE_COST,
-            keys.QUEUE_MODEL, keys.QUEUE_VTIME, keys.USER_SHARES, user_id, task_id,
+            REMOVE_LUA, 7, keys.QUEUE_USERS, keys.QUEUE_GPUS, keys.QUEUE_COST,
+            keys.QUEUE_MODEL, keys.QUEUE_VTIME, keys.USER_SHARES, keys.MODEL_QUEUED,
+            user_id, task_id,
             keys.USER_QUEUE_PREFIX)
         return int(n) > 0
 
@@ -149,19 +153,25 @@ class TaskQueue:
         return await self._r.zscore(keys.QUEUE_DELAYED, task_id) is not None
 
     async def claim_next(self, *, dispatcher_id: str, capacity: int, per_user_cap: int,
-                         lease_s: float) -> ClaimResult:
-        """Atomically take the next admissible task and its GPUs (see module doc)."""
+                         lease_s: float, pooled: frozenset[str] = frozenset()) -> ClaimResult:
+        """Atomically take the next admissible task and its GPUs (see module doc).
+
+        A task of a model in ``pooled`` is taken only onto a live idle worker of its
+        model (``Claim.worker_id``), holding no GPUs of its own: the worker's are leased.
+        """
         now = now_ms()
         res = await self._r.eval(
-            CLAIM_LUA, 13, keys.QUEUE_USERS, keys.CAPACITY_LEASES, keys.USER_RUNNING,
+            CLAIM_LUA, 16, keys.QUEUE_USERS, keys.CAPACITY_LEASES, keys.USER_RUNNING,
             keys.LEASE_INFO, keys.QUEUE_CLAIMS, keys.QUEUE_CLAIM_OWNER, keys.QUEUE_GPUS,
             keys.QUEUE_VTIME, keys.QUEUE_VNOW, keys.USER_SHARES, keys.QUEUE_COST,
-            keys.QUEUE_MODEL, keys.USER_GPUS,
+            keys.QUEUE_MODEL, keys.USER_GPUS, keys.MODEL_QUEUED, keys.POOL_WORKERS,
+            keys.POOL_ALIVE,
             capacity, per_user_cap, now + int(lease_s * 1000), dispatcher_id,
-            keys.USER_QUEUE_PREFIX, now)
+            keys.USER_QUEUE_PREFIX, now, keys.POOL_IDLE_PREFIX, *sorted(pooled))
         parts = [text(p) for p in res]
         if parts[0] == "claimed":
-            return ClaimResult("claimed", Claim(parts[1], parts[2], int(parts[3]), parts[4]))
+            return ClaimResult("claimed", Claim(parts[1], parts[2], int(parts[3]), parts[4],
+                                                parts[5] or None))
         if parts[0] == "full":
             return ClaimResult("full", blocked_task_id=parts[1])
         return ClaimResult(parts[0])
@@ -202,12 +212,21 @@ class TaskQueue:
         return bool(n)
 
     async def leases(self) -> dict[str, int]:
-        """task → GPUs, for every task holding capacity."""
+        """task → GPUs, for every task holding capacity of its own (pool workers' GPUs
+        are in ``bus.pools``)."""
         raw = await self._r.hgetall(keys.CAPACITY_LEASES)
-        return {text(k): int(v) for k, v in raw.items()}
+        return {text(k): int(v) for k, v in raw.items()
+                if not text(k).startswith(keys.POOL_LEASE_PREFIX)}
 
     async def gpus_in_use(self) -> int:
-        return sum((await self.leases()).values())
+        """GPUs held by task jobs and pool workers together (the one budget)."""
+        raw = await self._r.hvals(keys.CAPACITY_LEASES)
+        return sum(int(v) for v in raw)
+
+    async def queued_by_model(self) -> dict[str, int]:
+        """model → tasks of it waiting in the queue."""
+        raw = await self._r.hgetall(keys.MODEL_QUEUED)
+        return {text(k): int(v) for k, v in raw.items() if int(v) > 0}
 
     async def virtual_times(self) -> dict[str, float]:
         """user → virtual time (normalised GPU-seconds received, weight applied): the

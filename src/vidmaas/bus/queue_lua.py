@@ -51,7 +51,7 @@ end
 
 ENQUEUE_LUA = LIB + """
 -- KEYS: 1 users, 2 claims, 3 gpus, 4 signal, 5 vtime, 6 vnow, 7 seq counter, 8 shares,
---       9 cost, 10 model, 11 model run s
+--       9 cost, 10 model, 11 model run s, 12 model queued
 -- ARGV: 1 user, 2 task, 3 gpus, 4 front, 5 signal keep, 6 order key, 7 model,
 --       8 default run s, 9 share ('' keeps the stored one), 10 fair prefix
 local user, task = ARGV[1], ARGV[2]
@@ -67,6 +67,7 @@ local cost = gpus * run_s
 redis.call('HSET', KEYS[3], task, gpus)
 redis.call('HSET', KEYS[9], task, fmt(cost))
 redis.call('HSET', KEYS[10], task, ARGV[7])
+redis.call('HINCRBY', KEYS[12], ARGV[7], 1)
 if not redis.call('ZSCORE', KEYS[1], user) then
   local vt = tonumber(redis.call('HGET', KEYS[5], user) or '0')
   local vnow = tonumber(redis.call('GET', KEYS[6]) or '0')
@@ -96,7 +97,8 @@ return 1
 """
 
 REMOVE_LUA = LIB + """
--- KEYS: 1 users, 2 gpus, 3 cost, 4 model, 5 vtime, 6 shares; ARGV: 1 user, 2 task, 3 prefix
+-- KEYS: 1 users, 2 gpus, 3 cost, 4 model, 5 vtime, 6 shares, 7 model queued
+-- ARGV: 1 user, 2 task, 3 prefix
 local user, task = ARGV[1], ARGV[2]
 local okey, pkey, hkey = ukeys(ARGV[3], user)
 local rank = redis.call('ZRANK', okey, task)
@@ -109,6 +111,10 @@ redis.call('ZREM', pkey, task)
 for _, t in ipairs(after) do redis.call('ZINCRBY', pkey, fmt(-cost), t) end
 local nxt = tonumber(redis.call('HGET', hkey, 'next') or '0')
 redis.call('HSET', hkey, 'next', fmt(nxt - cost))
+local model = redis.call('HGET', KEYS[4], task)
+if model and redis.call('HINCRBY', KEYS[7], model, -1) <= 0 then
+  redis.call('HDEL', KEYS[7], model)
+end
 redis.call('HDEL', KEYS[2], task)
 redis.call('HDEL', KEYS[3], task)
 redis.call('HDEL', KEYS[4], task)
@@ -172,9 +178,24 @@ return out
 
 CLAIM_LUA = LIB + """
 -- KEYS: 1 users, 2 leases, 3 user running, 4 lease info, 5 claims, 6 claim owner, 7 gpus,
---       8 vtime, 9 vnow, 10 shares, 11 cost, 12 model, 13 user gpus
+--       8 vtime, 9 vnow, 10 shares, 11 cost, 12 model, 13 user gpus, 14 model queued,
+--       15 pool workers, 16 pool alive
 -- ARGV: 1 capacity, 2 per-user job cap, 3 lease expiry ms, 4 dispatcher id,
---       5 fair prefix, 6 now ms
+--       5 fair prefix, 6 now ms, 7 pool idle prefix, 8.. pooled models
+-- A pooled model's task is admitted only onto a live idle worker of its model (whose
+-- GPUs are already leased); a user whose head waits for one is passed over, so a busy
+-- pool holds back nobody else.
+local pooled = {}
+for i = 8, #ARGV do pooled[ARGV[i]] = true end
+local now = tonumber(ARGV[6])
+local function idle_worker(model)
+  local ikey = ARGV[7] .. model
+  for _, w in ipairs(redis.call('ZRANGE', ikey, 0, -1)) do
+    local alive = tonumber(redis.call('ZSCORE', KEYS[16], w) or '0')
+    if alive > now and redis.call('HEXISTS', KEYS[15], w) == 1 then return w, ikey end
+  end
+  return nil, ikey
+end
 local users = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 if #users == 0 then return {'empty'} end
 local used = 0
@@ -201,12 +222,19 @@ for _, c in ipairs(cands) do
     local running = tonumber(redis.call('HGET', KEYS[3], user) or '0')
     local held = tonumber(redis.call('HGET', KEYS[13], user) or '0')
     local w, gpu_cap = share_of(KEYS[10], user)
+    local model = redis.call('HGET', KEYS[12], task) or ''
+    local worker, ikey = nil, nil
+    if pooled[model] then worker, ikey = idle_worker(model) end
     if running >= tonumber(ARGV[2]) or (gpu_cap > 0 and held + gpus > gpu_cap) then
       capped = capped + 1
+    elseif pooled[model] and not worker then
+      capped = capped + 1
     else
-      if used + gpus > tonumber(ARGV[1]) then return {'full', task} end
+      if not worker and used + gpus > tonumber(ARGV[1]) then return {'full', task} end
       local cost = redis.call('HGET', KEYS[11], task) or '0'
-      local model = redis.call('HGET', KEYS[12], task) or ''
+      if redis.call('HINCRBY', KEYS[14], model, -1) <= 0 then
+        redis.call('HDEL', KEYS[14], model)
+      end
       redis.call('ZREM', okey, task)
       redis.call('ZREM', pkey, task)
       redis.call('HDEL', KEYS[11], task)
@@ -219,14 +247,23 @@ for _, c in ipairs(cands) do
       else
         rescore(KEYS[1], user, pkey, hkey, w)
       end
-      redis.call('HSET', KEYS[2], task, gpus)
-      redis.call('HSET', KEYS[4], task,
-                 user .. '|' .. gpus .. '|' .. cost .. '|' .. ARGV[6] .. '|' .. model)
+      if worker then
+        redis.call('ZREM', ikey, worker)
+        local rec = redis.call('HGET', KEYS[15], worker)
+        local f = {}
+        for part in string.gmatch(rec .. '|', '([^|]*)|') do f[#f + 1] = part end
+        redis.call('HSET', KEYS[15], worker, table.concat(
+          {f[1], f[2], 'busy', ARGV[6], task, '', f[7]}, '|'))
+      else
+        redis.call('HSET', KEYS[2], task, gpus)
+      end
+      redis.call('HSET', KEYS[4], task, table.concat(
+        {user, gpus, cost, ARGV[6], model, worker or ''}, '|'))
       redis.call('HINCRBY', KEYS[3], user, 1)
       redis.call('HINCRBY', KEYS[13], user, gpus)
       redis.call('ZADD', KEYS[5], ARGV[3], task)
       redis.call('HSET', KEYS[6], task, ARGV[4] .. '|' .. user)
-      return {'claimed', task, user, tostring(gpus), model}
+      return {'claimed', task, user, tostring(gpus), model, worker or ''}
     end
   end
 end
@@ -239,8 +276,9 @@ RELEASE_LUA = LIB + """
 --       8 shares, 9 model run s
 -- ARGV: 1 task, 2 signal keep, 3 now ms, 4 completed ('1'/'0'), 5 run-time alpha,
 --       6 fair prefix
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 local info = redis.call('HGET', KEYS[3], ARGV[1])
+local freed = redis.call('HDEL', KEYS[1], ARGV[1])
+if not info and freed == 0 then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
 if info then
   local f = {}
