@@ -161,6 +161,9 @@ async def test_positions_predict_the_order_under_weights_priorities_and_settled_
     await q.enqueue(user_id="u1", task_id="retry", gpus=2, front=True)
     plan.append(("u1", "retry"))
     predicted = await q.positions(plan)
+    listed = [c.task_id for c in await q.order(limit=100)]
+    assert len(listed) == len(plan)
     assert sorted(p for p in predicted.values() if p is not None) == list(range(1, len(plan) + 1))
     order = await _drain(q)
+    assert order == listed
     assert {task: order.index(task) + 1 for task in order} == predicted

@@ -45,6 +45,7 @@ from vidmaas.bus.queue_lua import (
     ACK_LUA,
     CLAIM_LUA,
     ENQUEUE_LUA,
+    ORDER_LUA,
     POSITIONS_LUA,
     PROMOTE_LUA,
     RELEASE_LUA,
@@ -142,6 +143,16 @@ class TaskQueue:
                                  keys.USER_QUEUE_PREFIX, *flat)
         return {task: (None if int(p) < 0 else int(p))
                 for (_, task), p in zip(items, res, strict=True)}
+
+    async def order(self, *, limit: int) -> list[Claim]:
+        """The first ``limit`` queued tasks in the order admission takes them (capacity
+        and caps aside), with their users, GPUs and models: what start-time estimates
+        replay."""
+        res = [text(x) for x in await self._r.eval(
+            ORDER_LUA, 4, keys.QUEUE_USERS, keys.USER_SHARES, keys.QUEUE_GPUS, keys.QUEUE_MODEL,
+            keys.USER_QUEUE_PREFIX, limit)]
+        return [Claim(res[i], res[i + 1], int(res[i + 2]), res[i + 3])
+                for i in range(0, len(res), 4)]
 
     async def is_queued(self, *, user_id: str, task_id: str) -> bool:
         return await self._r.zscore(keys.user_queue(user_id), task_id) is not None

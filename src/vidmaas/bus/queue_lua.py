@@ -176,6 +176,67 @@ end
 return out
 """
 
+ORDER_LUA = LIB + """
+-- KEYS: 1 users, 2 shares, 3 gpus, 4 model; ARGV: 1 fair prefix, 2 limit
+-- The first tasks in the order admission takes them (ignoring capacity and caps):
+-- a merge of the users' queues by (start, user seq), with a binary heap over users.
+local limit = tonumber(ARGV[2])
+local users = redis.call('ZRANGE', KEYS[1], 0, -1)
+local heap = {}
+local function less(a, b)
+  if a.s ~= b.s then return a.s < b.s end
+  return a.seq < b.seq
+end
+local function push(e)
+  heap[#heap + 1] = e
+  local i = #heap
+  while i > 1 do
+    local p = math.floor(i / 2)
+    if less(heap[i], heap[p]) then heap[i], heap[p] = heap[p], heap[i]; i = p else break end
+  end
+end
+local function pop()
+  local top = heap[1]
+  heap[1] = heap[#heap]
+  heap[#heap] = nil
+  local i = 1
+  while true do
+    local l, r, m = 2 * i, 2 * i + 1, i
+    if l <= #heap and less(heap[l], heap[m]) then m = l end
+    if r <= #heap and less(heap[r], heap[m]) then m = r end
+    if m == i then break end
+    heap[i], heap[m] = heap[m], heap[i]
+    i = m
+  end
+  return top
+end
+local function load(e)
+  local got = redis.call('ZRANGE', e.pkey, e.idx, e.idx, 'WITHSCORES')
+  if not got[1] then return false end
+  e.task = got[1]
+  e.s = start(e.base, tonumber(got[2]), e.w)
+  return true
+end
+for _, u in ipairs(users) do
+  local _, pkey, hkey = ukeys(ARGV[1], u)
+  local st = redis.call('HMGET', hkey, 'base', 'seq')
+  local e = {user = u, pkey = pkey, idx = 0, base = tonumber(st[1] or '0'),
+             seq = tonumber(st[2] or '0'), w = share_of(KEYS[2], u)}
+  if load(e) then push(e) end
+end
+local out = {}
+while #heap > 0 and #out < 4 * limit do
+  local e = pop()
+  out[#out + 1] = e.task
+  out[#out + 1] = e.user
+  out[#out + 1] = redis.call('HGET', KEYS[3], e.task) or '1'
+  out[#out + 1] = redis.call('HGET', KEYS[4], e.task) or ''
+  e.idx = e.idx + 1
+  if load(e) then push(e) end
+end
+return out
+"""
+
 CLAIM_LUA = LIB + """
 -- KEYS: 1 users, 2 leases, 3 user running, 4 lease info, 5 claims, 6 claim owner, 7 gpus,
 --       8 vtime, 9 vnow, 10 shares, 11 cost, 12 model, 13 user gpus, 14 model queued,
