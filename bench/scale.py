@@ -86,7 +86,7 @@ async def queue_memory(redis_url: str) -> tuple[int, int]:
     redis = connect(redis_url)
     total = n = 0
     try:
-        prefix = k.QUEUE_USERS.rsplit(":", 1)[0] + ":"
+        prefix = k.PREFIX + "{q}:"
         async for key in redis.scan_iter(match=prefix.replace("{", "\\{").replace("}", "\\}")
                                          + "*", count=1000):
             total += int(await redis.memory_usage(key) or 0)

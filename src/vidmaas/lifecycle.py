@@ -74,7 +74,8 @@ class Lifecycle:
     async def enqueue(self, task: Task, *, front: bool = False) -> int | None:
         """Put a queued task in the queue and publish ``queued`` with its position."""
         q = self.queue
-        await q.enqueue(user_id=task.user_id, task_id=task.id, gpus=task.gpus, front=front)
+        await q.enqueue(user_id=task.user_id, task_id=task.id, gpus=task.gpus, front=front,
+                        model=task.model)
         position = await q.position(user_id=task.user_id, task_id=task.id)
         await self.publish(ev.queued(task.id, position=position or 0))
         await q.announce_move()
@@ -119,11 +120,12 @@ class Lifecycle:
         """Move a task to a terminal status and release its GPUs."""
         task = await self.transition(task_id=task_id, to=to, expected=expected, fields=fields,
                                      event=event)
-        await self.release(task_id)
+        await self.release(task_id, completed=to is TaskStatus.COMPLETED)
         return task
 
-    async def release(self, task_id: str) -> None:
-        if await self.queue.release(task_id):
+    async def release(self, task_id: str, *, completed: bool = False) -> None:
+        """Free the task's GPUs and settle its fair-share charge (idempotent)."""
+        if await self.queue.release(task_id, completed=completed):
             await self.queue.announce_move()
 
     async def fail_or_retry(self, task: Task, *, code: str, message: str, retryable: bool,

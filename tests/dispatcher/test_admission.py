@@ -22,7 +22,7 @@ async def _done(world: World, task_ids: list[str]) -> bool:
     return True
 
 
-async def test_tasks_start_round_robin_across_users_and_fifo_within_a_user(
+async def test_tasks_start_by_fair_share_across_users_and_fifo_within_a_user(
         db_url: str, redis: aioredis.Redis, redis_url: str) -> None:
     settings = make_settings(db_url=db_url, redis_url=redis_url, capacity=1)
     async with database(db_url) as sessions:
@@ -34,8 +34,12 @@ async def test_tasks_start_round_robin_across_users_and_fifo_within_a_user(
             await eventually(lambda: _done(world, [t.id for t in tasks]))
         await executor.close()
     a0, a1, a2, b0, c0, c1 = (t.id for t in tasks)
-    assert [name.removeprefix("wan22-job-") for name, _, _ in executor.launches] == \
-        [a0, b0, c0, a1, c1, a2]
+    launched = [name.removeprefix("wan22-job-") for name, _, _ in executor.launches]
+    # bob and carol, who have received nothing, go before alice's second task; then
+    # alice and carol are even (their first tasks held the GPU about as long): either
+    # may go next, and alice's last task goes last.
+    assert launched[:3] == [a0, b0, c0]
+    assert set(launched[3:5]) == {a1, c1} and launched[5] == a2
     assert {(await world.get(t.id)).status for t in tasks} == {"completed"}
 
 

@@ -548,7 +548,7 @@ def _check(cluster: Cluster, report: SoakReport, tasks: list[Any],
         for t in tasks:
             report.attempts[int(t.attempts)] += 1
             if t.status == "queued":
-                queued = client.lpos(keys.user_queue(t.user_id), t.id) is not None \
+                queued = client.zscore(keys.user_queue(t.user_id), t.id) is not None \
                     or client.zscore(keys.QUEUE_DELAYED, t.id) is not None \
                     or client.zscore(keys.QUEUE_CLAIMS, t.id) is not None
                 if queued:

@@ -9,7 +9,8 @@ Guarantees:
 - Task streams are capped (``MAXLEN ~``) and expire ``task_stream_ttl_s`` after
   their last event; the global stream is capped too.
 - ``publish_sync`` is the same for the job runtime, which uses a blocking client
-  from its worker threads.
+  from its worker threads; ``publish_fenced_sync`` (pool workers) writes only while
+  the task's fence names the writer, in the same script.
 - The readers here are the only place that reads a task's stream: ``read_task_events``
   and ``read_range`` return events strictly after a given id, in order; ``last_entry``
   the newest; ``attempt_result`` the terminal event of the task's current attempt;
@@ -33,6 +34,9 @@ from vidmaas.domain.events import Event, EventType, MalformedEvent, decode, enco
 log = logging.getLogger(__name__)
 
 _PUBLISH_LUA = """
+-- KEYS: 1 task stream, 2 global stream[, 3 fence]; ARGV: 1 task maxlen, 2 global maxlen,
+--       3 task ttl, 4 n fields, fields…[, expected fence]
+if #KEYS == 3 and redis.call('GET', KEYS[3]) ~= ARGV[#ARGV] then return false end
 local n = tonumber(ARGV[4])
 local fields = {}
 for i = 5, 4 + 2 * n do fields[#fields + 1] = ARGV[i] end
@@ -111,6 +115,21 @@ def publish_sync(client: redis.Redis, event: Event, limits: StreamLimits = Strea
         return event_id
     key_list, argv = _args(event, limits)
     return _s(client.eval(_PUBLISH_LUA, len(key_list), *key_list, *argv))
+
+
+def publish_fenced_sync(client: redis.Redis, event: Event, *, fence: str,
+                        limits: StreamLimits = StreamLimits()) -> str | None:
+    """``publish_sync`` for a pool worker: written only while the task's fence
+    (``keys.task_fence``) equals ``fence`` — checked in the same script on a single
+    Redis, just before on Redis Cluster. None when the event was dropped."""
+    fence_key = keys.task_fence(event.task_id)
+    if limits.cluster:
+        if _s(client.get(fence_key) or "") != fence:
+            return None
+        return publish_sync(client, event, limits)
+    key_list, argv = _args(event, limits)
+    result = client.eval(_PUBLISH_LUA, 3, *key_list, fence_key, *argv, fence)
+    return None if result is None else _s(result)
 
 
 def parse_entries(entries: list[tuple[str | bytes, dict[str | bytes, str | bytes]]],

@@ -3,8 +3,8 @@
 Guarantees: no other module spells a key; changing a name here changes it everywhere.
 The queue and capacity keys share the hash tag ``{q}`` so that their Lua scripts,
 which must be atomic over all of them, also run on Redis Cluster (one slot). The
-queue scripts build per-user list names from ``USER_QUEUE_PREFIX``, which is why
-those lists carry the same tag.
+queue scripts build per-user queue names from ``USER_QUEUE_PREFIX``, which is why
+those keys carry the same tag.
 """
 
 from __future__ import annotations
@@ -25,10 +25,22 @@ def task_events(task_id: str) -> str:
     return f"{PREFIX}task:{task_id}:events"
 
 
-# Queue (round-robin across users, FIFO within a user).
+# Queue (weighted fair share across users, priority then FIFO within a user).
 _Q = PREFIX + "{q}:"
-QUEUE_USERS = _Q + "users"
-"""LIST: the ring of users with queued tasks, in round-robin order (head goes next)."""
+QUEUE_USERS = _Q + "fair:users"
+"""ZSET user → virtual start time of the user's next queued task: the users with queued
+tasks; the smallest goes next."""
+QUEUE_VTIME = _Q + "fair:vtime"
+"""HASH user → virtual time (normalised GPU-seconds received) of a user with nothing
+queued, so leaving the queue and coming back never earns credit."""
+QUEUE_VNOW = _Q + "fair:vnow"
+"""STRING: the system virtual time (start tag of the latest admitted task); a user who
+starts queueing begins at max(own virtual time, this)."""
+QUEUE_SEQ = _Q + "fair:seq-counter"
+"""STRING counter: the order in which users started queueing (breaks ties)."""
+USER_SHARES = _Q + "fair:shares"
+"""HASH user → ``weight|gpu_cap``: the fairness weight and GPUs-at-once quota of a user
+(0: no cap of their own)."""
 QUEUE_CLAIMS = _Q + "claims"
 """ZSET task_id → lease expiry (ms): entries a dispatcher took but has not acknowledged."""
 QUEUE_CLAIM_OWNER = _Q + "claim-owner"
@@ -37,25 +49,78 @@ QUEUE_SIGNAL = _Q + "signal"
 """LIST used as a wake-up signal: pushed on enqueue and on capacity release."""
 QUEUE_GPUS = _Q + "gpus"
 """HASH task_id → GPUs its job will need (set at enqueue, read by admission)."""
+QUEUE_COST = _Q + "cost"
+"""HASH task_id → estimated cost in GPU-seconds (GPUs × the model's typical run time),
+fixed at enqueue: what admission charges, and what queue positions count."""
+QUEUE_MODEL = _Q + "model"
+"""HASH task_id → model id of a queued task."""
 QUEUE_DELAYED = _Q + "delayed"
 """ZSET task_id → time (ms) a retry becomes due; moved into the queue when due."""
 QUEUE_DELAYED_USERS = _Q + "delayed-users"
 """HASH task_id → user of a delayed retry."""
-USER_QUEUE_PREFIX = _Q + "user:"
+USER_QUEUE_PREFIX = _Q + "fair:"
+"""Prefix of the per-user keys below (the queue scripts build them from it)."""
 
 
 def user_queue(user_id: str) -> str:
-    """LIST: one user's queued task ids, oldest first."""
-    return USER_QUEUE_PREFIX + user_id
+    """ZSET: one user's queued task ids scored by their order key (enqueue time in ms,
+    moved earlier for a higher priority class)."""
+    return USER_QUEUE_PREFIX + "o:" + user_id
+
+
+def user_queue_costs(user_id: str) -> str:
+    """ZSET: the same tasks scored by the summed cost of the user's tasks before them
+    since the user started queueing (their virtual start, before the weight)."""
+    return USER_QUEUE_PREFIX + "p:" + user_id
+
+
+def user_fair_state(user_id: str) -> str:
+    """HASH ``base`` (virtual time at cost 0), ``next`` (cost sum so far) and ``seq``
+    (when the user started queueing) of a user with queued tasks."""
+    return USER_QUEUE_PREFIX + "h:" + user_id
 
 
 # Capacity.
 CAPACITY_LEASES = _Q + "leases"
 """HASH task_id → GPUs held by that task's job."""
+LEASE_INFO = _Q + "lease-info"
+"""HASH task_id → ``user|gpus|cost|start_ms|model`` of a held lease, so a release
+decrements the right user and charges what the lease really cost."""
 USER_RUNNING = _Q + "user-running"
 """HASH user → number of that user's tasks holding capacity."""
-LEASE_OWNERS = _Q + "lease-users"
-"""HASH task_id → user, so a release can decrement the right user."""
+USER_GPUS = _Q + "user-gpus"
+"""HASH user → GPUs that user's tasks hold."""
+MODEL_RUN_S = _Q + "model-run-s"
+"""HASH model → moving average of how long a completed task held its GPUs (seconds)."""
+
+
+# Warm pools (DESIGN §12): long-lived workers of one model each.
+POOL_WORKERS = _Q + "pool:workers"
+"""HASH worker id → ``model|gpus|state|since_ms|task|attempt|done``: every registered
+pool worker (``starting``, ``idle``, ``busy`` or ``draining``)."""
+POOL_ALIVE = _Q + "pool:alive"
+"""ZSET worker id → lease expiry (ms), renewed by the worker's heartbeat."""
+POOL_IDLE_PREFIX = _Q + "pool:idle:"
+"""Prefix of the per-model idle sets (the claim script builds them from it)."""
+MODEL_QUEUED = _Q + "model-queued"
+"""HASH model → number of its tasks waiting in the queue."""
+POOL_LEASE_PREFIX = "pool:"
+"""Member-name prefix of a worker's GPUs in ``CAPACITY_LEASES`` (task ids never start so)."""
+
+
+def pool_idle(model: str) -> str:
+    """ZSET worker id → idle since (ms): a model's workers ready for an assignment."""
+    return POOL_IDLE_PREFIX + model
+
+
+def worker_inbox(worker_id: str) -> str:
+    """LIST of assignments (JSON) for one worker, oldest first."""
+    return f"{PREFIX}pool:{worker_id}:inbox"
+
+
+def task_fence(task_id: str) -> str:
+    """``worker|attempt`` that may publish for a pooled task; anything else is dropped."""
+    return f"{PREFIX}task:{task_id}:fence"
 
 
 def cancel_flag(task_id: str) -> str:

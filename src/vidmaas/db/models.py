@@ -1,4 +1,4 @@
-"""SQLAlchemy models: users, API keys, tasks, webhook deliveries.
+"""SQLAlchemy models: users, API keys, tasks, webhook deliveries, daily usage.
 
 Guarantees: the same tables on PostgreSQL and SQLite (Alembic migrations in
 ``vidmaas.migrations`` create exactly these); timestamps are timezone-aware UTC on
@@ -8,13 +8,14 @@ both; a task's ``status`` column is written only by ``db.tasks.transition`` (and
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -78,6 +79,19 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled_at: Mapped[datetime | None] = mapped_column(default=None)
+    """Set when an admin disables the user: their keys stop working, their queued and
+    running tasks go on."""
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
+    """Fairness weight (``domain.fairness.Share``)."""
+    max_priority: Mapped[str] = mapped_column(String(8), default="normal",
+                                              server_default="normal")
+    """The highest priority class the user may ask for."""
+    quota_queued_tasks: Mapped[int | None] = mapped_column(Integer, default=None)
+    quota_gpus_at_once: Mapped[int | None] = mapped_column(Integer, default=None)
+    quota_gpu_seconds_day: Mapped[float | None] = mapped_column(Float, default=None)
+    quota_gpu_seconds_month: Mapped[float | None] = mapped_column(Float, default=None)
+    """The user's own quotas (``domain.quotas.Limits``); None: the settings' default."""
 
 
 class ApiKey(Base):
@@ -89,6 +103,9 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    name: Mapped[str | None] = mapped_column(String(64), default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Task(Base):
@@ -115,6 +132,12 @@ class Task(Base):
     stage: Mapped[str | None] = mapped_column(String(32), default=None)
     eta_s: Mapped[float | None] = mapped_column(Float, default=None)
     gpus: Mapped[int] = mapped_column(Integer, default=1)
+    priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
+    """The priority class asked for (``domain.fairness.Priority``)."""
+    gpu_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    """GPUs × seconds of running time, summed over attempts (set as each one ends)."""
+    queue_wait_s: Mapped[float | None] = mapped_column(Float, default=None)
+    """Seconds from creation to the first dispatch."""
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     """Jobs launched so far (the current one included)."""
     job_name: Mapped[str | None] = mapped_column(String(128), default=None)
@@ -163,3 +186,20 @@ class WebhookDelivery(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class UsageDaily(Base):
+    """GPU-seconds and queue wait per user, UTC day and model (what quotas and
+    ``GET /v1/usage`` read; one row updated as each task's attempt ends)."""
+
+    __tablename__ = "usage_daily"
+
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tasks: Mapped[int] = mapped_column(Integer, default=0)
+    """Tasks that ended (any terminal status) on that day."""
+    gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    queue_wait_s: Mapped[float] = mapped_column(Float, default=0.0)
+    """Summed seconds the day's dispatched tasks waited for their first dispatch."""

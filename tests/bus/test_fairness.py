@@ -1,0 +1,169 @@
+"""Fair share by GPU-seconds, weights, priorities and aging, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import redis.asyncio as aioredis
+
+from vidmaas.bus.queue import TaskQueue
+from vidmaas.domain.fairness import Priority, Share, allowed, order_key_ms
+
+
+async def _claim(q: TaskQueue, *, capacity: int = 100, cap: int = 100) -> str | None:
+    res = await q.claim_next(dispatcher_id="d1", capacity=capacity, per_user_cap=cap, lease_s=60)
+    return None if res.claim is None else res.claim.task_id
+
+
+async def _drain(q: TaskQueue, **kw: int) -> list[str]:
+    order = []
+    while (tid := await _claim(q, **kw)) is not None:
+        order.append(tid)
+    return order
+
+
+async def test_a_user_who_arrives_while_another_is_served_starts_second_not_third(
+        redis: aioredis.Redis) -> None:
+    # Capacity 1: alice queues 4 and her first starts; bob then queues 1.
+    q = TaskQueue(redis)
+    for i in range(4):
+        await q.enqueue(user_id="alice", task_id=f"a{i}", gpus=1)
+    assert await _claim(q, capacity=1) == "a0"
+    await q.enqueue(user_id="bob", task_id="b0", gpus=1)
+    assert await q.position(user_id="bob", task_id="b0") == 1
+    await q.release("a0", completed=True)
+    assert await _claim(q, capacity=1) == "b0"
+
+
+async def test_weights_share_admissions_in_proportion(redis: aioredis.Redis) -> None:
+    q = TaskQueue(redis)
+    for i in range(30):
+        await q.enqueue(user_id="heavy", task_id=f"h{i:02}", gpus=1, share=Share(weight=2.0))
+        await q.enqueue(user_id="light", task_id=f"l{i:02}", gpus=1, share=Share(weight=1.0))
+    first = (await _drain(q))[:30]
+    heavy = sum(t.startswith("h") for t in first)
+    assert heavy == 20, first  # 2:1 of equal-cost tasks
+
+
+async def test_gpu_seconds_not_turns_decide_who_goes_next(redis: aioredis.Redis) -> None:
+    # Both users are estimated alike, but alice's first task holds its GPUs far longer
+    # than the estimate; settling the charge on release puts bob ahead twice.
+    q = TaskQueue(redis, default_run_s=0.05)
+    for i in range(3):
+        await q.enqueue(user_id="alice", task_id=f"a{i}", gpus=1)
+        await q.enqueue(user_id="bob", task_id=f"b{i}", gpus=1)
+    assert await _claim(q, capacity=1) == "a0"
+    await asyncio.sleep(0.25)
+    await q.release("a0")
+    assert await _claim(q, capacity=1) == "b0"
+    await q.release("b0")
+    assert await _claim(q, capacity=1) == "b1"
+    vt = await q.virtual_times()
+    assert vt["alice"] > vt["bob"] - 0.06
+
+
+async def test_a_long_absence_earns_no_credit(redis: aioredis.Redis) -> None:
+    q = TaskQueue(redis)
+    for i in range(10):
+        await q.enqueue(user_id="busy", task_id=f"x{i}", gpus=1)
+    for _ in range(8):  # served (and still holding the GPUs: charged, not yet settled)
+        assert await _claim(q) is not None
+    # Back after being away: alternates with busy instead of taking eight turns in a row.
+    for i in range(4):
+        await q.enqueue(user_id="back", task_id=f"y{i}", gpus=1)
+    order = await _drain(q)
+    assert order[:4] in (["y0", "x8", "y1", "x9"], ["x8", "y0", "x9", "y1"]), order
+
+
+async def test_a_higher_priority_goes_first_within_its_users_share_only(
+        redis: aioredis.Redis) -> None:
+    q = TaskQueue(redis)
+    await q.enqueue(user_id="alice", task_id="a-normal", gpus=1)
+    await q.enqueue(user_id="bob", task_id="b-normal", gpus=1)
+    await q.enqueue(user_id="alice", task_id="a-high", gpus=1, priority=Priority.HIGH)
+    await q.enqueue(user_id="alice", task_id="a-low", gpus=1, priority=Priority.LOW)
+    # alice's high task overtakes her own normal one, not bob's turn.
+    assert await _drain(q) == ["a-high", "b-normal", "a-normal", "a-low"]
+
+
+def test_aging_bounds_how_long_a_lower_class_can_be_overtaken() -> None:
+    step_s = 600.0
+    low = order_key_ms(enqueued_ms=0, priority=Priority.LOW, priority_step_s=step_s)
+    # A high task enqueued within two steps goes first; any later one goes after.
+    soon = order_key_ms(enqueued_ms=int(2 * step_s * 1000) - 1, priority=Priority.HIGH,
+                        priority_step_s=step_s)
+    late = order_key_ms(enqueued_ms=int(2 * step_s * 1000) + 1, priority=Priority.HIGH,
+                        priority_step_s=step_s)
+    assert soon < low < late
+
+
+def test_a_user_may_ask_for_a_priority_up_to_their_maximum_only() -> None:
+    assert allowed(Priority.LOW, maximum=Priority.NORMAL)
+    assert allowed(Priority.NORMAL, maximum=Priority.NORMAL)
+    assert not allowed(Priority.HIGH, maximum=Priority.NORMAL)
+    with pytest.raises(ValueError):
+        Share(weight=0)
+
+
+async def test_a_users_gpu_quota_caps_what_they_hold_at_once(redis: aioredis.Redis) -> None:
+    q = TaskQueue(redis)
+    for i in range(3):
+        await q.enqueue(user_id="alice", task_id=f"a{i}", gpus=2, share=Share(gpu_cap=4))
+    await q.enqueue(user_id="bob", task_id="b0", gpus=2)
+    assert await _drain(q) == ["a0", "b0", "a1"]
+    res = await q.claim_next(dispatcher_id="d", capacity=100, per_user_cap=100, lease_s=60)
+    assert res.outcome == "capped"
+    await q.release("a0")
+    assert await _drain(q) == ["a2"]
+
+
+async def test_a_completed_task_teaches_its_model_a_run_time(redis: aioredis.Redis) -> None:
+    q = TaskQueue(redis, default_run_s=1000.0)
+    await q.enqueue(user_id="u", task_id="t1", gpus=2, model="m")
+    assert await _claim(q) == "t1"
+    await asyncio.sleep(0.1)
+    await q.release("t1", completed=True)
+    learnt = (await q.model_run_s())["m"]
+    assert 0.05 < learnt < 5
+    await q.enqueue(user_id="u", task_id="t2", gpus=1, model="other")
+    assert await _claim(q) == "t2"
+    await q.release("t2")  # a failure teaches nothing
+    assert "other" not in await q.model_run_s()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+async def test_positions_predict_the_order_under_weights_priorities_and_settled_charges(
+        redis: aioredis.Redis, seed: int) -> None:
+    rng = random.Random(seed)
+    q = TaskQueue(redis, default_run_s=10.0)
+    users = [f"u{i}" for i in range(5)]
+    # Some history first, so that virtual times differ.
+    for i in range(6):
+        await q.enqueue(user_id=rng.choice(users), task_id=f"old{i}", gpus=1 + i % 2)
+    for _ in range(6):
+        tid = await _claim(q)
+        assert tid is not None
+        await q.release(tid, completed=rng.random() < 0.5)
+    plan = []
+    for i in range(40):
+        user = rng.choice(users)
+        task = f"t{i:02}"
+        plan.append((user, task))
+        await q.enqueue(user_id=user, task_id=task, gpus=rng.choice([1, 2, 4]),
+                        model=rng.choice(["m1", "m2"]), priority=rng.choice(list(Priority)),
+                        share=Share(weight=float(users.index(user) + 1)))
+    for user, task in rng.sample(plan, 5):  # cancels from the middle
+        assert await q.remove(user_id=user, task_id=task)
+        plan.remove((user, task))
+    await q.set_share("u0", Share(weight=3.5))
+    await q.enqueue(user_id="u1", task_id="retry", gpus=2, front=True)
+    plan.append(("u1", "retry"))
+    predicted = await q.positions(plan)
+    listed = [c.task_id for c in await q.order(limit=100)]
+    assert len(listed) == len(plan)
+    assert sorted(p for p in predicted.values() if p is not None) == list(range(1, len(plan) + 1))
+    order = await _drain(q)
+    assert order == listed
+    assert {task: order.index(task) + 1 for task in order} == predicted
