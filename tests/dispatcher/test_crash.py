@@ -22,6 +22,7 @@ from tests.dispatcher import job_double
 from tests.dispatcher.dispatch_support import World, database, eventually, make_settings
 from vidmaas.bus import keys
 from vidmaas.bus.queue import TaskQueue
+from vidmaas.dispatcher.executors import workdir
 from vidmaas.dispatcher.executors.local import LocalExecutor
 from vidmaas.domain.ids import job_name
 
@@ -123,7 +124,7 @@ async def _all_running(world: World, task_ids: list[str]) -> bool:
 
 
 async def _has_pid(work_dir: Path) -> bool:
-    marker = LocalExecutor._read_marker(work_dir)
+    marker = workdir.read_marker(work_dir)
     return marker is not None and marker.get("pid") is not None
 
 
