@@ -8,7 +8,7 @@ Guarantees (with any number of dispatcher replicas over one Redis and one databa
 - No busy loop: the admission loop takes tasks until the queue says it cannot, then
   sleeps on the queue's wake-up signal (pushed on enqueue and on every capacity
   release), so a freed slot is refilled within milliseconds. It also wakes for the
-  next due retry and at least every ``WAKE_MAX_S``.
+  next due retry and at least every ``dispatcher.wake_max_s``.
 - Crash safety: a task moves ``queued → dispatching`` by compare-and-set before its
   job is launched, the job name derives from the task id and launch is idempotent,
   and the queue entry is acknowledged only once the task is ``running``. A dispatcher
@@ -68,21 +68,6 @@ from vidmaas.metrics import Heartbeat, Metrics
 log = logging.getLogger(__name__)
 tlog = TaskLog(log)
 
-WAKE_MAX_S = 5.0
-"""Longest the admission loop sleeps without a signal (stays under Redis socket timeouts)."""
-CANCEL_SCAN_S = 1.0
-"""Period of the scan for ``cancelling`` tasks (their jobs get stopped)."""
-REQUEUE_GRACE_S = 10.0
-"""A ``queued`` task is re-enqueued by the reconciler only once it has been queued this
-long, so it never races the api's enqueue or a retry being scheduled."""
-LEASE_GRACE_S = 10.0
-"""A lease of a task that is not active is released only once the task has not changed
-for this long: whoever just finished or requeued it is releasing it right now."""
-STOP_TIMEOUT_S = 10.0
-"""How long ``stop()`` lets the loops finish their current step before cancelling."""
-TEST_STEPS = ("after_claim", "after_dispatching", "after_launch")
-
-
 
 def new_dispatcher_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -132,7 +117,7 @@ class Dispatcher:
 
         Stopping is graceful: each loop finishes the step it is in (a claim being
         dispatched is finished, not abandoned) and returns; only a loop that does not
-        return within ``STOP_TIMEOUT_S`` is cancelled.
+        return within ``dispatcher.stop_timeout_s`` is cancelled.
         """
         log.info("dispatcher %s starting (executor %s, capacity %d GPUs)", self.id,
                  self.executor.name, self.settings.gpu_capacity)
@@ -151,7 +136,7 @@ class Dispatcher:
             if self._waiter_pool is not None:
                 # Fails the blocked BLPOP at once; cancelling it instead can wedge the pool.
                 await self._waiter_pool.disconnect()
-            _done, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
+            _done, pending = await asyncio.wait(tasks, timeout=self.cfg.stop_timeout_s)
             for t in pending:
                 log.warning("dispatcher %s: %s did not stop in time; cancelling", self.id,
                             t.get_name())
@@ -204,7 +189,7 @@ class Dispatcher:
                     self.metrics.set_capacity(in_use=await self.queue.gpus_in_use(),
                                               capacity=self.settings.gpu_capacity)
                     self.metrics.set_queue_depths(await self.queue.depths())
-                timeout_s = min(self.cfg.reconcile_interval_s, WAKE_MAX_S)
+                timeout_s = min(self.cfg.reconcile_interval_s, self.cfg.wake_max_s)
                 due_s = await self.queue.next_due_in_s()
                 if due_s is not None:
                     timeout_s = max(0.005, min(timeout_s, due_s + 0.005))
@@ -423,7 +408,7 @@ class Dispatcher:
         await self._wait_ready()
         while not self._stopping.is_set():
             await self.handle_cancels()
-            await self._pause(CANCEL_SCAN_S)
+            await self._pause(self.cfg.cancel_scan_interval_s)
 
     async def handle_cancels(self) -> None:
         """Stop the job of every ``cancelling`` task (once), and finish those whose job ended."""
@@ -561,7 +546,7 @@ class Dispatcher:
         now = datetime.now(UTC)
         for task in await self._with_status(TaskStatus.QUEUED):
             age = _age_s(task.queued_at or task.updated_at, now)
-            if age is not None and age < REQUEUE_GRACE_S:
+            if age is not None and age < self.cfg.requeue_grace_s:
                 continue
             if (await self.queue.is_queued(user_id=task.user_id, task_id=task.id)
                     or await self.queue.is_claimed(task.id)
@@ -579,7 +564,7 @@ class Dispatcher:
             if task is not None and task.status.active:
                 continue
             changed_s = None if task is None else _age_s(task.updated_at, datetime.now(UTC))
-            if changed_s is not None and changed_s < LEASE_GRACE_S:
+            if changed_s is not None and changed_s < self.cfg.lease_grace_s:
                 continue
             if await self.queue.is_claimed(tid):
                 continue  # being dispatched right now
