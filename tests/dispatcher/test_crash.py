@@ -30,11 +30,11 @@ _DISPATCHER = """
 import asyncio, logging, os, sys
 from vidmaas.config import Settings
 from vidmaas.dispatcher.executors.local import LocalExecutor
-from vidmaas.dispatcher.service import serve
+from vidmaas.roles import run_dispatcher
 logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s")
 settings = Settings()
 executor = LocalExecutor(settings=settings, program=[sys.executable, os.environ["TEST_JOB_DOUBLE"]])
-asyncio.run(serve(settings, executor, test_hooks=True))
+asyncio.run(run_dispatcher(settings, executor=executor, probes=False, test_hooks=True))
 """
 
 

@@ -34,36 +34,30 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from vidmaas.aio import pause, supervise
 from vidmaas.bus import keys
-from vidmaas.bus.client import connect
 from vidmaas.bus.control import cancel_requested
 from vidmaas.bus.events import attempt_result
 from vidmaas.bus.queue import Claim, TaskQueue
-from vidmaas.config import Settings
 from vidmaas.db import tasks as repo
-from vidmaas.db.engine import make_engine, make_sessionmaker
 from vidmaas.db.models import Task
 from vidmaas.dispatcher.executors.base import Executor, JobState, JobStatus
 from vidmaas.domain import events as ev
 from vidmaas.domain.ids import job_name as job_name_of
 from vidmaas.domain.ids import task_id_from_job_name
 from vidmaas.domain.jobs import JobSpec, exit_code_retryable
-from vidmaas.domain.models import ModelRegistry
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import VidmaasError
-from vidmaas.lifecycle import Lifecycle
 from vidmaas.logs import TaskLog
 from vidmaas.metrics import Heartbeat, Metrics
+from vidmaas.services import Services
 
 log = logging.getLogger(__name__)
 tlog = TaskLog(log)
@@ -80,22 +74,22 @@ def _age_s(stamp: datetime | None, now: datetime) -> float | None:
 class Dispatcher:
     """One dispatcher replica. ``await run()`` until ``stop()``."""
 
-    def __init__(self, *, settings: Settings, sessions: async_sessionmaker[AsyncSession],
-                 redis: aioredis.Redis, executor: Executor, registry: ModelRegistry,
+    def __init__(self, services: Services, executor: Executor, *,
                  dispatcher_id: str | None = None, test_hooks: bool = False,
                  metrics: Metrics | None = None, heartbeat: Heartbeat | None = None) -> None:
-        """``metrics``: where launches, the dispatch gap and queue/capacity snapshots are
+        """``services``: the database, Redis, lifecycle and model registry it works on;
+        ``metrics``: where launches, the dispatch gap and queue/capacity snapshots are
         recorded; ``heartbeat``: beaten by the admission and sweep loops (liveness probe);
         ``test_hooks``: honour ``keys.TEST_HOOK`` pauses (crash tests only)."""
-        self.settings = settings
-        self.cfg = settings.dispatcher
-        self.sessions = sessions
-        self.redis = redis
+        self.settings = services.settings
+        self.cfg = services.settings.dispatcher
+        self.sessions = services.sessions
+        self.redis = services.redis
         self.executor = executor
-        self.registry = registry
+        self.registry = services.registry
         self.id = dispatcher_id or new_dispatcher_id()
-        self.lifecycle = Lifecycle(sessions=sessions, redis=redis, settings=settings)
-        self.queue = TaskQueue(redis)
+        self.lifecycle = services.lifecycle
+        self.queue = TaskQueue(services.redis)
         self._test_hooks = test_hooks
         self._stopping = asyncio.Event()
         self._cancel_sent: set[str] = set()
@@ -593,32 +587,3 @@ class Dispatcher:
                 await self.executor.cancel(job, grace_s=0)
             else:
                 tlog.warning(tid, "job %s belongs to no active task (%s)", job, what)
-
-
-# ---------------------------------------------------------------------- entry points
-
-async def serve(settings: Settings, executor: Executor, *, test_hooks: bool = False,
-                registry: ModelRegistry | None = None) -> None:
-    """Run one dispatcher with its own database and Redis clients until SIGTERM/SIGINT.
-
-    A minimal runner (the crash tests start it in a child process); the ``vidmaas
-    dispatcher`` command uses ``vidmaas.roles.run_dispatcher``, which adds metrics.
-    """
-    engine = make_engine(settings.database)
-    client = connect(settings.redis.url)
-    dispatcher = Dispatcher(settings=settings, sessions=make_sessionmaker(engine), redis=client,
-                            executor=executor,
-                            registry=registry or ModelRegistry.load(settings.models_path),
-                            test_hooks=test_hooks)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, dispatcher.stop)
-    try:
-        await dispatcher.run()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await executor.close()
-        await client.aclose()
-        await engine.dispose()
-
