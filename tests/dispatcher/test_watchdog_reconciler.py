@@ -93,7 +93,7 @@ async def test_a_task_dispatching_too_long_is_resolved_by_asking_the_executor(
             await world.lifecycle.transition(
                 task_id=t.id, to=TaskStatus.DISPATCHING, expected=TaskStatus.QUEUED,
                 fields={"attempts": 1, "job_name": job_name(t.id), "executor": "fake"})
-        await executor.launch(d._spec(await world.get(has_job.id), 1))
+        await executor.launch(d.job_spec(await world.get(has_job.id), 1))
         await asyncio.sleep(0.01)
         await d.watchdog()
         a, b = await world.get(no_job.id), await world.get(has_job.id)
@@ -155,7 +155,7 @@ async def test_an_expired_claim_of_a_dispatching_task_launches_its_job_once_and_
             task_id=task.id, to=TaskStatus.DISPATCHING, expected=TaskStatus.QUEUED,
             fields={"attempts": 1, "job_name": job_name(task.id), "executor": "fake"})
         if launched_before_crash:
-            await executor.launch(d._spec(await world.get(task.id), 1))
+            await executor.launch(d.job_spec(await world.get(task.id), 1))
         await asyncio.sleep(0.05)
         await d.reconcile()
         final = await world.get(task.id)
