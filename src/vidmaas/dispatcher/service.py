@@ -36,7 +36,7 @@ from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.dispatcher.admission import Admission
 from vidmaas.dispatcher.context import DispatcherContext
-from vidmaas.dispatcher.executors.base import Executor, JobStatus
+from vidmaas.dispatcher.executors.base import Executor
 from vidmaas.dispatcher.outcomes import Outcomes
 from vidmaas.dispatcher.reconciler import Reconciler
 from vidmaas.dispatcher.watchdog import Watchdog
@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 
 class Dispatcher:
-    """One dispatcher replica. ``await run()`` until ``stop()``."""
+    """One dispatcher replica. ``await run()`` until ``stop()``; ``admit()``,
+    ``watchdog()`` and ``reconcile()`` run one pass of a part (tests drive them)."""
 
     def __init__(self, services: Services, executor: Executor, *,
                  dispatcher_id: str | None = None, test_hooks: bool = False,
@@ -147,24 +148,15 @@ class Dispatcher:
         except Exception:
             log.exception("dispatcher %s: metrics snapshot failed", ctx.id)
 
-    # ------------------------------------------------------------------ one step of a part
+    # ------------------------------------------------------------------ one pass of a part
 
     async def admit(self) -> int:
         """Promote due retries, then launch tasks until the queue yields none."""
         return await self._admission.admit()
 
-    async def promote_due_retries(self) -> int:
-        return await self._admission.promote_due_retries()
-
     def job_spec(self, task: Task, attempt: int) -> JobSpec:
         """The job admission would launch for ``task``'s attempt."""
         return self._admission.job_spec(task, attempt)
-
-    async def on_job_status(self, status: JobStatus, *, task: Task | None = None) -> None:
-        await self._outcomes.on_job_status(status, task=task)
-
-    async def handle_cancels(self) -> None:
-        await self._outcomes.handle_cancels()
 
     async def watchdog(self) -> None:
         """One watchdog pass."""
@@ -173,8 +165,3 @@ class Dispatcher:
     async def reconcile(self) -> None:
         """One reconcile pass."""
         await self._reconciler.reconcile()
-
-    async def fail_or_retry(self, task: Task, *, code: str, message: str,
-                            retryable: bool) -> Task | None:
-        return await self.ctx.fail_or_retry(task, code=code, message=message,
-                                            retryable=retryable)
