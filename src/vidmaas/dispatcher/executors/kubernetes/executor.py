@@ -62,10 +62,13 @@ from vidmaas.dispatcher.executors.kubernetes.status import (
     pod_event_status,
     pods_needed,
 )
+from vidmaas.domain.ids import task_id_from_job_name
 from vidmaas.domain.jobs import JobSpec
 from vidmaas.errors import ExecutorError
+from vidmaas.logs import TaskLog
 
 log = logging.getLogger(__name__)
+tlog = TaskLog(log)
 
 KUBE_API_CALLS: Final[tuple[tuple[str, str, str], ...]] = (
     (GROUP, PLURAL, "create"),
@@ -92,7 +95,6 @@ _T = TypeVar("_T")
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
 
 
 def _api_error(what: str, e: BaseException) -> ExecutorError:
@@ -177,14 +179,14 @@ class KubernetesExecutor:
         manifest = await asyncio.to_thread(render_pytorchjob, settings=self._settings, spec=spec)
         for _ in range(2):
             if await self._create(spec, manifest):
-                log.info("job %s created task_id=%s attempt=%d", spec.job_name, spec.task_id,
-                         spec.attempt)
+                tlog.info(spec.task_id, "job %s created (attempt %d)", spec.job_name,
+                          spec.attempt)
                 return spec.job_name
             job = await self._get(spec.job_name)
             if job is None:
                 continue  # removed between the create and the get: create again
             if is_attempt(job, spec.attempt):
-                log.info("job %s already exists task_id=%s", spec.job_name, spec.task_id)
+                tlog.info(spec.task_id, "job %s already exists", spec.job_name)
                 return spec.job_name
             await self._remove_stale(spec, job)
         raise ExecutorError(f"job {spec.job_name} keeps conflicting; launch again later")
@@ -205,8 +207,9 @@ class KubernetesExecutor:
     async def _remove_stale(self, spec: JobSpec, job: Mapping[str, Any]) -> None:
         """Delete the job an earlier attempt left (or one being deleted) and wait until gone."""
         meta = job.get("metadata") or {}
-        log.info("job %s of an earlier attempt (%s) is in the way of attempt %d; removing it",
-                 spec.job_name, (meta.get("labels") or {}).get(LABEL_ATTEMPT, "?"), spec.attempt)
+        tlog.info(spec.task_id,
+                  "job %s of an earlier attempt (%s) is in the way of attempt %d; removing it",
+                  spec.job_name, (meta.get("labels") or {}).get(LABEL_ATTEMPT, "?"), spec.attempt)
         grace_s = self._settings.dispatcher.cancel_grace_s
         if not meta.get("deletionTimestamp"):
             await self.cancel(spec.job_name, grace_s=grace_s)
@@ -270,7 +273,8 @@ class KubernetesExecutor:
             if _status_code(e) == 404:
                 return
             raise _api_error(f"delete of {job_name}", e) from e
-        log.info("job %s deleted (cancel, grace %.0f s)", job_name, grace_s)
+        tlog.info(task_id_from_job_name(job_name), "job %s deleted (cancel, grace %.0f s)",
+                  job_name, grace_s)
 
     async def list_jobs(self) -> list[str]:
         api = await self._custom()
@@ -301,8 +305,9 @@ class KubernetesExecutor:
                     last.pop(status.job_name, None)
                 else:
                     last[status.job_name] = status
-                log.info("job %s is %s%s (%s)", status.job_name, status.state.value,
-                         " and stuck" if status.stuck else "", status.reason or "-")
+                tlog.info(task_id_from_job_name(status.job_name), "job %s is %s%s (%s)",
+                          status.job_name, status.state.value,
+                          " and stuck" if status.stuck else "", status.reason or "-")
                 yield status
 
     async def _job_event_status(self, event_type: str, job: dict[str, Any]) -> JobStatus | None:
