@@ -43,6 +43,8 @@ async def run(args: argparse.Namespace, db_url: str, redis_url: str) -> None:
     from vidmaas.domain.models import ModelRegistry
     from vidmaas.domain.status import TaskStatus
     from vidmaas.lifecycle import Lifecycle
+    from vidmaas.services import Services
+    from vidmaas.storage import store_from_settings
 
     settings = Settings(gpu_capacity=args.capacity, database={"url": db_url},  # type: ignore[arg-type]
                         redis={"url": redis_url},  # type: ignore[arg-type]
@@ -83,8 +85,10 @@ async def run(args: argparse.Namespace, db_url: str, redis_url: str) -> None:
 
     executors = [FakeExecutor(name=f"fake{i}", duration_s=args.job_ms / 1000, on_event=relay)
                  for i in range(args.dispatchers)]
-    dispatchers = [Dispatcher(settings=settings, sessions=sessions, redis=redis, executor=e,
-                              registry=ModelRegistry.load()) for e in executors]
+    services = Services(settings=settings, engine=engine, sessions=sessions, redis=redis,
+                        store=store_from_settings(settings.storage),
+                        registry=ModelRegistry.load(), lifecycle=lifecycle)
+    dispatchers = [Dispatcher(services, e) for e in executors]
     began = time.monotonic()
     runs = [asyncio.create_task(d.run(), name=f"bench-dispatcher-{i}")
             for i, d in enumerate(dispatchers)]

@@ -196,7 +196,7 @@ def _models_make_tiny(args: argparse.Namespace, settings: Settings) -> int:
 
 @command("render-job")
 def _render_job(args: argparse.Namespace, settings: Settings) -> int:
-    from vidmaas.dispatcher.render import render_job_for_cli
+    from vidmaas.dispatcher.executors.kubernetes import render_job_for_cli
 
     print(render_job_for_cli(settings=settings, model_id=args.model, prompt=args.prompt,
                              size=args.size, image_key=args.image_key, task_id=args.task_id,

@@ -140,6 +140,24 @@ class DispatcherSettings(BaseModel):
     """Time a job has to stop by itself after a cancel before it is stopped hard."""
     delete_unknown_jobs: bool = False
     """Delete jobs the database does not know (otherwise they are only reported)."""
+    wake_max_s: float = 5.0
+    """Longest the admission loop sleeps without a wake-up signal (5 s by default): it
+    also wakes for the next due retry, and this bound keeps its blocking Redis wait
+    under socket and proxy idle timeouts."""
+    cancel_scan_interval_s: float = 1.0
+    """Period of the scan for ``cancelling`` tasks, whose jobs get stopped (1 s by
+    default): how long a cancel may wait before its job is told to stop."""
+    requeue_grace_s: float = 10.0
+    """Age a ``queued`` task missing from the queue must reach before the reconciler
+    enqueues it (10 s by default), so it never races the api's enqueue or a retry
+    being scheduled."""
+    lease_grace_s: float = 10.0
+    """Time a task that is no longer active must have been unchanged before the
+    reconciler releases GPUs it still holds (10 s by default): whoever just finished
+    or requeued it is releasing them right now."""
+    stop_timeout_s: float = 10.0
+    """How long a stopping dispatcher lets its loops finish the step they are in (a
+    claim being dispatched, a job update) before cancelling them (10 s by default)."""
 
 
 class LocalExecutorSettings(BaseModel):

@@ -1,10 +1,11 @@
-"""Composing and running the server roles from settings.
+"""Composing and running the server roles from settings: the one composition root.
 
-Guarantees: each ``run_*`` function builds its role from the ``Settings`` passed in,
-runs it until SIGINT/SIGTERM (or until ``stop`` is set), and closes every client it
-opened, also on errors. ``Roles`` runs the dispatcher and the relay on one shared
-``Services`` (``vidmaas up``), supervising them: a role that crashes is logged and
-restarted after a short pause, never silently lost.
+Guarantees: each ``run_*`` function builds its role from the ``Settings`` passed in
+(its ``Services``, its executor, its probes; no role opens clients of its own), runs
+it until SIGINT/SIGTERM (or until ``stop`` is set), and closes every client it opened,
+also on errors. ``Roles`` runs the dispatcher and the relay on one shared ``Services``
+(``vidmaas up``), supervising them: a role that crashes is logged and restarted after
+a short pause, never silently lost.
 """
 
 from __future__ import annotations
@@ -40,10 +41,9 @@ def make_executor(settings: Settings) -> Executor:
 
 
 def make_dispatcher(services: Services, executor: Executor, *, metrics: Metrics | None = None,
-                    heartbeat: Heartbeat | None = None) -> Dispatcher:
-    return Dispatcher(settings=services.settings, sessions=services.sessions,
-                      redis=services.redis, executor=executor, registry=services.registry,
-                      metrics=metrics, heartbeat=heartbeat)
+                    heartbeat: Heartbeat | None = None, test_hooks: bool = False) -> Dispatcher:
+    return Dispatcher(services, executor, metrics=metrics, heartbeat=heartbeat,
+                      test_hooks=test_hooks)
 
 
 def _consumer_name() -> str:
@@ -103,17 +103,30 @@ def _probe_server(settings: Settings, metrics: Metrics, beat: Heartbeat) -> Metr
                          is_alive=beat.is_alive).start()
 
 
-async def run_dispatcher(settings: Settings) -> None:
+async def run_dispatcher(settings: Settings, *, executor: Executor | None = None,
+                         probes: bool = True, test_hooks: bool = False) -> None:
+    """One dispatcher (``vidmaas dispatcher``) until SIGTERM/SIGINT.
+
+    ``executor``: run jobs there instead of on the executor the settings name (it is
+    closed at the end all the same); ``probes``: record metrics and serve ``/metrics``,
+    ``/healthz`` and ``/readyz`` on ``metrics_port``; ``test_hooks``: honour the crash
+    tests' pauses (a child process of ``tests/dispatcher/test_crash.py`` runs this).
+    """
     services = Services.open(settings)
-    executor = make_executor(settings)
-    metrics = Metrics(role="dispatcher")
-    beat = Heartbeat(max_age_s=3 * settings.dispatcher.reconcile_interval_s + 30)
-    dispatcher = make_dispatcher(services, executor, metrics=metrics, heartbeat=beat)
-    server = _probe_server(settings, metrics, beat)
+    executor = executor or make_executor(settings)
+    metrics = beat = server = None
+    if probes:
+        metrics = Metrics(role="dispatcher")
+        beat = Heartbeat(max_age_s=3 * settings.dispatcher.reconcile_interval_s + 30)
+    dispatcher = make_dispatcher(services, executor, metrics=metrics, heartbeat=beat,
+                                 test_hooks=test_hooks)
+    if metrics is not None and beat is not None:
+        server = _probe_server(settings, metrics, beat)
     try:
         await _until_signal(dispatcher.run, dispatcher.stop)
     finally:
-        server.close()
+        if server is not None:
+            server.close()
         await executor.close()
         await services.close()
 

@@ -520,7 +520,7 @@ def test_the_production_settings_render_pytorchjobs_the_crd_accepts(
     builds: dict[str, list[Doc]], variant: str, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from vidmaas.dispatcher.render import render_job_for_cli
+    from vidmaas.dispatcher.executors.kubernetes import render_job_for_cli
 
     assert CRD_PATH.is_file(), f"lay shared/ beside the repository: {CRD_PATH} is missing"
     docs = builds[variant]

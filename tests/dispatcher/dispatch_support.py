@@ -23,6 +23,8 @@ from vidmaas.domain.jobs import JobSpec
 from vidmaas.domain.models import ModelRegistry
 from vidmaas.domain.status import TaskStatus
 from vidmaas.lifecycle import Lifecycle
+from vidmaas.services import Services
+from vidmaas.storage import store_from_settings
 
 PARAMS = {"size": "64*64", "width": 64, "height": 64, "num_frames": 5, "steps": 2, "seed": 7,
           "fps": 8}
@@ -81,9 +83,16 @@ class World:
         assert task is not None
         return task
 
-    def dispatcher(self, executor: Executor, **kwargs: Any) -> Dispatcher:
-        return Dispatcher(settings=self.settings, sessions=self.sessions, redis=self.redis,
-                          executor=executor, registry=self.registry, **kwargs)
+    def services(self, *, registry: ModelRegistry | None = None) -> Services:
+        """This world's connections as a role sees them (another registry if given)."""
+        return Services(settings=self.settings, engine=self.sessions.kw["bind"],
+                        sessions=self.sessions, redis=self.redis,
+                        store=store_from_settings(self.settings.storage),
+                        registry=registry or self.registry, lifecycle=self.lifecycle)
+
+    def dispatcher(self, executor: Executor, *, registry: ModelRegistry | None = None,
+                   **kwargs: Any) -> Dispatcher:
+        return Dispatcher(self.services(registry=registry), executor, **kwargs)
 
     async def relay_finish(self, spec: JobSpec, kind: str) -> None:
         """What the relay does with a runtime's terminal event, for the fake executor."""

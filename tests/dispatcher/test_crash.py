@@ -22,6 +22,7 @@ from tests.dispatcher import job_double
 from tests.dispatcher.dispatch_support import World, database, eventually, make_settings
 from vidmaas.bus import keys
 from vidmaas.bus.queue import TaskQueue
+from vidmaas.dispatcher.executors import workdir
 from vidmaas.dispatcher.executors.local import LocalExecutor
 from vidmaas.domain.ids import job_name
 
@@ -29,11 +30,11 @@ _DISPATCHER = """
 import asyncio, logging, os, sys
 from vidmaas.config import Settings
 from vidmaas.dispatcher.executors.local import LocalExecutor
-from vidmaas.dispatcher.service import serve
+from vidmaas.roles import run_dispatcher
 logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s")
 settings = Settings()
 executor = LocalExecutor(settings=settings, program=[sys.executable, os.environ["TEST_JOB_DOUBLE"]])
-asyncio.run(serve(settings, executor, test_hooks=True))
+asyncio.run(run_dispatcher(settings, executor=executor, probes=False, test_hooks=True))
 """
 
 
@@ -123,7 +124,7 @@ async def _all_running(world: World, task_ids: list[str]) -> bool:
 
 
 async def _has_pid(work_dir: Path) -> bool:
-    marker = LocalExecutor._read_marker(work_dir)
+    marker = workdir.read_marker(work_dir)
     return marker is not None and marker.get("pid") is not None
 
 

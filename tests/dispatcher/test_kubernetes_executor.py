@@ -19,13 +19,13 @@ import kmock
 import pytest
 
 from vidmaas.config import KubeSettings, Settings, StorageSettings
-from vidmaas.dispatcher.executors import kubernetes as kubernetes_executor
 from vidmaas.dispatcher.executors.base import Executor, JobState, JobStatus
 from vidmaas.dispatcher.executors.kubernetes import (
     KUBE_API_CALLS,
     POD_JOB_LABEL,
     KubernetesExecutor,
 )
+from vidmaas.dispatcher.executors.kubernetes import executor as kubernetes_executor
 from vidmaas.domain.ids import job_name, new_task_id
 from vidmaas.domain.jobs import ExitCode, JobSpec, job_args
 from vidmaas.domain.models import ModelRegistry

@@ -10,7 +10,7 @@ import yaml
 from pydantic import SecretStr
 
 from vidmaas.config import KubeSettings, Settings, StorageSettings
-from vidmaas.dispatcher.render import (
+from vidmaas.dispatcher.executors.kubernetes import (
     LABEL_KUEUE_QUEUE,
     LABEL_MANAGED_BY,
     LABEL_TASK_ID,

@@ -11,7 +11,6 @@ import redis.asyncio as aioredis
 from tests.dispatcher.dispatch_support import World, database, eventually, make_settings, running
 from vidmaas.bus.queue import TaskQueue
 from vidmaas.db import tasks as repo
-from vidmaas.dispatcher import service
 from vidmaas.dispatcher.executors.fake import FakeExecutor, FakeOutcome
 from vidmaas.domain.ids import job_name, new_task_id
 from vidmaas.domain.jobs import JobSpec
@@ -94,7 +93,7 @@ async def test_a_task_dispatching_too_long_is_resolved_by_asking_the_executor(
             await world.lifecycle.transition(
                 task_id=t.id, to=TaskStatus.DISPATCHING, expected=TaskStatus.QUEUED,
                 fields={"attempts": 1, "job_name": job_name(t.id), "executor": "fake"})
-        await executor.launch(d._spec(await world.get(has_job.id), 1))
+        await executor.launch(d.job_spec(await world.get(has_job.id), 1))
         await asyncio.sleep(0.01)
         await d.watchdog()
         a, b = await world.get(no_job.id), await world.get(has_job.id)
@@ -104,10 +103,8 @@ async def test_a_task_dispatching_too_long_is_resolved_by_asking_the_executor(
 
 
 async def test_the_reconciler_enqueues_a_queued_task_missing_from_the_queue(
-        db_url: str, redis: aioredis.Redis, redis_url: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service, "REQUEUE_GRACE_S", 0.0)
-    settings = make_settings(db_url=db_url, redis_url=redis_url)
+        db_url: str, redis: aioredis.Redis, redis_url: str) -> None:
+    settings = make_settings(db_url=db_url, redis_url=redis_url, requeue_grace_s=0.0)
     executor = FakeExecutor()
     async with database(db_url) as sessions:
         world = World(settings=settings, sessions=sessions, redis=redis)
@@ -158,7 +155,7 @@ async def test_an_expired_claim_of_a_dispatching_task_launches_its_job_once_and_
             task_id=task.id, to=TaskStatus.DISPATCHING, expected=TaskStatus.QUEUED,
             fields={"attempts": 1, "job_name": job_name(task.id), "executor": "fake"})
         if launched_before_crash:
-            await executor.launch(d._spec(await world.get(task.id), 1))
+            await executor.launch(d.job_spec(await world.get(task.id), 1))
         await asyncio.sleep(0.05)
         await d.reconcile()
         final = await world.get(task.id)
@@ -171,10 +168,8 @@ async def test_an_expired_claim_of_a_dispatching_task_launches_its_job_once_and_
 
 
 async def test_capacity_held_by_a_task_that_is_no_longer_active_is_released(
-        db_url: str, redis: aioredis.Redis, redis_url: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service, "LEASE_GRACE_S", 0.0)
-    settings = make_settings(db_url=db_url, redis_url=redis_url)
+        db_url: str, redis: aioredis.Redis, redis_url: str) -> None:
+    settings = make_settings(db_url=db_url, redis_url=redis_url, lease_grace_s=0.0)
     executor = FakeExecutor()
     q = TaskQueue(redis)
     async with database(db_url) as sessions:

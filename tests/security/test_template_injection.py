@@ -19,7 +19,7 @@ from tests.security.live import LiveApi
 from vidmaas.config import KubeSettings, Settings
 from vidmaas.db import tasks as repo
 from vidmaas.db.engine import make_engine, make_sessionmaker
-from vidmaas.dispatcher.render import manifest_yaml, render_pytorchjob
+from vidmaas.dispatcher.executors.kubernetes import manifest_yaml, render_pytorchjob
 from vidmaas.domain.ids import job_name as job_name_of
 from vidmaas.domain.jobs import JobSpec, job_args
 from vidmaas.domain.models import ModelRegistry

@@ -10,9 +10,9 @@ Guarantees:
   in its own session and process group, stdout and stderr in ``job.log``.
 - State survives the dispatcher: the work directory holds ``job.json`` (attempt, pid,
   process start time) and, once the job ends, ``exit_code`` (written by a small
-  ``sh`` wrapper that is the group leader). So a restarted dispatcher finds a job
-  still running, ``status`` answers after a restart, and a job ended while no
-  dispatcher ran reports its exit code.
+  ``sh`` wrapper that is the group leader; ``workdir`` keeps these files). So a
+  restarted dispatcher finds a job still running, ``status`` answers after a
+  restart, and a job ended while no dispatcher ran reports its exit code.
 - ``launch`` is idempotent by (job name, attempt): the same attempt again answers with
   the existing job, running or ended; a new attempt replaces an ended job's directory,
   and stops a leftover of an earlier attempt first. Launches of one job name are
@@ -34,11 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -48,45 +45,24 @@ from pathlib import Path
 from typing import Any
 
 from vidmaas.config import Settings
+from vidmaas.dispatcher.executors import workdir
 from vidmaas.dispatcher.executors.base import JobState, JobStatus
 from vidmaas.domain import jobs
 from vidmaas.domain.ids import task_id_from_job_name
-from vidmaas.domain.jobs import JobSpec, exit_code_retryable, job_args
+from vidmaas.domain.jobs import JobSpec, job_args
 from vidmaas.logs import TaskLog
 
 log = logging.getLogger(__name__)
 tlog = TaskLog(log)
 
-MARKER = "job.json"
-EXIT_FILE = "exit_code"
-LOG_FILE = "job.log"
-_KEEP = {MARKER, EXIT_FILE, LOG_FILE}
 ADOPTED_POLL_S = 0.2
 """How often a job started by an earlier dispatcher process is checked for its end."""
-
-# The group leader: runs the job, then records its exit status for whoever asks later.
-# ``trap : TERM INT`` (a handler, not "ignore", which children would inherit) keeps the
-# shell alive until the job itself has ended.
-_WRAPPER = ('trap : TERM INT; "$@"; code=$?; echo $code > exit_code.tmp; '
-            'mv exit_code.tmp exit_code; exit $code')
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _proc_start_time(pid: int) -> str | None:
-    """The kernel's start time of a live, non-zombie process (guards against pid reuse)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
 
 
 @dataclass(slots=True)
@@ -177,64 +153,12 @@ class LocalExecutor:
             raise ValueError(f"not a job name: {job_name[:80]!r}")
         return self.root / job_name
 
-    @staticmethod
-    def _read_marker(work_dir: Path) -> dict[str, Any] | None:
-        try:
-            data = json.loads((work_dir / MARKER).read_text())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
-    @staticmethod
-    def _write_marker(work_dir: Path, data: dict[str, Any]) -> None:
-        tmp = work_dir / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(work_dir / MARKER)
-
-    @staticmethod
-    def _exit_code(work_dir: Path) -> int | None:
-        try:
-            return int((work_dir / EXIT_FILE).read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def _log_tail(self, work_dir: Path) -> str:
-        path = work_dir / LOG_FILE
-        try:
-            with path.open("rb") as f:
-                f.seek(0, os.SEEK_END)
-                size = f.tell()
-                f.seek(max(0, size - self.cfg.log_tail_bytes))
-                return f.read().decode("utf-8", errors="replace")
-        except OSError:
-            return ""
-
-    @staticmethod
-    def _alive(marker: dict[str, Any]) -> bool:
-        pid = marker.get("pid")
-        if not isinstance(pid, int):
-            return False
-        start = _proc_start_time(pid)
-        return start is not None and start == marker.get("start_time")
+    def _ended(self, job_name: str, work_dir: Path, code: int | None) -> JobStatus:
+        return workdir.ended(job_name, work_dir, code, log_tail_bytes=self.cfg.log_tail_bytes)
 
     def _status_from_disk(self, job_name: str) -> JobStatus:
-        work_dir = self.work_dir(job_name)
-        marker = self._read_marker(work_dir)
-        if marker is None:
-            return JobStatus(job_name, JobState.MISSING, message="no such local job")
-        if self._alive(marker):
-            return JobStatus(job_name, JobState.RUNNING)
-        code = self._exit_code(work_dir)
-        return self._ended(job_name, work_dir, code)
-
-    def _ended(self, job_name: str, work_dir: Path, code: int | None) -> JobStatus:
-        tail = self._log_tail(work_dir)
-        if code == 0:
-            return JobStatus(job_name, JobState.SUCCEEDED, exit_code=0, retryable=False,
-                             message=tail or None)
-        reason = "process vanished" if code is None else f"exit code {code}"
-        return JobStatus(job_name, JobState.FAILED, reason=reason, exit_code=code,
-                         retryable=exit_code_retryable(code), message=tail or None)
+        return workdir.status_from_disk(job_name, self.work_dir(job_name),
+                                        log_tail_bytes=self.cfg.log_tail_bytes)
 
     # ------------------------------------------------------------------ launch
 
@@ -242,7 +166,7 @@ class LocalExecutor:
         await self._adopt_once()
         lock = self._locks.setdefault(spec.job_name, asyncio.Lock())
         async with lock:
-            fd = await asyncio.to_thread(self._lock_file, spec.job_name)
+            fd = await asyncio.to_thread(workdir.lock_file, self.root, spec.job_name)
             try:
                 await self._launch_locked(spec)
             finally:
@@ -255,7 +179,8 @@ class LocalExecutor:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         pool = [d.strip() for d in visible.split(",") if d.strip()] if visible else \
             [str(i) for i in range(max(self.settings.gpu_capacity, 1))]
-        held = {d for name, marker in self._scan() if name != job_name and self._alive(marker)
+        held = {d for name, marker in workdir.scan(self.root)
+                if name != job_name and workdir.alive(marker)
                 for d in marker.get("devices") or []}
         chosen = [d for d in pool if d not in held][:n]
         if len(chosen) < n:
@@ -265,18 +190,12 @@ class LocalExecutor:
             chosen += [d for d in pool if d not in chosen][: n - len(chosen)]
         return chosen
 
-    def _lock_file(self, job_name: str) -> int:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / f".{job_name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
-
     async def _launch_locked(self, spec: JobSpec) -> None:
         name = spec.job_name
         work_dir = self.work_dir(name)
-        marker = await asyncio.to_thread(self._read_marker, work_dir)
+        marker = await asyncio.to_thread(workdir.read_marker, work_dir)
         if marker is not None:
-            alive = self._alive(marker)
+            alive = workdir.alive(marker)
             if marker.get("attempt") == spec.attempt:
                 if alive:
                     self._watch_adopted(name, marker)
@@ -284,7 +203,7 @@ class LocalExecutor:
                     tlog.info(spec.task_id, "job %s attempt %d already ran; not starting it again",
                               name, spec.attempt)
                     await self._updates.put(await asyncio.to_thread(
-                        self._ended, name, work_dir, self._exit_code(work_dir)))
+                        self._ended, name, work_dir, workdir.exit_code(work_dir)))
                 return
             if alive:
                 tlog.warning(spec.task_id, "job %s: stopping a leftover of attempt %s", name,
@@ -293,26 +212,26 @@ class LocalExecutor:
                 if job is not None:
                     job.superseded = True
                 await self._kill_and_wait(marker)
-        await asyncio.to_thread(self._fresh_dir, work_dir)
-        await asyncio.to_thread(self._write_marker, work_dir,
+        await asyncio.to_thread(workdir.fresh_dir, work_dir)
+        await asyncio.to_thread(workdir.write_marker, work_dir,
                                 {"job_name": name, "attempt": spec.attempt, "pid": None})
-        cmd = ["/bin/sh", "-c", _WRAPPER, "vidmaas-job", *self.command(spec)]
+        cmd = ["/bin/sh", "-c", workdir.WRAPPER, "vidmaas-job", *self.command(spec)]
         env = self.environment(spec, work_dir)
         # Devices are chosen and recorded under one machine-wide lock, so that two
         # launches (in any dispatcher process on this machine) never pick the same GPU.
-        devices_fd = await asyncio.to_thread(self._lock_file, "devices")
+        devices_fd = await asyncio.to_thread(workdir.lock_file, self.root, "devices")
         try:
             devices = await asyncio.to_thread(self._free_devices, spec.gpus, name)
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
-            log_f = await asyncio.to_thread((work_dir / LOG_FILE).open, "ab")
+            log_f = await asyncio.to_thread((work_dir / workdir.LOG_FILE).open, "ab")
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *cmd, cwd=work_dir, env=env, stdin=asyncio.subprocess.DEVNULL,
                     stdout=log_f, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
             finally:
                 log_f.close()
-            start_time = _proc_start_time(proc.pid)
-            await asyncio.to_thread(self._write_marker, work_dir, {
+            start_time = workdir.proc_start_time(proc.pid)
+            await asyncio.to_thread(workdir.write_marker, work_dir, {
                 "job_name": name, "attempt": spec.attempt, "pid": proc.pid,
                 "start_time": start_time, "task_id": spec.task_id, "devices": devices})
         finally:
@@ -324,18 +243,12 @@ class LocalExecutor:
         tlog.info(spec.task_id, "job %s started: pid %d, attempt %d, %s", name, proc.pid,
                   spec.attempt, work_dir)
 
-    @staticmethod
-    def _fresh_dir(work_dir: Path) -> None:
-        if work_dir.exists():
-            shutil.rmtree(work_dir)
-        work_dir.mkdir(parents=True)
-
     async def _kill_and_wait(self, marker: dict[str, Any]) -> None:
         pid = int(marker["pid"])
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         for _ in range(100):
-            if not self._alive(marker):
+            if not workdir.alive(marker):
                 return
             await asyncio.sleep(0.02)
 
@@ -350,7 +263,7 @@ class LocalExecutor:
         # Not our child: no wait() to block on, so poll its /proc entry.
         marker = {"pid": job.pid, "start_time": job.start_time}
         while True:
-            if not self._alive(marker):
+            if not workdir.alive(marker):
                 break
             await asyncio.sleep(ADOPTED_POLL_S)
         await self._finish(job)
@@ -368,48 +281,26 @@ class LocalExecutor:
 
     async def _finish(self, job: _Job) -> None:
         work_dir = self.work_dir(job.name)
-        code = await asyncio.to_thread(self._exit_code, work_dir)
+        code = await asyncio.to_thread(workdir.exit_code, work_dir)
         if code is None and job.proc is not None and job.proc.returncode is not None:
             code = job.proc.returncode  # killed with the shell: -signal
         status = await asyncio.to_thread(self._ended, job.name, work_dir, code)
         if not self.cfg.keep_work_dirs:
-            await asyncio.to_thread(self._prune, work_dir)
+            await asyncio.to_thread(workdir.prune, work_dir)
         if job.superseded:
             return
         tlog.info(task_id_from_job_name(job.name), "job %s ended: %s (exit code %s)", job.name,
                   status.state.value, code)
         await self._updates.put(status)
 
-    @staticmethod
-    def _prune(work_dir: Path) -> None:
-        with contextlib.suppress(OSError):
-            for entry in work_dir.iterdir():
-                if entry.name in _KEEP:
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-
     async def _adopt_once(self) -> None:
         """Watch the live jobs an earlier dispatcher process started (once per executor)."""
         if self._adopted:
             return
         self._adopted = True
-        for name, marker in await asyncio.to_thread(self._scan):
-            if self._alive(marker):
+        for name, marker in await asyncio.to_thread(workdir.scan, self.root):
+            if workdir.alive(marker):
                 self._watch_adopted(name, marker)
-
-    def _scan(self) -> list[tuple[str, dict[str, Any]]]:
-        out: list[tuple[str, dict[str, Any]]] = []
-        if not self.root.is_dir():
-            return out
-        for entry in sorted(self.root.iterdir()):
-            if entry.is_dir() and task_id_from_job_name(entry.name) is not None:
-                marker = self._read_marker(entry)
-                if marker is not None:
-                    out.append((entry.name, marker))
-        return out
 
     # ------------------------------------------------------------------ the protocol
 
@@ -420,8 +311,8 @@ class LocalExecutor:
         return await asyncio.to_thread(self._status_from_disk, job_name)
 
     async def cancel(self, job_name: str, *, grace_s: float) -> None:
-        marker = await asyncio.to_thread(self._read_marker, self.work_dir(job_name))
-        if marker is None or not self._alive(marker):
+        marker = await asyncio.to_thread(workdir.read_marker, self.work_dir(job_name))
+        if marker is None or not workdir.alive(marker):
             return
         pgid = int(marker["pid"])
         sig = signal.SIGKILL if grace_s <= 0 else signal.SIGTERM
@@ -438,18 +329,18 @@ class LocalExecutor:
     async def _kill_after(self, job_name: str, marker: dict[str, Any], grace_s: float) -> None:
         deadline = asyncio.get_running_loop().time() + grace_s
         while asyncio.get_running_loop().time() < deadline:
-            if not self._alive(marker):
+            if not workdir.alive(marker):
                 return
             await asyncio.sleep(min(0.1, grace_s))
-        if self._alive(marker):
+        if workdir.alive(marker):
             tlog.warning(task_id_from_job_name(job_name),
                          "job %s: still alive %.0fs after SIGTERM; SIGKILL", job_name, grace_s)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(int(marker["pid"]), signal.SIGKILL)
 
     async def list_jobs(self) -> list[str]:
-        return [name for name, marker in await asyncio.to_thread(self._scan)
-                if self._alive(marker)]
+        return [name for name, marker in await asyncio.to_thread(workdir.scan, self.root)
+                if workdir.alive(marker)]
 
     async def updates(self) -> AsyncIterator[JobStatus]:
         await self._adopt_once()

@@ -1,4 +1,4 @@
-"""Render one task's PyTorchJob manifest from the Jinja2 template, injection-proof and checked.
+"""Render one task's PyTorchJob manifest from the Jinja2 template, injection-proof.
 
 Guarantees of ``render_pytorchjob``:
 - Every ``{{ expression }}`` of the template is written out as a JSON literal (strings
@@ -6,27 +6,23 @@ Guarantees of ``render_pytorchjob``:
   ``null``, flow lists and mappings). A value therefore stays one scalar, whatever
   quotes, newlines, ``{{ }}``, ``{% %}``, ``---`` or YAML it holds; user text is data,
   never template source (the template environment is sandboxed, autoescape is off).
-- The text is parsed back with ``yaml.safe_load_all`` and must be exactly one mapping of
-  kind ``PyTorchJob`` named ``spec.job_name`` in the configured namespace, carrying the
-  vidmaas labels, with replicas summing to the model's ``nnodes``, every ``pytorch``
-  container's ``args`` equal to ``job_args(spec)`` (so the prompt arrives exactly as
-  typed, and the local and Kubernetes executors run the same command line) and asking
-  for ``nproc_per_node`` GPUs, and secrets passed only by reference: the credential
-  variables come from ``secretKeyRef`` and no configured secret value appears anywhere.
+- The text is parsed back with ``yaml.safe_load_all``, must be exactly one document,
+  and passes every check of ``checks.check_manifest`` (kind, name, namespace, labels,
+  replicas, the ``pytorch`` containers' ``args`` equal to ``job_args(spec)`` so the
+  prompt arrives exactly as typed and the local and Kubernetes executors run the
+  same command line, GPUs, secrets only by reference).
 - When a CRD file is configured (or passed), the manifest is validated against its
-  ``openAPIV3Schema``, and each pod template against the Kubernetes core schema that
-  ``kubernetes-validate`` ships (strict: unknown fields are errors).
+  schema and each pod template against the core schema (``checks.validate_manifest``).
 - Any failure raises ``ExecutorError`` (``InvalidRequest`` for a value no job can carry,
   such as a NUL character); nothing is half-rendered.
 
-Templates and schemas are loaded on first use and cached; nothing happens at import.
+The template is loaded on first use and cached; nothing happens at import.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -37,57 +33,35 @@ from urllib.parse import urlsplit
 
 import jinja2
 import jinja2.sandbox
-import jsonschema
 import yaml
 
 from vidmaas.config import Settings
+from vidmaas.dispatcher.executors.kubernetes.checks import (
+    check_labels,
+    check_manifest,
+    check_values,
+    validate_manifest,
+)
+from vidmaas.dispatcher.executors.kubernetes.constants import (
+    LABEL_ATTEMPT,
+    LABEL_JOB_NAME,
+    LABEL_KUEUE_QUEUE,
+    LABEL_MANAGED_BY,
+    LABEL_MODEL,
+    LABEL_TASK_ID,
+    LABEL_USER,
+    MANAGED_BY,
+)
 from vidmaas.domain.ids import is_task_id, new_task_id
 from vidmaas.domain.ids import job_name as job_name_of
-from vidmaas.domain.jobs import (
-    ENV_AWS_ACCESS_KEY_ID,
-    ENV_AWS_SECRET_ACCESS_KEY,
-    ENV_MODEL_DIR,
-    ENV_REDIS_URL,
-    ENV_STORAGE_URL,
-    ENV_TASK_ID,
-    ENV_WORK_DIR,
-    JobSpec,
-    job_args,
-)
+from vidmaas.domain.jobs import JobSpec, job_args
 from vidmaas.domain.models import ModelRegistry
 from vidmaas.errors import ExecutorError, InvalidRequest
 
-log = logging.getLogger(__name__)
-
-API_VERSION: Final = "kubeflow.org/v1"
-KIND: Final = "PyTorchJob"
-MAIN_CONTAINER: Final = "pytorch"
-"""The Training Operator requires the main container of every replica to have this name."""
 WORK_DIR: Final = "/work"
 """The pod's ``emptyDir`` work directory (``VIDMAAS_WORK_DIR``)."""
 DEFAULT_COMMAND: Final = ("vidmaas-job", "run")
 FETCH_INPUT_COMMAND: Final = ("vidmaas-job", "fetch-input")
-FETCH_INPUT_CONTAINER: Final = "fetch-input"
-
-LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
-MANAGED_BY: Final = "vidmaas"
-LABEL_TASK_ID: Final = "vidmaas.io/task-id"
-LABEL_JOB_NAME: Final = "vidmaas.io/job-name"
-LABEL_MODEL: Final = "vidmaas.io/model"
-LABEL_USER: Final = "vidmaas.io/user-id"
-LABEL_ATTEMPT: Final = "vidmaas.io/attempt"
-LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
-
-SECRET_ENV_NAMES: Final = frozenset({ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY,
-                                     ENV_REDIS_URL})
-"""Environment variables that must come from a Secret, never inline."""
-REQUIRED_ENV_NAMES: Final = frozenset({ENV_TASK_ID, ENV_STORAGE_URL, ENV_MODEL_DIR, ENV_WORK_DIR,
-                                       ENV_REDIS_URL})
-
-_LABEL_KEY_RE = re.compile(
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 
 # Characters a JSON string may hold raw but YAML treats specially: YAML line breaks
 # (NEL, LS, PS), characters PyYAML refuses (DEL, C1 controls, U+FFFE/FFFF, surrogates),
@@ -183,80 +157,6 @@ def _template_source(path: Path | None) -> str:
         raise ExecutorError(f"cannot read the PyTorchJob template {path}: {e}") from e
 
 
-# ---------------------------------------------------------------- schemas
-
-
-def _crd_version_schema(crd: Any, version: str) -> dict[str, Any]:
-    if not isinstance(crd, dict) or crd.get("kind") != "CustomResourceDefinition":
-        raise ExecutorError("the CRD file does not hold a CustomResourceDefinition")
-    for v in crd.get("spec", {}).get("versions", []):
-        if v.get("name") == version:
-            schema = v.get("schema", {}).get("openAPIV3Schema")
-            if isinstance(schema, dict):
-                return schema
-    raise ExecutorError(f"the CRD has no openAPIV3Schema for version {version}")
-
-
-@functools.cache
-def _crd_validator(path: Path, mtime_ns: int) -> jsonschema.protocols.Validator:
-    try:
-        crd = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ExecutorError(f"cannot load the PyTorchJob CRD {path}: {e}") from e
-    schema = _crd_version_schema(crd, API_VERSION.split("/")[1])
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
-    return cls(schema)
-
-
-def _crd_validator_for(path: Path) -> jsonschema.protocols.Validator:
-    try:
-        mtime_ns = path.stat().st_mtime_ns
-    except OSError as e:
-        raise ExecutorError(f"cannot read the PyTorchJob CRD {path}: {e}") from e
-    return _crd_validator(path, mtime_ns)
-
-
-@functools.cache
-def _pod_template_validator() -> jsonschema.protocols.Validator | None:
-    """The strict core-v1 PodTemplateSpec schema of kubernetes-validate, if installed."""
-    try:
-        import referencing
-        from kubernetes_validate import utils as kv
-    except ImportError:
-        log.warning("kubernetes-validate is not installed: pod templates are checked against "
-                    "the CRD schema only, not the strict core schema")
-        return None
-    version = kv.latest_version()
-    schema_dir = f"kubernetes-json-schema/v{version}-local-strict"
-    schema = kv.schema_contents(f"{schema_dir}/podtemplatespec-v1.json", version)
-    definitions = kv.schema_contents(f"{schema_dir}/_definitions.json", version)
-    registry: referencing.Registry[Any] = referencing.Registry()
-    registry = referencing.Resource.from_contents(schema) @ registry
-    registry = referencing.Resource.from_contents(definitions) @ registry
-    validator: jsonschema.protocols.Validator = jsonschema.Draft202012Validator(
-        schema, registry=registry)
-    return validator
-
-
-def _schema_error(what: str, error: jsonschema.ValidationError) -> ExecutorError:
-    where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-    return ExecutorError(f"{what} fails schema validation at {where}: {error.message[:300]}")
-
-
-def validate_manifest(manifest: Mapping[str, Any], *, crd_path: Path) -> None:
-    """Validate against the CRD schema and each pod template against the core schema."""
-    crd = _crd_validator_for(crd_path)
-    error = jsonschema.exceptions.best_match(crd.iter_errors(manifest))
-    if error is not None:
-        raise _schema_error("the PyTorchJob", error)
-    pod = _pod_template_validator()
-    if pod is None:
-        return
-    for rtype, replica in manifest["spec"]["pytorchReplicaSpecs"].items():
-        error = jsonschema.exceptions.best_match(pod.iter_errors(replica.get("template", {})))
-        if error is not None:
-            raise _schema_error(f"the {rtype} pod template", error)
-
 
 # ---------------------------------------------------------------- context
 
@@ -284,9 +184,7 @@ def _labels(*, settings: Settings, spec: JobSpec) -> dict[str, str]:
     })
     if settings.kube.kueue_queue is not None:
         labels[LABEL_KUEUE_QUEUE] = settings.kube.kueue_queue
-    for key, value in labels.items():
-        if not _LABEL_KEY_RE.match(key) or len(key) > 253 or not _LABEL_VALUE_RE.match(value):
-            raise ExecutorError(f"invalid Kubernetes label {key[:80]!r}={value[:80]!r}")
+    check_labels(labels)
     return labels
 
 
@@ -364,82 +262,6 @@ def template_context(
     }
 
 
-# ---------------------------------------------------------------- checks
-
-
-def _secret_values(settings: Settings) -> list[str]:
-    values = []
-    for secret in (settings.storage.s3_access_key_id, settings.storage.s3_secret_access_key):
-        if secret is not None and len(secret.get_secret_value()) >= 4:
-            values.append(secret.get_secret_value())
-    password = urlsplit(settings.redis.url).password
-    if password and len(password) >= 4:
-        values.append(password)
-    return values
-
-
-def _check_values(spec: JobSpec) -> None:
-    for name, value in (("prompt", spec.prompt), ("negative_prompt", spec.negative_prompt or ""),
-                        ("image", spec.input_key or "")):
-        if "\x00" in value:
-            raise InvalidRequest(f"{name} contains a NUL character", field=name)
-
-
-def _check_manifest(manifest: Any, *, settings: Settings, spec: JobSpec, text: str) -> None:
-    if not isinstance(manifest, dict):
-        raise ExecutorError("the rendered PyTorchJob is not a mapping")
-    if manifest.get("apiVersion") != API_VERSION or manifest.get("kind") != KIND:
-        raise ExecutorError(f"the rendered manifest is not a {API_VERSION} {KIND}")
-    meta = manifest.get("metadata") or {}
-    if meta.get("name") != spec.job_name:
-        raise ExecutorError(f"the rendered job is named {str(meta.get('name'))[:80]!r}, "
-                            f"not {spec.job_name!r}")
-    if meta.get("namespace", settings.kube.namespace) != settings.kube.namespace:
-        raise ExecutorError("the rendered job is not in the configured namespace")
-    labels = meta.get("labels") or {}
-    if labels.get(LABEL_MANAGED_BY) != MANAGED_BY or labels.get(LABEL_TASK_ID) != spec.task_id:
-        raise ExecutorError(f"the rendered job lacks the labels {LABEL_MANAGED_BY}={MANAGED_BY} "
-                            f"and {LABEL_TASK_ID}={spec.task_id}")
-    replica_specs = (manifest.get("spec") or {}).get("pytorchReplicaSpecs")
-    if not isinstance(replica_specs, dict) or "Master" not in replica_specs:
-        raise ExecutorError("the rendered job has no Master replica")
-    total = sum(int(r.get("replicas", 1)) for r in replica_specs.values())
-    if total != spec.model.nnodes:
-        raise ExecutorError(f"the rendered job has {total} replicas; model {spec.model.id} "
-                            f"needs {spec.model.nnodes} nodes")
-    expected_args = job_args(spec)
-    gpu = settings.kube.gpu_resource_name
-    for rtype, replica in replica_specs.items():
-        pod = ((replica.get("template") or {}).get("spec")) or {}
-        containers = pod.get("containers") or []
-        main = [c for c in containers if c.get("name") == MAIN_CONTAINER]
-        if len(main) != 1:
-            raise ExecutorError(f"the {rtype} replica needs one container named {MAIN_CONTAINER}")
-        if main[0].get("args") != expected_args:
-            raise ExecutorError(f"the {rtype} container's args differ from the runtime arguments")
-        limit = ((main[0].get("resources") or {}).get("limits") or {}).get(gpu)
-        if str(limit) != str(spec.model.nproc_per_node):
-            raise ExecutorError(f"the {rtype} container asks for {limit} {gpu}; model "
-                                f"{spec.model.id} needs {spec.model.nproc_per_node}")
-        for init in pod.get("initContainers") or []:
-            line = [*(init.get("command") or []), *(init.get("args") or [])]
-            if init.get("name") == FETCH_INPUT_CONTAINER and line[-len(expected_args):] != \
-                    expected_args:
-                raise ExecutorError(f"the {rtype} {FETCH_INPUT_CONTAINER} container's arguments "
-                                    "differ from the runtime arguments")
-        env_names = {e.get("name") for e in main[0].get("env") or []}
-        missing = REQUIRED_ENV_NAMES - env_names
-        if missing:
-            raise ExecutorError(f"the {rtype} container lacks {', '.join(sorted(missing))}")
-        for container in [*containers, *(pod.get("initContainers") or [])]:
-            for env in container.get("env") or []:
-                if env.get("name") in SECRET_ENV_NAMES and (
-                        "value" in env or "secretKeyRef" not in (env.get("valueFrom") or {})):
-                    raise ExecutorError(f"{env.get('name')} must come from a Secret (secretKeyRef)")
-    for secret in _secret_values(settings):
-        if secret in text:
-            raise ExecutorError("a configured secret value appears in the rendered manifest")
-
 
 # ---------------------------------------------------------------- public API
 
@@ -459,7 +281,7 @@ def render_pytorchjob(
     ``command`` replaces the main container's command (default ``vidmaas-job run``;
     ``["run.sh"]`` for an image built around the seed's script).
     """
-    _check_values(spec)
+    check_values(spec)
     template = _compile(_template_source(template_path or settings.kube.template_path))
     context = template_context(settings=settings, spec=spec, command=command)
     try:
@@ -473,7 +295,7 @@ def render_pytorchjob(
     if len(documents) != 1:
         raise ExecutorError(f"the rendered template holds {len(documents)} documents, not one")
     manifest: dict[str, Any] = documents[0]
-    _check_manifest(manifest, settings=settings, spec=spec, text=text)
+    check_manifest(manifest, settings=settings, spec=spec, text=text)
     manifest.setdefault("metadata", {})["namespace"] = settings.kube.namespace
     crd = crd_path or settings.kube.crd_schema_path
     if crd is not None:

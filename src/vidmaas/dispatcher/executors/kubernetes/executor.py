@@ -7,9 +7,10 @@ Guarantees, on top of the executor protocol's:
   (failed, or being deleted) is never adopted: it is deleted, the launch waits for it
   to go (the cancel grace plus a margin) and creates the new one, or fails with
   ``ExecutorError`` if it does not go in time.
-- ``status`` maps the job's conditions (``Created``, ``Running``, ``Restarting``,
-  ``Succeeded``, ``Failed``, ``Suspended``) to ``JobState``, and reads the job's pods:
-  a container waiting in ``ImagePullBackOff``, ``ErrImagePull``, ``CrashLoopBackOff``
+- ``status`` reads the job and, when they matter, its pods, and maps them with
+  ``status.job_status``: the job's conditions (``Created``, ``Running``,
+  ``Restarting``, ``Succeeded``, ``Failed``, ``Suspended``) give the ``JobState``; a
+  container waiting in ``ImagePullBackOff``, ``ErrImagePull``, ``CrashLoopBackOff``
   or a config error, a pod ``Pending`` longer than ``dispatcher.pending_timeout_s``,
   or a job with no pods that long (no Training Operator?) is reported ``stuck`` with
   the reason. A failed job's exit code comes from its pods when they still exist.
@@ -35,7 +36,7 @@ import datetime as dt
 import json
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any, Final, TypeVar
 
 import aiohttp
@@ -44,27 +45,30 @@ from kubernetes_asyncio import config as k8s_config
 
 from vidmaas.config import Settings
 from vidmaas.dispatcher.executors.base import JobState, JobStatus
-from vidmaas.dispatcher.render import (
-    API_VERSION,
+from vidmaas.dispatcher.executors.kubernetes.constants import (
+    GROUP,
     LABEL_ATTEMPT,
-    LABEL_JOB_NAME,
-    LABEL_MANAGED_BY,
-    MAIN_CONTAINER,
-    MANAGED_BY,
-    render_pytorchjob,
+    OWNED_SELECTOR,
+    PLURAL,
+    POD_JOB_LABEL,
+    VERSION,
 )
-from vidmaas.domain.jobs import JobSpec, exit_code_retryable
+from vidmaas.dispatcher.executors.kubernetes.render import render_pytorchjob
+from vidmaas.dispatcher.executors.kubernetes.status import (
+    is_attempt,
+    job_state_from_conditions,
+    job_status,
+    owned,
+    pod_event_status,
+    pods_needed,
+)
+from vidmaas.domain.ids import task_id_from_job_name
+from vidmaas.domain.jobs import JobSpec
 from vidmaas.errors import ExecutorError
+from vidmaas.logs import TaskLog
 
 log = logging.getLogger(__name__)
-
-GROUP: Final = API_VERSION.split("/")[0]
-VERSION: Final = API_VERSION.split("/")[1]
-PLURAL: Final = "pytorchjobs"
-OWNED_SELECTOR: Final = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
-POD_JOB_LABEL: Final = "training.kubeflow.org/job-name"
-"""Set by the Training Operator on every pod of a job."""
-POD_REPLICA_LABEL: Final = "training.kubeflow.org/replica-type"
+tlog = TaskLog(log)
 
 KUBE_API_CALLS: Final[tuple[tuple[str, str, str], ...]] = (
     (GROUP, PLURAL, "create"),
@@ -85,37 +89,12 @@ STALE_JOB_EXTRA_WAIT_S: Final = 15.0
 WATCH_BACKOFF_INITIAL_S: Final = 0.5
 WATCH_BACKOFF_MAX_S: Final = 30.0
 
-# Container waiting reasons that mean the job cannot make progress, and whether
-# trying again (elsewhere, later) can help.
-STUCK_WAITING_REASONS: Final[Mapping[str, bool]] = {
-    "ImagePullBackOff": True,
-    "ErrImagePull": True,
-    "CrashLoopBackOff": True,
-    "CreateContainerError": True,
-    "RunContainerError": True,
-    "InvalidImageName": False,
-    "ErrImageNeverPull": False,
-    "CreateContainerConfigError": False,
-}
-
-_CONDITION_ORDER: Final = ("Succeeded", "Failed", "Suspended", "Restarting", "Running", "Created")
-
 _Clock = Callable[[], dt.datetime]
 _T = TypeVar("_T")
 
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _parse_time(value: Any) -> dt.datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def _api_error(what: str, e: BaseException) -> ExecutorError:
@@ -135,80 +114,6 @@ def _status_code(e: BaseException) -> int | None:
 
 _CLIENT_ERRORS: Final = (k8s.ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError,
                          ValueError)
-
-
-# ---------------------------------------------------------------- status mapping
-
-
-def job_state_from_conditions(job: Mapping[str, Any]) -> tuple[JobState, str | None, str | None]:
-    """(state, reason, message) from a PyTorchJob's ``status.conditions``."""
-    conditions = (job.get("status") or {}).get("conditions") or []
-    current = {c.get("type"): c for c in conditions if str(c.get("status")) == "True"}
-    for ctype in _CONDITION_ORDER:
-        cond = current.get(ctype)
-        if cond is None:
-            continue
-        reason, message = cond.get("reason") or ctype, cond.get("message")
-        if ctype == "Succeeded":
-            return JobState.SUCCEEDED, reason, message
-        if ctype == "Failed":
-            return JobState.FAILED, reason, message
-        if ctype == "Suspended":
-            return JobState.PENDING, "Suspended", message
-        if ctype in ("Running", "Restarting"):
-            return JobState.RUNNING, None if ctype == "Running" else "Restarting", message
-        return JobState.PENDING, "Created", message
-    return JobState.PENDING, None, None
-
-
-def _pod_exit_code(pods: Sequence[Mapping[str, Any]]) -> int | None:
-    """The main container's exit code, the Master's first, a failure before a success."""
-    def order(pod: Mapping[str, Any]) -> int:
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        return 0 if str(labels.get(POD_REPLICA_LABEL, "")).lower() == "master" else 1
-
-    codes: list[int] = []
-    for pod in sorted(pods, key=order):
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            if cs.get("name") != MAIN_CONTAINER:
-                continue
-            for state in (cs.get("state") or {}, cs.get("lastState") or {}):
-                code = (state.get("terminated") or {}).get("exitCode")
-                if isinstance(code, int):
-                    codes.append(code)
-                    break
-    failures = [c for c in codes if c != 0]
-    if failures:
-        return failures[0]
-    return codes[0] if codes else None
-
-
-def _stuck_pod(pods: Sequence[Mapping[str, Any]], *, now: dt.datetime,
-               pending_timeout_s: float) -> tuple[str, str, bool] | None:
-    """(reason, message, retryable) of the first pod that cannot make progress."""
-    for pod in pods:
-        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-        name = meta.get("name", "?")
-        statuses = [*(status.get("initContainerStatuses") or []),
-                    *(status.get("containerStatuses") or [])]
-        for cs in statuses:
-            waiting = (cs.get("state") or {}).get("waiting") or {}
-            reason = str(waiting.get("reason"))
-            if reason in STUCK_WAITING_REASONS:
-                detail = waiting.get("message") or reason
-                message = f"pod {name} container {cs.get('name')}: {detail}"
-                return reason, message[:500], STUCK_WAITING_REASONS[reason]
-        if status.get("phase") == "Pending":
-            created = _parse_time(meta.get("creationTimestamp"))
-            if created is not None and (now - created).total_seconds() > pending_timeout_s:
-                scheduled: Mapping[str, Any] = next((c for c in status.get("conditions") or []
-                                  if c.get("type") == "PodScheduled"
-                                  and str(c.get("status")) == "False"), {})
-                reason = scheduled.get("reason") or "PendingTimeout"
-                detail = scheduled.get("message") or "not started"
-                message = f"pod {name} Pending for over {pending_timeout_s:.0f} s: {detail}"
-                return reason, message[:500], True
-    return None
 
 
 # ---------------------------------------------------------------- the executor
@@ -274,14 +179,14 @@ class KubernetesExecutor:
         manifest = await asyncio.to_thread(render_pytorchjob, settings=self._settings, spec=spec)
         for _ in range(2):
             if await self._create(spec, manifest):
-                log.info("job %s created task_id=%s attempt=%d", spec.job_name, spec.task_id,
-                         spec.attempt)
+                tlog.info(spec.task_id, "job %s created (attempt %d)", spec.job_name,
+                          spec.attempt)
                 return spec.job_name
             job = await self._get(spec.job_name)
             if job is None:
                 continue  # removed between the create and the get: create again
-            if _is_attempt(job, spec.attempt):
-                log.info("job %s already exists task_id=%s", spec.job_name, spec.task_id)
+            if is_attempt(job, spec.attempt):
+                tlog.info(spec.task_id, "job %s already exists", spec.job_name)
                 return spec.job_name
             await self._remove_stale(spec, job)
         raise ExecutorError(f"job {spec.job_name} keeps conflicting; launch again later")
@@ -302,8 +207,9 @@ class KubernetesExecutor:
     async def _remove_stale(self, spec: JobSpec, job: Mapping[str, Any]) -> None:
         """Delete the job an earlier attempt left (or one being deleted) and wait until gone."""
         meta = job.get("metadata") or {}
-        log.info("job %s of an earlier attempt (%s) is in the way of attempt %d; removing it",
-                 spec.job_name, (meta.get("labels") or {}).get(LABEL_ATTEMPT, "?"), spec.attempt)
+        tlog.info(spec.task_id,
+                  "job %s of an earlier attempt (%s) is in the way of attempt %d; removing it",
+                  spec.job_name, (meta.get("labels") or {}).get(LABEL_ATTEMPT, "?"), spec.attempt)
         grace_s = self._settings.dispatcher.cancel_grace_s
         if not meta.get("deletionTimestamp"):
             await self.cancel(spec.job_name, grace_s=grace_s)
@@ -343,33 +249,12 @@ class KubernetesExecutor:
                 if ((p.get("metadata") or {}).get("labels") or {}).get(POD_JOB_LABEL) == job_name]
 
     async def _status_of(self, job: Mapping[str, Any], *, read_pods: bool) -> JobStatus:
-        meta = job.get("metadata") or {}
-        job_name = str(meta.get("name"))
-        state, reason, message = job_state_from_conditions(job)
-        if state is JobState.SUCCEEDED:
-            return JobStatus(job_name, state, reason=reason, message=message, exit_code=0,
-                             retryable=False)
-        if state is JobState.FAILED:
-            code = _pod_exit_code(await self._pods(job_name)) if read_pods else None
-            return JobStatus(job_name, state, reason=reason, message=message, exit_code=code,
-                             retryable=exit_code_retryable(code))
-        if not read_pods or reason == "Suspended":
-            return JobStatus(job_name, state, reason=reason, message=message)
-        pods = await self._pods(job_name)
-        now = self._clock()
-        timeout_s = self._settings.dispatcher.pending_timeout_s
-        stuck = _stuck_pod(pods, now=now, pending_timeout_s=timeout_s)
-        if stuck is not None:
-            s_reason, s_message, retryable = stuck
-            return JobStatus(job_name, state, reason=s_reason, message=s_message,
-                             retryable=retryable, stuck=True)
-        created = _parse_time(meta.get("creationTimestamp"))
-        if (not pods and created is not None
-                and (now - created).total_seconds() > timeout_s):
-            return JobStatus(job_name, state, reason="NoPods", stuck=True,
-                             message=f"no pods after {timeout_s:.0f} s "
-                                     "(is the Training Operator running?)")
-        return JobStatus(job_name, state, reason=reason, message=message)
+        state, reason, _ = job_state_from_conditions(job)
+        pods = None
+        if read_pods and pods_needed(state, reason):
+            pods = await self._pods(str((job.get("metadata") or {}).get("name")))
+        return job_status(job, pods=pods, now=self._clock(),
+                          pending_timeout_s=self._settings.dispatcher.pending_timeout_s)
 
     async def status(self, job_name: str) -> JobStatus:
         job = await self._get(job_name)
@@ -388,7 +273,8 @@ class KubernetesExecutor:
             if _status_code(e) == 404:
                 return
             raise _api_error(f"delete of {job_name}", e) from e
-        log.info("job %s deleted (cancel, grace %.0f s)", job_name, grace_s)
+        tlog.info(task_id_from_job_name(job_name), "job %s deleted (cancel, grace %.0f s)",
+                  job_name, grace_s)
 
     async def list_jobs(self) -> list[str]:
         api = await self._custom()
@@ -399,7 +285,7 @@ class KubernetesExecutor:
         except _CLIENT_ERRORS as e:
             raise _api_error("list of jobs", e) from e
         names = [str((item.get("metadata") or {}).get("name"))
-                 for item in result.get("items") or [] if _owned(item)]
+                 for item in result.get("items") or [] if owned(item)]
         return sorted(names)
 
     async def updates(self) -> AsyncIterator[JobStatus]:
@@ -410,15 +296,18 @@ class KubernetesExecutor:
                 if kind == "pytorchjobs":
                     status = await self._job_event_status(event_type, obj)
                 else:
-                    status = self._pod_event_status(event_type, obj, last)
+                    status = pod_event_status(
+                        event_type, obj, last, now=self._clock(),
+                        pending_timeout_s=self._settings.dispatcher.pending_timeout_s)
                 if status is None or last.get(status.job_name) == status:
                     continue
                 if status.state is JobState.MISSING:
                     last.pop(status.job_name, None)
                 else:
                     last[status.job_name] = status
-                log.info("job %s is %s%s (%s)", status.job_name, status.state.value,
-                         " and stuck" if status.stuck else "", status.reason or "-")
+                tlog.info(task_id_from_job_name(status.job_name), "job %s is %s%s (%s)",
+                          status.job_name, status.state.value,
+                          " and stuck" if status.stuck else "", status.reason or "-")
                 yield status
 
     async def _job_event_status(self, event_type: str, job: dict[str, Any]) -> JobStatus | None:
@@ -433,25 +322,6 @@ class KubernetesExecutor:
                 status = await self._status_of(job, read_pods=True)
         return status
 
-    def _pod_event_status(self, event_type: str, pod: dict[str, Any],
-                          last: Mapping[str, JobStatus]) -> JobStatus | None:
-        """A stuck status for the pod's job when the pod cannot start, else None."""
-        if event_type not in ("ADDED", "MODIFIED"):
-            return None
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        job_name = labels.get(POD_JOB_LABEL) or labels.get(LABEL_JOB_NAME)
-        if not job_name:
-            return None
-        stuck = _stuck_pod([pod], now=self._clock(),
-                           pending_timeout_s=self._settings.dispatcher.pending_timeout_s)
-        previous = last.get(job_name)
-        if stuck is None or (previous is not None and previous.state.finished):
-            return None
-        reason, message, retryable = stuck
-        state = previous.state if previous is not None else JobState.PENDING
-        return JobStatus(job_name, state, reason=reason, message=message, retryable=retryable,
-                         stuck=True)
-
     async def _events(self, plural: str) -> AsyncGenerator[tuple[str, str, dict[str, Any]], None]:
         """(plural, type, object) of the owned objects, across reconnects, until closed."""
         resource_version: str | None = None
@@ -463,7 +333,7 @@ class KubernetesExecutor:
                     rv = (obj.get("metadata") or {}).get("resourceVersion")
                     if isinstance(rv, str) and rv:
                         resource_version = rv
-                    if event_type != "BOOKMARK" and _owned(obj):
+                    if event_type != "BOOKMARK" and owned(obj):
                         yield plural, event_type, obj
             except _WatchExpired:
                 resource_version = None
@@ -554,18 +424,3 @@ async def _merge(sources: list[AsyncGenerator[_T, None]]) -> AsyncGenerator[_T, 
 
 class _WatchExpired(Exception):
     """``410 Gone``: the resource version is too old; watch from the current state."""
-
-
-def _is_attempt(job: Mapping[str, Any], attempt: int) -> bool:
-    """The job is this attempt's (or a later one's) and is not being deleted."""
-    meta = job.get("metadata") or {}
-    try:
-        job_attempt = int((meta.get("labels") or {}).get(LABEL_ATTEMPT, attempt))
-    except ValueError:
-        job_attempt = attempt
-    return job_attempt >= attempt and not meta.get("deletionTimestamp")
-
-
-def _owned(job: Mapping[str, Any]) -> bool:
-    labels = (job.get("metadata") or {}).get("labels") or {}
-    return bool(labels.get(LABEL_MANAGED_BY) == MANAGED_BY)

@@ -1,0 +1,192 @@
+"""Admission: queued tasks into launched jobs, fairly, within capacity (DESIGN §2).
+
+Guarantees (with any number of dispatcher replicas over one Redis and one database):
+- Capacity: a job is launched only for a task whose GPUs ``TaskQueue.claim_next``
+  acquired atomically, so the GPUs held never exceed ``gpu_capacity``.
+- Order: tasks are taken in the queue's fair order (round-robin across users, FIFO
+  within a user) under the per-user running cap; a retry that is due goes back to
+  the front of its user's list first.
+- No busy loop: ``run`` takes tasks until the queue says it cannot, then sleeps on the
+  queue's wake-up signal (pushed on enqueue and on every capacity release), so a
+  freed slot is refilled within milliseconds. It also wakes for the next due retry
+  and at least every ``dispatcher.wake_max_s``. The blocking wait has a connection of
+  its own, which ``interrupt()`` closes to end it at once on stop.
+- Crash safety: a task moves ``queued → dispatching`` by compare-and-set (counting the
+  attempt) before its job is launched, the job name derives from the task id and
+  launch is idempotent, and the queue entry is acknowledged only once the task is
+  ``running`` (or has failed). A claim whose task was cancelled or is gone is
+  dropped and its GPUs released; no job starts for it.
+- ``launch`` (launch-or-fail, shared with the reconciler) either records the job's
+  launch and moves the task to ``running``, or sends the task through the retry rule:
+  a task whose model is gone fails for good, a launch error is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+
+from vidmaas.bus.queue import Claim, TaskQueue
+from vidmaas.db.models import Task
+from vidmaas.dispatcher.context import DispatcherContext, age_s
+from vidmaas.domain import events as ev
+from vidmaas.domain.ids import job_name as job_name_of
+from vidmaas.domain.jobs import JobSpec
+from vidmaas.domain.status import TaskStatus
+from vidmaas.errors import VidmaasError
+from vidmaas.logs import TaskLog
+
+log = logging.getLogger(__name__)
+tlog = TaskLog(log)
+
+
+class Admission:
+    """The claim loop of one replica, and the launch step the reconciler shares."""
+
+    def __init__(self, ctx: DispatcherContext) -> None:
+        self.ctx = ctx
+        self.launched = 0
+        """Jobs this replica launched."""
+        self._waiter_pool: aioredis.ConnectionPool | None = None
+        self._woke_at = time.monotonic()
+
+    async def run(self) -> None:
+        """Admit until stop, sleeping on the queue's wake-up signal in between."""
+        ctx = self.ctx
+        await ctx.wait_ready()
+        # The blocking wait gets a connection of its own, which interrupt() closes.
+        shared = ctx.redis.connection_pool
+        pool = type(shared)(connection_class=shared.connection_class, max_connections=1,
+                            **shared.connection_kwargs)
+        self._waiter_pool = pool
+        waiter = TaskQueue(aioredis.Redis(connection_pool=pool))
+        try:
+            while not ctx.stopping.is_set():
+                self._woke_at = time.monotonic()
+                ctx.beat()
+                if await self.admit() and ctx.metrics is not None:
+                    ctx.metrics.set_capacity(in_use=await ctx.queue.gpus_in_use(),
+                                             capacity=ctx.settings.gpu_capacity)
+                    ctx.metrics.set_queue_depths(await ctx.queue.depths())
+                timeout_s = min(ctx.cfg.reconcile_interval_s, ctx.cfg.wake_max_s)
+                due_s = await ctx.queue.next_due_in_s()
+                if due_s is not None:
+                    timeout_s = max(0.005, min(timeout_s, due_s + 0.005))
+                if ctx.stopping.is_set():
+                    break
+                await waiter.wait_signal(timeout_s)
+        finally:
+            self._waiter_pool = None
+            await pool.disconnect()
+
+    async def interrupt(self) -> None:
+        """End a blocked wait at once (on stop)."""
+        if self._waiter_pool is not None:
+            # Fails the blocked BLPOP at once; cancelling it instead can wedge the pool.
+            await self._waiter_pool.disconnect()
+
+    async def promote_due_retries(self) -> int:
+        """Move retries whose backoff is over to the front of their user's list."""
+        n = 0
+        for task_id, _user in await self.ctx.queue.promote_due():
+            task = await self.ctx.get(task_id)
+            if task is None or task.status is not TaskStatus.QUEUED:
+                continue
+            await self.ctx.lifecycle.enqueue(task, front=True)
+            tlog.info(task_id, "retry due, back at the front of the queue")
+            n += 1
+        return n
+
+    async def admit(self) -> int:
+        """Promote due retries, then launch tasks until the queue yields none."""
+        ctx = self.ctx
+        await self.promote_due_retries()
+        started = 0
+        while not ctx.stopping.is_set():
+            res = await ctx.queue.claim_next(
+                dispatcher_id=ctx.id, capacity=ctx.settings.gpu_capacity,
+                per_user_cap=ctx.cfg.per_user_running_cap, lease_s=ctx.cfg.claim_lease_s)
+            if res.claim is None:
+                break
+            await self._dispatch_claim(res.claim)
+            started += 1
+        if started:
+            await ctx.queue.announce_move()
+        return started
+
+    def job_spec(self, task: Task, attempt: int) -> JobSpec:
+        """The job of ``task``'s attempt; ``VidmaasError`` when its model is unknown."""
+        model = self.ctx.registry.get_or_raise(task.model)
+        return JobSpec(task_id=task.id, job_name=job_name_of(task.id), user_id=task.user_id,
+                       model=model, prompt=task.prompt, params=dict(task.params),
+                       attempt=attempt, input_key=task.input_key,
+                       negative_prompt=task.negative_prompt,
+                       labels={"vidmaas.io/task-id": task.id, "vidmaas.io/user-id": task.user_id})
+
+    async def _dispatch_claim(self, claim: Claim) -> None:
+        ctx = self.ctx
+        tid = claim.task_id
+        name = job_name_of(tid)
+        await ctx.hook("after_claim")
+        # The compare-and-set is the read: it only succeeds on a task still queued, and
+        # returns the row, so the hot path makes no separate read first.
+        try:
+            task = await ctx.lifecycle.transition(
+                task_id=tid, to=TaskStatus.DISPATCHING, expected=TaskStatus.QUEUED,
+                fields={"attempts": Task.attempts + 1, "job_name": name,
+                        "executor": ctx.executor.name})
+        except VidmaasError as e:  # cancelled meanwhile, or gone
+            current = await ctx.get(tid)
+            tlog.info(tid, "claimed but not dispatchable (%s); dropping the claim", e)
+            if current is None or not current.status.active:
+                await ctx.lifecycle.release(tid)
+            await ctx.queue.ack(tid)
+            return
+        await ctx.lifecycle.publish(ev.dispatched(tid, executor=ctx.executor.name,
+                                                  job_name=name, attempt=task.attempts))
+        await ctx.hook("after_dispatching")
+        await self.launch(task)
+
+    async def launch(self, task: Task) -> None:
+        """Build the job of a dispatching task and launch it; a task whose model is gone
+        fails for good."""
+        try:
+            spec = self.job_spec(task, task.attempts)
+        except VidmaasError as e:
+            await self.ctx.fail_or_retry(task, code="unknown_model", message=e.message,
+                                         retryable=False)
+            await self.ctx.queue.ack(task.id)
+            return
+        await self._launch_and_run(task, spec)
+
+    async def _launch_and_run(self, task: Task, spec: JobSpec) -> None:
+        """Launch (idempotently) the job of a ``dispatching`` task, then mark it running."""
+        ctx = self.ctx
+        tid = task.id
+        try:
+            await ctx.executor.launch(spec)
+        except Exception as e:
+            tlog.warning(tid, "launch of %s failed: %s", spec.job_name, e)
+            await ctx.fail_or_retry(task, code="launch_failed",
+                                    message=f"launch failed: {e}"[:2000], retryable=True)
+            await ctx.queue.ack(tid)
+            return
+        self.launched += 1
+        if ctx.metrics is not None:
+            queued_s = age_s(task.queued_at, datetime.now(UTC))
+            ctx.metrics.observe_dispatch(executor=ctx.executor.name,
+                                         gap_s=time.monotonic() - self._woke_at,
+                                         queue_wait_s=queued_s or 0.0)
+        tlog.info(tid, "launched job %s (attempt %d)", spec.job_name, spec.attempt)
+        await ctx.hook("after_launch")
+        try:
+            await ctx.lifecycle.transition(task_id=tid, to=TaskStatus.RUNNING,
+                                           expected=TaskStatus.DISPATCHING)
+        except VidmaasError as e:
+            # Cancelled or finished while launching: the cancel scan and the job updates
+            # take it from here.
+            tlog.info(tid, "not moved to running (%s)", e)
+        await ctx.queue.ack(tid)
