@@ -106,6 +106,25 @@ class ApiSettings(BaseModel):
     """Keep-alive ping interval on WebSocket and SSE connections."""
     stream_buffer_events: int = 256
     """Per-connection buffer; progress is coalesced and terminal events kept when full."""
+    stream_read_block_ms: int = 2000
+    """How long each blocked ``XREAD`` of the per-process stream reader waits before it
+    loops when nothing arrives; a new key wakes it at once (``CLIENT UNBLOCK``), so this
+    only sets how often an idle reader makes a round trip."""
+    stream_read_max_events: int = 200
+    """Most entries the stream reader takes from one task's stream per ``XREAD``; never
+    more than half of ``stream_buffer_events``, so one read cannot fill a connection."""
+    stream_backfill_page_events: int = 500
+    """Page size of the ``XRANGE`` reads that back-fill a client joining a task behind
+    the stream reader's position."""
+    stream_terminal_grace_s: float = 2.0
+    """How long a stream whose task row is terminal waits for the terminal event before
+    it ends anyway."""
+    stream_row_check_max_interval_s: float = 5.0
+    """After a terminal event a stream checks the task row (a retryable failure sends the
+    task back to ``queued``) at doubling intervals, from 0.1 s up to this."""
+    stream_queue_coalesce_s: float = 0.02
+    """After a queue move, wait this long so that a burst of moves costs one recompute of
+    the watched tasks' queue positions."""
     cors_origins: list[str] = Field(default_factory=list)
     """Origins allowed to call the API from a browser (empty: same origin only)."""
     openai_default_model: str = "wan2.2-ti2v-5b"

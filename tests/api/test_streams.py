@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from tests.api.conftest import api_settings, make_users
 from tests.support.services import free_port
 from vidmaas.api.app import create_app
-from vidmaas.api.streams import StreamHub
+from vidmaas.api.streams import StreamHub, open_connection
 from vidmaas.bus.queue import TaskQueue
 from vidmaas.config import ApiSettings, Settings, StorageSettings
 from vidmaas.domain import events as ev
@@ -527,7 +527,7 @@ async def test_a_connection_whose_client_takes_nothing_lags_within_its_buffer_th
     server = server_sqlite
     task_id = await new_task(server)
     await start_running(server, task_id)
-    conn = server.hub.connect(user_id="u", scope=None, single=task_id)
+    conn = open_connection(server.hub, user_id="u", scope=None, single=task_id)
     try:
         assert await conn.attach(task_id)
         ids = [await server.svc.lifecycle.publish(ev.stage(task_id, ev.Stage.DENOISE))
@@ -629,6 +629,44 @@ async def test_queue_positions_are_pushed_to_watchers_when_they_change(
     got = await ws_messages(ws, n=1)
     assert got[0]["data"] == {"position": 1}
     await ws.close()
+
+
+async def test_a_queue_move_pushes_exact_positions_to_the_watched_tasks_that_moved_from_one_script(
+        server_sqlite: Server) -> None:
+    server = server_sqlite
+    alice = [await new_task(server) for _ in range(3)]
+    bob = [await new_task(server, "bob") for _ in range(3)]  # fair order: a0 b0 a1 b1 a2 b2
+    queue = server.svc.lifecycle.queue
+    conn = open_connection(server.hub, user_id="u", scope=None, single=None)
+    try:
+        for task_id in alice + bob:
+            assert await conn.attach(task_id)
+        assert [m["data"]["queue_position"] for m in conn.outbox.take()] == [1, 3, 5, 2, 4, 6]
+        r = await server.http.post(f"/v1/tasks/{alice[0]}/cancel", headers=server.auth("alice"))
+        assert r.status_code == 200
+        pushed: dict[str, int] = {}
+        async with asyncio.timeout(5):
+            while len(pushed) < 3:
+                await conn.outbox.ready.wait()
+                pushed |= {m["task_id"]: m["data"]["position"] for m in conn.outbox.take()
+                           if m["type"] == "queued"}
+        await asyncio.sleep(0.3)
+        pushed |= {m["task_id"]: m["data"]["position"] for m in conn.outbox.take()}
+        exact = {}
+        for task_id in alice[1:] + bob:
+            row = await _row(server, task_id)
+            exact[task_id] = await queue.position(user_id=row.user_id, task_id=task_id)
+        # Now a1 b0 a2 b1 b2: b0 and b1 kept their places and got nothing.
+        assert pushed == {t: exact[t] for t in (alice[1], alice[2], bob[2])} \
+            == {alice[1]: 1, alice[2]: 3, bob[2]: 5}
+        # One script for all five watched queued tasks, however many there are.
+        await server.svc.redis.config_resetstat()
+        await server.hub.recompute_positions()
+        stats = await server.svc.redis.info("commandstats")
+        assert stats["cmdstat_eval"]["calls"] == 1
+        assert len(conn.outbox) == 0  # nothing moved: nothing pushed
+    finally:
+        conn.close()
 
 
 async def test_streams_need_credentials_and_another_users_task_looks_missing(

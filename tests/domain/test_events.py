@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from vidmaas.domain import events as ev
 from vidmaas.domain.ids import new_task_id
+from vidmaas.domain.status import TaskStatus
 
 TID = new_task_id()
 
@@ -58,3 +60,50 @@ def test_the_decoder_either_returns_a_valid_event_or_raises_malformed_event(
     except ev.MalformedEvent:
         return
     assert ev.decode(ev.encode(e)) == e
+
+
+# ------------------------------------------------------------------ client messages
+
+def _state(status: TaskStatus, **kw: Any) -> ev.TaskState:
+    return ev.TaskState(**{"task_id": TID, "status": status, "progress": 12.3456,
+                           "stage": "denoise", "eta_s": 4.5, "attempts": 1, **kw})
+
+
+def test_a_snapshot_has_the_documented_fields_and_its_id_is_the_resume_point() -> None:
+    msg = ev.snapshot(_state(TaskStatus.RUNNING), resume_id="5-0", last_event_id="7-1",
+                      queue_position=None)
+    assert msg == {"v": 1, "type": "snapshot", "task_id": TID, "id": "5-0", "data": {
+        "status": "running", "progress": 12.35, "stage": "denoise", "eta_s": 4.5,
+        "queue_position": None, "last_event_id": "7-1", "attempts": 1, "error": None,
+        "result": None}}
+    assert json.loads(json.dumps(msg)) == msg
+    assert type(msg["data"]["status"]) is str  # plain JSON, not the enum
+
+
+def test_a_snapshot_shows_an_error_only_for_a_failed_task_or_one_queued_for_a_retry() -> None:
+    err = {"error_code": "node_lost", "error_message": None}
+    shown = {TaskStatus(s): ev.snapshot(_state(TaskStatus(s), **err), resume_id="0-0",
+                                        last_event_id=None, queue_position=None)["data"]["error"]
+             for s in TaskStatus}
+    assert shown.pop(TaskStatus.FAILED) == {"code": "node_lost", "message": ""}
+    assert shown.pop(TaskStatus.QUEUED) == {"code": "node_lost", "message": ""}
+    assert set(shown.values()) == {None}
+    assert ev.shown_error(status=TaskStatus.FAILED, code=None, message="x") is None
+
+
+def test_a_snapshot_shows_the_result_only_once_the_task_completed() -> None:
+    result = {"width": 64, "timings": {"total_s": 1.0}}
+    done = ev.snapshot(_state(TaskStatus.COMPLETED, result=result), resume_id="1-0",
+                       last_event_id="1-0", queue_position=None)
+    assert done["data"]["result"] == result
+    running = ev.snapshot(_state(TaskStatus.RUNNING, result=result), resume_id="1-0",
+                          last_event_id="1-0", queue_position=None)
+    assert running["data"]["result"] is None
+
+
+def test_position_pushes_ends_and_pings_have_their_documented_shapes() -> None:
+    assert ev.position_push(TID, position=3) == {
+        "v": 1, "type": "queued", "task_id": TID, "data": {"position": 3}}
+    assert "id" not in ev.position_push(TID, position=3)  # not an event: no resume point
+    assert ev.end(TID) == {"v": 1, "type": "end", "task_id": TID, "data": {}}
+    assert ev.ping() == {"type": "ping"}

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from vidmaas.db.models import Task
+from vidmaas.domain.events import shown_error
 from vidmaas.domain.status import TaskStatus
 
 WebhookEvent = Literal["started", "progress", "completed", "failed", "cancelled"]
@@ -112,9 +113,8 @@ class ModelList(BaseModel):
 
 def task_out(task: Task, *, position: int | None, base_path: str = "/v1/tasks") -> TaskOut:
     completed = task.status is TaskStatus.COMPLETED
-    error = ErrorInfo(code=task.error_code, message=task.error_message or "") \
-        if task.error_code and task.status in (TaskStatus.FAILED.value,
-                                               TaskStatus.QUEUED.value) else None
+    shown = shown_error(status=task.status, code=task.error_code, message=task.error_message)
+    error = ErrorInfo(**shown) if shown is not None else None
     p = task.params
     return TaskOut(
         id=task.id, status=task.status, model=task.model, prompt=task.prompt,

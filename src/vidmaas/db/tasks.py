@@ -256,3 +256,11 @@ async def list_visible_tasks(*, session: AsyncSession, source: str, user_id: str
         if after is not None:
             stmt = stmt.where(Task.id < after)
     return list((await session.execute(stmt)).scalars())
+
+
+async def owners_of(*, session: AsyncSession, task_ids: Collection[str]) -> dict[str, str]:
+    """The owner (user id) of each of ``task_ids`` that exists; unknown ids are left out."""
+    if not task_ids:
+        return {}
+    res = await session.execute(select(Task.id, Task.user_id).where(Task.id.in_(task_ids)))
+    return {str(task_id): str(user_id) for task_id, user_id in res.all()}

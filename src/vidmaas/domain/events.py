@@ -8,6 +8,9 @@ Guarantees:
   raises ``MalformedEvent`` for anything else (it never returns a half-valid event).
 - ``data`` is checked per type for the fields the table in DESIGN §4 requires.
 - The stream entry id is the event id; it is not part of the fields.
+- The client messages that are not events (``snapshot``, ``queued`` position pushes,
+  ``end``, ``ping``) are built only by the constructors of the last section, so each
+  has one shape; they take plain values (``TaskState``), never database rows.
 """
 
 from __future__ import annotations
@@ -206,3 +209,81 @@ def cancelled(task_id: str, *, by: str) -> Event:
 
 def status_changed(task_id: str, *, status: TaskStatus) -> Event:
     return Event(task_id, EventType.STATUS, {"status": status.value})
+
+
+# ------------------------------------------------------------------ client messages
+# What a client receives on a stream besides events (docs/streams-and-openai.md): per
+# task a snapshot first, queue-position pushes, ``end``; and keep-alive pings. Events
+# themselves go out as ``Event.to_json(event_id=…)``. These constructors are the one
+# place their fields are spelled; the web page and the clients read exactly these.
+
+ClientMessage = dict[str, Any]
+"""One message as sent to a client (JSON object)."""
+
+
+class ClientMessageType(enum.StrEnum):
+    SNAPSHOT = "snapshot"
+    END = "end"
+    PING = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    """The part of a task a snapshot shows, as plain values (the api converts its rows)."""
+
+    task_id: str
+    status: TaskStatus
+    progress: float
+    stage: str | None
+    eta_s: float | None
+    attempts: int
+    error_code: str | None = None
+    error_message: str | None = None
+    result: Mapping[str, Any] | None = None
+
+
+def shown_error(*, status: TaskStatus, code: str | None,
+                message: str | None) -> dict[str, str] | None:
+    """The error a client sees: a failed task's, or (while it waits for a retry) the
+    failure that sent a task back to ``queued``; None otherwise."""
+    if code and status in (TaskStatus.FAILED, TaskStatus.QUEUED):
+        return {"code": code, "message": message or ""}
+    return None
+
+
+def snapshot(state: TaskState, *, resume_id: str, last_event_id: str | None,
+             queue_position: int | None) -> ClientMessage:
+    """The first message for a task.
+
+    ``resume_id`` is its ``id``: the point the events that follow start after, so a
+    client that remembers the last ``id`` it saw resumes correctly from a snapshot too.
+    ``last_event_id`` is the newest event id when the snapshot was taken.
+    """
+    completed = state.status is TaskStatus.COMPLETED
+    return {"v": WIRE_VERSION, "type": ClientMessageType.SNAPSHOT.value,
+            "task_id": state.task_id, "id": resume_id, "data": {
+                "status": state.status.value, "progress": round(state.progress, 2),
+                "stage": state.stage, "eta_s": state.eta_s, "queue_position": queue_position,
+                "last_event_id": last_event_id, "attempts": state.attempts,
+                "error": shown_error(status=state.status, code=state.error_code,
+                                     message=state.error_message),
+                "result": dict(state.result) if completed and state.result is not None
+                else None}}
+
+
+def position_push(task_id: str, *, position: int) -> ClientMessage:
+    """A queue position push: a ``queued`` message without an event id (positions move
+    for every queued task when the queue moves, so they are not stream events)."""
+    return {"v": WIRE_VERSION, "type": EventType.QUEUED.value, "task_id": task_id,
+            "data": {"position": position}}
+
+
+def end(task_id: str) -> ClientMessage:
+    """Nothing more will come for this task (it is terminal)."""
+    return {"v": WIRE_VERSION, "type": ClientMessageType.END.value, "task_id": task_id,
+            "data": {}}
+
+
+def ping() -> ClientMessage:
+    """A WebSocket keep-alive (SSE sends a ``: ping`` comment instead)."""
+    return {"type": ClientMessageType.PING.value}

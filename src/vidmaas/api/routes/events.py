@@ -1,6 +1,7 @@
 """Event streams to clients: SSE and WebSocket per task, and a multiplexed WebSocket.
 
-Routes (message formats in docs/streams-and-openai.md; the engine in ``api.streams``):
+Routes (message formats in docs/streams-and-openai.md; the engine in the
+``api.streams`` package):
 
 - ``GET /v1/tasks/{id}/events`` — Server-Sent Events. ``id:`` is the event id (the
   snapshot's is the resume point), ``event:`` the type. Resume with ``Last-Event-ID`` or
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -42,15 +42,18 @@ from vidmaas.api.schemas import ErrorBody
 from vidmaas.api.streams import (
     Connection,
     GoingAway,
-    Message,
     StreamHub,
     TooSlow,
+    dumps,
     install_hub,
+    open_connection,
+    sse_frame,
     valid_stream_id,
 )
 from vidmaas.bus.events import id_key
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
+from vidmaas.domain import events as ev
 from vidmaas.domain.ids import is_task_id
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import InvalidRequest, NotFound, Unauthenticated, VidmaasError
@@ -68,7 +71,7 @@ CLOSE_NOT_FOUND = 4404
 CLOSE_TOO_SLOW = 4408
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_PING = json.dumps({"type": "ping"})
+_PING = dumps(ev.ping())
 
 
 def hub_of(app: Any) -> StreamHub:
@@ -76,19 +79,6 @@ def hub_of(app: Any) -> StreamHub:
     if hub is None:
         raise VidmaasError("the event streams are not running")
     return hub
-
-
-def _dumps(msg: Message) -> str:
-    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False)
-
-
-def sse_frame(msg: Message) -> str:
-    lines = []
-    if msg.get("id") is not None:
-        lines.append(f"id: {msg['id']}")
-    lines.append(f"event: {msg['type']}")
-    lines.append(f"data: {_dumps(msg)}")
-    return "\n".join(lines) + "\n\n"
 
 
 def _check_after(after: str | None) -> str | None:
@@ -127,7 +117,7 @@ async def task_events_sse(
         return Response(status_code=204)
     async def body() -> AsyncIterator[str]:
         # Registered inside the body, so a client gone before it starts leaves nothing.
-        conn = hub.connect(user_id=caller.id, scope=caller.scope, single=task.id)
+        conn = open_connection(hub, user_id=caller.id, scope=caller.scope, single=task.id)
         try:
             yield "retry: 1000\n\n"
             if not await conn.attach(task.id, after=resume):
@@ -178,7 +168,7 @@ async def _serve(websocket: WebSocket, conn: Connection, *, task_id: str | None,
                 if not batch:
                     await websocket.send_text(_PING)
                 for m in batch:
-                    await websocket.send_text(_dumps(m))
+                    await websocket.send_text(dumps(m))
             return CLOSE_COMPLETE
         except TooSlow:
             return CLOSE_TOO_SLOW
@@ -230,7 +220,7 @@ async def task_events_ws(websocket: WebSocket, task_id: str) -> None:
     except NotFound:
         await websocket.close(CLOSE_NOT_FOUND, "no such task")
         return
-    conn = hub.connect(user_id=caller.id, scope=caller.scope, single=task.id)
+    conn = open_connection(hub, user_id=caller.id, scope=caller.scope, single=task.id)
     await _serve(websocket, conn, task_id=task.id, after=after)
 
 
@@ -241,7 +231,7 @@ async def all_events_ws(websocket: WebSocket) -> None:
         return
     hub, caller = opened
     # Only the caller's own tasks, admins included: a firehose of everyone's is not this.
-    conn = hub.connect(user_id=caller.id, scope=caller.id, single=None)
+    conn = open_connection(hub, user_id=caller.id, scope=caller.id, single=None)
     await _serve(websocket, conn, task_id=None, after=None)
 
 
