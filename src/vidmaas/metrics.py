@@ -121,6 +121,21 @@ class Metrics:
             "vidmaas_dispatches_total", "Jobs launched, by executor.", ["executor"], registry=r,
         )
 
+        # ---- warm pools (dispatcher)
+        self.pool_workers = Gauge(
+            "vidmaas_pool_workers", "Pool workers, by model and state.", ["model", "state"],
+            registry=r,
+        )
+        self.pool_assignments = Counter(
+            "vidmaas_pool_assignments_total",
+            "Tasks sent to pool workers, by model; warm: the worker had run a task before "
+            "(a cold start avoided).", ["model", "warm"], registry=r,
+        )
+        self.pool_scaling = Counter(
+            "vidmaas_pool_scaling_total", "Pool scaling decisions carried out, by action.",
+            ["action"], registry=r,
+        )
+
         # ---- job runtime stages and outcomes (relay, from events)
         self.stage_duration = Histogram(
             "vidmaas_stage_duration_seconds", "Duration of one job stage.", ["stage"],
@@ -158,6 +173,7 @@ class Metrics:
         for transport in STREAM_TRANSPORTS:
             self.stream_connections.labels(transport=transport).set(0)
         self._users_seen: set[str] = set()
+        self._pool_seen: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ snapshot setters
@@ -184,7 +200,24 @@ class Metrics:
         for status in TASK_STATUSES:
             self.tasks.labels(status=status).set(counts.get(status, 0))
 
+    def set_pool_workers(self, census: Mapping[tuple[str, str], int]) -> None:
+        """Set the workers per (model, state) from one snapshot; absent pairs become 0."""
+        with self._lock:
+            for labels in self._pool_seen - census.keys():
+                self.pool_workers.labels(model=labels[0], state=labels[1]).set(0)
+            for (model, state), n in census.items():
+                self.pool_workers.labels(model=model, state=state).set(n)
+            self._pool_seen = set(census) | self._pool_seen
+
     # ------------------------------------------------------------ observations
+
+    def observe_assignment(self, *, model: str, warm: bool) -> None:
+        """Count one task sent to a pool worker."""
+        self.pool_assignments.labels(model=model, warm="true" if warm else "false").inc()
+
+    def observe_scaling(self, *, action: str) -> None:
+        """Count one pool scaling decision (``start``, ``drain``, ``retire``)."""
+        self.pool_scaling.labels(action=action).inc()
 
     def observe_dispatch(self, *, executor: str, gap_s: float, queue_wait_s: float) -> None:
         """Record one launched job: the dispatch gap and how long the task waited."""

@@ -154,10 +154,22 @@ _ASSIGN_LUA = _LIB + """
 --       5 fence ttl s
 local f = rec(KEYS[1], ARGV[1])
 if not f or f[3] ~= 'busy' or f[5] ~= ARGV[2] then return 0 end
+if redis.call('GET', KEYS[2]) == ARGV[1] .. '|' .. ARGV[3] then return 1 end  -- already sent
 f[6] = ARGV[3]
 put(KEYS[1], ARGV[1], f)
 redis.call('SET', KEYS[2], ARGV[1] .. '|' .. ARGV[3], 'EX', ARGV[5])
 redis.call('RPUSH', KEYS[3], ARGV[4])
+return 1
+"""
+
+_UNCLAIM_LUA = _LIB + """
+-- KEYS: 1 workers, 2 idle prefix, 3 signal; ARGV: 1 worker, 2 task, 3 now ms, 4 keep
+-- A worker marked busy by a claim whose assignment was never sent goes back to idle.
+local f = rec(KEYS[1], ARGV[1])
+if not f or f[3] ~= 'busy' or f[5] ~= ARGV[2] or f[6] ~= '' then return 0 end
+put(KEYS[1], ARGV[1], {f[1], f[2], 'idle', ARGV[3], '', '', f[7]})
+redis.call('ZADD', KEYS[2] .. f[1], ARGV[3], ARGV[1])
+signal(KEYS[3], ARGV[4])
 return 1
 """
 
@@ -250,6 +262,14 @@ class PoolRegistry:
         ok = await self._r.eval(
             _ASSIGN_LUA, 3, keys.POOL_WORKERS, keys.task_fence(task_id),
             keys.worker_inbox(worker_id), worker_id, task_id, attempt, payload, FENCE_TTL_S)
+        return bool(ok)
+
+    async def unclaim(self, worker_id: str, task_id: str) -> bool:
+        """Put back to idle a worker that a claim of ``task_id`` marked busy but that was
+        never sent the assignment (its dispatcher died, or the task was cancelled)."""
+        ok = await self._r.eval(
+            _UNCLAIM_LUA, 3, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX, keys.QUEUE_SIGNAL,
+            worker_id, task_id, now_ms(), SIGNAL_KEEP)
         return bool(ok)
 
     async def drain(self, worker_id: str, *, only_if_idle: bool = False) -> bool:

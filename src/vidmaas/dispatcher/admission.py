@@ -19,6 +19,10 @@ Guarantees (with any number of dispatcher replicas over one Redis and one databa
 - ``launch`` (launch-or-fail, shared with the reconciler) either records the job's
   launch and moves the task to ``running``, or sends the task through the retry rule:
   a task whose model is gone fails for good, a launch error is retried.
+- A pooled model's task is claimed only onto an idle worker of its model
+  (``dispatcher.pools``); it is then sent to that worker instead of launched. A head
+  task that does not fit the free GPUs is left for ``Pools`` to free idle workers'
+  GPUs for.
 """
 
 from __future__ import annotations
@@ -29,12 +33,16 @@ from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 
+from vidmaas.bus import keys
 from vidmaas.bus.queue import Claim, TaskQueue
 from vidmaas.db.models import Task
 from vidmaas.dispatcher.context import DispatcherContext, age_s
+from vidmaas.dispatcher.pools import Pools
 from vidmaas.domain import events as ev
+from vidmaas.domain.ids import is_worker_id
 from vidmaas.domain.ids import job_name as job_name_of
 from vidmaas.domain.jobs import JobSpec
+from vidmaas.domain.pools import Need
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import VidmaasError
 from vidmaas.logs import TaskLog
@@ -46,8 +54,9 @@ tlog = TaskLog(log)
 class Admission:
     """The claim loop of one replica, and the launch step the reconciler shares."""
 
-    def __init__(self, ctx: DispatcherContext) -> None:
+    def __init__(self, ctx: DispatcherContext, pools: Pools) -> None:
         self.ctx = ctx
+        self.pools = pools
         self.launched = 0
         """Jobs this replica launched."""
         self._waiter_pool: aioredis.ConnectionPool | None = None
@@ -108,14 +117,23 @@ class Admission:
         while not ctx.stopping.is_set():
             res = await ctx.queue.claim_next(
                 dispatcher_id=ctx.id, capacity=ctx.settings.gpu_capacity,
-                per_user_cap=ctx.cfg.per_user_running_cap, lease_s=ctx.cfg.claim_lease_s)
+                per_user_cap=ctx.cfg.per_user_running_cap, lease_s=ctx.cfg.claim_lease_s,
+                pooled=self.pools.pooled)
             if res.claim is None:
+                self.pools.blocked = await self._need_of(res.blocked_task_id)
                 break
             await self._dispatch_claim(res.claim)
             started += 1
         if started:
             await ctx.queue.announce_move()
         return started
+
+    async def _need_of(self, task_id: str | None) -> Need | None:
+        if task_id is None or not self.pools.pooled:
+            return None
+        model = await self.ctx.redis.hget(keys.QUEUE_MODEL, task_id)
+        gpus = await self.ctx.redis.hget(keys.QUEUE_GPUS, task_id)
+        return Need(str(model or ""), int(gpus or 1))
 
     def job_spec(self, task: Task, attempt: int) -> JobSpec:
         """The job of ``task``'s attempt; ``VidmaasError`` when its model is unknown."""
@@ -129,7 +147,7 @@ class Admission:
     async def _dispatch_claim(self, claim: Claim) -> None:
         ctx = self.ctx
         tid = claim.task_id
-        name = job_name_of(tid)
+        name = claim.worker_id or job_name_of(tid)
         await ctx.hook("after_claim")
         # The compare-and-set is the read: it only succeeds on a task still queued, and
         # returns the row, so the hot path makes no separate read first.
@@ -143,16 +161,18 @@ class Admission:
             tlog.info(tid, "claimed but not dispatchable (%s); dropping the claim", e)
             if current is None or not current.status.active:
                 await ctx.lifecycle.release(tid)
+            if claim.worker_id is not None:
+                await self.pools.registry.unclaim(claim.worker_id, tid)
             await ctx.queue.ack(tid)
             return
         await ctx.lifecycle.publish(ev.dispatched(tid, executor=ctx.executor.name,
                                                   job_name=name, attempt=task.attempts))
         await ctx.hook("after_dispatching")
-        await self.launch(task)
+        await self.launch(task, claim=claim)
 
-    async def launch(self, task: Task) -> None:
-        """Build the job of a dispatching task and launch it; a task whose model is gone
-        fails for good."""
+    async def launch(self, task: Task, *, claim: Claim | None = None) -> None:
+        """Build the job of a dispatching task and launch it (or send it to its pool
+        worker); a task whose model is gone fails for good."""
         try:
             spec = self.job_spec(task, task.attempts)
         except VidmaasError as e:
@@ -160,7 +180,14 @@ class Admission:
                                          retryable=False)
             await self.ctx.queue.ack(task.id)
             return
-        await self._launch_and_run(task, spec)
+        if claim is not None and claim.worker_id is not None:
+            await self.pools.assign(claim, task, spec)
+            await self.ctx.queue.ack(task.id)
+        elif claim is None and task.job_name is not None and is_worker_id(task.job_name):
+            await self.pools.reassign(task, spec)
+            await self.ctx.queue.ack(task.id)
+        else:
+            await self._launch_and_run(task, spec)
 
     async def _launch_and_run(self, task: Task, spec: JobSpec) -> None:
         """Launch (idempotently) the job of a ``dispatching`` task, then mark it running."""

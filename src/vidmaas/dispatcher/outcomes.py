@@ -16,7 +16,11 @@ Guarantees:
   cutting a handling in half.
 - ``handle_cancels`` (every ``dispatcher.cancel_scan_interval_s``) asks the executor
   once per task to stop the job of each ``cancelling`` task, with
-  ``dispatcher.cancel_grace_s``, and finishes those whose job has ended.
+  ``dispatcher.cancel_grace_s``, and finishes those whose job has ended. A pooled
+  task's worker is not signalled: it stops at its next step (the cancel flag), and is
+  killed only if it is still on the task after the grace (``Pools.cancel_pass``).
+- A pool worker's process ending is handed to ``Pools`` (its task retried, it
+  replaced).
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ from vidmaas.bus.events import attempt_result
 from vidmaas.db.models import Task
 from vidmaas.dispatcher.context import DispatcherContext
 from vidmaas.dispatcher.executors.base import JobState, JobStatus
+from vidmaas.dispatcher.pools import Pools
 from vidmaas.domain import events as ev
+from vidmaas.domain.ids import is_worker_id, task_id_from_job_name
 from vidmaas.domain.ids import job_name as job_name_of
-from vidmaas.domain.ids import task_id_from_job_name
 from vidmaas.domain.jobs import exit_code_retryable
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import VidmaasError
@@ -61,8 +66,9 @@ def failure_of(status: JobStatus) -> tuple[str, str, bool]:
 class Outcomes:
     """Job status → task transitions for one replica, and its cancel scan."""
 
-    def __init__(self, ctx: DispatcherContext) -> None:
+    def __init__(self, ctx: DispatcherContext, pools: Pools) -> None:
         self.ctx = ctx
+        self.pools = pools
         self._cancel_sent: set[str] = set()
 
     async def run_updates(self) -> None:
@@ -95,6 +101,9 @@ class Outcomes:
         """Map a job's state to its task (see the module docstring)."""
         ctx = self.ctx
         if not status.state.finished and not status.stuck:
+            return
+        if task is None and is_worker_id(status.job_name):
+            await self.pools.on_worker_status(status)
             return
         tid = task.id if task is not None else task_id_from_job_name(status.job_name)
         if tid is None:
@@ -143,6 +152,9 @@ class Outcomes:
             if not ctx.owns(task):
                 continue
             job = task.job_name or job_name_of(task.id)
+            if is_worker_id(job):
+                await self.pools.cancel_pass(task)  # the worker stops at its next step
+                continue
             if task.id not in self._cancel_sent:
                 self._cancel_sent.add(task.id)
                 tlog.info(task.id, "cancelling job %s (grace %.0fs)", job, ctx.cfg.cancel_grace_s)

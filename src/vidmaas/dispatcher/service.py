@@ -3,7 +3,8 @@
 The parts, each with its own guarantees: ``admission`` (claims within capacity, in
 fair order, and launches), ``outcomes`` (job states → task transitions, the cancel
 scan), ``watchdog`` (silent, overdue and stuck-dispatching tasks), ``reconciler``
-(repairs after crashes and lost messages), all over one ``context``.
+(repairs after crashes and lost messages), ``pools`` (warm workers: assignment,
+replacement, scaling), all over one ``context``.
 
 Guarantees of ``Dispatcher`` (with any number of replicas over one Redis and one
 database; correctness comes from compare-and-set, not from being alone):
@@ -38,6 +39,7 @@ from vidmaas.dispatcher.admission import Admission
 from vidmaas.dispatcher.context import DispatcherContext
 from vidmaas.dispatcher.executors.base import Executor
 from vidmaas.dispatcher.outcomes import Outcomes
+from vidmaas.dispatcher.pools import Pools
 from vidmaas.dispatcher.reconciler import Reconciler
 from vidmaas.dispatcher.watchdog import Watchdog
 from vidmaas.domain.jobs import JobSpec
@@ -62,8 +64,9 @@ class Dispatcher:
         self.ctx = DispatcherContext(services, executor, dispatcher_id=dispatcher_id,
                                      test_hooks=test_hooks, metrics=metrics,
                                      heartbeat=heartbeat)
-        self._admission = Admission(self.ctx)
-        self._outcomes = Outcomes(self.ctx)
+        self.pools = Pools(self.ctx)
+        self._admission = Admission(self.ctx, self.pools)
+        self._outcomes = Outcomes(self.ctx, self.pools)
         self._watchdog = Watchdog(self.ctx, self._outcomes)
         self._reconciler = Reconciler(self.ctx, admission=self._admission,
                                       outcomes=self._outcomes)
@@ -102,6 +105,8 @@ class Dispatcher:
             "cancels": self._outcomes.run_cancels,
             "sweep": self._sweep_loop,
         }
+        if self.pools.pooled:
+            parts["pools"] = self._pools_loop
         tasks = [asyncio.create_task(self._supervise(name, fn), name=f"dispatcher-{name}")
                  for name, fn in parts.items()]
         try:
@@ -136,6 +141,13 @@ class Dispatcher:
             if ctx.metrics is not None:
                 await self._export_snapshot(ctx.metrics)
             await ctx.pause(ctx.cfg.reconcile_interval_s)
+
+    async def _pools_loop(self) -> None:
+        ctx = self.ctx
+        await ctx.wait_ready()
+        while not ctx.stopping.is_set():
+            await self.pools.manage()
+            await ctx.pause(ctx.settings.pools.manage_interval_s)
 
     async def _export_snapshot(self, metrics: Metrics) -> None:
         ctx = self.ctx

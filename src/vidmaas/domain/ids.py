@@ -2,7 +2,9 @@
 
 Guarantees: a task id is 26 characters of lowercase Crockford base32, starts with
 a letter, sorts by creation time (newest last), and is DNS-1123 safe, so
-``job_name(task_id)`` is a valid Kubernetes object name derived only from the id.
+``job_name(task_id)`` is a valid Kubernetes object name derived only from the id. A pool
+worker's id (``new_worker_id``) is DNS-1123 safe too, never a job name, and unique per
+incarnation.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import time
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 TASK_ID_RE = re.compile(r"^[a-z][0-9a-hjkmnp-tv-z]{25}$")
 JOB_NAME_PREFIX = "wan22-job-"
+WORKER_ID_PREFIX = "wan22-pool-"
+WORKER_ID_RE = re.compile(r"^wan22-pool-[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?-[0-9a-z]{8}$")
 
 
 def _b32(value: int, length: int) -> str:
@@ -44,6 +48,22 @@ def task_id_from_job_name(name: str) -> str | None:
         return None
     candidate = name[len(JOB_NAME_PREFIX) :]
     return candidate if is_task_id(candidate) else None
+
+
+def model_slug(model_id: str) -> str:
+    """A model id as a DNS-1123 label fragment (``wan2.2-ti2v-5b`` → ``wan2-2-ti2v-5b``)."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", model_id.lower()).strip("-")
+    return slug[:40].rstrip("-") or "model"
+
+
+def new_worker_id(model_id: str) -> str:
+    """A pool worker's id: its model and a fresh incarnation (never reused, so a stale
+    process can never be taken for its replacement)."""
+    return f"{WORKER_ID_PREFIX}{model_slug(model_id)}-{_b32(secrets.randbits(40), 8)}"
+
+
+def is_worker_id(value: str) -> bool:
+    return bool(WORKER_ID_RE.match(value))
 
 
 def new_user_id() -> str:

@@ -24,6 +24,9 @@ Guarantees:
 - ``updates`` yields a ``JobStatus`` when a job's process ends: its exit code, whether
   that is retryable (``exit_code_retryable``) and the tail of its log.
 - ``close`` stops watching; it never kills jobs.
+- Pool workers (``start_worker``) are process groups of the same kind, named by their
+  worker id, running ``vidmaas-job serve <worker_args>`` with the job environment less
+  the per-task variables; ``list_jobs`` never lists them, ``list_workers`` only them.
 - Without ``keep_work_dirs``, an ended job's directory is emptied except for its
   markers and log.
 
@@ -46,10 +49,12 @@ from typing import Any
 
 from vidmaas.config import Settings
 from vidmaas.dispatcher.executors import workdir
-from vidmaas.dispatcher.executors.base import JobState, JobStatus
+from vidmaas.dispatcher.executors.base import JobState, JobStatus, WorkerSpec
 from vidmaas.domain import jobs
-from vidmaas.domain.ids import task_id_from_job_name
+from vidmaas.domain.ids import is_worker_id, task_id_from_job_name
 from vidmaas.domain.jobs import JobSpec, job_args
+from vidmaas.domain.models import ModelSpec
+from vidmaas.domain.workers import ENV_WORKER_ID
 from vidmaas.logs import TaskLog
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """One process group to start: a task's job or a pool worker."""
+
+    name: str
+    attempt: int
+    command: list[str]
+    env: dict[str, str]
+    """Besides the work-directory variable, set at start."""
+    gpus: int
+    task_id: str | None
 
 
 @dataclass(slots=True)
@@ -106,23 +124,37 @@ class LocalExecutor:
             return [*self.program, *job_args(spec)]
         return [sys.executable, "-m", "vidmaas.runtime.cli", "run", *job_args(spec)]
 
+    def worker_command(self, spec: WorkerSpec) -> list[str]:
+        """What a pool worker runs: ``vidmaas-job serve <worker_args>``."""
+        if self.program is not None:
+            return [*self.program, "serve", *spec.args]
+        return [sys.executable, "-m", "vidmaas.runtime.cli", "serve", *spec.args]
+
     def environment(self, spec: JobSpec, work_dir: Path) -> dict[str, str]:
+        env = self._environment(spec.model, work_dir)
+        env.update({jobs.ENV_TASK_ID: spec.task_id, jobs.ENV_ATTEMPT: str(spec.attempt)})
+        return env
+
+    def worker_environment(self, spec: WorkerSpec, work_dir: Path) -> dict[str, str]:
+        env = self._environment(spec.model, work_dir)
+        env[ENV_WORKER_ID] = spec.worker_id
+        return env
+
+    def _environment(self, model: ModelSpec, work_dir: Path) -> dict[str, str]:
         s = self.settings
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIDMAAS_")}
         storage_url = s.storage.url
         if storage_url.startswith("file://") and not storage_url.startswith("file:///"):
             storage_url = Path(storage_url[len("file://"):]).resolve().as_uri()
-        model_dir = Path(spec.model.model_dir)
+        model_dir = Path(model.model_dir)
         if not model_dir.is_absolute() and s.model_root is not None:
             model_dir = s.model_root / model_dir
-        nproc = spec.model.nproc_per_node
+        nproc = model.nproc_per_node
         env.update({
-            jobs.ENV_TASK_ID: spec.task_id,
             jobs.ENV_REDIS_URL: s.redis.url,
             jobs.ENV_STORAGE_URL: storage_url,
             jobs.ENV_MODEL_DIR: str(model_dir.resolve()),
             jobs.ENV_WORK_DIR: str(work_dir),
-            jobs.ENV_ATTEMPT: str(spec.attempt),
             jobs.ENV_S3_REGION: s.storage.s3_region,
             jobs.ENV_WATERMARK_TEXT: s.runtime.watermark_text,
             jobs.ENV_HEARTBEAT_INTERVAL_S: str(s.runtime.heartbeat_interval_s),
@@ -149,8 +181,8 @@ class LocalExecutor:
     # ------------------------------------------------------------------ on-disk state
 
     def work_dir(self, job_name: str) -> Path:
-        if task_id_from_job_name(job_name) is None:
-            raise ValueError(f"not a job name: {job_name[:80]!r}")
+        if task_id_from_job_name(job_name) is None and not is_worker_id(job_name):
+            raise ValueError(f"not a job name or worker id: {job_name[:80]!r}")
         return self.root / job_name
 
     def _ended(self, job_name: str, work_dir: Path, code: int | None) -> JobStatus:
@@ -163,15 +195,29 @@ class LocalExecutor:
     # ------------------------------------------------------------------ launch
 
     async def launch(self, spec: JobSpec) -> str:
+        await self._start(_Start(name=spec.job_name, attempt=spec.attempt,
+                                 command=self.command(spec),
+                                 env=self.environment(spec, self.work_dir(spec.job_name)),
+                                 gpus=spec.gpus, task_id=spec.task_id))
+        return spec.job_name
+
+    async def start_worker(self, spec: WorkerSpec) -> None:
+        """Start a pool worker (idempotent: a worker of that id, live or ended, is kept)."""
+        await self._start(_Start(name=spec.worker_id, attempt=1,
+                                 command=self.worker_command(spec),
+                                 env=self.worker_environment(spec,
+                                                             self.work_dir(spec.worker_id)),
+                                 gpus=spec.gpus, task_id=None))
+
+    async def _start(self, start: _Start) -> None:
         await self._adopt_once()
-        lock = self._locks.setdefault(spec.job_name, asyncio.Lock())
+        lock = self._locks.setdefault(start.name, asyncio.Lock())
         async with lock:
-            fd = await asyncio.to_thread(workdir.lock_file, self.root, spec.job_name)
+            fd = await asyncio.to_thread(workdir.lock_file, self.root, start.name)
             try:
-                await self._launch_locked(spec)
+                await self._launch_locked(start)
             finally:
                 os.close(fd)  # releases the flock
-        return spec.job_name
 
     def _free_devices(self, n: int, job_name: str) -> list[str]:
         """``n`` GPU ids no live job of this work root holds. The pool is the dispatcher's
@@ -190,8 +236,8 @@ class LocalExecutor:
             chosen += [d for d in pool if d not in chosen][: n - len(chosen)]
         return chosen
 
-    async def _launch_locked(self, spec: JobSpec) -> None:
-        name = spec.job_name
+    async def _launch_locked(self, spec: _Start) -> None:
+        name = spec.name
         work_dir = self.work_dir(name)
         marker = await asyncio.to_thread(workdir.read_marker, work_dir)
         if marker is not None:
@@ -215,8 +261,8 @@ class LocalExecutor:
         await asyncio.to_thread(workdir.fresh_dir, work_dir)
         await asyncio.to_thread(workdir.write_marker, work_dir,
                                 {"job_name": name, "attempt": spec.attempt, "pid": None})
-        cmd = ["/bin/sh", "-c", workdir.WRAPPER, "vidmaas-job", *self.command(spec)]
-        env = self.environment(spec, work_dir)
+        cmd = ["/bin/sh", "-c", workdir.WRAPPER, "vidmaas-job", *spec.command]
+        env = dict(spec.env)
         # Devices are chosen and recorded under one machine-wide lock, so that two
         # launches (in any dispatcher process on this machine) never pick the same GPU.
         devices_fd = await asyncio.to_thread(workdir.lock_file, self.root, "devices")
@@ -340,7 +386,17 @@ class LocalExecutor:
 
     async def list_jobs(self) -> list[str]:
         return [name for name, marker in await asyncio.to_thread(workdir.scan, self.root)
-                if workdir.alive(marker)]
+                if workdir.alive(marker) and task_id_from_job_name(name) is not None]
+
+    async def list_workers(self) -> list[str]:
+        return [name for name, marker in await asyncio.to_thread(workdir.scan, self.root)
+                if workdir.alive(marker) and is_worker_id(name)]
+
+    async def worker_status(self, worker_id: str) -> JobStatus:
+        return await self.status(worker_id)
+
+    async def stop_worker(self, worker_id: str, *, grace_s: float) -> None:
+        await self.cancel(worker_id, grace_s=grace_s)
 
     async def updates(self) -> AsyncIterator[JobStatus]:
         await self._adopt_once()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from vidmaas.dispatcher.executors.base import JobState, JobStatus
-from vidmaas.domain.ids import task_id_from_job_name
+from vidmaas.domain.ids import is_worker_id, task_id_from_job_name
 from vidmaas.domain.jobs import exit_code_retryable
 
 MARKER: Final = "job.json"
@@ -138,12 +138,13 @@ def prune(work_dir: Path) -> None:
 
 
 def scan(root: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(job name, marker) of every job directory under ``root``."""
+    """(name, marker) of every job and pool-worker directory under ``root``."""
     out: list[tuple[str, dict[str, Any]]] = []
     if not root.is_dir():
         return out
     for entry in sorted(root.iterdir()):
-        if entry.is_dir() and task_id_from_job_name(entry.name) is not None:
+        if entry.is_dir() and (task_id_from_job_name(entry.name) is not None
+                               or is_worker_id(entry.name)):
             marker = read_marker(entry)
             if marker is not None:
                 out.append((entry.name, marker))
