@@ -22,6 +22,9 @@ from sqlalchemy.ext.asyncio import (
 
 from vidmaas.config import DatabaseSettings
 
+Sessions = async_sessionmaker[AsyncSession]
+"""The session factory a role holds (``Services.sessions``)."""
+
 
 def normalize_url(url: str) -> str:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
