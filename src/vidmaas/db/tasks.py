@@ -22,13 +22,27 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    String,
+    and_,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from vidmaas.db.models import Task, utcnow
 from vidmaas.domain.events import Event
-from vidmaas.domain.status import TaskStatus, check_transition
+from vidmaas.domain.status import ACTIVE, TaskStatus, check_transition
 from vidmaas.errors import NotFound, StaleTransition
 from vidmaas.logs import TaskLog
 
@@ -220,3 +234,106 @@ async def update_progress(*, session: AsyncSession, task_id: str, values: dict[s
     await session.commit()
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
+
+
+# ---------------------------------------------------------------- the relay's writes
+# ``last_event_id`` holds a task-stream id, ``<ms>-<seq>``, ordered numerically part by
+# part. The database compares ids the same way, so "newer than what is stored" is
+# decided inside the UPDATE that records one, not by a read before it that another
+# relay could overtake.
+
+
+class _StreamIdMs(FunctionElement[int]):
+    """The millisecond part of a stream id stored as text."""
+
+    type = BigInteger()
+    inherit_cache = True
+    name = "stream_id_ms"
+
+
+class _StreamIdSeq(FunctionElement[int]):
+    """The sequence part of a stream id stored as text (``0`` when it has none)."""
+
+    type = BigInteger()
+    inherit_cache = True
+    name = "stream_id_seq"
+
+
+@compiles(_StreamIdMs)
+def _ms_sqlite(element: _StreamIdMs, compiler: SQLCompiler, **kw: Any) -> str:
+    x = compiler.process(element.clauses, **kw)
+    return (f"CAST(CASE WHEN instr({x}, '-') > 0 THEN substr({x}, 1, instr({x}, '-') - 1) "
+            f"ELSE {x} END AS INTEGER)")
+
+
+@compiles(_StreamIdSeq)
+def _seq_sqlite(element: _StreamIdSeq, compiler: SQLCompiler, **kw: Any) -> str:
+    x = compiler.process(element.clauses, **kw)
+    return (f"CAST(CASE WHEN instr({x}, '-') > 0 THEN substr({x}, instr({x}, '-') + 1) "
+            f"ELSE '0' END AS INTEGER)")
+
+
+@compiles(_StreamIdMs, "postgresql")
+def _ms_postgresql(element: _StreamIdMs, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"CAST(split_part({compiler.process(element.clauses, **kw)}, '-', 1) AS BIGINT)"
+
+
+@compiles(_StreamIdSeq, "postgresql")
+def _seq_postgresql(element: _StreamIdSeq, compiler: SQLCompiler, **kw: Any) -> str:
+    x = compiler.process(element.clauses, **kw)
+    return f"CAST(COALESCE(NULLIF(split_part({x}, '-', 2), ''), '0') AS BIGINT)"
+
+
+def _stored_event_id_older_than(event_id: str) -> ColumnElement[bool]:
+    """SQL: the task's ``last_event_id`` is empty or older than ``event_id``."""
+    ms_text, _, seq_text = event_id.partition("-")
+    ms, seq = int(ms_text), int(seq_text or 0)
+    stored = Task.last_event_id
+    return or_(stored.is_(None), _StreamIdMs(stored) < ms,
+               and_(_StreamIdMs(stored) == ms, _StreamIdSeq(stored) < seq))
+
+
+def advance_last_event_id(event_id: str) -> ColumnElement[str]:
+    """A value for ``last_event_id`` in an UPDATE (``transition(fields=…)``): ``event_id``
+    when it is newer than the stored id, else the stored id. It never goes back, whatever
+    another relay wrote meanwhile."""
+    return case((_stored_event_id_older_than(event_id), literal(event_id, String(32))),
+                else_=Task.last_event_id)
+
+
+async def mark_event(*, session: AsyncSession, task_id: str, event_id: str) -> bool:
+    """Record ``event_id`` as the newest event applied to the task, if it is newer than
+    the stored one (one guarded UPDATE); True if it was."""
+    res = await session.execute(
+        update(Task).where(Task.id == task_id, _stored_event_id_older_than(event_id))
+        .values(last_event_id=event_id).execution_options(synchronize_session=False))
+    await session.commit()
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+_BOOKKEEPING_FIELDS = frozenset({"progress", "stage", "eta_s", "last_heartbeat_at"})
+
+
+async def write_bookkeeping(*, session: AsyncSession, task_id: str, values: dict[str, Any],
+                            first_event_id: str, last_event_id: str) -> Task | None:
+    """Write what a run of events ``first_event_id``…``last_event_id`` says (progress,
+    stage, eta, heartbeat) and record ``last_event_id``, in one UPDATE; the row after it.
+
+    None, writing nothing, unless the task is active, its stored ``last_event_id`` is
+    older than ``first_event_id`` (no event of the run was applied before) and, when
+    ``values`` holds progress, its progress is not higher (progress never decreases).
+    """
+    bad = values.keys() - _BOOKKEEPING_FIELDS
+    if bad:
+        raise ValueError(f"bookkeeping cannot set {sorted(bad)}")
+    stmt = (update(Task)
+            .where(Task.id == task_id, Task.status.in_(ACTIVE),
+                   _stored_event_id_older_than(first_event_id))
+            .values(updated_at=utcnow(), last_event_id=last_event_id, **values)
+            .returning(Task)
+            .execution_options(synchronize_session=False, populate_existing=True))
+    if "progress" in values:
+        stmt = stmt.where(Task.progress <= values["progress"])
+    task = (await session.execute(stmt)).scalar_one_or_none()
+    await session.commit()
+    return task
