@@ -13,6 +13,11 @@ Guarantees:
   moves exactly one succeeds and the others get this), and ``NotFound`` for an
   unknown task.
 - Reads scoped to a user never return another user's task (None, as if missing).
+- The relay's writes keep ``last_event_id`` moving forward only: stream ids are
+  compared in SQL (``advance_last_event_id`` as a transition field, ``mark_event``),
+  and ``write_bookkeeping`` writes a run of progress/stage/heartbeat events in one
+  UPDATE guarded on the task being active, progress not decreasing and none of the
+  run applied before.
 """
 
 from __future__ import annotations
