@@ -31,7 +31,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import backing_services, machine
+from bench import backing_services, machine, make_user
 
 COMPLETED = {"video_key": "outputs/x/video.mp4", "poster_key": "outputs/x/poster.jpg",
              "width": 64, "height": 64, "num_frames": 5, "fps": 8, "duration_s": 0.6,
@@ -106,19 +106,21 @@ async def bare_phase(svc: Any, n: int, name: str) -> Figure:
     return Figure(f"bare {name}", n, time.perf_counter() - started)
 
 
-async def running_task(world: Any) -> str:
-    """A task moved the dispatcher's way to ``running``, holding one GPU."""
-    from tests.relay.support import PARAMS
+PARAMS = {"size": "64*64", "width": 64, "height": 64, "num_frames": 5, "steps": 2, "seed": 7,
+          "fps": 8}
 
+
+async def running_task(svc: Any, user_id: str) -> str:
+    """A task moved the dispatcher's way to ``running``, holding one GPU."""
     from vidmaas.db import tasks as repo
     from vidmaas.domain import events as ev
     from vidmaas.domain.ids import new_task_id
     from vidmaas.domain.status import TaskStatus
 
-    lifecycle = world.lifecycle
-    async with world.svc.sessions() as s:
+    lifecycle = svc.lifecycle
+    async with svc.sessions() as s:
         task, _ = await repo.create_task(session=s, new=repo.NewTask(
-            id=new_task_id(), user_id=await world.user(), model="tiny-t2v", prompt="bench",
+            id=new_task_id(), user_id=user_id, model="tiny-t2v", prompt="bench",
             params=PARAMS, gpus=1))
     await lifecycle.enqueue(task)
     claim = await lifecycle.queue.claim_next(dispatcher_id="bench", capacity=10**6,
@@ -135,20 +137,19 @@ async def running_task(world: Any) -> str:
 
 
 async def run(args: argparse.Namespace, db_url: str, redis_url: str) -> None:
-    from tests.relay.support import World, make_settings
-
     from vidmaas.bus import keys
-    from vidmaas.config import StorageSettings
+    from vidmaas.config import DatabaseSettings, RedisSettings, Settings, StorageSettings
+    from vidmaas.db import tasks as repo
     from vidmaas.domain import events as ev
     from vidmaas.services import Services
 
-    settings = make_settings(db_url=db_url, redis_url=redis_url,
-                             storage=StorageSettings(url=(args.tmp / "objects").as_uri()))
+    settings = Settings(database=DatabaseSettings(url=db_url), redis=RedisSettings(url=redis_url),
+                        storage=StorageSettings(url=(args.tmp / "objects").as_uri()))
+    user_id, _key = await make_user(db_url, "bench")
     svc = Services.open(settings)
     try:
-        world = World(svc)
         t0 = time.perf_counter()
-        tasks = [await running_task(world) for _ in range(args.tasks)]
+        tasks = [await running_task(svc, user_id) for _ in range(args.tasks)]
         print(f"setup: {len(tasks)} running tasks in {time.perf_counter() - t0:.1f} s")
         # The setup's own events (queued, dispatched) are applied before anything is timed.
         setup_entries = int(await svc.redis.xlen(keys.EVENTS))
@@ -166,13 +167,15 @@ async def run(args: argparse.Namespace, db_url: str, redis_url: str) -> None:
             await svc.redis.xgroup_destroy(keys.EVENTS, BARE_GROUP)  # 0 if there is none
             await svc.redis.xgroup_create(keys.EVENTS, BARE_GROUP, id=start_id)
             for e in events:
-                await world.publish(e)
+                await svc.lifecycle.publish(e)
             relay = await relay_phase(svc, len(events), name)
             bare = await bare_phase(svc, len(events), name)
             figures.append((relay, bare))
         done = 0
         for t in tasks:
-            done += (await world.get(t)).status == "completed"
+            async with svc.sessions() as s:
+                task = await repo.get_task(session=s, task_id=t)
+            done += task is not None and task.status == "completed"
         print(f"tasks completed by the relay: {done}/{len(tasks)}")
         for relay, bare in figures:
             print(f"{relay.name:<16} {relay.events:>6} events in {relay.seconds:7.2f} s  "
