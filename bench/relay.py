@@ -8,13 +8,16 @@ Redis. Two phases, each published onto the global stream before it is consumed:
    not help);
 2. ``terminal``: one ``completed`` per task.
 
-Each phase is consumed first by one real ``Relay`` (in this process, its own consumer
-group, default settings) and then, on the same entries, by a bare loop in a group of
-its own doing only ``XREADGROUP`` (100 at a time), then per event one ``UPDATE`` of the
-task row (its own transaction, on the same engine) and one ``XACK``. Prints events/s
-of both and the ratio relay/bare per phase. No assertions.
+Each phase is published in R rounds; each round is consumed first by one real
+``Relay`` (in this process, its own consumer group, default settings but no webhook
+sender, started for the round and timed until it has applied the round's entries) and
+then, on the same entries, by a bare loop in a group of its own doing only
+``XREADGROUP`` (100 at a time), then per event one ``UPDATE`` of the task row (its own
+transaction, on the same engine) and one ``XACK``. Taking turns spreads a change in
+the machine's load over both. Prints events/s of both and the ratio relay/bare per
+phase. No assertions.
 
-    python bench/relay.py [--tasks 200] [--progress 10] [--short]
+    python bench/relay.py [--tasks 200] [--progress 10] [--rounds 5] [--short]
 """
 
 from __future__ import annotations
@@ -50,6 +53,19 @@ class Figure:
         return self.events / self.seconds if self.seconds else 0.0
 
 
+def _no_sender() -> dict[str, Any]:
+    """Relay arguments that leave the webhook sender out (no task here has a webhook, and
+    starting its HTTP client in every round would be timed too). The relay before the
+    settings group took them as ``options``; accepting both lets one script compare."""
+    try:
+        from vidmaas.config import RelaySettings
+    except ImportError:
+        from vidmaas.relay.service import RelayOptions  # type: ignore[attr-defined]
+
+        return {"options": RelayOptions(send_webhooks=False)}
+    return {"settings": RelaySettings(send_webhooks=False)}
+
+
 async def relay_phase(svc: Any, n: int, name: str) -> Figure:
     """Run one relay until it has applied ``n`` entries; time from its start."""
     from vidmaas.relay.service import Relay
@@ -63,7 +79,7 @@ async def relay_phase(svc: Any, n: int, name: str) -> Figure:
         if seen >= n:
             done.set()
 
-    relay = Relay(svc, consumer_name="bench-relay", on_outcome=counted)
+    relay = Relay(svc, consumer_name="bench-relay", on_outcome=counted, **_no_sender())
     started = time.perf_counter()
     task = asyncio.create_task(relay.run(), name="bench-relay")
     try:
@@ -166,10 +182,17 @@ async def run(args: argparse.Namespace, db_url: str, redis_url: str) -> None:
             start_id = newest[0][0] if newest else "0"
             await svc.redis.xgroup_destroy(keys.EVENTS, BARE_GROUP)  # 0 if there is none
             await svc.redis.xgroup_create(keys.EVENTS, BARE_GROUP, id=start_id)
-            for e in events:
-                await svc.lifecycle.publish(e)
-            relay = await relay_phase(svc, len(events), name)
-            bare = await bare_phase(svc, len(events), name)
+            relay, bare = Figure(f"relay {name}", 0, 0.0), Figure(f"bare {name}", 0, 0.0)
+            # Rounds: the two loops take turns, so that a change in the machine's load
+            # falls on both alike.
+            size = -(-len(events) // args.rounds)
+            for chunk in (events[i:i + size] for i in range(0, len(events), size)):
+                for e in chunk:
+                    await svc.lifecycle.publish(e)
+                for total, measured in ((relay, await relay_phase(svc, len(chunk), name)),
+                                        (bare, await bare_phase(svc, len(chunk), name))):
+                    total.events += measured.events
+                    total.seconds += measured.seconds
             figures.append((relay, bare))
         done = 0
         for t in tasks:
@@ -192,14 +215,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--progress", type=int, default=10, help="progress events per task")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="turns the relay and the bare loop take in each phase")
     parser.add_argument("--short", action="store_true", help="100 tasks × 5 progress events")
     args = parser.parse_args()
     if args.short:
         args.tasks, args.progress = 100, 5
     print(machine())
     print(f"relay: {args.tasks} running tasks, {args.progress} progress events each "
-          "(interleaved), then one completed each; one relay in this process, then a bare "
-          "loop on the same entries; PostgreSQL and Redis on 127.0.0.1")
+          f"(interleaved), then one completed each; in {args.rounds} rounds, one relay in "
+          "this process, then a bare loop on the same entries; PostgreSQL and Redis on "
+          "127.0.0.1")
     with backing_services() as (pg_url, redis_url, tmp):
         args.tmp = tmp
         asyncio.run(run(args, pg_url, redis_url))

@@ -200,3 +200,18 @@ async def test_a_redelivered_completed_only_reads_and_releases(world: World) -> 
     assert "xrange" not in c.redis
     assert [o.action for o in probe.outcomes] == ["duplicate"]
     assert await world.gpus_held(task.id) == 0
+
+
+async def test_a_later_event_with_lower_progress_does_not_lower_it(world: World) -> None:
+    task = await world.task()
+    probe = Probe(world)
+    await probe.settle()
+    await world.publish(ev.progress(task.id, step=3, total=5, percent=60.0, eta_s=4.0))
+    await probe.relay.process(await probe.read())
+    await world.publish(ev.progress(task.id, step=2, total=5, percent=30.0, eta_s=9.0))
+    await world.publish(ev.stage(task.id, ev.Stage.DECODE))
+    await probe.relay.process(await probe.read())
+    after = await world.get(task.id)
+    # Newest wins: the run with the lower progress is not written at all.
+    assert (after.progress, after.eta_s, after.stage) == (60.0, 4.0, None)
+    assert await world.stream_drained()

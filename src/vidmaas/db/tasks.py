@@ -22,16 +22,19 @@ Guarantees:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
     String,
+    Table,
     and_,
+    bindparam,
     case,
     func,
     literal,
@@ -289,13 +292,20 @@ def _seq_postgresql(element: _StreamIdSeq, compiler: SQLCompiler, **kw: Any) -> 
     return f"CAST(COALESCE(NULLIF(split_part({x}, '-', 2), ''), '0') AS BIGINT)"
 
 
-def _stored_event_id_older_than(event_id: str) -> ColumnElement[bool]:
-    """SQL: the task's ``last_event_id`` is empty or older than ``event_id``."""
-    ms_text, _, seq_text = event_id.partition("-")
-    ms, seq = int(ms_text), int(seq_text or 0)
-    stored = Task.last_event_id
+def _split_event_id(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _older(stored: Any, ms: Any, seq: Any) -> ColumnElement[bool]:
+    """SQL: the stream id in ``stored`` is empty or older than (``ms``, ``seq``)."""
     return or_(stored.is_(None), _StreamIdMs(stored) < ms,
                and_(_StreamIdMs(stored) == ms, _StreamIdSeq(stored) < seq))
+
+
+def _stored_event_id_older_than(event_id: str) -> ColumnElement[bool]:
+    """SQL: the task's ``last_event_id`` is empty or older than ``event_id``."""
+    return _older(Task.last_event_id, *_split_event_id(event_id))
 
 
 def advance_last_event_id(event_id: str) -> ColumnElement[str]:
@@ -319,10 +329,36 @@ async def mark_event(*, session: AsyncSession, task_id: str, event_id: str) -> b
 _BOOKKEEPING_FIELDS = frozenset({"progress", "stage", "eta_s", "last_heartbeat_at"})
 
 
+class Subscription(NamedTuple):
+    """What a task asked to hear about by webhook."""
+
+    webhook_url: str | None
+    webhook_events: list[str] | None
+
+
+@functools.cache
+def _bookkeeping_update(columns: frozenset[str]) -> Any:
+    """The UPDATE of ``write_bookkeeping`` for one set of columns: built once, since a
+    relay runs it for nearly every event."""
+    t = cast(Table, Task.__table__)
+    values: dict[str, Any] = {c: bindparam(f"bk_{c}") for c in sorted(columns)}
+    stmt = (update(t)
+            .where(t.c.id == bindparam("bk_task_id"), t.c.status.in_(ACTIVE),
+                   _older(t.c.last_event_id, bindparam("bk_first_ms", type_=BigInteger()),
+                          bindparam("bk_first_seq", type_=BigInteger())))
+            .values(updated_at=bindparam("bk_now"), last_event_id=bindparam("bk_last"),
+                    **values)
+            .returning(t.c.webhook_url, t.c.webhook_events))
+    if "progress" in values:
+        stmt = stmt.where(t.c.progress <= values["progress"])
+    return stmt
+
+
 async def write_bookkeeping(*, session: AsyncSession, task_id: str, values: dict[str, Any],
-                            first_event_id: str, last_event_id: str) -> Task | None:
+                            first_event_id: str, last_event_id: str) -> Subscription | None:
     """Write what a run of events ``first_event_id``…``last_event_id`` says (progress,
-    stage, eta, heartbeat) and record ``last_event_id``, in one UPDATE; the row after it.
+    stage, eta, heartbeat) and record ``last_event_id``, in one UPDATE; then the task's
+    webhook subscription.
 
     None, writing nothing, unless the task is active, its stored ``last_event_id`` is
     older than ``first_event_id`` (no event of the run was applied before) and, when
@@ -331,14 +367,10 @@ async def write_bookkeeping(*, session: AsyncSession, task_id: str, values: dict
     bad = values.keys() - _BOOKKEEPING_FIELDS
     if bad:
         raise ValueError(f"bookkeeping cannot set {sorted(bad)}")
-    stmt = (update(Task)
-            .where(Task.id == task_id, Task.status.in_(ACTIVE),
-                   _stored_event_id_older_than(first_event_id))
-            .values(updated_at=utcnow(), last_event_id=last_event_id, **values)
-            .returning(Task)
-            .execution_options(synchronize_session=False, populate_existing=True))
-    if "progress" in values:
-        stmt = stmt.where(Task.progress <= values["progress"])
-    task = (await session.execute(stmt)).scalar_one_or_none()
+    ms, seq = _split_event_id(first_event_id)
+    params = {"bk_task_id": task_id, "bk_first_ms": ms, "bk_first_seq": seq,
+              "bk_now": utcnow(), "bk_last": last_event_id,
+              **{f"bk_{c}": v for c, v in values.items()}}
+    row = (await session.execute(_bookkeeping_update(frozenset(values)), params)).one_or_none()
     await session.commit()
-    return task
+    return None if row is None else Subscription(row.webhook_url, row.webhook_events)

@@ -50,7 +50,7 @@ from vidmaas.errors import IllegalTransition, NotFound, StaleTransition
 from vidmaas.lifecycle import Lifecycle
 from vidmaas.logs import TaskLog
 from vidmaas.metrics import Metrics
-from vidmaas.relay.webhooks import Webhooks
+from vidmaas.relay.webhooks import Subscriber, Webhooks
 
 log = logging.getLogger(__name__)
 tlog = TaskLog(log)
@@ -146,7 +146,7 @@ class Applier:
         async with self.sessions() as session:
             return await repo.get_task(session=session, task_id=task_id)
 
-    async def _write(self, task_id: str, plan: _Plan) -> Task | None:
+    async def _write(self, task_id: str, plan: _Plan) -> repo.Subscription | None:
         assert plan.first is not None and plan.newest is not None
         async with self.sessions() as session:
             return await repo.write_bookkeeping(session=session, task_id=task_id,
@@ -160,20 +160,18 @@ class Applier:
 
         None when the task does not exist (the caller dead-letters the run)."""
         # Usually none of the run was applied before and the task is active: then the
-        # guarded UPDATE alone applies it, and returns the row.
+        # guarded UPDATE alone applies it.
         plan = _plan(run, last=None, active=True)
-        task = await self._write(task_id, plan) if plan.values else None
-        if task is None:
+        subscriber: Subscriber | None = await self._write(task_id, plan) if plan.values \
+            else None
+        if subscriber is None:
             task = await self._get(task_id)
             if task is None:
                 return None
+            subscriber = task
             for _ in range(_REREADS):
                 plan = _plan(run, last=task.last_event_id, active=task.status in ACTIVE)
-                if not plan.values:
-                    break
-                written = await self._write(task_id, plan)
-                if written is not None:
-                    task = written
+                if not plan.values or await self._write(task_id, plan) is not None:
                     break
                 fresh = await self._get(task_id)
                 if fresh is None:
@@ -181,13 +179,18 @@ class Applier:
                 if (fresh.last_event_id, fresh.status) == (task.last_event_id, task.status):
                     # Refused for its progress: a newer one was written; newest wins.
                     tlog.debug(task_id, "bookkeeping of %d events superseded", len(run))
-                    task = fresh
                     break
-                task = fresh  # another relay applied some of the run: plan again
-        if plan.latest_progress is not None and self.webhooks.targets(task, EventType.PROGRESS):
-            assert plan.latest_progress.event is not None
-            await self.webhooks.record(task=task, event=plan.latest_progress.event,
-                                       event_id=plan.latest_progress.event_id)
+                task = subscriber = fresh  # another relay applied some of the run: again
+            else:
+                tlog.debug(task_id, "bookkeeping of %d events overtaken %d times; newer "
+                           "events were written", len(run), _REREADS)
+        progress = plan.latest_progress
+        if progress is not None and self.webhooks.targets(subscriber, EventType.PROGRESS):
+            # The payload describes the task as it is now.
+            task = await self._get(task_id)
+            if task is not None and progress.event is not None:
+                await self.webhooks.record(task=task, event=progress.event,
+                                           event_id=progress.event_id)
         outcomes = [Outcome(d.entry_id, task_id, a) for d, a in zip(run, plan.actions,
                                                                      strict=True)]
         if self.metrics is not None:

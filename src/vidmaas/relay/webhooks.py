@@ -38,7 +38,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -61,7 +61,8 @@ PROGRESS_MIN_INTERVAL_S = 5.0
 CLAIM_MARGIN_S = 30.0
 
 DeliveryStatus = str
-__all__ = ["DELIVERED", "FAILED", "PENDING", "REFUSED", "WebhookSender", "Webhooks"]
+__all__ = ["DELIVERED", "FAILED", "PENDING", "REFUSED", "Subscriber", "WebhookSender",
+           "Webhooks"]
 
 
 async def resolve_host(host: str, port: int) -> list[str]:
@@ -102,6 +103,16 @@ def task_summary(task: Task) -> dict[str, Any]:
     return out
 
 
+class Subscriber(Protocol):
+    """What decides a task's webhook targets: a task row, or just its subscription."""
+
+    @property
+    def webhook_url(self) -> str | None: ...
+
+    @property
+    def webhook_events(self) -> list[str] | None: ...
+
+
 def _truncate(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -118,7 +129,7 @@ class Webhooks:
         self.sender = sender or WebhookSender(sessions=sessions, settings=settings,
                                               metrics=metrics)
 
-    def targets(self, task: Task, event_type: EventType) -> list[str]:
+    def targets(self, task: Subscriber, event_type: EventType) -> list[str]:
         """The URLs that get this event of this task (task's own first, then global)."""
         urls: list[str] = []
         if task.webhook_url and event_type.value in policy.wanted_events(task.webhook_events):
