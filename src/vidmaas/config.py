@@ -280,6 +280,30 @@ class WebhookSettings(BaseModel):
     """Per-request timeout."""
 
 
+class RelaySettings(BaseModel):
+    """The relay: consuming the global event stream in its consumer group."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    batch_entries: int = 100
+    """Entries read per XREADGROUP or XAUTOCLAIM call."""
+    block_ms: int = 1000
+    """How long one read waits for new entries."""
+    claim_idle_ms: int = 30_000
+    """Entries pending this long on another consumer (a relay that died) are taken over."""
+    claim_interval_s: float = 5.0
+    """How often to look for entries abandoned by relays that died."""
+    max_apply_failures: int = 5
+    """Failures of one entry, for reasons other than a backing service being down,
+    before it is dead-lettered."""
+    retry_backoff_max_s: float = 10.0
+    """Cap on the pause between retries while the database or Redis is down."""
+    forget_consumers_idle_ms: int = 24 * 3600 * 1000
+    """Consumers idle this long with nothing pending are removed from the group."""
+    send_webhooks: bool = True
+    """Run the webhook sender in the relay process (one sender per relay)."""
+
+
 class PoolModelSettings(BaseModel):
     """One model's warm pool."""
 
@@ -363,6 +387,7 @@ class Settings(BaseSettings):
     kube: KubeSettings = Field(default_factory=KubeSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
     pools: PoolSettings = Field(default_factory=PoolSettings)
 
 
@@ -382,7 +407,8 @@ def embedded_settings(data_dir: Path, base: Settings | None = None) -> Settings:
 
 _GROUP_ENV = {"database": "DATABASE", "redis": "REDIS", "storage": "STORAGE", "api": "API",
               "dispatcher": "DISPATCHER", "local": "LOCAL", "kube": "KUBE",
-              "runtime": "RUNTIME", "webhooks": "WEBHOOKS", "pools": "POOLS"}
+              "runtime": "RUNTIME", "webhooks": "WEBHOOKS", "relay": "RELAY",
+              "pools": "POOLS"}
 
 
 def settings_reference() -> str:

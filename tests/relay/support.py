@@ -21,6 +21,7 @@ from vidmaas.config import (
     DatabaseSettings,
     DispatcherSettings,
     RedisSettings,
+    RelaySettings,
     Settings,
     StorageSettings,
     WebhookSettings,
@@ -31,7 +32,7 @@ from vidmaas.db.users import create_user
 from vidmaas.domain import events as ev
 from vidmaas.domain.ids import new_task_id
 from vidmaas.domain.status import TaskStatus
-from vidmaas.relay.service import Relay, RelayOptions
+from vidmaas.relay.service import Relay
 from vidmaas.services import Services
 
 PARAMS = {"size": "64*64", "width": 64, "height": 64, "num_frames": 5, "steps": 2, "seed": 7,
@@ -39,7 +40,7 @@ PARAMS = {"size": "64*64", "width": 64, "height": 64, "num_frames": 5, "steps": 
 COMPLETED_DATA = {"video_key": "outputs/x/video.mp4", "poster_key": "outputs/x/poster.jpg",
                   "width": 64, "height": 64, "num_frames": 5, "fps": 8, "duration_s": 0.6,
                   "seed": 7, "timings": {"denoise_s": 1.0}}
-FAST = RelayOptions(block_ms=50, claim_idle_ms=200, claim_interval_s=0.1,
+FAST = RelaySettings(block_ms=50, claim_idle_ms=200, claim_interval_s=0.1,
                     retry_backoff_max_s=0.2)
 
 

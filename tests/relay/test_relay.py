@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from tests.relay.support import COMPLETED_DATA, FAST, World, eventually, running
 from vidmaas.bus import keys
+from vidmaas.config import RelaySettings, Settings
 from vidmaas.domain import events as ev
 from vidmaas.domain.status import TaskStatus
 from vidmaas.metrics import Metrics, render
-from vidmaas.relay.service import Outcome, Relay, RelayOptions
+from vidmaas.relay.service import Outcome, Relay
 
 
 def relay(world: World, name: str = "r1", *, send_webhooks: bool = True,
-          options: RelayOptions = FAST, **kwargs: Any) -> Relay:
+          settings: RelaySettings = FAST, **kwargs: Any) -> Relay:
     return Relay(world.svc, consumer_name=name,
-                 options=dataclasses.replace(options, send_webhooks=send_webhooks), **kwargs)
+                 settings=settings.model_copy(update={"send_webhooks": send_webhooks}),
+                 **kwargs)
 
 
 async def test_each_runtime_event_takes_effect_on_the_task_row(world: World) -> None:
@@ -173,7 +175,7 @@ async def test_a_relay_killed_mid_batch_is_taken_over_and_each_event_applies_onc
             await asyncio.Event().wait()  # hangs here until the relay is cancelled
 
     victim = relay(world, "victim", send_webhooks=False, on_outcome=kill_after_three,
-                   options=RelayOptions(batch_size=100, block_ms=50, claim_interval_s=60))
+                   settings=RelaySettings(batch_entries=100, block_ms=50, claim_interval_s=60))
     victim_task = asyncio.create_task(victim.run(), name="test-relay-victim")
     await asyncio.wait_for(killed.wait(), 10)
     victim_task.cancel()
@@ -221,10 +223,10 @@ async def test_malformed_entries_are_dead_lettered_and_the_relay_keeps_going(
 async def test_two_relays_share_the_stream_and_apply_each_event_once(world: World) -> None:
     tasks = [await world.task(webhook_url="http://127.0.0.1:9/h") for _ in range(12)]
     a = relay(world, "a", send_webhooks=False,
-              options=RelayOptions(batch_size=5, block_ms=50, claim_idle_ms=200,
+              settings=RelaySettings(batch_entries=5, block_ms=50, claim_idle_ms=200,
                                    claim_interval_s=0.1))
     b = relay(world, "b", send_webhooks=False,
-              options=RelayOptions(batch_size=5, block_ms=50, claim_idle_ms=200,
+              settings=RelaySettings(batch_entries=5, block_ms=50, claim_idle_ms=200,
                                    claim_interval_s=0.1))
     async with running(a, b):
         for t in tasks:
@@ -271,3 +273,18 @@ async def test_an_event_that_keeps_failing_to_apply_is_dead_lettered_after_a_few
     assert {f["task_id"] for _, f in dead} == {broken.id}
     assert "progress" in {f["type"] for _, f in dead}
     assert all(f["dead_reason"].startswith("apply failed: ValueError") for _, f in dead)
+
+
+async def test_a_relay_takes_its_tuning_from_the_relay_settings(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VIDMAAS_RELAY_BATCH_ENTRIES", "7")
+    monkeypatch.setenv("VIDMAAS_RELAY_CLAIM_IDLE_MS", "1234")
+    monkeypatch.setenv("VIDMAAS_RELAY_SEND_WEBHOOKS", "false")
+    settings = Settings().relay
+    assert (settings.batch_entries, settings.claim_idle_ms, settings.send_webhooks) == (
+        7, 1234, False)
+    tuned = Relay(world.svc, consumer_name="tuned", settings=settings)
+    assert tuned.consumer.batch_entries == 7
+    default = Relay(world.svc, consumer_name="default")
+    assert default.settings == world.svc.settings.relay
+    assert default.consumer.batch_entries == 100

@@ -8,8 +8,8 @@ import pytest
 
 from tests.api.conftest import Api, api_settings, start_api
 from tests.relay.support import World, eventually, make_settings, running, services
-from vidmaas.config import StorageSettings, WebhookSettings
-from vidmaas.relay.service import Relay, RelayOptions
+from vidmaas.config import RelaySettings, StorageSettings, WebhookSettings
+from vidmaas.relay.service import Relay
 from vidmaas.relay.webhooks import Webhooks
 
 PROMPT = {"prompt": "a red fox in the snow"}
@@ -74,7 +74,7 @@ async def _cancel_and_relay(world: World, task_id: str) -> None:
     await world.lifecycle.cancel(await world.get(task_id), by="alice")
     hooks = Webhooks(sessions=world.svc.sessions, settings=world.svc.settings.webhooks)
     relay = Relay(world.svc, consumer_name="api-test", webhooks=hooks,
-                  options=RelayOptions(block_ms=50, send_webhooks=False))
+                  settings=RelaySettings(block_ms=50, send_webhooks=False))
     async with running(relay):
         await eventually(world.stream_drained)
     assert (await world.get(task_id)).status == "cancelled"

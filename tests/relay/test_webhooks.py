@@ -59,7 +59,7 @@ def relay_of(world: World, *, resolve: policy.Resolver | None = None,
                            metrics=metrics, resolve=resolve or resolve_host)
     hooks = Webhooks(sessions=world.svc.sessions, settings=cfg, sender=sender,
                      progress_min_interval_s=progress_min_interval_s)
-    return Relay(world.svc, consumer_name=name, options=FAST, webhooks=hooks)
+    return Relay(world.svc, consumer_name=name, settings=FAST, webhooks=hooks)
 
 
 async def run_to_completion(world: World, task_id: str) -> None:

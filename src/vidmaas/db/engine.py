@@ -25,6 +25,8 @@ from vidmaas.config import DatabaseSettings
 
 Session = AsyncSession
 """A database session (what ``Services.sessions()`` opens)."""
+Sessions = async_sessionmaker[AsyncSession]
+"""The session factory a role holds (``Services.sessions``)."""
 
 
 def normalize_url(url: str) -> str:

@@ -1,6 +1,7 @@
 """The relay role: applies events to the database, frees capacity, sends webhooks.
 
-``Relay(services, consumer_name=...)`` consumes the global event stream; see
-``vidmaas.relay.service``. Webhook recording and sending live in
-``vidmaas.relay.webhooks``. Nothing is started at import time.
+Its parts: ``relay.service`` (``Relay(services, consumer_name=...)``: the loops over
+the consumer group, whose Redis side is ``bus.consumer``), ``relay.apply`` (what an
+event does to its task row) and ``relay.webhooks`` (recording and sending webhooks).
+Nothing is started at import time.
 """

@@ -38,16 +38,16 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from vidmaas import __version__
 from vidmaas.config import WebhookSettings
+from vidmaas.db import webhooks as rows
+from vidmaas.db.engine import Sessions
 from vidmaas.db.models import Task, WebhookDelivery, utcnow
+from vidmaas.db.webhooks import DELIVERED, FAILED, PENDING, REFUSED
 from vidmaas.domain import webhooks as policy
 from vidmaas.domain.events import Event, EventType
 from vidmaas.logs import TaskLog
@@ -61,7 +61,8 @@ PROGRESS_MIN_INTERVAL_S = 5.0
 CLAIM_MARGIN_S = 30.0
 
 DeliveryStatus = str
-PENDING, DELIVERED, FAILED, REFUSED = "pending", "delivered", "failed", "refused"
+__all__ = ["DELIVERED", "FAILED", "PENDING", "REFUSED", "Subscriber", "WebhookSender",
+           "Webhooks"]
 
 
 async def resolve_host(host: str, port: int) -> list[str]:
@@ -102,6 +103,16 @@ def task_summary(task: Task) -> dict[str, Any]:
     return out
 
 
+class Subscriber(Protocol):
+    """What decides a task's webhook targets: a task row, or just its subscription."""
+
+    @property
+    def webhook_url(self) -> str | None: ...
+
+    @property
+    def webhook_events(self) -> list[str] | None: ...
+
+
 def _truncate(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -109,7 +120,7 @@ def _truncate(text: str, limit: int = MAX_ERROR_CHARS) -> str:
 class Webhooks:
     """Records deliveries for applied events and owns the sender that sends them."""
 
-    def __init__(self, *, sessions: async_sessionmaker[AsyncSession], settings: WebhookSettings,
+    def __init__(self, *, sessions: Sessions, settings: WebhookSettings,
                  progress_min_interval_s: float = PROGRESS_MIN_INTERVAL_S,
                  sender: WebhookSender | None = None, metrics: Metrics | None = None) -> None:
         self.sessions = sessions
@@ -118,7 +129,7 @@ class Webhooks:
         self.sender = sender or WebhookSender(sessions=sessions, settings=settings,
                                               metrics=metrics)
 
-    def targets(self, task: Task, event_type: EventType) -> list[str]:
+    def targets(self, task: Subscriber, event_type: EventType) -> list[str]:
         """The URLs that get this event of this task (task's own first, then global)."""
         urls: list[str] = []
         if task.webhook_url and event_type.value in policy.wanted_events(task.webhook_events):
@@ -142,17 +153,12 @@ class Webhooks:
         for url in urls:
             if event.type is EventType.PROGRESS and await self._throttled(task.id, url):
                 continue
-            row = WebhookDelivery(
-                task_id=task.id, delivery_id=policy.delivery_id(url=url, task_id=task.id,
-                                                            event_id=key),
-                url=url, event_id=event_id, event_type=event.type.value, attempts=0,
-                status=PENDING, payload=payload, next_attempt_at=now, created_at=now)
             async with self.sessions() as session:
-                session.add(row)
-                try:
-                    await session.commit()
-                except IntegrityError:
-                    await session.rollback()
+                if not await rows.record(
+                        session=session, task_id=task.id,
+                        delivery_id=policy.delivery_id(url=url, task_id=task.id, event_id=key),
+                        url=url, event_id=event_id, event_type=event.type.value,
+                        payload=payload, due_at=now):
                     continue  # recorded before: this is a redelivered event
             created += 1
         if created:
@@ -164,17 +170,15 @@ class Webhooks:
     async def _throttled(self, task_id: str, url: str) -> bool:
         since = utcnow() - timedelta(seconds=self.progress_min_interval_s)
         async with self.sessions() as session:
-            last = (await session.execute(
-                select(func.max(WebhookDelivery.created_at)).where(
-                    WebhookDelivery.task_id == task_id, WebhookDelivery.url == url,
-                    WebhookDelivery.event_type == EventType.PROGRESS.value))).scalar_one()
+            last = await rows.last_recorded_at(session=session, task_id=task_id, url=url,
+                                               event_type=EventType.PROGRESS.value)
         return last is not None and last > since
 
 
 class WebhookSender:
     """Sends due deliveries until ``stop()``; see the module docstring."""
 
-    def __init__(self, *, sessions: async_sessionmaker[AsyncSession], settings: WebhookSettings,
+    def __init__(self, *, sessions: Sessions, settings: WebhookSettings,
                  poll_interval_s: float = 1.0, concurrency: int = 16,
                  resolve: policy.Resolver = resolve_host,
                  transport: httpx.AsyncBaseTransport | None = None,
@@ -245,24 +249,8 @@ class WebhookSender:
         now = utcnow()
         lease = now + timedelta(seconds=self.settings.timeout_s + CLAIM_MARGIN_S)
         async with self.sessions() as session:
-            rows = list((await session.execute(
-                select(WebhookDelivery)
-                .where(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now)
-                .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
-                .limit(limit))).scalars())
-            claimed: list[WebhookDelivery] = []
-            for row in rows:
-                res = await session.execute(
-                    update(WebhookDelivery)
-                    .where(WebhookDelivery.id == row.id, WebhookDelivery.status == PENDING,
-                           WebhookDelivery.attempts == row.attempts)
-                    .values(attempts=row.attempts + 1, next_attempt_at=lease)
-                    .execution_options(synchronize_session=False))
-                await session.commit()
-                if res.rowcount == 1:  # type: ignore[attr-defined]
-                    row.attempts += 1
-                    claimed.append(row)
-        return claimed
+            return await rows.claim_due(session=session, now=now, lease_until=lease,
+                                        limit=limit)
 
     def _max_attempts(self, row: WebhookDelivery) -> int:
         if row.event_type == EventType.PROGRESS.value:
@@ -270,13 +258,12 @@ class WebhookSender:
         return max(1, self.settings.max_attempts)
 
     async def _deliver(self, client: httpx.AsyncClient, row: WebhookDelivery) -> None:
-        extra = {"task_id": row.task_id}
         try:
             _target, addresses = await policy.check_target(
                 row.url, allow_hosts=self.settings.allow_hosts, resolve=self.resolve)
         except policy.TargetRefused as e:
-            log.warning("task %s: webhook %s refused: %s", row.task_id, row.delivery_id,
-                        _truncate(str(e)), extra=extra)
+            tlog.warning(row.task_id, "webhook %s refused: %s", row.delivery_id,
+                         _truncate(str(e)))
             self._observe("rejected")
             await self._shielded(self._finish(row, status=REFUSED, code=None, error=str(e)))
             return
@@ -297,8 +284,8 @@ class WebhookSender:
             error = f"{type(e).__name__}: {e}"
         self.attempts_made += 1
         if status_code is not None and 200 <= status_code < 300:
-            log.info("task %s: webhook %s %s delivered (attempt %d, HTTP %d)", row.task_id,
-                     row.delivery_id, row.event_type, row.attempts, status_code, extra=extra)
+            tlog.info(row.task_id, "webhook %s %s delivered (attempt %d, HTTP %d)",
+                      row.delivery_id, row.event_type, row.attempts, status_code)
             self._observe("delivered")
             await self._shielded(self._finish(row, status=DELIVERED, code=status_code,
                                               error=None))
@@ -306,16 +293,15 @@ class WebhookSender:
         if error is None:
             error = f"HTTP {status_code}"
         if row.attempts >= self._max_attempts(row):
-            log.warning("task %s: webhook %s %s failed after %d attempts: %s", row.task_id,
-                        row.delivery_id, row.event_type, row.attempts, _truncate(error),
-                        extra=extra)
+            tlog.warning(row.task_id, "webhook %s %s failed after %d attempts: %s",
+                         row.delivery_id, row.event_type, row.attempts, _truncate(error))
             self._observe("failed")
             await self._shielded(self._finish(row, status=FAILED, code=status_code, error=error))
             return
         delay_s = policy.backoff_s(attempt=row.attempts,
                                    initial_s=self.settings.backoff_initial_s)
-        log.info("task %s: webhook %s attempt %d failed (%s); retry in %.1fs", row.task_id,
-                 row.delivery_id, row.attempts, _truncate(error, 200), delay_s, extra=extra)
+        tlog.info(row.task_id, "webhook %s attempt %d failed (%s); retry in %.1fs",
+                  row.delivery_id, row.attempts, _truncate(error, 200), delay_s)
         self._observe("retrying")
         await self._shielded(self._finish(row, status=PENDING, code=status_code, error=error,
                                           retry_in_s=delay_s))
@@ -359,23 +345,13 @@ class WebhookSender:
     async def _finish(self, row: WebhookDelivery, *, status: DeliveryStatus, code: int | None,
                       error: str | None, retry_in_s: float | None = None,
                       uncount: bool = False) -> None:
-        now = utcnow()
-        values: dict[str, Any] = {
-            "attempts": row.attempts - 1 if uncount else row.attempts,
-            "status": status, "last_status_code": code,
-            "last_error": None if error is None else _truncate(error),
-            "next_attempt_at": None if retry_in_s is None
-            else now + timedelta(seconds=retry_in_s),
-        }
-        if status == DELIVERED:
-            values["delivered_at"] = now
+        next_at = None if retry_in_s is None else utcnow() + timedelta(seconds=retry_in_s)
         try:
             async with self.sessions() as session:
-                await session.execute(
-                    update(WebhookDelivery).where(WebhookDelivery.id == row.id,
-                                                  WebhookDelivery.attempts == row.attempts)
-                    .values(**values).execution_options(synchronize_session=False))
-                await session.commit()
+                await rows.finish_attempt(
+                    session=session, row_id=row.id, attempt=row.attempts, status=status,
+                    attempts=row.attempts - 1 if uncount else row.attempts, status_code=code,
+                    error=None if error is None else _truncate(error), next_attempt_at=next_at)
         except Exception:
             # The claim lease runs out and the attempt is made again: at least once.
             tlog.exception(row.task_id, "could not record webhook %s attempt %d", row.delivery_id,

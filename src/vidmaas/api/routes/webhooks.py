@@ -23,12 +23,11 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel
-from sqlalchemy import select
 
 from vidmaas.api.deps import CallerDep, SessionDep
 from vidmaas.api.routes.tasks import load_own
 from vidmaas.api.schemas import ErrorBody
-from vidmaas.db.models import WebhookDelivery
+from vidmaas.db import webhooks as deliveries
 from vidmaas.domain import webhooks as policy
 from vidmaas.errors import InvalidRequest
 
@@ -83,11 +82,10 @@ def make_validator(allow_hosts: list[str], *, resolve: policy.Resolver = _resolv
 async def list_deliveries(request: Request, task_id: str, caller: CallerDep,
                           session: SessionDep) -> DeliveryList:
     task = await load_own(request, task_id=task_id, scope=caller.scope)
-    stmt = select(WebhookDelivery).where(WebhookDelivery.task_id == task.id)
-    if not caller.is_admin:
-        # The operator's global URLs are not the user's business.
-        stmt = stmt.where(WebhookDelivery.url == (task.webhook_url or ""))
-    rows = (await session.execute(stmt.order_by(WebhookDelivery.id).limit(500))).scalars()
+    # The operator's global URLs are not the user's business.
+    rows = await deliveries.list_for_task(
+        session=session, task_id=task.id,
+        url=None if caller.is_admin else (task.webhook_url or ""), limit=500)
     return DeliveryList(data=[DeliveryOut(
         id=r.delivery_id, url=r.url, event_id=r.event_id, event_type=r.event_type,
         status=r.status, attempts=r.attempts, last_status_code=r.last_status_code,
