@@ -27,6 +27,8 @@ Session = AsyncSession
 """A database session (what ``Services.sessions()`` opens)."""
 Sessions = async_sessionmaker[AsyncSession]
 """The session factory a role holds (``Services.sessions``)."""
+Engine = AsyncEngine
+"""The session factory a role holds (``Services.sessions``)."""
 
 
 def normalize_url(url: str) -> str:
