@@ -62,7 +62,11 @@ async def open_counting_sockets(pages: Pages, live: LiveServer, *, label: str,
     """A signed-in page, with every WebSocket it opens counted from the start."""
     page = await pages.open(None, label=label)
     sockets: list[WebSocket] = []
-    page.on("websocket", lambda ws: sockets.append(ws))
+
+    def opened(ws: WebSocket) -> None:  # Playwright wants a Python function here
+        sockets.append(ws)
+
+    page.on("websocket", opened)
     await page.context.add_init_script(RECORDER)
     await page.reload()
     await page.wait_for_selector("body[data-ready='1']")
