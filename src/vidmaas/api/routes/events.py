@@ -14,19 +14,20 @@ Routes (message formats in docs/streams-and-openai.md; the engine in the
   created: per task a snapshot, its events, and ``end``. It stays open until the client
   leaves. It resumes per task: ``?after=<task_id>:<event_id>,…``, or ``?resume=message``
   and a first client message ``{"type": "resume", "after": {task_id: event_id}}`` (sent
-  within ``api.stream_resume_wait_s``); the tasks listed are attached from those points first
-  (terminal ones too: their last events, then ``end``), a listed task that is missing or
-  someone else's gets ``not_found``, then every other unfinished task with a fresh
-  snapshot. Bad resume input (syntax, more than ``api.stream_resume_max_tasks`` tasks,
-  no message in time) closes with 4400 and a reason.
+  within ``api.stream_resume_wait_s``). The tasks listed are attached from those points
+  first (terminal ones too: their last events, then ``end``), a listed task that is
+  missing or someone else's gets ``not_found``, then every other unfinished task comes
+  with a fresh snapshot. Bad resume input (syntax, more than
+  ``api.stream_resume_max_tasks`` tasks, no message in time) closes with 4400 and a
+  reason.
 
 Guarantees: the same authentication as REST (``Authorization: Bearer`` or a ``?token=``
 stream token); someone else's task is 404 (SSE) / close 4404 (WebSocket) / ``not_found``
 (a resume list), exactly like a missing one. WebSocket close codes: 1000 stream
 complete, 1001 server going away, 1011 internal error, 4400 bad request (a malformed
-``after`` or resume message), 4401 unauthenticated, 4404 no
-such task, 4408 the client fell too far behind (reserved: a lagging connection catches
-up from Redis instead; resume with ``?after=`` the last id if it is ever sent).
+``after`` or resume message), 4401 unauthenticated, 4404 no such task, 4408 the client
+fell too far behind (reserved: a lagging connection catches up from Redis instead;
+resume with ``?after=`` the last id if it is ever sent).
 Every per-connection task is named and ends with its connection.
 """
 
