@@ -125,6 +125,12 @@ class ApiSettings(BaseModel):
     stream_queue_coalesce_s: float = 0.02
     """After a queue move, wait this long so that a burst of moves costs one recompute of
     the watched tasks' queue positions."""
+    stream_resume_max_tasks: int = 200
+    """Most tasks a client may list when it resumes ``WS /v1/events`` (``?after=`` or
+    the ``resume`` message); a longer list is refused with close code 4400."""
+    stream_resume_wait_s: float = 10.0
+    """How long ``WS /v1/events?resume=message`` waits for the client's ``resume``
+    message before it closes with 4400."""
     cors_origins: list[str] = Field(default_factory=list)
     """Origins allowed to call the API from a browser (empty: same origin only)."""
     openai_default_model: str = "wan2.2-ti2v-5b"
