@@ -5,6 +5,11 @@ on a free port, its own PostgreSQL database on the machine's server, and its own
 SeaweedFS (``weed mini``) S3 server, all on 127.0.0.1, all removed at the end. This
 keeps sessions that run at the same time from touching each other's data. Set
 ``VIDMAAS_TEST_REDIS_URL`` / ``VIDMAAS_TEST_PG_URL`` to use other servers instead.
+
+Outage tests need a server of their own to stop and start: ``private_postgres(tmp)``
+is a throwaway PostgreSQL cluster (``initdb`` in a temporary directory, run by the
+``postgres`` user when the tests run as root) with ``stop()``, ``start()`` and
+``restart()``; ``private_redis`` and ``seaweedfs`` are already private per call.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -179,3 +186,138 @@ def seaweedfs(tmp: Path) -> Iterator[S3Server]:
     finally:
         stop(proc)
         log.close()
+
+
+# ---------------------------------------------------------------- a PostgreSQL of one's own
+
+PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin",
+               "/usr/lib/postgresql/17/bin")
+
+
+def pg_bin_dir() -> Path | None:
+    """The directory holding ``initdb`` and ``pg_ctl`` (Debian's layout, else ``PATH``)."""
+    for d in PG_BIN_DIRS:
+        if (Path(d) / "initdb").exists():
+            return Path(d)
+    found = shutil.which("initdb")
+    return Path(found).parent if found else None
+
+
+def _as_postgres(argv: list[str]) -> list[str] | None:
+    """``argv`` run as the ``postgres`` user when we are root (initdb refuses root)."""
+    if os.geteuid() != 0:
+        return argv
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return None
+    if shutil.which("runuser"):
+        return ["runuser", "-u", "postgres", "--", *argv]
+    if shutil.which("su"):
+        import shlex
+
+        return ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(argv)]
+    return None
+
+
+def private_postgres_unavailable() -> str | None:
+    """Why ``private_postgres`` cannot run here, or None when it can."""
+    if pg_bin_dir() is None:
+        return "no PostgreSQL server binaries (initdb, pg_ctl) on this machine"
+    if _as_postgres(["true"]) is None:
+        return "running as root without a postgres user (or runuser/su) to run initdb as"
+    return None
+
+
+@dataclass
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 that a test may stop and start.
+
+    ``url`` names the ``postgres`` database as ``postgresql+asyncpg://``; ``create_database``
+    makes another. The port stays the same across ``stop()``/``start()``, so clients
+    holding the URL reconnect to the restarted server."""
+
+    data_dir: Path
+    port: int
+    bin_dir: Path
+    log_path: Path
+    running: bool = False
+
+    @property
+    def url(self) -> str:
+        return self.url_of("postgres")
+
+    def url_of(self, database: str) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _pg_ctl(self, *args: str, timeout_s: float = 60.0) -> None:
+        argv = _as_postgres([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), *args])
+        assert argv is not None
+        subprocess.run(argv, check=True, timeout=timeout_s, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        # TCP only: a Unix socket under a deep temporary path could pass the length limit.
+        opts = f"-p {self.port} -c listen_addresses=127.0.0.1 " \
+               "-c unix_socket_directories='' -c fsync=off -c full_page_writes=off"
+        self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.log_path), "-o", opts)
+        self.running = True
+
+    def stop(self, *, mode: str = "fast") -> None:
+        """Stop the server (``fast``: disconnect clients, ``immediate``: like a crash)."""
+        self._pg_ctl("stop", "-w", "-t", "60", "-m", mode)
+        self.running = False
+
+    def restart(self, *, mode: str = "fast") -> None:
+        self.stop(mode=mode)
+        self.start()
+
+    def create_database(self, name: str) -> str:
+        """Create database ``name``; its URL."""
+        _admin_exec(f'CREATE DATABASE "{name}"', self.url.replace("+asyncpg", ""))
+        return self.url_of(name)
+
+
+@contextlib.contextmanager
+def private_postgres(tmp: Path) -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of its own, initialised in ``tmp`` and running on a free port
+    of 127.0.0.1 (trust authentication, user ``postgres``); stopped and removed at exit.
+
+    As root (CI), ``initdb`` and ``pg_ctl`` run as the ``postgres`` user through
+    ``runuser`` (or ``su``), in a directory that user owns. Raises ``RuntimeError``
+    with the reason when that is impossible (``private_postgres_unavailable()`` says
+    so beforehand, for a clean skip)."""
+    reason = private_postgres_unavailable()
+    if reason is not None:
+        raise RuntimeError(reason)
+    bin_dir = pg_bin_dir()
+    assert bin_dir is not None
+    tmp.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="vidmaas-pg-", dir=tmp))
+    data_dir, log_path = root / "data", root / "server.log"
+    if os.geteuid() == 0:
+        pg = pwd.getpwnam("postgres")
+        # The postgres user must reach its directory: every parent needs search (x).
+        for parent in [root, *root.parents]:
+            if parent == Path("/"):
+                break
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                parent.chmod(mode | 0o001)
+        os.chown(root, pg.pw_uid, pg.pw_gid)
+    initdb = _as_postgres([str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres",
+                           "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+    assert initdb is not None
+    subprocess.run(initdb, check=True, timeout=120, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
+    server = PrivatePostgres(data_dir=data_dir, port=free_port(), bin_dir=bin_dir,
+                             log_path=log_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.running:
+            with contextlib.suppress(Exception):
+                server.stop(mode="immediate")
+        shutil.rmtree(root, ignore_errors=True)
