@@ -32,7 +32,7 @@ from fastapi import APIRouter, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from vidmaas.api import creation
 from vidmaas.api.body import read_body, validated
@@ -175,7 +175,8 @@ class VideoCreate(BaseModel):
     prompt: str = Field(min_length=1, max_length=10_000)
     model: str | None = Field(default=None, max_length=64)
     size: str | None = Field(default=None, max_length=16)
-    seconds: str | int | float | None = None
+    seconds: str | StrictInt | StrictFloat | None = None
+    """OpenAI sends a string (``"4"``); a number is taken too, a boolean is not."""
     input_reference: dict[str, str] | None = None
 
 
@@ -250,10 +251,14 @@ def _data_url_image(value: str) -> bytes:
                              "this server does not fetch URLs or file ids",
                              field="input_reference", code="unsupported_input_reference")
     try:
-        return base64.b64decode(payload, validate=True)
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise InvalidRequest("input_reference is not valid base64", field="input_reference",
                              code="invalid_input_reference") from e
+    if not data:
+        raise InvalidRequest("input_reference is an empty image", field="input_reference",
+                             code="empty_image")
+    return data
 
 
 # ------------------------------------------------------------------ routes
@@ -266,8 +271,10 @@ async def _parse_create(request: Request) -> tuple[VideoCreate, bytes | None]:
     if body.form is not None:
         form = body.form
         raw = {k: form.text(k) for k in ("prompt", "model", "size", "seconds")}
+        # Unknown text fields are ignored (as OpenAI does), an unknown file never is.
+        form.refuse_unknown({"input_reference"}, files_only=True)
         if "input_reference" in form:
-            image = await form.file("input_reference")
+            image = form.file("input_reference")
         ref_url = form.text("input_reference[image_url]")
         if ref_url is not None:
             image = _data_url_image(ref_url)
@@ -284,7 +291,31 @@ async def _parse_create(request: Request) -> tuple[VideoCreate, bytes | None]:
     return data, image
 
 
-@router.post("", response_model=Video, responses=_ERRORS,
+_VIDEO_FORM: dict[str, Any] = {
+    "type": "object", "required": ["prompt"],
+    "properties": {
+        "prompt": {"type": "string", "minLength": 1, "maxLength": 10000},
+        "model": {"type": "string"}, "size": {"type": "string", "description": "WxH"},
+        "seconds": {"type": "string"},
+        "input_reference": {"type": "string", "format": "binary",
+                            "description": "PNG, JPEG or WebP"},
+    }}
+
+_CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": VideoCreate.model_json_schema()},
+            "multipart/form-data": {"schema": _VIDEO_FORM},
+            "application/x-www-form-urlencoded": {"schema": {
+                **_VIDEO_FORM, "properties": {k: v for k, v in _VIDEO_FORM["properties"].items()
+                                              if k != "input_reference"}}},
+        },
+    }
+}
+
+
+@router.post("", response_model=Video, responses=_ERRORS, openapi_extra=_CREATE_BODY,
              summary="Create a video (OpenAI-compatible)")
 async def create_video(
     request: Request, caller: CallerDep,
