@@ -11,8 +11,9 @@ tests stop and start (a private PostgreSQL cluster, a private SeaweedFS, a priva
   ``storage_error`` with ``Retry-After`` and no task row; the database failing after the
   image was stored deletes the image. A download with the store down is a 503.
 - Redis down: creating still answers 202 at once (the task waits in the database for
-  the reconciler), listing still works (positions unknown); what needs Redis itself
-  answers 503 ``redis_unavailable``.
+  the reconciler), listing still works (positions unknown), cancelling a queued task
+  works (it is recorded in the database); what needs Redis itself answers 503
+  ``redis_unavailable``.
 """
 
 from __future__ import annotations
@@ -371,6 +372,10 @@ async def test_with_redis_down_creating_still_answers_202_at_once_and_listing_wo
             assert got.status_code == 200
             _unavailable(await c.post("/v1/auth/stream-token", headers=alice),
                          "redis_unavailable")
+            # A queued task's cancel is recorded in the database: it stands, and says so.
+            cancel = await c.post(f"/v1/tasks/{first.json()['id']}/cancel", headers=alice)
+            assert cancel.status_code == 200, cancel.text
+            assert cancel.json()["status"] == "cancelled"
             ready = await c.get("/readyz")
             assert ready.status_code == 503 and ready.json()["checks"]["redis"] != "ok"
             proc = services.start_redis(tmp_path / "redis", port=port)

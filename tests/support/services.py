@@ -110,7 +110,10 @@ def private_redis(tmp: Path, *, appendonly: bool = False,
 
 
 def _admin_exec(sql: str, base: str) -> None:
+    """Run one statement on ``base`` (also from inside a running event loop: then on a
+    thread of its own, as blocking as the call is anyway)."""
     import asyncio
+    import threading
 
     import asyncpg
 
@@ -121,7 +124,24 @@ def _admin_exec(sql: str, base: str) -> None:
         finally:
             await conn.close()
 
-    asyncio.run(run())
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(run())
+        return
+    failed: list[BaseException] = []
+
+    def in_thread() -> None:
+        try:
+            asyncio.run(run())
+        except BaseException as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
 
 
 def _pg_base() -> str:

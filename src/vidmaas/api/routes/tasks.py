@@ -18,6 +18,7 @@ from vidmaas.api.body import read_body, validated
 from vidmaas.api.deps import CallerDep, CallerOrTokenDep, SessionDep, services_of
 from vidmaas.api.forms import Form
 from vidmaas.api.schemas import ErrorBody, TaskCreate, TaskList, TaskOut, task_out
+from vidmaas.bus import client as bus_client
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.domain.ids import is_task_id
@@ -149,9 +150,24 @@ async def cancel_task(request: Request, task_id: str, caller: CallerDep) -> Task
     """A queued task is cancelled at once; a running one becomes ``cancelling`` and the
     dispatcher stops its job. A finished task answers 409."""
     task = await load_own(request, task_id=task_id, scope=caller.scope)
+    return task_out(await cancel(request, task, by=caller.name, scope=caller.scope),
+                    position=None)
+
+
+async def cancel(request: Request, task: Task, *, by: str, scope: str | None) -> Task:
+    """Cancel ``task``; with Redis down after the cancel was recorded (a queued task's
+    queue entry could not be removed: the dispatcher skips it), the cancel stands and
+    is answered as done rather than as a 503 that a retry would turn into a 409."""
     svc = services_of(request)
-    done = await svc.lifecycle.cancel(task, by=caller.name)
-    return task_out(done, position=None)
+    try:
+        return await svc.lifecycle.cancel(task, by=by)
+    except Exception as e:
+        if not bus_client.is_unavailable(e):
+            raise
+        fresh = await load_own(request, task_id=task.id, scope=scope)
+        if fresh.status not in (TaskStatus.CANCELLED, TaskStatus.CANCELLING):
+            raise
+        return fresh
 
 
 async def _download(request: Request, *, task_id: str, scope: str | None, which: str,

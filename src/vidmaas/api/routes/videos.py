@@ -39,7 +39,7 @@ from vidmaas.api import creation
 from vidmaas.api.body import read_body, validated
 from vidmaas.api.deps import CallerDep, CallerOrTokenDep, services_of
 from vidmaas.api.errors import as_ours, retry_headers, status_of_any
-from vidmaas.api.routes.tasks import _download
+from vidmaas.api.routes.tasks import _download, cancel
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.domain.ids import is_task_id
@@ -387,7 +387,7 @@ async def delete_video(request: Request, video_id: str, caller: CallerDep) -> Vi
     status = task.status
     if not status.terminal:
         if status is not TaskStatus.CANCELLING:
-            await svc.lifecycle.cancel(task, by=caller.name)
+            await cancel(request, task, by=caller.name, scope=caller.scope)
     else:
         for key in (task.video_key, task.poster_key):
             if key is not None:
