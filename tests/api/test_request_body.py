@@ -232,3 +232,18 @@ async def test_a_malformed_idempotency_key_is_refused_before_anything_is_written
     assert r.status_code == route.invalid_status, r.text
     assert route.code_and_field(r.json())[1] == "Idempotency-Key"
     await _nothing_created(api)
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=IDS)
+async def test_unusual_but_valid_text_is_taken_as_typed(api: Api, route: Route) -> None:
+    prompt = "a 😀 cat,\n\tcafé «crème» 中文 \\u0000 {{ x }}"  # an escaped pair, real text
+    body = b'{"prompt": "a \\ud83d\\ude00 cat,\\n\\tcaf\\u00e9 \xc2\xabcr\xc3\xa8me\xc2\xbb ' \
+           b'\xe4\xb8\xad\xe6\x96\x87 \\\\u0000 {{ x }}", "model": "tiny-t2v"}'
+    r = await api.client.post(route.path, content=body, headers={
+        **api.auth("alice"), "Content-Type": "application/json"})
+    assert r.status_code == route.created_status, r.text
+    assert r.json()["prompt"] == prompt
+    form = await api.client.post(route.path, headers=api.auth("alice"),
+                                 data={"prompt": prompt, "model": "tiny-t2v"})
+    assert form.status_code == route.created_status, form.text
+    assert form.json()["prompt"] == prompt

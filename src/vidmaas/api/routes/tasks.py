@@ -3,7 +3,11 @@
 Guarantees: a caller sees, cancels and downloads only their own tasks (an admin all);
 someone else's task answers exactly like a missing one (404 ``task_not_found``);
 the list is newest first with an opaque cursor; downloads redirect to a presigned
-URL when the store can make one, and stream the file (with Range support) otherwise.
+URL when the store can make one, and stream the file (with Range support) otherwise
+(a store that is down is 503 ``storage_error``). A create's body, JSON or form, is
+read by ``api.body``; a form takes exactly the JSON body's fields plus ``image`` (any
+other field is refused, as in JSON). A cancel that the database recorded stands even
+if Redis then fails.
 """
 
 from __future__ import annotations

@@ -14,8 +14,12 @@ Guarantees:
   frame count the model allows that lasts at least that long; what the model cannot do
   is refused before anything is written.
 - Every error on these routes has OpenAI's body ``{"error": {"message", "type",
-  "param", "code"}}`` (invalid requests are 400, as OpenAI answers them); the status
-  otherwise follows ``api.errors``.
+  "param", "code"}}`` (invalid requests are 400, as OpenAI answers them, with the same
+  codes as the native API for a body that does not parse); the status otherwise
+  follows ``api.errors``, a backing service that is down included (503 with
+  ``Retry-After``).
+- A form's unknown text fields are ignored, as OpenAI's are; a file under any name but
+  ``input_reference`` is refused, and so is an empty one (``empty_image``).
 - ``DELETE`` cancels an unfinished video and removes a finished one's files; a deleted
   completed video answers 404 afterwards.
 """
