@@ -30,6 +30,12 @@ class DatabaseSettings(BaseModel):
     accepted and rewritten to the asyncpg driver."""
     pool_size: int = 10
     """Connections kept open per process (PostgreSQL only)."""
+    connect_timeout_s: float = 5.0
+    """How long opening a PostgreSQL connection may take before the request that needed
+    it fails with 503 ``database_unavailable`` (an unreachable server never hangs one)."""
+    pool_timeout_s: float = 10.0
+    """How long a request waits for a free pooled connection (PostgreSQL) before it
+    fails with 503 ``database_unavailable``."""
     echo_sql: bool = False
     """Log every SQL statement (debugging only)."""
 
