@@ -30,6 +30,12 @@ class DatabaseSettings(BaseModel):
     accepted and rewritten to the asyncpg driver."""
     pool_size: int = 10
     """Connections kept open per process (PostgreSQL only)."""
+    connect_timeout_s: float = 5.0
+    """How long opening a PostgreSQL connection may take before the request that needed
+    it fails with 503 ``database_unavailable`` (an unreachable server never hangs one)."""
+    pool_timeout_s: float = 10.0
+    """How long a request waits for a free pooled connection (PostgreSQL) before it
+    fails with 503 ``database_unavailable``."""
     echo_sql: bool = False
     """Log every SQL statement (debugging only)."""
 
@@ -125,6 +131,12 @@ class ApiSettings(BaseModel):
     stream_queue_coalesce_s: float = 0.02
     """After a queue move, wait this long so that a burst of moves costs one recompute of
     the watched tasks' queue positions."""
+    stream_resume_max_tasks: int = 200
+    """Most tasks a client may list when it resumes ``WS /v1/events`` (``?after=`` or
+    the ``resume`` message); a longer list is refused with close code 4400."""
+    stream_resume_wait_s: float = 10.0
+    """How long ``WS /v1/events?resume=message`` waits for the client's ``resume``
+    message before it closes with 4400."""
     cors_origins: list[str] = Field(default_factory=list)
     """Origins allowed to call the API from a browser (empty: same origin only)."""
     openai_default_model: str = "wan2.2-ti2v-5b"

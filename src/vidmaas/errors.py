@@ -87,9 +87,11 @@ class RateLimited(VidmaasError):
 
 
 class ServiceUnavailable(VidmaasError):
-    """A backing service (database, Redis, object store) failed (503)."""
+    """A backing service (database, Redis, object store) failed (503, with
+    ``Retry-After: retry_after_s``): the request may succeed when retried."""
 
     code = "service_unavailable"
+    retry_after_s: int = 5
 
 
 class StorageError(ServiceUnavailable):
@@ -102,6 +104,12 @@ class QueueError(ServiceUnavailable):
     """Redis (queue or event streams) failed."""
 
     code = "queue_error"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """The database cannot be reached (down, restarting, or out of connections)."""
+
+    code = "database_unavailable"
 
 
 class ExecutorError(VidmaasError):

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from vidmaas.bus import control
 from vidmaas.bus.events import StreamLimits, publish
 from vidmaas.bus.queue import TaskQueue
 from vidmaas.config import Settings
 from vidmaas.db import tasks as repo
+from vidmaas.db.engine import Sessions
 from vidmaas.db.models import Task
 from vidmaas.domain import events as ev
 from vidmaas.domain.status import ACTIVE, TaskStatus
@@ -45,7 +45,7 @@ tlog = TaskLog(log)
 
 @dataclass
 class Lifecycle:
-    sessions: async_sessionmaker[AsyncSession]
+    sessions: Sessions
     redis: aioredis.Redis
     settings: Settings
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from vidmaas.bus.client import connect
 from vidmaas.config import Settings
-from vidmaas.db.engine import make_engine, make_sessionmaker
+from vidmaas.db.engine import Engine, Sessions, make_engine, make_sessionmaker
 from vidmaas.domain.models import ModelRegistry
 from vidmaas.lifecycle import Lifecycle
 from vidmaas.storage import ObjectStore, store_from_settings
@@ -24,8 +23,8 @@ from vidmaas.storage import ObjectStore, store_from_settings
 @dataclass
 class Services:
     settings: Settings
-    engine: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
+    engine: Engine
+    sessions: Sessions
     redis: aioredis.Redis
     store: ObjectStore
     registry: ModelRegistry

@@ -605,6 +605,164 @@ async def test_the_multiplexed_stream_follows_the_callers_existing_and_new_tasks
     await ws.close()
 
 
+async def mux_until(ws: ClientConnection, done: Any, *, timeout_s: float = 10.0,
+                    ) -> dict[str, list[dict[str, Any]]]:
+    """Messages of a multiplexed stream per task, until ``done(per_task)`` holds."""
+    per_task: dict[str, list[dict[str, Any]]] = {}
+    async with asyncio.timeout(timeout_s):
+        while not done(per_task):
+            m = json.loads(await ws.recv())
+            if m["type"] != "ping":
+                per_task.setdefault(m["task_id"], []).append(m)
+    return per_task
+
+
+def ended(*task_ids: str) -> Any:
+    return lambda got: all(got.get(t) and got[t][-1]["type"] == "end" for t in task_ids)
+
+
+def reached(want: dict[str, int]) -> Any:
+    """Every task's progress reached the step ``want`` names."""
+    return lambda got: all(steps(got.get(t, []))[-1:] == [n] for t, n in want.items())
+
+
+async def test_the_multiplexed_stream_resumes_every_task_from_its_own_point_without_gap_or_duplicate(  # noqa: E501
+        server: Server) -> None:
+    tasks = [await new_task(server) for _ in range(3)]
+    for t in tasks:
+        await start_running(server, t)
+    ws = await ws_open(server, "/v1/events")
+    snapshots = await mux_until(ws, lambda g: len(g) == 3)
+    for i in range(1, 4):
+        for k, t in enumerate(tasks):
+            await progress(server, t, 10 * k + i)
+    before = await mux_until(ws, reached({t: 10 * k + 3 for k, t in enumerate(tasks)}))
+    assert all(snapshots[t][0]["type"] == "snapshot" for t in tasks)
+    await ws.close()
+    # Away: each task moves on by a different amount, and a new task is created.
+    for k, t in enumerate(tasks):
+        for i in range(4, 4 + 5 * (k + 1)):
+            await progress(server, t, 10 * k + i)
+    created = await new_task(server)
+    points = {t: before[t][-1]["id"] for t in tasks}
+    after = ",".join(f"{t}:{i}" for t, i in points.items())
+    ws = await ws_open(server, f"/v1/events?after={after}")
+    want = {t: 10 * k + 3 + 5 * (k + 1) for k, t in enumerate(tasks)}
+    got = await mux_until(ws, lambda g: reached(want)(g) and created in g)
+    for k, t in enumerate(tasks):
+        snap, *events = got[t]
+        assert snap["type"] == "snapshot" and snap["id"] == points[t]
+        assert steps(before[t]) + steps(events) == list(range(10 * k + 1, want[t] + 1))
+        ids = event_ids(before[t]) + event_ids(events)
+        assert ids == sorted(ids, key=lambda s: tuple(map(int, s.split("-")))) \
+            and len(ids) == len(set(ids))
+    # The task the client did not know arrives with a fresh snapshot.
+    assert got[created][0]["type"] == "snapshot"
+    assert got[created][0]["data"]["status"] == "queued"
+    await ws.close()
+
+
+async def test_a_task_that_ended_while_the_client_was_away_resumes_to_its_last_events_and_end(
+        server: Server) -> None:
+    gone, seen_all = await new_task(server), await new_task(server)
+    for t in (gone, seen_all):
+        await start_running(server, t)
+    ws = await ws_open(server, "/v1/events")
+    first = await mux_until(ws, lambda g: gone in g and seen_all in g)
+    for i in range(1, 4):
+        await progress(server, gone, i)
+    await complete(server, seen_all)
+    more = await mux_until(ws, lambda g: reached({gone: 3})(g) and ended(seen_all)(g))
+    for t in (gone, seen_all):
+        first[t] += more[t]
+    await ws.close()
+    for i in range(4, 7):
+        await progress(server, gone, i)
+    await complete(server, gone)
+    assert first[seen_all][-2]["type"] == "completed"  # the client has it all
+    ws = await ws_open(server, "/v1/events?resume=message")
+    await ws.send(json.dumps(ev.resume_request({gone: first[gone][-1]["id"],
+                                                seen_all: first[seen_all][-2]["id"]})))
+    got = await mux_until(ws, ended(gone, seen_all))
+    snap, *events = got[gone]
+    assert snap["type"] == "snapshot" and snap["data"]["status"] == "completed"
+    assert steps(events) == [4, 5, 6]
+    assert [m["type"] for m in events][-2:] == ["completed", "end"]
+    # A task whose terminal event the client already has: its state, and the end.
+    assert [m["type"] for m in got[seen_all]] == ["snapshot", "end"]
+    assert got[seen_all][0]["data"]["status"] == "completed"
+    await ws.close()
+
+
+async def test_another_users_task_in_a_resume_list_looks_exactly_like_a_missing_one(
+        server: Server) -> None:
+    mine, theirs = await new_task(server), await new_task(server, "bob")
+    missing = "t" + "0" * 25
+    await start_running(server, theirs)
+    bobs_ids = [await progress(server, theirs, 1)]
+    ws = await ws_open(server, "/v1/events?resume=message")
+    await ws.send(json.dumps(ev.resume_request({theirs: "0-0", missing: "0-0"})))
+    got = await mux_until(ws, lambda g: mine in g and theirs in g and missing in g)
+    assert got[theirs] == [ev.not_found(theirs)]
+    assert got[missing] == [ev.not_found(missing)]
+    assert {k: v for k, v in got[theirs][0].items() if k != "task_id"} \
+        == {k: v for k, v in got[missing][0].items() if k != "task_id"}
+    # Nothing of bob's task reaches alice afterwards; her own task still flows.
+    bobs_ids.append(await progress(server, theirs, 2))
+    await start_running(server, mine)
+    more = await mux_until(ws, lambda g: [m["type"] for m in g.get(mine, [])]
+                           == ["dispatched", "started"])
+    assert set(more) == {mine}
+    await ws.close()
+
+
+async def test_bad_resume_input_on_the_multiplexed_stream_is_refused_with_4400_and_a_reason(
+        sqlite_url: str, redis_url: str, local_storage: StorageSettings) -> None:
+    settings = settings_for(sqlite_url, redis_url, local_storage, stream_resume_max_tasks=3,
+                            stream_resume_wait_s=0.3)
+    t, e = "t" + "1" * 25, "1700000000000-0"
+    cases: list[tuple[str, str | bytes | None, str]] = [
+        (f"?after={t}", None, "<task_id>:<event_id>"),
+        (f"?after=nope:{e}", None, "not a task id"),
+        (f"?after={t}:soon", None, "not an event id"),
+        (f"?after={t}:{e},{t}:{e}", None, "listed twice"),
+        ("?after=" + ",".join(f"t{c * 25}:{e}" for c in "2345"), None, "at most 3"),
+        (f"?after={t}:{e}&after={t}:{e}", None, "once"),
+        ("?resume=later", None, "resume must be"),
+        (f"?resume=message&after={t}:{e}", None, "not both"),
+        ("?resume=message", "{not json", "not JSON"),
+        ("?resume=message", json.dumps({"type": "hello"}), "must be"),
+        ("?resume=message", json.dumps({"type": "resume", "after": [t]}), "object"),
+        ("?resume=message", json.dumps(ev.resume_request({f"t{c * 25}": e for c in "2345"})),
+         "at most 3"),
+        ("?resume=message", json.dumps(ev.resume_request({t: "x"})), "not an event id"),
+        ("?resume=message", b"\x00binary", "text frame"),
+        ("?resume=message", None, "no resume message within 0.3 s"),
+    ]
+    async for server in serve(settings, sqlite_url):
+        for query, message, reason in cases:
+            ws = await ws_open(server, "/v1/events" + query)
+            if message is not None:
+                await ws.send(message)
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+            assert (ws.close_code, reason in (ws.close_reason or "")) == (4400, True), \
+                (query, message, ws.close_reason)
+        # Within the bounds it is accepted.
+        three = [f"t{c * 25}" for c in "234"]
+        ws = await ws_open(server, "/v1/events?after=" + ",".join(f"{x}:{e}" for x in three))
+        assert await ws_messages(ws, n=3) == [ev.not_found(x) for x in three]
+        await ws.close()
+        ws = await ws_open(server, "/v1/events?resume=message")
+        await ws.send(json.dumps(ev.resume_request({t: e})))
+        assert await ws_messages(ws, n=1) == [ev.not_found(t)]
+        await ws.send("{not json")  # later client messages are ignored
+        with pytest.raises(TimeoutError):
+            await ws_messages(ws, n=1, timeout_s=0.5)
+        assert ws.close_code is None
+        await ws.close()
+
+
 async def test_queue_positions_are_pushed_to_watchers_when_they_change(
         server_sqlite: Server) -> None:
     server = server_sqlite

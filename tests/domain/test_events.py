@@ -107,3 +107,8 @@ def test_position_pushes_ends_and_pings_have_their_documented_shapes() -> None:
     assert "id" not in ev.position_push(TID, position=3)  # not an event: no resume point
     assert ev.end(TID) == {"v": 1, "type": "end", "task_id": TID, "data": {}}
     assert ev.ping() == {"type": "ping"}
+
+
+def test_not_found_and_the_clients_resume_request_have_their_documented_shapes() -> None:
+    assert ev.not_found(TID) == {"v": 1, "type": "not_found", "task_id": TID, "data": {}}
+    assert ev.resume_request({TID: "5-0"}) == {"type": "resume", "after": {TID: "5-0"}}

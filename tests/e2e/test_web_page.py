@@ -348,31 +348,54 @@ async def test_a_retried_attempt_shows_why_and_the_task_runs_again(pages: Pages,
 
 async def test_a_dropped_stream_is_polled_over_and_resumed_from_the_last_event(
         pages: Pages, live: LiveServer) -> None:
+    import json
+
     from playwright.async_api import WebSocketRoute
 
-    page = await pages.open("alice", label="dropped")
-    sockets: list[tuple[str, WebSocketRoute]] = []
+    from tests.e2e.conftest import sign_in
+    from vidmaas.bus import keys
 
-    def proxy(ws: WebSocketRoute) -> None:
-        ws.connect_to_server()
-        sockets.append((ws.url, ws))
+    page = await pages.open(None, label="dropped")
+    sockets: list[WebSocketRoute] = []
+    resumes: list[dict[str, str]] = []  # the resume list each socket sent
+    refusing = False
 
-    await page.route_web_socket(re.compile(r".*/v1/tasks/.*/events.*"), proxy)
+    async def proxy(ws: WebSocketRoute) -> None:
+        if refusing:
+            await ws.close(code=1011)
+            return
+        server = ws.connect_to_server()
+        sockets.append(ws)
+
+        def forward(message: str | bytes) -> None:
+            if isinstance(message, str) and len(resumes) < len(sockets):
+                resumes.append(json.loads(message)["after"])
+            server.send(message)
+
+        ws.on_message(forward)
+
+    await page.route_web_socket(re.compile(r".*/v1/events.*"), proxy)
+    await sign_in(page, live.keys["alice"])
     card = await submit(page, "through a flaky network")
     task_id = await task_id_of(card)
     await live.driver.start(task_id)
     await live.driver.progress(task_id, percent=20.0)
     await expect(card.get_by_test_id("percent")).to_have_text("20%")
     await expect(page.get_by_test_id("connection")).to_have_text("Live")
+    [(last_id, _)] = await live.driver.svc.redis.xrevrange(keys.task_events(task_id), count=1)
     first_count = len(sockets)
-    await sockets[-1][1].close(code=1011)  # the connection drops
+    refusing = True  # the connection drops, and reconnecting fails for a while
+    await sockets[-1].close(code=1011)
     await expect(page.get_by_test_id("connection")).not_to_have_text("Live")
     await live.driver.progress(task_id, percent=45.0)
+    # Polled meanwhile.
     await expect(card.get_by_test_id("percent")).to_have_text("45%", timeout=10_000)
-    await expect(page.get_by_test_id("connection")).to_have_text("Live", timeout=10_000)
-    assert len(sockets) > first_count
-    resumed_url = sockets[-1][0]
-    assert f"/v1/tasks/{task_id}/events" in resumed_url and "after=" in resumed_url
+    await expect(page.get_by_test_id("connection")).to_have_text("Updating every 2 s")
+    refusing = False
+    await expect(page.get_by_test_id("connection")).to_have_text("Live", timeout=20_000)
+    assert len(sockets) == first_count + 1
+    # The new socket resumed the card from the last event it had seen.
+    assert resumes[-1] == {task_id: last_id}
     await live.driver.progress(task_id, percent=80.0)
     await expect(card.get_by_test_id("percent")).to_have_text("80%")
 

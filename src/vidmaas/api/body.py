@@ -5,15 +5,23 @@ Guarantees:
 - The body is read first, with a hard byte limit: a declared ``Content-Length`` over
   it, or a stream that passes it, is ``PayloadTooLarge`` (413 ``payload_too_large``)
   before anything is parsed or the content type is looked at.
-- Dispatch by content type: ``application/json`` (or none) is decoded as JSON
-  (``invalid_json`` when it is not); ``multipart/form-data`` and
-  ``application/x-www-form-urlencoded`` are parsed as a form of at most one file and 32
-  fields (``invalid_form`` when they do not parse); anything else is
+- Dispatch by content type: ``application/json`` (or none) is decoded as JSON;
+  ``multipart/form-data`` and ``application/x-www-form-urlencoded`` are parsed by
+  ``api.forms`` (at most one file and 32 fields; its own codes); anything else is
   ``UnsupportedMedia`` (415 ``unsupported_content_type``). Nothing is validated beyond
   that here: the routes say which fields they take.
-- A form's fields are read through ``Form``: a text field that is a file, a file field
-  that is text, and an integer field that is not one are each ``InvalidRequest`` naming
-  the field; an empty value counts as absent.
+- Whatever the bytes, a JSON body the parser cannot take is ``InvalidRequest`` with a
+  machine-readable code, never an unexpected error: not UTF-8 (a UTF-8 byte order
+  mark is skipped) is ``invalid_encoding``; not JSON is ``invalid_json``; ``NaN``,
+  ``Infinity``, a number that overflows a double (``1e999``) or an integer of more
+  than ``MAX_INTEGER_DIGITS`` digits is ``invalid_number``; nesting deeper than
+  ``MAX_JSON_DEPTH`` (the parser's own recursion limit included) is ``json_too_deep``;
+  more than ``MAX_JSON_VALUES`` values is ``too_many_json_values``; an object naming a
+  key twice is ``duplicate_field`` (parsers disagree on which one wins, so neither
+  does); a string or key holding a NUL character or a lone UTF-16 surrogate
+  (``"\\ud800"``) is ``invalid_text`` naming where; an empty body is ``empty_body``
+  and any other value than an object is ``body_not_an_object``. The status is 422
+  (400 on OpenAI's API, like every invalid request there).
 - ``validated`` turns a pydantic validation failure into ``InvalidRequest`` naming the
   first offending field.
 """
@@ -21,69 +29,36 @@ Guarantees:
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
-from starlette.types import Message
 
+from vidmaas.api.forms import Form, parse_multipart, parse_urlencoded
 from vidmaas.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
 
 MAX_FORM_FILES = 1
 MAX_FORM_FIELDS = 32
-FORM_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
+MAX_JSON_DEPTH = 16
+"""Containers inside containers: the creation bodies need 2."""
+MAX_JSON_VALUES = 10_000
+"""Values (scalars and containers) in one body."""
+MAX_INTEGER_DIGITS = 40
 JSON_TYPES = frozenset({"application/json", ""})
+_BAD_TEXT = re.compile(r"[\x00\ud800-\udfff]")
 
 M = TypeVar("M", bound=BaseModel)
 
 
-class Form:
-    """A parsed form with typed accessors (see the module doc)."""
-
-    def __init__(self, data: FormData) -> None:
-        self._data = data
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._data
-
-    def text(self, name: str) -> str | None:
-        value = self._data.get(name)
-        if value is None or value == "":
-            return None
-        if isinstance(value, UploadFile):
-            raise InvalidRequest(f"{name} must be text", field=name)
-        return value
-
-    def integer(self, name: str) -> int | None:
-        value = self._data.get(name)
-        if value is None or value == "":
-            return None
-        if isinstance(value, UploadFile):
-            raise InvalidRequest(f"{name} must be a number", field=name)
-        try:
-            return int(value)
-        except ValueError as e:
-            raise InvalidRequest(f"{name} must be an integer", field=name) from e
-
-    async def file(self, name: str) -> bytes | None:
-        """The bytes of an uploaded file part; None when absent or empty."""
-        value = self._data.get(name)
-        if value is None or value == "":
-            return None
-        if not isinstance(value, UploadFile):
-            raise InvalidRequest(f"{name} must be a file", field=name)
-        data = await value.read()
-        return data or None
-
-
 @dataclass(frozen=True, slots=True)
 class Body:
-    """A creation request's body: a decoded JSON value, or a form."""
+    """A creation request's body: a decoded JSON object, or a form."""
 
-    json: Any = None
-    """The decoded JSON document (None for a form, or for an empty JSON body)."""
+    json: dict[str, Any] | None = None
+    """The decoded JSON object (None for a form)."""
     form: Form | None = None
 
 
@@ -111,33 +86,113 @@ async def read_body(request: Request, *, limit_bytes: int) -> Body:
     """Read and decode a creation request's body (see the module doc)."""
     raw = await read_bytes(request, limit_bytes=limit_bytes)
     ctype = content_type(request)
-    if ctype in FORM_TYPES:
-        return Body(form=Form(await _parse_form(request, raw)))
+    if ctype == "multipart/form-data":
+        return Body(form=parse_multipart(raw, content_type=request.headers["content-type"],
+                                         max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS))
+    if ctype == "application/x-www-form-urlencoded":
+        return Body(form=parse_urlencoded(raw, max_fields=MAX_FORM_FIELDS))
     if ctype not in JSON_TYPES:
         raise UnsupportedMedia("send application/json or multipart/form-data",
                                code="unsupported_content_type")
+    return Body(json=decode_json_object(raw))
+
+
+def decode_json_object(raw: bytes) -> dict[str, Any]:
+    """A JSON object from a body's bytes, or ``InvalidRequest`` (see the module doc)."""
+    if not raw.strip():
+        raise InvalidRequest("the body is empty; send a JSON object", code="empty_body")
     try:
-        return Body(json=json.loads(raw or b"null"))
-    except ValueError as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequest("the body is not UTF-8", code="invalid_encoding") from e
+    try:
+        value = json.loads(text.removeprefix("\ufeff"), object_pairs_hook=_object,
+                           parse_constant=_constant, parse_float=_float, parse_int=_int)
+    except RecursionError as e:
+        raise InvalidRequest(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep",
+                             code="json_too_deep") from e
+    except ValueError as e:  # JSONDecodeError is one
         raise InvalidRequest("the body is not valid JSON", code="invalid_json") from e
+    _check_tree(value)
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"the body must be a JSON object, not {_kind(value)}",
+                             code="body_not_an_object")
+    return value
 
 
-async def _parse_form(request: Request, body: bytes) -> FormData:
-    """Parse a multipart/urlencoded body that was already read (and size-checked)."""
-    sent = False
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise InvalidRequest(f"the JSON object names {key[:64]!r} twice",
+                                 field=_printable(key), code="duplicate_field")
+        out[key] = value
+    return out
 
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
 
-    try:
-        return await Request(request.scope, receive=replay).form(
-            max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
-    except Exception as e:
-        raise InvalidRequest(f"the form could not be parsed: {e}", code="invalid_form") from e
+def _bad_number(text: str, why: str) -> NoReturn:
+    raise InvalidRequest(f"the number {text[:24]}{'…' if len(text) > 24 else ''} {why}",
+                         code="invalid_number")
+
+
+def _constant(text: str) -> NoReturn:
+    _bad_number(text, "is not JSON (NaN and Infinity are not numbers in JSON)")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        _bad_number(text, "is too large")
+    return value
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        _bad_number(text, f"has more than {MAX_INTEGER_DIGITS} digits")
+    return int(text)
+
+
+def _kind(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+             int: "a number", float: "a number"}
+    return names.get(type(value), "that")
+
+
+def _printable(text: str) -> str:
+    return _BAD_TEXT.sub("\N{REPLACEMENT CHARACTER}", text)[:64]
+
+
+def _check_tree(root: Any) -> None:
+    """Depth, size and text checks over a decoded value, without recursion."""
+    stack: list[tuple[Any, str, int]] = [(root, "", 1)]
+    seen = 0
+    while stack:
+        value, path, depth = stack.pop()
+        seen += 1
+        if seen > MAX_JSON_VALUES:
+            raise InvalidRequest(f"the JSON holds more than {MAX_JSON_VALUES} values",
+                                 code="too_many_json_values")
+        if isinstance(value, str):
+            if _BAD_TEXT.search(value):
+                raise InvalidRequest(
+                    f"{path or 'the body'}: text must not hold a NUL character or a lone "
+                    "UTF-16 surrogate", field=path or None, code="invalid_text")
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep",
+                                 code="json_too_deep")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{_printable(key)}" if path else _printable(key)
+                if _BAD_TEXT.search(key):
+                    raise InvalidRequest(f"the key {where!r} holds a NUL character or a lone "
+                                         "UTF-16 surrogate", field=where, code="invalid_text")
+                stack.append((item, where, depth + 1))
+        else:
+            stack.extend((item, f"{path}.{i}" if path else str(i), depth + 1)
+                         for i, item in enumerate(value))
 
 
 def validated(model: type[M], raw: Any) -> M:

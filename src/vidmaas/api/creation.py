@@ -6,8 +6,10 @@ Guarantees (DESIGN §2 step 1):
 - Parameters are resolved against the model registry before anything is written;
   an input image is sniffed, bounded and re-encoded (``api.uploads``).
 - Write order: the input image under ``inputs/{task_id}/``, then the task row
-  (``queued``), then the queue entry. If the row cannot be written the stored image
-  is deleted (nothing half-written). If the enqueue fails after the insert, the task
+  (``queued``), then the queue entry. A store that fails the put leaves no row (503
+  ``storage_error``); if the row cannot be written the stored image is deleted
+  (nothing half-written; a store that also fails the delete leaves an orphan object,
+  never a row pointing at nothing). If the enqueue fails after the insert, the task
   stays ``queued`` and the reconciler enqueues it (nothing accepted is lost).
 - A ``webhook_url`` is always checked against the SSRF policy
   (``domain.webhooks.check_target`` with ``webhooks.allow_hosts``) before anything is
@@ -15,15 +17,27 @@ Guarantees (DESIGN §2 step 1):
   422 on field ``webhook_url`` with the policy's code (``webhook_target_not_allowed``,
   ``invalid_webhook_url`` or ``webhook_host_unresolvable``). The relay applies the same
   policy again before every delivery.
-- With an ``Idempotency-Key``, a retried create returns the first task and writes
-  nothing new.
+- Text fields are refused (422 ``invalid_text``, naming the field) when the prompt or
+  negative prompt holds a NUL character or a lone surrogate, or a one-line field
+  (``model``, ``size``, ``webhook_url``) holds any control character.
+- With an ``Idempotency-Key`` (per user), a retried create of the same request returns
+  the first task and writes nothing new; the same key with a different request is
+  ``InvalidRequest`` ``idempotency_key_reused`` (field ``Idempotency-Key``), also when
+  the two race (the unique constraint picks the first; the loser's image is deleted).
+  "The same request" is ``request_fingerprint``: the fields as the client sent them
+  (an omitted seed stays omitted, not the random one it resolved to), JSON and form
+  alike, and the SHA-256 of the image's bytes. A task stored before fingerprints
+  existed matches any request with its key.
 - A user with ``max_queued_per_user`` tasks waiting gets 429 with ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import re
 import socket
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -44,6 +58,8 @@ log = logging.getLogger(__name__)
 tlog = TaskLog(log)
 
 IDEMPOTENCY_KEY_MAX = 128
+_FREE_TEXT_BAD = re.compile(r"[\x00\ud800-\udfff]")
+_ONE_LINE_BAD = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +77,45 @@ class CreateRequest:
     source: str = "native"
 
 
+def request_fingerprint(req: CreateRequest) -> str:
+    """A digest of the request as the client sent it (what an Idempotency-Key binds)."""
+    doc = {
+        "v": 1, "source": req.source, "prompt": req.prompt, "model": req.model,
+        "size": req.size, "num_frames": req.num_frames, "steps": req.steps, "seed": req.seed,
+        "negative_prompt": req.negative_prompt, "webhook_url": req.webhook_url,
+        "webhook_events": sorted(set(req.webhook_events)) if req.webhook_events else None,
+        "image_sha256": None if req.image is None else hashlib.sha256(req.image).hexdigest(),
+    }
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def check_text(req: CreateRequest) -> None:
+    """``invalid_text`` for a NUL or surrogate in free text, a control in one-line text."""
+    for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+        if text is not None and _FREE_TEXT_BAD.search(text):
+            raise InvalidRequest(f"the {name} contains a NUL character or a lone surrogate",
+                                 field=name, code="invalid_text")
+    for name, text in (("model", req.model), ("size", req.size),
+                       ("webhook_url", req.webhook_url)):
+        if text is not None and _ONE_LINE_BAD.search(text):
+            raise InvalidRequest(f"{name} must be one line of printable text", field=name,
+                                 code="invalid_text")
+
+
+def _replayed(existing: Task, fingerprint: str) -> Task:
+    """The task a retried create returns, unless the key came with another request."""
+    if existing.idempotency_fingerprint not in (None, fingerprint):
+        raise InvalidRequest(
+            "this Idempotency-Key was already used for a different request; send a new key "
+            "for a new request", field="Idempotency-Key", code="idempotency_key_reused")
+    return existing
+
+
 def check_idempotency_key(key: str | None) -> str | None:
     if key is None:
         return None
+    key = key.strip(" ")  # what an HTTP server strips anyway; a blank key is no key
     if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not key.isprintable():
         raise InvalidRequest(
             f"Idempotency-Key must be 1–{IDEMPOTENCY_KEY_MAX} printable characters",
@@ -91,19 +143,19 @@ async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
     """Validate, store, insert, enqueue. Returns (task, created, queue position)."""
     cfg = svc.settings.api
     key = check_idempotency_key(idempotency_key)
+    fingerprint = request_fingerprint(req) if key is not None else None
     async with svc.sessions() as s:
-        if key is not None:
+        if key is not None and fingerprint is not None:
             existing = await repo.find_by_idempotency_key(session=s, user_id=caller.id, key=key)
             if existing is not None:
-                return existing, False, await position_of(svc, existing)
+                task = _replayed(existing, fingerprint)
+                return task, False, await position_of(svc, task)
         if len(req.prompt) > cfg.max_prompt_chars:
             raise InvalidRequest(f"the prompt is over {cfg.max_prompt_chars} characters",
                                  field="prompt")
         if not req.prompt.strip():
             raise InvalidRequest("the prompt is empty", field="prompt")
-        for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
-            if text is not None and "\x00" in text:
-                raise InvalidRequest(f"the {name} contains a NUL character", field=name)
+        check_text(req)
         spec = svc.registry.get_or_raise(req.model or default_model_id(svc))
         params = spec.resolve(size=req.size, num_frames=req.num_frames, steps=req.steps,
                               seed=req.seed, has_image=req.image is not None)
@@ -126,20 +178,31 @@ async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
             id=task_id, user_id=caller.id, model=spec.id, prompt=req.prompt,
             negative_prompt=req.negative_prompt, params=params.as_dict() | extra,
             gpus=spec.gpus_per_job, input_key=stored_key, idempotency_key=key,
-            webhook_url=req.webhook_url, webhook_events=req.webhook_events, source=req.source)
+            idempotency_fingerprint=fingerprint, webhook_url=req.webhook_url,
+            webhook_events=req.webhook_events, source=req.source)
         try:
             task, created = await repo.create_task(session=s, new=new)
         except BaseException:
             if stored_key is not None:
-                await svc.store.delete(stored_key)
+                await _delete_quietly(svc, stored_key, task_id=task_id)
             raise
         if not created:
             if stored_key is not None:
-                await svc.store.delete(stored_key)
+                await _delete_quietly(svc, stored_key, task_id=task_id)
+            assert fingerprint is not None  # only an idempotent create finds another task
+            task = _replayed(task, fingerprint)
             return task, False, await position_of(svc, task)
     tlog.info(task.id, "created by %s (model %s)", caller.name, spec.id)
     position = await svc.lifecycle.admit_new(task)
     return task, True, position
+
+
+async def _delete_quietly(svc: Services, key: str, *, task_id: str) -> None:
+    """Delete an input no row points at; a failing store only leaves an orphan object."""
+    try:
+        await svc.store.delete(key)
+    except Exception:
+        tlog.warning(task_id, "could not delete the unused input %s", key)
 
 
 def default_model_id(svc: Services) -> str:

@@ -27,9 +27,10 @@ class TaskCreate(BaseModel):
     model: str | None = Field(default=None, max_length=64,
                               description="Model id from GET /v1/models; default: the first")
     size: str | None = Field(default=None, max_length=16, description="W*H, e.g. 1280*704")
-    num_frames: int | None = Field(default=None, ge=1, le=1000)
-    steps: int | None = Field(default=None, ge=1, le=1000)
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    # Strict: JSON ``true`` or ``"9"`` is not a number of frames (lax mode would take both).
+    num_frames: int | None = Field(default=None, ge=1, le=1000, strict=True)
+    steps: int | None = Field(default=None, ge=1, le=1000, strict=True)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1, strict=True)
     negative_prompt: str | None = Field(default=None, max_length=10_000)
     webhook_url: str | None = Field(default=None, max_length=2048)
     webhook_events: list[WebhookEvent] | None = None

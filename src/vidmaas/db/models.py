@@ -150,6 +150,9 @@ class Task(Base):
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
 
     idempotency_key: Mapped[str | None] = mapped_column(String(128), default=None)
+    idempotency_fingerprint: Mapped[str | None] = mapped_column(String(64), default=None)
+    """SHA-256 (hex) of the request the key came with; None for tasks stored before
+    fingerprints (they match any request with their key)."""
     webhook_url: Mapped[str | None] = mapped_column(String(2048), default=None)
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON, default=None)
 

@@ -3,7 +3,8 @@
 Guarantees:
 - ``create_task`` inserts a task as ``queued``; with an idempotency key, a second
   create by the same user returns the first task (``created`` is False) instead of
-  inserting again, also when two creates race (the unique constraint decides).
+  inserting again, also when two creates race (the unique constraint decides). The
+  caller compares the stored ``idempotency_fingerprint`` with its own.
 - ``transition`` is the only writer of ``status`` after creation: it checks the move
   against ``domain.status.TRANSITIONS``, performs it as a compare-and-set
   (``UPDATE … WHERE status IN expected``), stamps the matching timestamp, commits,
@@ -89,6 +90,8 @@ class NewTask:
     input_key: str | None = None
     negative_prompt: str | None = None
     idempotency_key: str | None = None
+    idempotency_fingerprint: str | None = None
+    """What the key was sent with (``api.creation.request_fingerprint``)."""
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
     source: str = "native"
@@ -106,7 +109,8 @@ async def create_task(*, session: AsyncSession, new: NewTask) -> tuple[Task, boo
         id=new.id, user_id=new.user_id, model=new.model, prompt=new.prompt,
         negative_prompt=new.negative_prompt, params=new.params, gpus=new.gpus,
         input_key=new.input_key, idempotency_key=new.idempotency_key,
-        webhook_url=new.webhook_url, webhook_events=new.webhook_events, source=new.source,
+        idempotency_fingerprint=new.idempotency_fingerprint, webhook_url=new.webhook_url,
+        webhook_events=new.webhook_events, source=new.source,
         status=TaskStatus.QUEUED, progress=0.0, attempts=0,
         created_at=now, updated_at=now, queued_at=now,
     )

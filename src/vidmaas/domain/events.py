@@ -9,8 +9,10 @@ Guarantees:
 - ``data`` is checked per type for the fields the table in DESIGN §4 requires.
 - The stream entry id is the event id; it is not part of the fields.
 - The client messages that are not events (``snapshot``, ``queued`` position pushes,
-  ``end``, ``ping``) are built only by the constructors of the last section, so each
-  has one shape; they take plain values (``TaskState``), never database rows.
+  ``end``, ``not_found``, ``ping``) are built only by the constructors of the last
+  section, so each has one shape; they take plain values (``TaskState``), never
+  database rows. The one message a client sends (``resume`` on the multiplexed
+  stream) is spelled there too.
 """
 
 from __future__ import annotations
@@ -213,9 +215,11 @@ def status_changed(task_id: str, *, status: TaskStatus) -> Event:
 
 # ------------------------------------------------------------------ client messages
 # What a client receives on a stream besides events (docs/streams-and-openai.md): per
-# task a snapshot first, queue-position pushes, ``end``; and keep-alive pings. Events
-# themselves go out as ``Event.to_json(event_id=…)``. These constructors are the one
-# place their fields are spelled; the web page and the clients read exactly these.
+# task a snapshot first, queue-position pushes, ``end``, ``not_found`` (a task a client
+# resumed that is missing or not theirs); and keep-alive pings. Events themselves go
+# out as ``Event.to_json(event_id=…)``. These constructors are the one place their
+# fields are spelled; the web page and the clients read exactly these. ``resume`` is
+# the other direction: what a client sends to resume the multiplexed stream.
 
 ClientMessage = dict[str, Any]
 """One message as sent to a client (JSON object)."""
@@ -224,7 +228,12 @@ ClientMessage = dict[str, Any]
 class ClientMessageType(enum.StrEnum):
     SNAPSHOT = "snapshot"
     END = "end"
+    NOT_FOUND = "not_found"
     PING = "ping"
+
+
+RESUME = "resume"
+"""The type of the message a client sends first on ``WS /v1/events?resume=message``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +291,19 @@ def end(task_id: str) -> ClientMessage:
     """Nothing more will come for this task (it is terminal)."""
     return {"v": WIRE_VERSION, "type": ClientMessageType.END.value, "task_id": task_id,
             "data": {}}
+
+
+def not_found(task_id: str) -> ClientMessage:
+    """A task the client asked to resume is missing or is someone else's (the two look
+    the same): nothing will come for it."""
+    return {"v": WIRE_VERSION, "type": ClientMessageType.NOT_FOUND.value,
+            "task_id": task_id, "data": {}}
+
+
+def resume_request(after: Mapping[str, str]) -> ClientMessage:
+    """What a client sends to resume the multiplexed stream: per task it knows, the last
+    event id it has (``{task_id: event_id}``)."""
+    return {"type": RESUME, "after": dict(after)}
 
 
 def ping() -> ClientMessage:

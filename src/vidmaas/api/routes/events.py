@@ -12,14 +12,22 @@ Routes (message formats in docs/streams-and-openai.md; the engine in the
   ``?after=``; closes with 1000 after the task is terminal.
 - ``WS /v1/events`` — every unfinished task of the caller, and each new one as it is
   created: per task a snapshot, its events, and ``end``. It stays open until the client
-  leaves.
+  leaves. It resumes per task: ``?after=<task_id>:<event_id>,…``, or ``?resume=message``
+  and a first client message ``{"type": "resume", "after": {task_id: event_id}}`` (sent
+  within ``api.stream_resume_wait_s``). The tasks listed are attached from those points
+  first (terminal ones too: their last events, then ``end``), a listed task that is
+  missing or someone else's gets ``not_found``, then every other unfinished task comes
+  with a fresh snapshot. Bad resume input (syntax, more than
+  ``api.stream_resume_max_tasks`` tasks, no message in time) closes with 4400 and a
+  reason.
 
 Guarantees: the same authentication as REST (``Authorization: Bearer`` or a ``?token=``
-stream token); someone else's task is 404 (SSE) / close 4404 (WebSocket), exactly like a
-missing one. WebSocket close codes: 1000 stream complete, 1001 server going away, 1011
-internal error, 4400 bad request (a malformed ``after``), 4401 unauthenticated, 4404 no
-such task, 4408 the client fell too far behind (reserved: a lagging connection catches
-up from Redis instead; resume with ``?after=`` the last id if it is ever sent).
+stream token); someone else's task is 404 (SSE) / close 4404 (WebSocket) / ``not_found``
+(a resume list), exactly like a missing one. WebSocket close codes: 1000 stream
+complete, 1001 server going away, 1011 internal error, 4400 bad request (a malformed
+``after`` or resume message), 4401 unauthenticated, 4404 no such task, 4408 the client
+fell too far behind (reserved: a lagging connection catches up from Redis instead;
+resume with ``?after=`` the last id if it is ever sent).
 Every per-connection task is named and ends with its connection.
 """
 
@@ -28,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Header, Query, Request, WebSocket
@@ -47,6 +55,8 @@ from vidmaas.api.streams import (
     dumps,
     install_hub,
     open_connection,
+    parse_after,
+    parse_resume_message,
     sse_frame,
     valid_stream_id,
 )
@@ -154,8 +164,42 @@ async def _open(websocket: WebSocket) -> tuple[StreamHub, Any] | None:
     return hub_of(websocket.app), caller
 
 
+async def _resume_points(websocket: WebSocket) -> dict[str, str] | None:
+    """The multiplexed stream's resume list (task id → last event id), from ``?after=`` or
+    the first client message; None if the client left before sending it. Raises
+    ``InvalidRequest`` for anything malformed (see ``api.streams.resume``)."""
+    cfg = services_of(websocket).settings.api
+    max_tasks = cfg.stream_resume_max_tasks
+    query = websocket.query_params
+    mode = query.get("resume")
+    after = query.getlist("after")
+    if len(after) > 1:
+        raise InvalidRequest("give after once", field="after", code="invalid_resume")
+    if mode not in (None, "", "message"):
+        raise InvalidRequest("resume must be 'message'", field="resume",
+                             code="invalid_resume")
+    if mode != "message":
+        return parse_after(after[0] if after else "", max_tasks=max_tasks)
+    if after:
+        raise InvalidRequest("give after on the URL or in the resume message, not both",
+                             field="after", code="invalid_resume")
+    try:
+        async with asyncio.timeout(cfg.stream_resume_wait_s):
+            msg = await websocket.receive()
+    except TimeoutError:
+        raise InvalidRequest(f"no resume message within {cfg.stream_resume_wait_s:g} s",
+                             field="after", code="invalid_resume") from None
+    if msg["type"] == "websocket.disconnect":
+        return None
+    text = msg.get("text")
+    if text is None:
+        raise InvalidRequest("the resume message must be a text frame", field="after",
+                             code="invalid_resume")
+    return parse_resume_message(text, max_tasks=max_tasks)
+
+
 async def _serve(websocket: WebSocket, conn: Connection, *, task_id: str | None,
-                 after: str | None) -> None:
+                 after: str | None, resume: Mapping[str, str] | None = None) -> None:
     """Run one WebSocket connection: send the connection's messages, watch for the client
     leaving, then close with the code the module docstring lists."""
     async def send() -> int:
@@ -163,6 +207,9 @@ async def _serve(websocket: WebSocket, conn: Connection, *, task_id: str | None,
             if task_id is not None:
                 await conn.attach(task_id, after=after)
             else:
+                # The resumed tasks first, each from its own point; then every other
+                # unfinished task (fresh snapshots) and the new ones as they come.
+                await conn.resume(resume or {})
                 await hub_of(websocket.app).open_mux(conn)
             async for batch in conn.messages():
                 if not batch:
@@ -230,9 +277,19 @@ async def all_events_ws(websocket: WebSocket) -> None:
     if opened is None:
         return
     hub, caller = opened
-    # Only the caller's own tasks, admins included: a firehose of everyone's is not this.
+    try:
+        points = await _resume_points(websocket)
+    except InvalidRequest as e:
+        await websocket.close(CLOSE_BAD_REQUEST, e.message[:120])
+        return
+    except (WebSocketDisconnect, OSError, RuntimeError):
+        return
+    if points is None:
+        return
+    # Only the caller's own tasks, admins included: a firehose of everyone's is not this,
+    # and someone else's task in the resume list looks exactly like a missing one.
     conn = open_connection(hub, user_id=caller.id, scope=caller.id, single=None)
-    await _serve(websocket, conn, task_id=None, after=None)
+    await _serve(websocket, conn, task_id=None, after=None, resume=points)
 
 
 def install(app: FastAPI) -> None:

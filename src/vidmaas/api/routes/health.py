@@ -21,7 +21,10 @@ from vidmaas.db.engine import ping
 
 router = APIRouter(tags=["health"])
 CHECK_TIMEOUT_S = 3.0
-_UNAUTHENTICATED: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}}
+_UNAUTHENTICATED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody},
+    503: {"model": ErrorBody, "description": "the database or Redis is not reachable "
+                                             "(Retry-After)"}}
 
 
 @router.get("/healthz", summary="Liveness")

@@ -3,7 +3,11 @@
 Guarantees: a caller sees, cancels and downloads only their own tasks (an admin all);
 someone else's task answers exactly like a missing one (404 ``task_not_found``);
 the list is newest first with an opaque cursor; downloads redirect to a presigned
-URL when the store can make one, and stream the file (with Range support) otherwise.
+URL when the store can make one, and stream the file (with Range support) otherwise
+(a store that is down is 503 ``storage_error``). A create's body, JSON or form, is
+read by ``api.body``; a form takes exactly the JSON body's fields plus ``image`` (any
+other field is refused, as in JSON). A cancel that the database recorded stands even
+if Redis then fails.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 
 from vidmaas.api import creation
-from vidmaas.api.body import Form, read_body, validated
+from vidmaas.api.body import read_body, validated
 from vidmaas.api.deps import CallerDep, CallerOrTokenDep, SessionDep, services_of
+from vidmaas.api.forms import Form
 from vidmaas.api.schemas import ErrorBody, TaskCreate, TaskList, TaskOut, task_out
+from vidmaas.bus import client as bus_client
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.domain.ids import is_task_id
@@ -29,23 +35,30 @@ router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422, 429, 503)}
 
+_FORM_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["prompt"], "additionalProperties": False,
+    "properties": {
+        "prompt": {"type": "string", "minLength": 1, "maxLength": 10000},
+        "model": {"type": "string"}, "size": {"type": "string"},
+        "num_frames": {"type": "integer"}, "steps": {"type": "integer"},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 4294967295},
+        "negative_prompt": {"type": "string"},
+        "webhook_url": {"type": "string"},
+        "webhook_events": {"type": "string", "description": "comma-separated event types"},
+        "image": {"type": "string", "format": "binary",
+                  "description": "PNG, JPEG or WebP; a part with a file name and no bytes "
+                                 "is refused (empty_image)"},
+    }}
+
 _CREATE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/TaskCreate"}},
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["prompt"],
-                "properties": {
-                    "prompt": {"type": "string", "minLength": 1, "maxLength": 10000},
-                    "model": {"type": "string"}, "size": {"type": "string"},
-                    "num_frames": {"type": "integer"}, "steps": {"type": "integer"},
-                    "seed": {"type": "integer", "minimum": 0, "maximum": 4294967295},
-                    "negative_prompt": {"type": "string"},
-                    "webhook_url": {"type": "string"},
-                    "image": {"type": "string", "format": "binary",
-                              "description": "PNG, JPEG or WebP"},
-                }}},
+            "application/json": {"schema": TaskCreate.model_json_schema()},
+            "multipart/form-data": {"schema": _FORM_SCHEMA},
+            "application/x-www-form-urlencoded": {"schema": {
+                **_FORM_SCHEMA, "properties": {
+                    k: v for k, v in _FORM_SCHEMA["properties"].items() if k != "image"}}},
         },
     }
 }
@@ -70,7 +83,7 @@ async def create_task(
 ) -> JSONResponse:
     svc = services_of(request)
     body = await read_body(request, limit_bytes=svc.settings.api.max_upload_bytes)
-    req = await _from_form(body.form) if body.form is not None else _from_json(body.json)
+    req = _from_form(body.form) if body.form is not None else _from_json(body.json)
     task, _created, position = await creation.create_task(
         svc=svc, caller=caller, req=req, idempotency_key=idempotency_key)
     out = task_out(task, position=position)
@@ -87,7 +100,12 @@ def _from_json(raw: Any) -> creation.CreateRequest:
         webhook_events=list(data.webhook_events) if data.webhook_events else None)
 
 
-async def _from_form(form: Form) -> creation.CreateRequest:
+_FORM_FIELDS = frozenset({"prompt", "model", "size", "num_frames", "steps", "seed",
+                          "negative_prompt", "image", "webhook_url", "webhook_events"})
+
+
+def _from_form(form: Form) -> creation.CreateRequest:
+    form.refuse_unknown(_FORM_FIELDS)
     prompt = form.text("prompt")
     if prompt is None:
         raise InvalidRequest("prompt is required", field="prompt")
@@ -96,7 +114,7 @@ async def _from_form(form: Form) -> creation.CreateRequest:
         prompt=prompt, model=form.text("model"), size=form.text("size"),
         num_frames=form.integer("num_frames"), steps=form.integer("steps"),
         seed=form.integer("seed"), negative_prompt=form.text("negative_prompt"),
-        image=await form.file("image"), webhook_url=form.text("webhook_url"),
+        image=form.file("image"), webhook_url=form.text("webhook_url"),
         webhook_events=[e.strip() for e in events.split(",")] if events else None)
     # Same field rules as the JSON body.
     validated(TaskCreate, {k: v for k, v in {
@@ -136,9 +154,24 @@ async def cancel_task(request: Request, task_id: str, caller: CallerDep) -> Task
     """A queued task is cancelled at once; a running one becomes ``cancelling`` and the
     dispatcher stops its job. A finished task answers 409."""
     task = await load_own(request, task_id=task_id, scope=caller.scope)
+    return task_out(await cancel(request, task, by=caller.name, scope=caller.scope),
+                    position=None)
+
+
+async def cancel(request: Request, task: Task, *, by: str, scope: str | None) -> Task:
+    """Cancel ``task``; with Redis down after the cancel was recorded (a queued task's
+    queue entry could not be removed: the dispatcher skips it), the cancel stands and
+    is answered as done rather than as a 503 that a retry would turn into a 409."""
     svc = services_of(request)
-    done = await svc.lifecycle.cancel(task, by=caller.name)
-    return task_out(done, position=None)
+    try:
+        return await svc.lifecycle.cancel(task, by=by)
+    except Exception as e:
+        if not bus_client.is_unavailable(e):
+            raise
+        fresh = await load_own(request, task_id=task.id, scope=scope)
+        if fresh.status not in (TaskStatus.CANCELLED, TaskStatus.CANCELLING):
+            raise
+        return fresh
 
 
 async def _download(request: Request, *, task_id: str, scope: str | None, which: str,

@@ -14,8 +14,12 @@ Guarantees:
   frame count the model allows that lasts at least that long; what the model cannot do
   is refused before anything is written.
 - Every error on these routes has OpenAI's body ``{"error": {"message", "type",
-  "param", "code"}}`` (invalid requests are 400, as OpenAI answers them); the status
-  otherwise follows ``api.errors``.
+  "param", "code"}}`` (invalid requests are 400, as OpenAI answers them, with the same
+  codes as the native API for a body that does not parse); the status otherwise
+  follows ``api.errors``, a backing service that is down included (503 with
+  ``Retry-After``).
+- A form's unknown text fields are ignored, as OpenAI's are; a file under any name but
+  ``input_reference`` is refused, and so is an empty one (``empty_image``).
 - ``DELETE`` cancels an unfinished video and removes a finished one's files; a deleted
   completed video answers 404 afterwards.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import math
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
@@ -32,19 +37,21 @@ from fastapi import APIRouter, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from vidmaas.api import creation
 from vidmaas.api.body import read_body, validated
 from vidmaas.api.deps import CallerDep, CallerOrTokenDep, services_of
-from vidmaas.api.errors import status_of
-from vidmaas.api.routes.tasks import _download
+from vidmaas.api.errors import as_ours, retry_headers, status_of_any
+from vidmaas.api.routes.tasks import _download, cancel
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.domain.ids import is_task_id
 from vidmaas.domain.models import ModelSpec, parse_size
 from vidmaas.domain.status import TaskStatus
-from vidmaas.errors import InvalidRequest, NotFound, RateLimited, VidmaasError
+from vidmaas.errors import InvalidRequest, NotFound, ServiceUnavailable, VidmaasError
+
+log = logging.getLogger(__name__)
 
 OPENAI_SOURCE = "openai"
 MAX_SECONDS = 3600.0
@@ -72,15 +79,14 @@ def openai_error(status: int, *, message: str, code: str | None, param: str | No
 
 
 def _from_ours(exc: VidmaasError) -> JSONResponse:
-    status = status_of(exc)
+    status = status_of_any(exc)
     if isinstance(exc, InvalidRequest):
         status = 400
-    headers: dict[str, str] = {}
-    if isinstance(exc, RateLimited):
-        headers["Retry-After"] = str(exc.retry_after_s)
+    headers = retry_headers(exc)
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    message = exc.message if status < 500 else "internal error"
+    message = exc.message if status < 500 or isinstance(exc, ServiceUnavailable) \
+        else "internal error"
     return openai_error(status, message=message, code=exc.code, param=exc.field,
                         headers=headers or None)
 
@@ -104,6 +110,12 @@ class OpenAIRoute(APIRoute):
                 msg = str(first.get("msg", "invalid request"))
                 return openai_error(400, message=f"{param}: {msg}" if param else msg,
                                     code="invalid_request", param=param)
+            except Exception as e:
+                ours = as_ours(e)  # a backing service down: 503 in OpenAI's shape too
+                if ours is None:
+                    raise
+                log.warning("request failed: %s (%s)", ours.code, type(e).__name__)
+                return _from_ours(ours)
 
         return wrapped
 
@@ -175,7 +187,8 @@ class VideoCreate(BaseModel):
     prompt: str = Field(min_length=1, max_length=10_000)
     model: str | None = Field(default=None, max_length=64)
     size: str | None = Field(default=None, max_length=16)
-    seconds: str | int | float | None = None
+    seconds: str | StrictInt | StrictFloat | None = None
+    """OpenAI sends a string (``"4"``); a number is taken too, a boolean is not."""
     input_reference: dict[str, str] | None = None
 
 
@@ -250,10 +263,14 @@ def _data_url_image(value: str) -> bytes:
                              "this server does not fetch URLs or file ids",
                              field="input_reference", code="unsupported_input_reference")
     try:
-        return base64.b64decode(payload, validate=True)
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise InvalidRequest("input_reference is not valid base64", field="input_reference",
                              code="invalid_input_reference") from e
+    if not data:
+        raise InvalidRequest("input_reference is an empty image", field="input_reference",
+                             code="empty_image")
+    return data
 
 
 # ------------------------------------------------------------------ routes
@@ -266,8 +283,10 @@ async def _parse_create(request: Request) -> tuple[VideoCreate, bytes | None]:
     if body.form is not None:
         form = body.form
         raw = {k: form.text(k) for k in ("prompt", "model", "size", "seconds")}
+        # Unknown text fields are ignored (as OpenAI does), an unknown file never is.
+        form.refuse_unknown({"input_reference"}, files_only=True)
         if "input_reference" in form:
-            image = await form.file("input_reference")
+            image = form.file("input_reference")
         ref_url = form.text("input_reference[image_url]")
         if ref_url is not None:
             image = _data_url_image(ref_url)
@@ -284,7 +303,31 @@ async def _parse_create(request: Request) -> tuple[VideoCreate, bytes | None]:
     return data, image
 
 
-@router.post("", response_model=Video, responses=_ERRORS,
+_VIDEO_FORM: dict[str, Any] = {
+    "type": "object", "required": ["prompt"],
+    "properties": {
+        "prompt": {"type": "string", "minLength": 1, "maxLength": 10000},
+        "model": {"type": "string"}, "size": {"type": "string", "description": "WxH"},
+        "seconds": {"type": "string"},
+        "input_reference": {"type": "string", "format": "binary",
+                            "description": "PNG, JPEG or WebP"},
+    }}
+
+_CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": VideoCreate.model_json_schema()},
+            "multipart/form-data": {"schema": _VIDEO_FORM},
+            "application/x-www-form-urlencoded": {"schema": {
+                **_VIDEO_FORM, "properties": {k: v for k, v in _VIDEO_FORM["properties"].items()
+                                              if k != "input_reference"}}},
+        },
+    }
+}
+
+
+@router.post("", response_model=Video, responses=_ERRORS, openapi_extra=_CREATE_BODY,
              summary="Create a video (OpenAI-compatible)")
 async def create_video(
     request: Request, caller: CallerDep,
@@ -348,7 +391,7 @@ async def delete_video(request: Request, video_id: str, caller: CallerDep) -> Vi
     status = task.status
     if not status.terminal:
         if status is not TaskStatus.CANCELLING:
-            await svc.lifecycle.cancel(task, by=caller.name)
+            await cancel(request, task, by=caller.name, scope=caller.scope)
     else:
         for key in (task.video_key, task.poster_key):
             if key is not None:

@@ -1,12 +1,16 @@
 // The vidmaas web page: sign in with an API key, submit, and watch your tasks live.
 //
-// How it stays live: every task that has not ended gets a WebSocket on
-// /v1/tasks/{id}/events (a snapshot, then events, DESIGN §4). When a socket drops,
-// the task is polled (GET /v1/tasks/{id} every 2 s) until the socket is back, and the
-// socket resumes with ?after=<last event id seen>, so nothing is missed or repeated.
-// A reload starts from GET /v1/tasks (the database is the source of truth).
+// How it stays live: one WebSocket to /v1/events (live.js) carries every card: a
+// snapshot per unfinished task, then its events, and each new task as it is created
+// (from this tab, another one or the CLI). When the socket drops it reconnects with
+// backoff and resumes every card from the last event id it saw, so no card misses or
+// repeats an event; while it cannot, the unfinished cards are polled (GET
+// /v1/tasks/{id} every 2 s), and a browser without WebSocket support only polls.
+// Progress never goes backwards and a terminal state is final. A reload starts from
+// GET /v1/tasks (the database is the source of truth).
 
 import { initialLanguage, saveLanguage, translator } from "./i18n.js";
+import { LiveStream } from "./live.js";
 
 const KEY_STORAGE = "vidmaas.apiKey";
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
@@ -25,7 +29,8 @@ const state = {
   order: [], // ids, newest first
   cursor: null,
   pagedOn: false, // "Load more" was used: refreshes leave the cursor alone
-  watchers: new Map(), // id -> Watcher
+  adopting: new Map(), // id -> messages held while a new task's card is fetched
+  settling: new Set(), // ids whose final row is being read
   token: null, // {token, expiresAt}
   image: null, // File
   imageUrl: null,
@@ -174,6 +179,7 @@ async function signIn(key) {
   } catch (e) {
     if (state.apiKey) $("#form-error").textContent = e.message;
   }
+  if (state.apiKey) live.start();
   return true;
 }
 
@@ -182,8 +188,8 @@ function signOut(message) {
   state.apiKey = null;
   state.me = null;
   state.token = null;
-  for (const w of state.watchers.values()) w.stop();
-  state.watchers.clear();
+  live.stop();
+  state.adopting.clear();
   state.tasks.clear();
   state.order = [];
   state.cursor = null;
@@ -358,7 +364,6 @@ function upsertTask(task, { front }) {
   }
   if (front) renderList();
   renderTask(task.id);
-  ensureWatcher(task.id);
 }
 
 function mergeTask(known, fresh) {
@@ -395,13 +400,14 @@ function cardOf(id) {
   const stage = h("span", { class: "stage", "data-testid": "stage" });
   const eta = h("span", { class: "eta muted", "data-testid": "eta" });
   const position = h("span", { class: "position", "data-testid": "queue-position" });
-  const progressRow = h("div", { class: "progress-row" }, bar, h("div", { class: "progress-text" }, position, stage, percent, eta));
+  const startsIn = h("span", { class: "starts-in muted", "data-testid": "starts-in" });
+  const progressRow = h("div", { class: "progress-row" }, bar, h("div", { class: "progress-text" }, position, startsIn, stage, percent, eta));
   const error = h("p", { class: "task-error", "data-testid": "error", role: "status" });
   const media = h("div", { class: "media" });
   const cancel = h("button", { type: "button", class: "ghost danger", "data-testid": "cancel", onclick: () => cancelTask(id) });
   const actions = h("div", { class: "actions" }, cancel);
   card.append(h("div", { class: "task-head" }, badge, h("time", { class: "muted", "data-testid": "created" })), prompt, meta, progressRow, error, media, actions);
-  card.parts = { badge, meta, bar, percent, stage, eta, position, progressRow, error, media, cancel, actions };
+  card.parts = { badge, meta, bar, percent, stage, eta, position, startsIn, progressRow, error, media, cancel, actions };
   cards.set(id, card);
   return card;
 }
@@ -443,6 +449,11 @@ function renderTask(id) {
   p.percent.textContent = `${percent.toFixed(0)}%`;
   p.position.textContent = t.status === "queued" && t.queue_position ? tr("queuePosition", { n: t.queue_position }) : "";
   p.position.hidden = !p.position.textContent;
+  // The estimated start, when the server sends one (seconds until the task starts).
+  const startsIn = Number(t.starts_in_s);
+  p.startsIn.textContent = t.status === "queued" && t.starts_in_s != null && Number.isFinite(startsIn)
+    ? tr("startsIn", { n: Math.max(1, Math.round(startsIn / 60)) }) : "";
+  p.startsIn.hidden = !p.startsIn.textContent;
   p.stage.textContent = t.status === "running" && t.stage ? tr(`stage.${t.stage}`) : "";
   p.stage.hidden = !p.stage.textContent;
   p.eta.textContent = t.status === "running" && t.eta_s != null ? tr("eta", { t: fmtDuration(t.eta_s) }) : "";
@@ -510,17 +521,23 @@ async function cancelTask(id) {
 
 async function settleTask(id) {
   // Read the task until its row shows the end the stream announced (a minute at most).
-  for (let i = 0; i < 60 && state.apiKey; i += 1) {
-    try {
-      const task = await api(`/v1/tasks/${id}`);
-      if (TERMINAL.has(task.status)) {
-        upsertTask(task, { front: false });
-        return;
+  if (state.settling.has(id)) return;
+  state.settling.add(id);
+  try {
+    for (let i = 0; i < 60 && state.apiKey; i += 1) {
+      try {
+        const task = await api(`/v1/tasks/${id}`);
+        if (TERMINAL.has(task.status)) {
+          upsertTask(task, { front: false });
+          return;
+        }
+      } catch (e) {
+        if (e.status === 404 || e.status === 401) return;
       }
-    } catch (e) {
-      if (e.status === 404 || e.status === 401) return;
+      await new Promise((resolve) => setTimeout(resolve, 1000));
     }
-    await new Promise((resolve) => setTimeout(resolve, 1000));
+  } finally {
+    state.settling.delete(id);
   }
 }
 
@@ -535,7 +552,7 @@ async function refreshTask(id) {
 
 // ------------------------------------------------------------------ live updates
 
-const SNAPSHOT_FIELDS = ["status", "progress", "stage", "eta_s", "queue_position", "attempts", "error"];
+const SNAPSHOT_FIELDS = ["status", "progress", "stage", "eta_s", "queue_position", "starts_in_s", "attempts", "error"];
 
 function snapshotState(msg) {
   // The task state a snapshot carries: in "data" (a subset of the task) or "task".
@@ -550,13 +567,26 @@ function applyEvent(t, msg) {
   const d = msg.data || {};
   switch (msg.type) {
     case "queued":
+      if (!msg.id) {
+        // A queue-position push (not an event): the place in the queue, and the
+        // estimated start when the server sends one.
+        if (t.status === "queued") {
+          if (d.position != null) t.queue_position = d.position;
+          if ("starts_in_s" in d) t.starts_in_s = d.starts_in_s;
+        }
+        break;
+      }
       Object.assign(t, { status: "queued", queue_position: d.position ?? t.queue_position, progress: t.status === "queued" ? t.progress : 0, stage: null, eta_s: null });
+      if ("starts_in_s" in d) t.starts_in_s = d.starts_in_s;
       break;
     case "dispatched":
-      Object.assign(t, { status: "dispatching", queue_position: null, retry_note: null });
+      // Never back from a later state the page already shows (a poll can be ahead).
+      if (t.status === "queued") t.status = "dispatching";
+      Object.assign(t, { queue_position: null, starts_in_s: null, retry_note: null });
       break;
     case "started":
-      Object.assign(t, { status: "running", queue_position: null });
+      if (t.status === "queued" || t.status === "dispatching") t.status = "running";
+      Object.assign(t, { queue_position: null, starts_in_s: null });
       break;
     case "stage":
       t.stage = d.stage;
@@ -567,6 +597,7 @@ function applyEvent(t, msg) {
       t.eta_s = d.eta_s ?? null;
       if (d.stage) t.stage = d.stage;
       t.queue_position = null;
+      t.starts_in_s = null;
       break;
     case "status":
       if (d.status) t.status = d.status;
@@ -582,162 +613,94 @@ function applyEvent(t, msg) {
       t.status = "cancelled";
       break;
     default:
-      break; // heartbeat, log
+      break; // heartbeat, log, and types this page does not know yet
   }
 }
 
-class Watcher {
-  constructor(id) {
-    this.id = id;
-    this.ws = null;
-    this.lastId = null;
-    this.pollTimer = null;
-    this.retryTimer = null;
-    this.failures = 0;
-    this.stopped = false;
-    this.mode = "connecting";
-    this.connect();
-  }
-
-  async connect() {
-    if (this.stopped) return;
-    let token;
-    try {
-      token = await streamToken();
-    } catch (e) {
-      this.fallback();
-      return;
-    }
-    if (this.stopped) return;
-    const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    const params = new URLSearchParams({ token });
-    if (this.lastId) params.set("after", this.lastId);
-    let ws;
-    try {
-      ws = new WebSocket(`${proto}//${location.host}/v1/tasks/${this.id}/events?${params}`);
-    } catch (e) {
-      this.fallback();
-      return;
-    }
-    this.ws = ws;
-    ws.onmessage = (ev) => this.onMessage(ev);
-    ws.onclose = (ev) => this.onClose(ev);
-  }
-
-  onMessage(ev) {
-    let msg;
-    try {
-      msg = JSON.parse(ev.data);
-    } catch (e) {
-      return;
-    }
-    if (!this.live) {
-      this.live = true;
-      this.failures = 0;
-      this.stopPolling();
-      this.setMode("live");
-    }
-    const t = state.tasks.get(this.id);
-    if (!t || msg.type === "ping") return;
-    // Every message with an id (the snapshot's is its resume point) moves the cursor.
-    if (msg.id) this.lastId = msg.id;
-    if (msg.type === "snapshot") {
-      mergeTask(t, snapshotState(msg));
-    } else if (msg.type === "end") {
-      this.stop();
-      settleTask(this.id);
-      return;
-    } else {
-      applyEvent(t, msg);
-    }
-    renderTask(this.id);
-    if (TERMINAL.has(t.status)) {
-      // Events carry no media URLs: read the task once the server has recorded the end.
-      this.stop();
-      settleTask(this.id);
-    }
-  }
-
-  onClose(ev) {
-    this.ws = null;
-    this.live = false;
-    if (this.stopped) return;
-    if (ev.code === 4404) {
-      this.stop();
-      settleTask(this.id);
-      return;
-    }
-    if (ev.code === 4401) state.token = null;
-    this.fallback();
-  }
-
-  fallback() {
-    if (this.stopped) return;
-    this.failures += 1;
-    this.setMode(this.failures > 2 ? "polling" : "reconnecting");
-    this.startPolling();
-    const delay = Math.min(1000 * 2 ** Math.min(this.failures - 1, 4), 15000);
-    clearTimeout(this.retryTimer);
-    this.retryTimer = setTimeout(() => this.connect(), delay);
-  }
-
-  startPolling() {
-    if (this.pollTimer) return;
-    const tick = async () => {
-      this.pollTimer = null;
-      if (this.stopped) return;
-      await refreshTask(this.id);
-      if (!this.stopped && !this.live) this.pollTimer = setTimeout(tick, POLL_MS);
-    };
-    this.pollTimer = setTimeout(tick, 0);
-  }
-
-  stopPolling() {
-    clearTimeout(this.pollTimer);
-    this.pollTimer = null;
-  }
-
-  setMode(mode) {
-    this.mode = mode;
-    updateConnection();
-  }
-
-  stop() {
-    this.stopped = true;
-    this.stopPolling();
-    clearTimeout(this.retryTimer);
-    if (this.ws) {
-      const ws = this.ws;
-      this.ws = null;
-      ws.onclose = null;
-      ws.close(1000);
-    }
-    state.watchers.delete(this.id);
-    updateConnection();
-  }
-}
-
-function ensureWatcher(id) {
+function applyStreamMessage(id, msg) {
   const t = state.tasks.get(id);
-  if (!t || !state.apiKey) return;
-  const w = state.watchers.get(id);
-  if (TERMINAL.has(t.status)) {
-    if (w) w.stop();
+  if (!t) return;
+  if (msg.type === "end" || msg.type === "not_found") {
+    // Events carry no media URLs: read the task once the server has recorded the end.
+    settleTask(id);
     return;
   }
-  if (!w) state.watchers.set(id, new Watcher(id));
+  if (TERMINAL.has(t.status)) return; // a terminal state is final
+  if (msg.type === "snapshot") mergeTask(t, snapshotState(msg));
+  else applyEvent(t, msg);
+  renderTask(id);
+  if (TERMINAL.has(t.status)) settleTask(id);
 }
+
+async function adoptTask(id, msg) {
+  // A task this page has no card for (created in another tab, by the CLI, or beyond the
+  // loaded pages): fetch it, then apply what the stream said meanwhile, in order.
+  const held = state.adopting.get(id);
+  if (held) {
+    held.push(msg);
+    return;
+  }
+  state.adopting.set(id, [msg]);
+  let task = null;
+  try {
+    task = await api(`/v1/tasks/${id}`);
+  } catch (e) {
+    /* gone, or not reachable now: the list refresh shows it later */
+  }
+  const msgs = state.adopting.get(id) || [];
+  state.adopting.delete(id);
+  if (!task || !state.apiKey) return;
+  const known = state.tasks.has(id);
+  upsertTask(task, { front: false });
+  if (!known) {
+    sortOrder();
+    renderList();
+  }
+  for (const m of msgs) applyStreamMessage(id, m);
+}
+
+function onStreamMessage(msg) {
+  const id = msg.task_id;
+  if (state.tasks.has(id) && !state.adopting.has(id)) applyStreamMessage(id, msg);
+  else if (msg.type !== "not_found") adoptTask(id, msg);
+}
+
+// While the stream cannot be used, the unfinished cards are read every POLL_MS.
+let pollTimer = null;
+
+function schedulePolling(delayMs = 0) {
+  if (live.mode !== "polling" || !state.apiKey) {
+    clearTimeout(pollTimer);
+    pollTimer = null;
+    return;
+  }
+  if (pollTimer) return;
+  pollTimer = setTimeout(async () => {
+    const ids = state.order.filter((id) => !TERMINAL.has(state.tasks.get(id).status));
+    await Promise.all(ids.map((id) => refreshTask(id)));
+    pollTimer = null;
+    schedulePolling(POLL_MS);
+  }, delayMs);
+}
+
+const live = new LiveStream({
+  token: streamToken,
+  dropToken: () => { state.token = null; },
+  onMessage: onStreamMessage,
+  onMode: () => {
+    updateConnection();
+    schedulePolling();
+  },
+  // Back after a drop: a task created and finished meanwhile is only in the list.
+  onResumed: () => { if (state.apiKey) loadTasks().catch(() => {}); },
+});
 
 function updateConnection() {
   const el = $("#conn");
-  const modes = [...state.watchers.values()].map((w) => w.mode);
-  let text = "";
-  let mode = "";
-  if (modes.includes("polling")) { mode = "polling"; text = state.t("polling"); }
-  else if (modes.includes("reconnecting")) { mode = "reconnecting"; text = state.t("reconnecting"); }
-  else if (modes.includes("live")) { mode = "live"; text = state.t("live"); }
-  el.textContent = text;
-  el.dataset.mode = mode;
+  const mode = live.mode;
+  const text = { live: "live", reconnecting: "reconnecting", polling: "polling" }[mode];
+  el.textContent = text ? state.t(text) : "";
+  el.dataset.mode = text ? mode : "";
 }
 
 // ------------------------------------------------------------------ start

@@ -12,6 +12,8 @@ The parts, each with its own guarantees:
 - ``outbox``: the bounded per-connection buffer and its dropping/coalescing rules;
 - ``messages``: framing of the client messages (built by ``domain.events``), the
   exceptions that end a stream early;
+- ``resume``: the strict reading of a multiplexed stream's resume list (``?after=`` or
+  the client's ``resume`` message), bounded;
 - ``protocols``: ``Subscriber`` (what the hub delivers to) and ``HubView`` (what a
   connection uses of the hub), so that ``hub`` and ``connection`` never import each
   other.
@@ -30,6 +32,7 @@ from vidmaas.api.streams.messages import (
 )
 from vidmaas.api.streams.outbox import Outbox
 from vidmaas.api.streams.protocols import HubView, Subscriber
+from vidmaas.api.streams.resume import parse_after, parse_resume_message
 
 __all__ = [
     "Connection",
@@ -43,6 +46,8 @@ __all__ = [
     "dumps",
     "install_hub",
     "open_connection",
+    "parse_after",
+    "parse_resume_message",
     "snapshot_of",
     "sse_frame",
     "valid_stream_id",

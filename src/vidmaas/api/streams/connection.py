@@ -27,6 +27,11 @@ Guarantees:
   Then ``end`` is sent; a one-task stream is complete after it.
 - Keep-alive: ``messages()`` yields an empty batch (a ping) after ``ping_interval_s``
   without traffic.
+- Resume of a multiplexed connection (``resume``): each task the client lists is attached
+  from the client's own resume point, so it gets a snapshot and then every event after
+  that point, terminal tasks included (their last events, then ``end``); a listed task
+  that is missing or belongs to someone else gets one ``not_found`` message, the same
+  for both, and nothing else.
 
 This module knows the hub only through ``protocols.HubView``.
 """
@@ -36,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
 from vidmaas.api.creation import position_of
@@ -222,6 +227,15 @@ class Connection:
             self.deliver(task_id, backlog)
             self.deliver(task_id, held)
         return True
+
+    async def resume(self, points: Mapping[str, str]) -> None:
+        """Attach every task of ``points`` (task id → the last event id the client has)
+        from its resume point; ``not_found`` for each one that is not the caller's."""
+        for task_id, after in points.items():
+            if self.closed:
+                return
+            if not await self.attach(task_id, after=after):
+                self.outbox.put(ev.not_found(task_id), force=True)
 
     def _end(self, w: _Watch, *, announce: bool = True) -> None:
         if announce:

@@ -20,8 +20,9 @@ Guarantees:
 - The hub never waits for a client: delivery calls the subscribers' synchronous,
   non-blocking ``deliver``/``offer`` (``protocols.Subscriber``).
 - A multiplexed connection gets each new task of its user: ``queued`` entries on the
-  global stream name new tasks, their owners are looked up in batches, and the task
-  is attached to that user's multiplexed connections.
+  global stream name new tasks (the other entries are not decoded), their owners are
+  looked up in batches, and the task is attached to that user's multiplexed
+  connections.
 - Every background task is named and supervised (``aio.supervise``: restarted with
   backoff after an error), and ``stop()`` sets the hub's stopping event, ends every
   connection (``GoingAway``), and cancels and awaits them all.
@@ -295,7 +296,10 @@ class StreamHub:
         if self._global_cursor != read_from:
             return
         self._global_cursor = str(entries[-1][0])
-        for _, event in parse_entries(entries):
+        # Only `queued` entries name new tasks: the rest (every event of every user) are
+        # skipped before they are decoded.
+        queued = [e for e in entries if e[1].get("type") == EventType.QUEUED.value]
+        for _, event in parse_entries(queued):
             if event.type is EventType.QUEUED:
                 self._discover.put_nowait(event.task_id)
 
