@@ -164,3 +164,18 @@ def test_an_image_to_video_model_without_an_image_fails_as_bad_input(
     assert proc.returncode == ExitCode.BAD_INPUT, proc.stderr[-2000:]
     failed = job.of_type(EventType.FAILED)
     assert len(failed) == 1 and "needs --image" in failed[0].data["message"]
+
+
+def test_the_job_reads_no_model_registry_only_its_arguments(job: Job, tmp_path: object) -> None:
+    from pathlib import Path
+
+    broken = Path(str(tmp_path)) / "models.yaml"
+    broken.write_text("models: [{id: broken")  # a registry that cannot be read
+    proc = job.run(job.command("generate", "--flow-shift", "7", "--guidance-scale", "3"),
+                   extra_env={"VIDMAAS_MODELS_PATH": str(broken)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    facts = json.loads((job.work_dir / "output" / "result.json").read_text())
+    assert facts["plan"] == "single×1, text encoder released after encoding, VAE tiling off"
+    assert facts["moves"][-1] == ["step 3", "release", "transformer"]

@@ -75,28 +75,22 @@ def test_the_executors_arguments_parse_and_round_trip() -> None:
     assert again == args
 
 
-def test_the_environment_is_read_only_when_asked() -> None:
-    env = JobEnv.from_environ({
-        "VIDMAAS_TASK_ID": "t1", "VIDMAAS_WORK_DIR": "/w", "VIDMAAS_HEARTBEAT_INTERVAL_S": "2",
-        "PET_NNODES": "2", "PET_NPROC_PER_NODE": "4", "PET_NODE_RANK": "1",
-        "VIDMAAS_TEST_FAULT": "oom_at_step=3,step_delay_s=0.1"})
-    assert (env.task_id, env.heartbeat_interval_s, env.dist.job_world_size) == ("t1", 2.0, 8)
-    assert not env.dist.is_reporter and not env.dist.under_torchrun
-    assert env.fault == {"oom_at_step": "3", "step_delay_s": "0.1"}
-    ranked = JobEnv.from_environ({"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"})
-    assert ranked.dist.under_torchrun and ranked.dist.rank == 1 and not ranked.dist.is_reporter
-
-
-def test_the_input_image_path_keeps_only_a_safe_extension() -> None:
-    work = WorkDir(Path("w"))
-    assert work.input_image("inputs/t/image.PNG") == Path("w/input/image.png")
-    assert work.input_image("inputs/t/noext") == Path("w/input/image.img")
-    assert work.input_image("inputs/t/x.../../../etc") == Path("w/input/image.img")
-
-
-@pytest.mark.parametrize("prompt", ["--help", "-1 apples", "--seed 3"])
-def test_a_prompt_that_looks_like_an_option_reaches_generate_as_typed(prompt: str) -> None:
-    first = JobArgs.from_namespace(build_parser().parse_args(
-        ["run", f"--prompt={prompt}", f"--negative-prompt={prompt}"]))
-    again = JobArgs.from_namespace(build_parser().parse_args(["generate", *cli_args(first)]))
-    assert (again.prompt, again.negative_prompt) == (prompt, prompt)
+def test_the_registry_values_reach_the_runtime_through_the_arguments_alone() -> None:
+    spec = ModelRegistry.load()["wan2.2-t2v-a14b"].model_copy(update={
+        "vae_tiling": True, "attention_backend": "_native_cudnn", "tf32": True})
+    job = JobSpec(task_id="t" * 26, job_name="j", user_id="u", model=spec, prompt="--",
+                  attempt=2, memory_saving=True,
+                  params={"size": "832*480", "num_frames": 17, "steps": 4, "seed": 1})
+    args = JobArgs.from_namespace(build_parser().parse_args(["generate", *job_args(job)]))
+    assert (args.prompt, args.guidance_scale, args.guidance_scale_2, args.flow_shift,
+            args.strategy, args.negative_prompt) == \
+        ("--", 4.0, 3.0, 12.0, "ulysses", spec.negative_prompt)
+    assert (args.vae_tiling, args.cpu_offload, args.memory_saving, args.attention_backend,
+            args.compile, args.tf32, args.fps) == \
+        (True, False, True, "_native_cudnn", False, True, 16)
+    again = JobArgs.from_namespace(build_parser().parse_args(["run", *cli_args(args)]))
+    assert again == args
+    # A later flag overrides an earlier one (how a test or an operator pins one value).
+    off = JobArgs.from_namespace(build_parser().parse_args(
+        ["generate", *job_args(job), "--no-vae-tiling", "--strategy", "auto"]))
+    assert (off.vae_tiling, off.strategy) == (False, "auto")
