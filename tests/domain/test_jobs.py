@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from vidmaas.domain.jobs import (
     OUT_OF_MEMORY_CODE,
     ExitCode,
@@ -37,7 +39,7 @@ def test_job_args_carry_every_registry_value_that_shapes_the_generation() -> Non
     model = REGISTRY["wan2.2-t2v-a14b"]
     args = job_args(_spec("wan2.2-t2v-a14b"))
     assert args[-len(model_args(model)):] == model_args(model)
-    pairs = dict(zip(args, args[1:], strict=False))
+    pairs = dict(itertools.pairwise(args))
     assert (pairs["--guidance-scale"], pairs["--guidance-scale-2"], pairs["--flow-shift"],
             pairs["--strategy"]) == ("4", "3", "12", "ulysses")
     assert f"--negative-prompt={model.negative_prompt}" in args  # the model's default

@@ -94,3 +94,30 @@ def test_the_registry_values_reach_the_runtime_through_the_arguments_alone() -> 
     off = JobArgs.from_namespace(build_parser().parse_args(
         ["generate", *job_args(job), "--no-vae-tiling", "--strategy", "auto"]))
     assert (off.vae_tiling, off.strategy) == (False, "auto")
+
+
+def test_the_environment_is_read_only_when_asked() -> None:
+    env = JobEnv.from_environ({
+        "VIDMAAS_TASK_ID": "t1", "VIDMAAS_WORK_DIR": "/w", "VIDMAAS_HEARTBEAT_INTERVAL_S": "2",
+        "PET_NNODES": "2", "PET_NPROC_PER_NODE": "4", "PET_NODE_RANK": "1",
+        "VIDMAAS_TEST_FAULT": "oom_at_step=3,step_delay_s=0.1"})
+    assert (env.task_id, env.heartbeat_interval_s, env.dist.job_world_size) == ("t1", 2.0, 8)
+    assert not env.dist.is_reporter and not env.dist.under_torchrun
+    assert env.fault == {"oom_at_step": "3", "step_delay_s": "0.1"}
+    ranked = JobEnv.from_environ({"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"})
+    assert ranked.dist.under_torchrun and ranked.dist.rank == 1 and not ranked.dist.is_reporter
+
+
+def test_the_input_image_path_keeps_only_a_safe_extension() -> None:
+    work = WorkDir(Path("w"))
+    assert work.input_image("inputs/t/image.PNG") == Path("w/input/image.png")
+    assert work.input_image("inputs/t/noext") == Path("w/input/image.img")
+    assert work.input_image("inputs/t/x.../../../etc") == Path("w/input/image.img")
+
+
+@pytest.mark.parametrize("prompt", ["--help", "-1 apples", "--seed 3"])
+def test_a_prompt_that_looks_like_an_option_reaches_generate_as_typed(prompt: str) -> None:
+    first = JobArgs.from_namespace(build_parser().parse_args(
+        ["run", f"--prompt={prompt}", f"--negative-prompt={prompt}"]))
+    again = JobArgs.from_namespace(build_parser().parse_args(["generate", *cli_args(first)]))
+    assert (again.prompt, again.negative_prompt) == (prompt, prompt)
