@@ -136,8 +136,8 @@ CONSTRAINTS = IMAGES / "runtime-constraints.txt"
 
 def _pins() -> dict[str, str]:
     pins = {}
-    for line in CONSTRAINTS.read_text().splitlines():
-        line = line.split("#")[0].strip()
+    for raw in CONSTRAINTS.read_text().splitlines():
+        line = raw.split("#")[0].strip()
         if line:
             name, sep, version = line.partition("==")
             assert sep, f"{line}: constraints pin exact versions"

@@ -248,5 +248,8 @@ def test_decoding_follows_the_vaes_execution_device_not_where_its_weights_wait(
     try:
         assert execution_device(vae) == torch.device("cuda", 3)
         assert next(vae.parameters()).device == torch.device("cpu")
+        # decode sends the latents there (which this CPU-only torch cannot do).
+        with pytest.raises((RuntimeError, AssertionError), match=r"(?i)cuda"):
+            engine.decode(torch.zeros(1, 16, 3, 8, 8))
     finally:
         del vae._hf_hook

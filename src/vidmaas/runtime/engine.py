@@ -343,24 +343,21 @@ class Engine:
 
     def decode(self, latents: Any) -> Any:
         """Latents → uint8 (frames, height, width, 3), converted on the VAE's device."""
-        import importlib
-
         import torch
 
         vae = self.pipe.vae
-        utils: Any = importlib.import_module("diffusers.utils.torch_utils")
-        # Under CPU offload the weights sit on the host until the hook moves them: the
-        # latents must go where the VAE will run, not where its weights are now.
-        device = utils.get_module_execution_device(vae)
         with torch.no_grad():
-            latents = latents.to(device, dtype=vae.dtype)
+            latents = latents.to(execution_device(vae), dtype=vae.dtype)
+            # The very arithmetic of diffusers' WanPipeline decode, so the frames are the
+            # bare pipeline's to the bit.
             z = vae.config.z_dim
             mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
-            std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
-            video = vae.decode(latents * std + mean, return_dict=False)[0]
+            inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(
+                latents)
+            video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
             # (1, C, F, H, W) in [-1, 1] → (F, H, W, C) uint8, as diffusers' postprocess
             # computes it, but on the device: only the bytes cross to the host.
-            video = ((video[0] / 2 + 0.5).clamp(0, 1) * 255.0).round()
+            video = ((video[0] * 0.5 + 0.5).clamp(0, 1) * 255.0).round()
             frames = video.permute(1, 2, 3, 0).to(torch.uint8).cpu().numpy()
         return frames
 
