@@ -86,3 +86,18 @@ def test_a_declared_strategy_is_checked_against_the_world_size_before_any_collec
             distributed.plan(world_size=world_size, rank=0, cuda=cuda, guidance=True,
                              num_heads=40, model="m", strategy=strategy)
         assert info.value.code == "unsupported_world_size" and not info.value.retryable
+
+
+def test_a_cfg_splitter_is_installed_once_and_again_after_its_forward_was_replaced() -> None:
+    class Module:
+        def forward(self, *args: object, **kwargs: object) -> object:
+            return ("original",)
+
+    module = Module()
+    p = distributed.Plan("cfg_parallel", 2, 1)
+    splitter = distributed.prepare(p, module)
+    assert splitter is not None and module.forward is splitter
+    assert distributed.prepare(p, module) is splitter  # idempotent: no double wrapping
+    module.forward = Module().forward  # as accelerate's offload hooks do when re-added
+    assert distributed.prepare(p, module) is splitter and module.forward is splitter
+    assert distributed.prepare(distributed.Plan("single", 1, 0), Module()) is None

@@ -185,6 +185,17 @@ def test_an_unknown_attention_backend_is_refused_before_loading(
     assert "native" in info.value.message and not info.value.retryable
 
 
+@pytest.fixture
+def restore_attention_backend() -> Any:
+    """``set_attention_backend`` also sets diffusers' process-wide default: put it back."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(before)
+
+
+@pytest.mark.usefixtures("restore_attention_backend")
 def test_the_attention_backend_reaches_every_attention_processor(
         tiny_models: dict[str, Path]) -> None:
     engine = Engine.load(tiny_models["t2v"], plan=SINGLE, local_rank=0,

@@ -107,8 +107,11 @@ def prepare(p: Plan, module: Any) -> CfgParallel | None:
 
     Idempotent: a module already prepared keeps its splitter or parallel hooks."""
     existing = getattr(module, "_vidmaas_cfg_parallel", None)
-    if existing is not None or getattr(module, "_vidmaas_parallel", False):
-        return existing if isinstance(existing, CfgParallel) else None
+    if isinstance(existing, CfgParallel):
+        existing.install()  # offload hooks, re-added after a call, replace ``forward``
+        return existing
+    if getattr(module, "_vidmaas_parallel", False):
+        return None
     if p.strategy == "cfg_parallel":
         splitter = CfgParallel(module, rank=p.rank)
         module._vidmaas_cfg_parallel = splitter
@@ -132,14 +135,20 @@ class CfgParallel:
     """
 
     def __init__(self, module: Any, *, rank: int) -> None:
-        self._forward = module.forward
         self._module = module
+        self._forward: Any = None
         self._rank = rank
         self._negative: Any = None
         self._pending: Any = None
         self.evaluations = 0
         """Transformer forward passes this rank computed (one per step: its branch)."""
-        module.forward = self
+        self.install()
+
+    def install(self) -> None:
+        """Be the module's ``forward`` (again, if something replaced it since)."""
+        if self._module.forward is not self:
+            self._forward = self._module.forward
+            self._module.forward = self
 
     def start(self, negative_embeds: Any) -> None:
         """A new generation: its negative prompt's embeddings; the count starts again."""
