@@ -26,8 +26,10 @@ probe() {
     PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" "$1" - <<'PY' 2>/dev/null || echo "0 - ?"
 import importlib.util
 need = {"diffusers": "diffusers", "transformers": "transformers", "accelerate": "accelerate",
-        "safetensors": "safetensors", "ftfy": "ftfy", "PIL": "pillow", "numpy": "numpy",
-        "pydantic": "pydantic", "yaml": "pyyaml", "regex": "regex"}
+        "safetensors": "safetensors", "ftfy": "ftfy", "wcwidth": "wcwidth", "PIL": "pillow",
+        "numpy": "numpy", "pydantic": "pydantic", "pydantic_core": "pydantic-core",
+        "annotated_types": "annotated-types", "typing_inspection": "typing-inspection",
+        "yaml": "pyyaml", "regex": "regex"}
 missing = [pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None]
 try:
     import torch

@@ -196,20 +196,28 @@ def restore_attention_backend() -> Any:
 
 
 @pytest.mark.usefixtures("restore_attention_backend")
-def test_the_attention_backend_reaches_every_attention_processor(
+def test_the_attention_backend_reaches_every_attention_processor_of_every_expert_loaded(
         tiny_models: dict[str, Path]) -> None:
-    engine = Engine.load(tiny_models["t2v"], plan=SINGLE, local_rank=0,
-                         options=Options(attention_backend="_native_math"))
-    out = engine.generate(_request(steps=1))
-    assert out.frames.shape == (5, 64, 64, 3)
-    # The transformer is released after the last step: look at a fresh one.
-    module = engine.components.ensure("transformer")
-    from vidmaas.runtime import speed
+    engine = Engine.load(tiny_models["a14b"], plan=SINGLE, local_rank=0,
+                         options=Options(attention_backend="_native_math", flow_shift=12.0))
+    backends: dict[str, set[str]] = {}
+    original = engine.components.ensure
 
-    speed.prepare_transformer(module, attention_backend="_native_math", compile=False)
-    backends = {getattr(m.processor, "_attention_backend", None) for m in module.modules()
-                if hasattr(m, "processor")}
-    assert {str(getattr(b, "value", b)) for b in backends} == {"_native_math"}
+    def ensure(name: str) -> Any:
+        module = original(name)
+        if name.startswith("transformer"):
+            def pre(m: Any, _args: Any) -> None:
+                backends.setdefault(name, set()).update(
+                    str(getattr(getattr(x.processor, "_attention_backend", None), "value",
+                                None)) for x in m.modules() if hasattr(x, "processor"))
+            module.register_forward_pre_hook(pre)
+        return module
+
+    engine.components.ensure = ensure  # type: ignore[method-assign]
+    out = engine.generate(_request(steps=4))
+    assert out.frames.shape == (5, 64, 64, 3)
+    # transformer_2 was read at the boundary: it got the backend too.
+    assert backends == {"transformer": {"_native_math"}, "transformer_2": {"_native_math"}}
 
 
 def test_compiling_the_transformer_compiles_each_repeated_block_and_still_runs(
@@ -222,6 +230,7 @@ def test_compiling_the_transformer_compiles_each_repeated_block_and_still_runs(
     # The "eager" dynamo backend traces every block as the real one does, without a C++
     # compiler (on a GPU the engine uses the default, inductor).
     speed.prepare_transformer(module, attention_backend=None, compile=True, backend="eager")
+    module._vidmaas_prepared = True
     assert speed.compiled_blocks(module) == module.config.num_layers
     out = engine.generate(_request(steps=1))
     assert out.frames.shape == (5, 64, 64, 3)

@@ -148,7 +148,6 @@ class Engine:
         self.plan = plan
         self.placement = placement
         self.options = options
-        self._prepared: set[int] = set()
 
     @classmethod
     def load(cls, model_dir: Path, *, plan: distributed.Plan, local_rank: int,
@@ -221,10 +220,10 @@ class Engine:
         """``name`` on the device and ready to run under the plan."""
         module = self.components.get(name) if self.placement.cpu_offload else \
             self.components.ensure(name)
-        if id(module) not in self._prepared:
+        if not getattr(module, "_vidmaas_prepared", False):  # a module read again is new
             speed.prepare_transformer(module, attention_backend=self.options.attention_backend,
                                       compile=self.options.compile)
-            self._prepared.add(id(module))
+            module._vidmaas_prepared = True
         splitter = distributed.prepare(self.plan, module)
         if splitter is not None and id(splitter) not in splitters:
             splitter.start(negative_embeds)
@@ -265,7 +264,6 @@ class Engine:
 
             experts = self.experts_by_step(pipe, req.steps)
             splitters: dict[int, distributed.CfgParallel] = {}
-            t = time.perf_counter()
             load_before = components.load_s
             for name in dict.fromkeys(experts[:1] if p.expert_swap else experts):
                 self._activate(name, negative_embeds, splitters)
