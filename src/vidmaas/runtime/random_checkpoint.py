@@ -40,8 +40,7 @@ def reduced(arch: Architecture, *, layers: int | None = None,
         text["vocab_size"] = BYT5_VOCAB_SIZE
         notes.append("a byte-level vocabulary")
     note = ", ".join(notes) or "full size"
-    return dataclasses.replace(arch, name=f"{arch.name} ({note})", transformer=transformer,
-                               text_encoder=text), note
+    return dataclasses.replace(arch, transformer=transformer, text_encoder=text), note
 
 
 def write_random_checkpoint(arch: Architecture, directory: Path, *, device: Any,
