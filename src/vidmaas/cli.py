@@ -185,6 +185,34 @@ def _models_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+@command("models plan")
+def _models_plan(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from vidmaas.domain.models import ModelRegistry
+
+    registry = ModelRegistry.load(settings.models_path)
+    try:
+        from vidmaas.runtime.plan import format_plans, plan_registry
+
+        plans = plan_registry(registry.values())
+    except ModuleNotFoundError as e:
+        print(f"vidmaas models plan needs the runtime extra (torch, diffusers, transformers, "
+              f"accelerate): {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([{"model": d.model, "default": d.as_dict(),
+                           "memory_saving": m.as_dict()} for d, m in plans], indent=2))
+    else:
+        print(format_plans(plans), end="")
+    unfit = [d.model for d, m in plans if d.fits is False or m.fits_pod is False]
+    if unfit:
+        print(f"vidmaas: plan_does_not_fit: {', '.join(unfit)} need more memory than "
+              "declared (gpu_memory_gib, pod_memory_gib)", file=sys.stderr)
+        return 1
+    return 0
+
+
 @command("models make-tiny")
 def _models_make_tiny(args: argparse.Namespace, settings: Settings) -> int:
     from vidmaas.runtime.tiny import make_tiny
@@ -250,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="the model registry").add_subparsers(
         dest="models_cmd", required=True)
     models.add_parser("list", help="list models").set_defaults(key="models list")
+    sp = models.add_parser(
+        "plan", help="per model: peak GPU and host memory per rank under its strategy, "
+                     "and whether they fit what it declares")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(key="models plan")
     sp = models.add_parser("make-tiny", help="write a tiny random-weight checkpoint")
     sp.add_argument("dir")
     sp.add_argument("--layout", choices=["t2v", "ti2v", "a14b", "a14b-i2v"], default="t2v")

@@ -131,11 +131,44 @@ def test_control_plane_image_serves_every_role_without_torch() -> None:
     assert ("EXPOSE", "8000 9100") in final.instructions
 
 
+CONSTRAINTS = IMAGES / "runtime-constraints.txt"
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for raw in CONSTRAINTS.read_text().splitlines():
+        line = raw.split("#")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep, f"{line}: constraints pin exact versions"
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_runtime_image_installs_the_tested_torch_diffusers_transformers_and_accelerate() -> None:
+    from importlib.metadata import version
+
+    pins = _pins()
+    # The versions this test suite runs with are the image's (a CPU build here: the
+    # local "+cpu" tag aside, the same release).
+    for name in ("torch", "diffusers", "transformers", "accelerate"):
+        assert pins[name] == version(name).split("+")[0], name
+    torch_major_minor = tuple(int(x) for x in pins["torch"].split(".")[:2])
+    assert torch_major_minor >= (2, 6), "diffusers' context parallelism needs torch.accelerator"
+    text = DOCKERFILES["runtime"].read_text()
+    final = _stages(DOCKERFILES["runtime"])[-1]
+    copied = [a for w, a in final.instructions if w == "COPY" and "--from=" not in a]
+    assert any(a.split()[0] == "deploy/images/runtime-constraints.txt" for a in copied)
+    install = next(a for w, a in final.instructions if w == "RUN" and "pip install" in a)
+    assert "--constraint /tmp/runtime-constraints.txt" in install
+    assert "pytorch/pytorch:2.5" not in text
+
+
 def test_runtime_image_has_the_job_entry_points_models_mount_and_work_dir() -> None:
     text = DOCKERFILES["runtime"].read_text()
     stages = _stages(DOCKERFILES["runtime"])
     final = stages[-1]
-    assert final.base.startswith("pytorch/pytorch:") and "-cuda" in final.base
+    assert final.base.startswith("python:3.11")
     assert '[runtime]"' in text, "install the package with its runtime extra"
     assert "/usr/local/bin/run.sh" in text
     # /models exists as an empty mount point; not a VOLUME, so derived images can bake

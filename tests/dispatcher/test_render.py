@@ -135,7 +135,8 @@ def test_the_runtime_reads_back_the_exact_prompt_from_the_rendered_job(prompt_na
     for ns in (run, fetch):
         assert ns.prompt == prompt
         assert ns.image == spec.input_key
-        assert ns.negative_prompt == (prompt or None)
+        # A task without a negative prompt gets the model's default (Wan's).
+        assert ns.negative_prompt == (prompt or spec.model.negative_prompt or None)
 
 
 @pytest.mark.parametrize("value", [*NASTY_PROMPTS.values(), 0, -3, 2.5, True, None,
@@ -158,7 +159,8 @@ def test_a_value_cannot_break_out_of_a_single_quoted_string_in_an_operator_templ
 
 
 def test_multi_node_models_get_one_master_and_workers_spread_over_nodes() -> None:
-    model = REGISTRY["wan2.2-t2v-a14b"]
+    # A14B runs on one 8-GPU node by default; two nodes of four is the multi-node option.
+    model = REGISTRY["wan2.2-t2v-a14b"].model_copy(update={"nproc_per_node": 4, "nnodes": 2})
     spec = _spec(model)
 
     manifest = render_pytorchjob(settings=_settings(), spec=spec)

@@ -39,16 +39,92 @@ def test_resolving_fills_defaults_and_refuses_what_the_model_cannot_do() -> None
         m.resolve(size=None, num_frames=None, steps=None, seed=None, has_image=True)
 
 
-@pytest.mark.parametrize("bad", [
-    "models: [{id: x}]",
-    "models:\n - {id: m, display_name: M, pipeline: t2v, layout: t2v, sizes: ['65*64'],"
+@pytest.mark.parametrize(("bad", "why"), [
+    ("models: [{id: x}]", "display_name"),
+    ("models:\n - {id: m, display_name: M, pipeline: t2v, layout: t2v, sizes: ['65*64'],"
     " default_size: '65*64', frame_counts: [9], default_frames: 9, default_steps: 4,"
-    " max_steps: 8, fps: 8, nproc_per_node: 1, nnodes: 1, model_dir: m}",
-    "models:\n - {id: m, display_name: M, pipeline: t2v, layout: t2v, sizes: ['64*64'],"
+    " max_steps: 8, fps: 8, nproc_per_node: 1, nnodes: 1, model_dir: m, strategy: single,"
+    " flow_shift: 3, gpu_memory_gib: 2, pod_memory_gib: 4}", "even sides"),
+    ("models:\n - {id: m, display_name: M, pipeline: t2v, layout: t2v, sizes: ['64*64'],"
     " default_size: '64*64', frame_counts: [8], default_frames: 8, default_steps: 4,"
-    " max_steps: 8, fps: 8, nproc_per_node: 1, nnodes: 1, model_dir: m}",
-    "not: [valid",
+    " max_steps: 8, fps: 8, nproc_per_node: 1, nnodes: 1, model_dir: m, strategy: single,"
+    " flow_shift: 3, gpu_memory_gib: 2, pod_memory_gib: 4}", "4k\\+1"),
+    ("not: [valid", "invalid model registry"),
 ])
-def test_a_malformed_registry_is_refused(bad: str) -> None:
-    with pytest.raises(InvalidRequest):
+def test_a_malformed_registry_is_refused(bad: str, why: str) -> None:
+    with pytest.raises(InvalidRequest, match=why):
         ModelRegistry.parse(bad)
+
+
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，"
+    "低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，"
+    "毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+
+
+def test_the_shipped_registry_carries_wan22s_quality_defaults() -> None:
+    reg = ModelRegistry.load()
+    t2v, i2v, ti2v = reg["wan2.2-t2v-a14b"], reg["wan2.2-i2v-a14b"], reg["wan2.2-ti2v-5b"]
+    # wan/configs: sample_shift, sample_guide_scale (high-noise, then low-noise expert).
+    assert (t2v.flow_shift, t2v.guidance_scale, t2v.guidance_scale_2) == (12.0, 4.0, 3.0)
+    assert (i2v.flow_shift, i2v.guidance_scale, i2v.guidance_scale_2) == (5.0, 3.5, 3.5)
+    assert (ti2v.flow_shift, ti2v.guidance_scale, ti2v.guidance_scale_2) == (5.0, 5.0, None)
+    for m in (t2v, i2v, ti2v):
+        assert m.negative_prompt == WAN_NEGATIVE_PROMPT  # shared_config.sample_neg_prompt
+    assert all(m.negative_prompt == "" for m in reg.values() if m.tiny)
+
+
+def test_a14b_runs_on_the_eight_gpus_of_one_node_and_each_model_declares_its_memory() -> None:
+    reg = ModelRegistry.load()
+    for model_id in ("wan2.2-t2v-a14b", "wan2.2-i2v-a14b"):
+        m = reg[model_id]
+        assert (m.nproc_per_node, m.nnodes, m.strategy) == (8, 1, "ulysses")
+    assert (reg["wan2.2-ti2v-5b"].strategy, reg["wan2.2-ti2v-5b"].gpus_per_job) == \
+        ("cfg_parallel", 2)
+    assert all(m.strategy == "single" for m in reg.values() if m.tiny)
+    for m in reg.values():
+        assert m.gpu_memory_gib > 0 and m.pod_memory_gib > 0
+
+
+_VALID = {"id": "m", "display_name": "M", "pipeline": "t2v", "layout": "t2v",
+          "sizes": ["64*64"], "default_size": "64*64", "frame_counts": [9],
+          "default_frames": 9, "default_steps": 4, "max_steps": 8, "fps": 8,
+          "nproc_per_node": 1, "nnodes": 1, "model_dir": "m", "strategy": "single",
+          "flow_shift": 3.0, "gpu_memory_gib": 2, "pod_memory_gib": 4}
+
+
+def _registry(**changes: object) -> str:
+    import yaml
+
+    model = {k: v for k, v in (_VALID | changes).items() if v is not None}
+    return yaml.safe_dump({"models": [model]}, allow_unicode=True)
+
+
+def test_a_registry_entry_with_the_new_fields_parses() -> None:
+    m = ModelRegistry.parse(_registry(attention_backend="_native_cudnn", compile=True,
+                                      tf32=True, negative_prompt="模糊"))["m"]
+    assert (m.attention_backend, m.compile, m.tf32, m.negative_prompt) == \
+        ("_native_cudnn", True, True, "模糊")
+
+
+@pytest.mark.parametrize(("changes", "why"), [
+    ({"strategy": None}, "strategy"),
+    ({"flow_shift": None}, "flow_shift"),
+    ({"gpu_memory_gib": None}, "gpu_memory_gib"),
+    ({"pod_memory_gib": None}, "pod_memory_gib"),
+    ({"gpu_memory_gib": 0}, "gpu_memory_gib"),
+    ({"strategy": "tensor_parallel"}, "strategy"),
+    ({"strategy": "single", "nproc_per_node": 2}, "strategy single runs on 1 GPU"),
+    ({"strategy": "cfg_parallel"}, "exactly 2 GPUs"),
+    ({"strategy": "cfg_parallel", "nproc_per_node": 2, "guidance_scale": 1.0},
+     "needs guidance_scale above 1"),
+    ({"strategy": "ulysses"}, "2 or more GPUs"),
+    ({"strategy": "ulysses", "nproc_per_node": 8, "cpu_offload": True}, "cpu_offload"),
+    ({"attention_backend": "Flash Attention!"}, "attention_backend"),
+    ({"negative_prompt": "x" * 2001}, "negative_prompt"),
+    ({"max_memory": 3}, "max_memory"),
+])
+def test_a_new_field_that_is_missing_or_inconsistent_is_refused(changes: dict[str, object],
+                                                                 why: str) -> None:
+    with pytest.raises(InvalidRequest, match=why):
+        ModelRegistry.parse(_registry(**changes))

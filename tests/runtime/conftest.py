@@ -60,7 +60,10 @@ class Job:
 
     def command(self, step: str, *args: str, model: str = "tiny-t2v",
                 prompt: str = "a red fox in the snow") -> list[str]:
-        return [VIDMAAS_JOB, step, "--prompt", prompt, "--model", model, *JOB_ARGS, *args]
+        """``vidmaas-job STEP`` with the model's registry arguments (as the executors pass
+        them, ``model_args``), then ``args``, which override them (argparse: last wins)."""
+        return [VIDMAAS_JOB, step, "--prompt", prompt, "--model", model, *JOB_ARGS,
+                *registry_args(model), *args]
 
     def run(self, cmd: Sequence[str], *, extra_env: Mapping[str, str] | None = None,
             timeout_s: float = 100) -> subprocess.CompletedProcess[str]:
@@ -127,6 +130,18 @@ class Job:
     def put_object(self, key: str, data: bytes) -> None:
         bucket, prefix = self.bucket_prefix()
         self.s3().put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data)
+
+
+def registry_args(model: str) -> list[str]:
+    """The arguments the executors add for ``model``'s defaults (``model_args`` and the
+    model's fps); none for a model not in the registry."""
+    from vidmaas.domain.jobs import model_args
+    from vidmaas.domain.models import ModelRegistry
+
+    registry = ModelRegistry.load()
+    if model not in registry:
+        return []
+    return [*model_args(registry[model]), "--fps", str(registry[model].fps)]
 
 
 def boto3_client(storage: StorageSettings) -> Any:

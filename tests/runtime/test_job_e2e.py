@@ -63,24 +63,34 @@ def test_run_uploads_a_watermarked_h264_video_and_reports_completed(job: Job) ->
     assert (poster.format, poster.size) == ("JPEG", (64, 64))
 
 
-@pytest.mark.parametrize(("layout", "model"), [("ti2v", "tiny-ti2v"),
-                                               ("a14b-i2v", "wan2.2-i2v-a14b")])
+@pytest.mark.parametrize(("layout", "model", "image", "size", "expected"), [
+    # The size is an area; the image decides the aspect ratio, rounded to the VAE × patch
+    # multiple: 32 for TI2V, 16 for A14B.
+    ("ti2v", "tiny-ti2v", (80, 48), "64*64", (64, 64)),
+    ("a14b-i2v", "wan2.2-i2v-a14b", (80, 48), "64*64", (80, 48)),
+    ("a14b-i2v", "wan2.2-i2v-a14b", (150, 100), "64*96", (96, 64)),
+])
 def test_run_with_an_image_fetches_it_and_drives_the_image_pipeline(
-        job: Job, tiny_models: dict[str, object], layout: str, model: str) -> None:
+        job: Job, tiny_models: dict[str, object], layout: str, model: str,
+        image: tuple[int, int], size: str, expected: tuple[int, int]) -> None:
     buf = io.BytesIO()
-    Image.new("RGB", (80, 48), (220, 40, 40)).save(buf, "PNG")
+    Image.new("RGB", image, (220, 40, 40)).save(buf, "PNG")
     key = f"inputs/{job.task_id}/image.png"
     job.put_object(key, buf.getvalue())
 
-    proc = job.run(job.command("run", "--image", key, model=model),
+    # One rank here, whatever the registry's strategy for the real model.
+    proc = job.run(job.command("run", "--image", key, "--size", size, "--strategy", "single",
+                               model=model),
                    extra_env={"VIDMAAS_MODEL_DIR": str(tiny_models[layout])})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (job.work_dir / "input" / "image.png").is_file()
     assert _stages(job)[0] == Stage.FETCH_INPUT
     done = job.of_type(EventType.COMPLETED)
     assert len(done) == 1
+    assert (done[0].data["width"], done[0].data["height"]) == expected
     video = decode_mp4(job.get_object(done[0].data["video_key"]))
-    assert (video.codec, len(video.frames), video.width, video.height) == ("h264", 9, 64, 64)
+    assert (video.codec, len(video.frames), video.width, video.height) == \
+        ("h264", 9, *expected)
 
 
 def test_run_sh_chains_fetch_generate_under_torchrun_and_postprocess(job: Job) -> None:
@@ -108,7 +118,7 @@ def test_torchrun_two_ranks_run_each_layout_cfg_parallel_end_to_end(
         args = ["--image", key]
     model = {"t2v": "tiny-t2v", "ti2v": "tiny-ti2v", "a14b": "wan2.2-t2v-a14b"}[layout]
     cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", VIDMAAS_JOB,
-           *job.command("run", *args, model=model)[1:]]
+           *job.command("run", *args, "--strategy", "cfg_parallel", model=model)[1:]]
     proc = job.run(cmd, extra_env={"VIDMAAS_MODEL_DIR": str(tiny_models[layout])})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -129,7 +139,8 @@ def test_torchrun_two_ranks_run_each_layout_cfg_parallel_end_to_end(
 
 @pytest.mark.slow
 def test_run_launches_torchrun_itself_when_the_job_has_two_processes_per_node(job: Job) -> None:
-    proc = job.run(job.command("run"), extra_env={"PET_NPROC_PER_NODE": "2", "PET_NNODES": "1"})
+    proc = job.run(job.command("run", "--strategy", "cfg_parallel"),
+                   extra_env={"PET_NPROC_PER_NODE": "2", "PET_NNODES": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     types = [e.type for e in job.events()]
     assert types.count(EventType.STARTED) == 1 and types.count(EventType.COMPLETED) == 1
@@ -153,3 +164,18 @@ def test_an_image_to_video_model_without_an_image_fails_as_bad_input(
     assert proc.returncode == ExitCode.BAD_INPUT, proc.stderr[-2000:]
     failed = job.of_type(EventType.FAILED)
     assert len(failed) == 1 and "needs --image" in failed[0].data["message"]
+
+
+def test_the_job_reads_no_model_registry_only_its_arguments(job: Job, tmp_path: object) -> None:
+    from pathlib import Path
+
+    broken = Path(str(tmp_path)) / "models.yaml"
+    broken.write_text("models: [{id: broken")  # a registry that cannot be read
+    proc = job.run(job.command("generate", "--flow-shift", "7", "--guidance-scale", "3"),
+                   extra_env={"VIDMAAS_MODELS_PATH": str(broken)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    facts = json.loads((job.work_dir / "output" / "result.json").read_text())
+    assert facts["plan"] == "single×1, text encoder released after encoding, VAE tiling off"
+    assert facts["moves"][-1] == ["step 3", "release", "transformer"]

@@ -45,11 +45,29 @@ def test_missing_model_dir_fails_as_model_error_before_loading_anything(job: Job
     assert EventType.STAGE not in [e.type for e in job.events()]
 
 
-def test_out_of_memory_fails_retryable_with_its_own_exit_code(job: Job) -> None:
+def test_out_of_memory_fails_retryable_once_naming_the_model_size_frames_and_plan(
+        job: Job) -> None:
     proc = job.run(job.command("run"), extra_env={"VIDMAAS_TEST_FAULT": "oom_at_step=2"})
     assert proc.returncode == ExitCode.OUT_OF_MEMORY, proc.stderr[-2000:]
     failed = _one_failed(job)
     assert (failed.data["code"], failed.data["retryable"]) == ("out_of_memory", True)
+    message = failed.data["message"]
+    for part in ("model tiny-t2v", "64*64", "9 frames", "plan single×1",
+                 "text encoder released after encoding", "estimated peak",
+                 "retried once with the memory-saving plan (--memory-saving)"):
+        assert part in message, message
+    assert job.object_keys() == []
+
+
+def test_out_of_memory_under_the_memory_saving_plan_is_final(job: Job) -> None:
+    proc = job.run(job.command("run", "--memory-saving"),
+                   extra_env={"VIDMAAS_TEST_FAULT": "oom_at_step=2"})
+    assert proc.returncode == ExitCode.OUT_OF_MEMORY_FINAL, proc.stderr[-2000:]
+    failed = _one_failed(job)
+    assert (failed.data["code"], failed.data["retryable"]) == ("out_of_memory", False)
+    assert "memory-saving plan" in failed.data["message"]
+    assert "not retried" in failed.data["message"]
+    assert "VAE tiling on" in failed.data["message"]
     assert job.object_keys() == []
 
 
@@ -168,8 +186,8 @@ def test_an_image_given_to_a_text_to_video_model_fails_as_bad_input_before_loadi
 @pytest.mark.slow
 def test_a_failure_under_the_torchrun_it_launched_is_reported_once_with_the_childs_exit_code(
         job: Job) -> None:
-    proc = job.run(job.command("run"), extra_env={"PET_NPROC_PER_NODE": "2",
-                                                  "VIDMAAS_TEST_FAULT": "oom_at_step=1"})
+    proc = job.run(job.command("run", "--strategy", "cfg_parallel"),
+                   extra_env={"PET_NPROC_PER_NODE": "2", "VIDMAAS_TEST_FAULT": "oom_at_step=1"})
     assert proc.returncode == ExitCode.OUT_OF_MEMORY, proc.stderr[-2000:]
     failed = _one_failed(job)
     assert (failed.data["code"], failed.data["retryable"]) == ("out_of_memory", True)

@@ -75,6 +75,27 @@ def test_the_executors_arguments_parse_and_round_trip() -> None:
     assert again == args
 
 
+def test_the_registry_values_reach_the_runtime_through_the_arguments_alone() -> None:
+    spec = ModelRegistry.load()["wan2.2-t2v-a14b"].model_copy(update={
+        "vae_tiling": True, "attention_backend": "_native_cudnn", "tf32": True})
+    job = JobSpec(task_id="t" * 26, job_name="j", user_id="u", model=spec, prompt="--",
+                  attempt=2, memory_saving=True,
+                  params={"size": "832*480", "num_frames": 17, "steps": 4, "seed": 1})
+    args = JobArgs.from_namespace(build_parser().parse_args(["generate", *job_args(job)]))
+    assert (args.prompt, args.guidance_scale, args.guidance_scale_2, args.flow_shift,
+            args.strategy, args.negative_prompt) == \
+        ("--", 4.0, 3.0, 12.0, "ulysses", spec.negative_prompt)
+    assert (args.vae_tiling, args.cpu_offload, args.memory_saving, args.attention_backend,
+            args.compile, args.tf32, args.fps) == \
+        (True, False, True, "_native_cudnn", False, True, 16)
+    again = JobArgs.from_namespace(build_parser().parse_args(["run", *cli_args(args)]))
+    assert again == args
+    # A later flag overrides an earlier one (how a test or an operator pins one value).
+    off = JobArgs.from_namespace(build_parser().parse_args(
+        ["generate", *job_args(job), "--no-vae-tiling", "--strategy", "auto"]))
+    assert (off.vae_tiling, off.strategy) == (False, "auto")
+
+
 def test_the_environment_is_read_only_when_asked() -> None:
     env = JobEnv.from_environ({
         "VIDMAAS_TASK_ID": "t1", "VIDMAAS_WORK_DIR": "/w", "VIDMAAS_HEARTBEAT_INTERVAL_S": "2",

@@ -1,9 +1,16 @@
 """What a job is given: the runtime's arguments, environment names and exit codes (DESIGN §5).
 
 Guarantees: the local and Kubernetes executors build a job's command line with
-``job_args`` alone, so both run the runtime with exactly the same arguments; the
-runtime's exit codes are spelled only here, and ``exit_code_retryable`` is the one
-rule for which failures are retried.
+``job_args`` alone, so both run the runtime with exactly the same arguments, and those
+arguments carry every registry value that shapes the generation (``model_args``): the
+runtime never reads a registry of its own. The runtime's exit codes are spelled only
+here, and ``exit_code_retryable`` is the one rule for which failures are retried.
+
+Out of memory: a job that ran out of memory under its model's plan exits
+``OUT_OF_MEMORY`` (retried, and ``memory_saving_after`` says the retry must run the
+memory-saving plan, ``--memory-saving``); one that ran out of memory under the
+memory-saving plan exits ``OUT_OF_MEMORY_FINAL``: the same model at the same size would
+fail the same way, so it is not retried.
 """
 
 from __future__ import annotations
@@ -24,19 +31,32 @@ class ExitCode(enum.IntEnum):
     MODEL_ERROR = 3
     """The model directory is missing or unloadable: an operator error, not retried."""
     OUT_OF_MEMORY = 4
-    """Retried: another node may have room."""
+    """Out of memory under the model's plan: retried once, with the memory-saving plan."""
     CANCELLED = 5
     """Stopped on request: final."""
     UPLOAD_FAILED = 6
     """The object store failed: retried."""
+    OUT_OF_MEMORY_FINAL = 7
+    """Out of memory under the memory-saving plan: deterministic, never retried."""
+
+
+OUT_OF_MEMORY_CODE = "out_of_memory"
+"""The ``failed`` event's code for both out-of-memory exits."""
 
 
 def exit_code_retryable(code: int | None) -> bool:
     if code is None:
         return True
-    if code in (ExitCode.BAD_INPUT, ExitCode.MODEL_ERROR, ExitCode.CANCELLED):
+    if code in (ExitCode.BAD_INPUT, ExitCode.MODEL_ERROR, ExitCode.CANCELLED,
+                ExitCode.OUT_OF_MEMORY_FINAL):
         return False
     return code != ExitCode.OK
+
+
+def memory_saving_after(error_code: str | None) -> bool:
+    """Whether the next attempt of a task whose last attempt failed with ``error_code``
+    must run the memory-saving plan (``JobSpec.memory_saving``)."""
+    return error_code == OUT_OF_MEMORY_CODE
 
 
 # Environment variable names of the contract.
@@ -69,6 +89,8 @@ class JobSpec:
     input_key: str | None = None
     negative_prompt: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    memory_saving: bool = False
+    """Run the memory-saving plan (an attempt after an out-of-memory failure)."""
 
     @property
     def gpus(self) -> int:
@@ -76,7 +98,8 @@ class JobSpec:
 
 
 def job_args(spec: JobSpec) -> list[str]:
-    """The runtime's arguments, in the seed template's names."""
+    """The runtime's arguments: the task's, in the seed template's names, then the model's
+    (``model_args``). A task without a negative prompt gets the model's default."""
     p = spec.params
     # Free text is passed as --name=value: a prompt that starts with "-" (or is "--help")
     # must never be read as an option by the runtime's parser.
@@ -91,6 +114,31 @@ def job_args(spec: JobSpec) -> list[str]:
     ]
     if spec.input_key:
         args += ["--image", spec.input_key]
-    if spec.negative_prompt:
-        args.append(f"--negative-prompt={spec.negative_prompt}")
+    negative = spec.negative_prompt or spec.model.negative_prompt
+    if negative:
+        args.append(f"--negative-prompt={negative}")
+    args += model_args(spec.model)
+    if spec.memory_saving:
+        args.append("--memory-saving")
     return args
+
+
+def model_args(model: ModelSpec) -> list[str]:
+    """The registry values that shape a generation, as runtime arguments."""
+    args = ["--guidance-scale", _number(model.guidance_scale),
+            "--flow-shift", _number(model.flow_shift),
+            "--strategy", model.strategy]
+    if model.guidance_scale_2 is not None:
+        args += ["--guidance-scale-2", _number(model.guidance_scale_2)]
+    if model.attention_backend:
+        args += ["--attention-backend", model.attention_backend]
+    for flag, on in (("--vae-tiling", model.vae_tiling), ("--cpu-offload", model.cpu_offload),
+                     ("--compile", model.compile), ("--tf32", model.tf32)):
+        if on:
+            args.append(flag)
+    return args
+
+
+def _number(value: float) -> str:
+    """``5.0`` → ``"5"``, ``3.5`` → ``"3.5"``: exact (``repr`` round-trips a float)."""
+    return str(int(value)) if value.is_integer() else repr(value)

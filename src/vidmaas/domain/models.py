@@ -9,6 +9,13 @@ Guarantees:
   raises ``InvalidRequest`` with the offending ``field``; nothing the model cannot do
   passes it.
 - ``gpus_per_job`` (processes per node × nodes) is the capacity a job of the model holds.
+- Every value that shapes a generation (guidance, scheduler shift, default negative
+  prompt, distribution strategy, VAE tiling, CPU offload, attention backend, compile,
+  TF32) and the memory a job needs (``gpu_memory_gib`` per GPU, ``pod_memory_gib`` per
+  pod) is declared here, and the strategy agrees with the GPU count: ``single`` on one
+  GPU, ``cfg_parallel`` on exactly two with guidance above 1, ``ulysses`` on two or more.
+  The job receives them as arguments (``domain.jobs.model_args``), never from a copy of
+  this file.
 """
 
 from __future__ import annotations
@@ -27,6 +34,11 @@ from vidmaas.errors import InvalidRequest
 
 Pipeline = Literal["t2v", "i2v", "ti2v"]
 Layout = Literal["t2v", "ti2v", "a14b", "a14b-i2v"]
+Strategy = Literal["single", "cfg_parallel", "ulysses"]
+"""How a job's ranks share one generation (``runtime.distributed``): one rank; two ranks
+that each compute one branch of classifier-free guidance; or Ulysses context parallelism
+(the sequence split over the ranks, CUDA only)."""
+STRATEGIES: tuple[Strategy, ...] = ("single", "cfg_parallel", "ulysses")
 MAX_SEED = 2**32 - 1
 
 
@@ -65,15 +77,36 @@ class ModelSpec(BaseModel):
     default_steps: int = Field(ge=1)
     max_steps: int = Field(ge=1)
     fps: int = Field(ge=1, le=120)
-    guidance_scale: float = 5.0
-    guidance_scale_2: float | None = None
+    guidance_scale: float = Field(default=5.0, ge=0, le=50)
+    """Classifier-free guidance (of the high-noise expert for A14B); 1 or less turns it off."""
+    guidance_scale_2: float | None = Field(default=None, ge=0, le=50)
     """Guidance of the low-noise expert (A14B)."""
+    flow_shift: float = Field(gt=0, le=100)
+    """The flow-matching scheduler's shift (Wan2.2's ``sample_shift``)."""
+    negative_prompt: str = Field(default="", max_length=2000)
+    """The negative prompt a task without one gets (Wan's ``sample_neg_prompt``)."""
     nproc_per_node: int = Field(ge=1, le=16)
     nnodes: int = Field(ge=1, le=64)
+    strategy: Strategy
+    """How the job's ranks share the generation; must match ``gpus_per_job``."""
+    gpu_memory_gib: float = Field(gt=0, le=1024)
+    """GPU memory one rank needs (GiB): what a vGPU slice must offer; ``vidmaas models
+    plan`` checks it against the model's memory plan."""
+    pod_memory_gib: float = Field(gt=0, le=8192)
+    """Host memory one pod (one node's ranks) needs (GiB): the pod's memory request."""
     model_dir: str
     """Absolute path in the job (or relative to the configured model root)."""
     cpu_offload: bool = False
+    """diffusers' model CPU offload (``single`` and ``cfg_parallel`` only)."""
     vae_tiling: bool = False
+    """Decode the video tile by tile (less memory, slightly slower)."""
+    attention_backend: str | None = Field(default=None, pattern=r"^[a-z0-9_]{1,40}$")
+    """A diffusers attention backend (``flash``, ``_native_cudnn``, ``sage``, …); none: the
+    default (PyTorch's scaled dot-product attention)."""
+    compile: bool = False
+    """``torch.compile`` the transformer's repeated blocks (slower first step, faster after)."""
+    tf32: bool = False
+    """TF32 matmuls and convolutions for the fp32 VAE on CUDA."""
     image: Literal["none", "optional", "required"] = "none"
     tiny: bool = False
     """A random-weight test model that the project generates itself."""
@@ -101,7 +134,23 @@ class ModelSpec(BaseModel):
             raise ValueError("an i2v model must take an image")
         if self.pipeline == "t2v" and self.image != "none":
             raise ValueError("a t2v model takes no image")
+        self._check_strategy()
         return self
+
+    def _check_strategy(self) -> None:
+        gpus = self.nproc_per_node * self.nnodes
+        if self.strategy == "single" and gpus != 1:
+            raise ValueError(f"strategy single runs on 1 GPU, not {gpus}")
+        if self.strategy == "cfg_parallel":
+            if gpus != 2:
+                raise ValueError(f"strategy cfg_parallel runs on exactly 2 GPUs, not {gpus}")
+            scales = [self.guidance_scale, self.guidance_scale_2 or self.guidance_scale]
+            if min(scales) <= 1.0:
+                raise ValueError("strategy cfg_parallel needs guidance_scale above 1")
+        if self.strategy == "ulysses" and gpus < 2:
+            raise ValueError("strategy ulysses needs 2 or more GPUs")
+        if self.cpu_offload and self.strategy == "ulysses":
+            raise ValueError("cpu_offload works with strategy single or cfg_parallel only")
 
     @property
     def gpus_per_job(self) -> int:

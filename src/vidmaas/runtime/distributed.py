@@ -1,15 +1,19 @@
 """How a job's ranks share one generation (DESIGN §6 "Distribution").
 
 Guarantees:
-- ``plan`` decides the strategy from the world size, the device and the model alone,
-  the same way on every rank and before any collective, so a world size the model
-  cannot use fails at once on every rank with a ``ModelError``, never a hang.
-- One rank: plain. Two ranks with classifier-free guidance: CFG-parallel (rank 0
-  computes the conditional branch, rank 1 the unconditional one, ``all_gather`` each
-  step); its output equals the single-process output exactly, because each rank runs
-  the very computation the single process runs for its branch. More ranks (or two
-  without guidance) on CUDA: diffusers' Ulysses context parallelism, which needs the
-  attention heads to divide evenly among the ranks.
+- ``plan`` checks the declared strategy (the registry's, passed as ``--strategy``)
+  against the world size, the device and the model, or decides it from them
+  (``auto``), the same way on every rank and before any collective, so a world size
+  the model cannot use fails at once on every rank with a ``ModelError``, never a hang.
+- ``single``: one rank. ``cfg_parallel``: two ranks with classifier-free guidance
+  (rank 0 computes the conditional branch, rank 1 the unconditional one, ``all_gather``
+  each step); its output equals the single-process output exactly, because each rank
+  runs the very computation the single process runs for its branch. ``ulysses``: on
+  CUDA, diffusers' Ulysses context parallelism, which needs the attention heads to
+  divide evenly among the ranks. ``auto`` picks single for one rank, cfg_parallel for
+  two with guidance, ulysses otherwise.
+- ``prepare`` makes one transformer run under the plan, once per module however often
+  it is called (an expert loaded at the boundary is prepared when it arrives).
 - ``agree_on_cancel`` makes every rank stop at the same step (a rank that stopped
   alone would leave the others waiting in a collective forever).
 """
@@ -19,13 +23,13 @@ from __future__ import annotations
 import datetime
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from vidmaas.domain.models import Strategy
 from vidmaas.runtime.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-Strategy = Literal["single", "cfg", "ulysses"]
 COLLECTIVE_TIMEOUT_S = 600
 
 
@@ -37,22 +41,42 @@ class Plan:
 
 
 def plan(*, world_size: int, rank: int, cuda: bool, guidance: bool, num_heads: int,
-         model: str) -> Plan:
+         model: str, strategy: str = "auto") -> Plan:
     """The strategy for this job, or ``ModelError`` if the model cannot use ``world_size``."""
-    if world_size <= 1:
+    name = model or "?"
+
+    def refuse(why: str) -> ModelError:
+        return ModelError(f"world size {world_size} cannot run model {name}: {why}",
+                          code="unsupported_world_size")
+
+    if strategy == "auto":
+        if world_size <= 1:
+            return Plan("single", 1, 0)
+        if world_size == 2 and guidance:
+            return Plan("cfg_parallel", 2, rank)
+        if not cuda:
+            raise refuse("it has no classifier-free guidance to split" if world_size == 2 else
+                         "only 1 or 2 ranks (CFG-parallel) run without CUDA")
+        strategy = "ulysses"
+    if strategy == "single":
+        if world_size != 1:
+            raise refuse("its strategy single runs on one rank")
         return Plan("single", 1, 0)
-    if world_size == 2 and guidance:
-        return Plan("cfg", 2, rank)
+    if strategy == "cfg_parallel":
+        if world_size != 2:
+            raise refuse("its strategy cfg_parallel runs on exactly 2 ranks")
+        if not guidance:
+            raise refuse("it has no classifier-free guidance to split")
+        return Plan("cfg_parallel", 2, rank)
+    if strategy != "ulysses":
+        raise ModelError(f"unknown strategy {strategy[:40]!r}", code="unsupported_world_size")
+    if world_size < 2:
+        raise refuse("its strategy ulysses needs 2 or more ranks")
     if not cuda:
-        why = ("it has no classifier-free guidance to split" if world_size == 2 else
-               "only 1 or 2 ranks (CFG-parallel) run without CUDA")
-        raise ModelError(f"world size {world_size} cannot run model {model or '?'}: {why}",
-                         code="unsupported_world_size")
+        raise refuse("Ulysses context parallelism runs only with CUDA, not without CUDA")
     if num_heads % world_size:
-        raise ModelError(
-            f"world size {world_size} cannot run model {model or '?'}: Ulysses context "
-            f"parallelism splits its {num_heads} attention heads evenly among the ranks",
-            code="unsupported_world_size")
+        raise refuse(f"Ulysses context parallelism splits its {num_heads} attention heads "
+                     "evenly among the ranks")
     return Plan("ulysses", world_size, rank)
 
 
@@ -78,24 +102,31 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def apply(p: Plan, pipe: Any, *, negative_embeds: Any) -> list[_CfgParallel]:
-    """Make ``pipe``'s transformers run under ``p``; the CFG splitters installed, if any."""
-    experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None))
-               if m is not None]
-    if p.strategy == "cfg":
-        return [_CfgParallel(module, rank=p.rank, negative_embeds=negative_embeds)
-                for module in experts]
+def prepare(p: Plan, module: Any) -> CfgParallel | None:
+    """Make ``module`` (one transformer) run under ``p``; its CFG splitter, if any.
+
+    Idempotent: a module already prepared keeps its splitter or parallel hooks."""
+    existing = getattr(module, "_vidmaas_cfg_parallel", None)
+    if isinstance(existing, CfgParallel):
+        existing.install()  # offload hooks, re-added after a call, replace ``forward``
+        return existing
+    if getattr(module, "_vidmaas_parallel", False):
+        return None
+    if p.strategy == "cfg_parallel":
+        splitter = CfgParallel(module, rank=p.rank)
+        module._vidmaas_cfg_parallel = splitter
+        return splitter
     if p.strategy == "ulysses":
         import importlib
 
         diffusers: Any = importlib.import_module("diffusers")
-        for module in experts:
-            module.enable_parallelism(
-                config=diffusers.ContextParallelConfig(ulysses_degree=p.world_size))
-    return []
+        module.enable_parallelism(
+            config=diffusers.ContextParallelConfig(ulysses_degree=p.world_size))
+        module._vidmaas_parallel = True
+    return None
 
 
-class _CfgParallel:
+class CfgParallel:
     """Splits each step's two transformer calls (conditional, then unconditional) over 2 ranks.
 
     The first call of a step computes this rank's branch (rank 1 swaps in the negative
@@ -103,14 +134,27 @@ class _CfgParallel:
     answers the gathered unconditional one without computing anything.
     """
 
-    def __init__(self, module: Any, *, rank: int, negative_embeds: Any) -> None:
-        self._forward = module.forward
+    def __init__(self, module: Any, *, rank: int) -> None:
+        self._module = module
+        self._forward: Any = None
         self._rank = rank
-        self._negative = negative_embeds.to(module.dtype)
+        self._negative: Any = None
         self._pending: Any = None
         self.evaluations = 0
         """Transformer forward passes this rank computed (one per step: its branch)."""
-        module.forward = self
+        self.install()
+
+    def install(self) -> None:
+        """Be the module's ``forward`` (again, if something replaced it since)."""
+        if self._module.forward is not self:
+            self._forward = self._module.forward
+            self._module.forward = self
+
+    def start(self, negative_embeds: Any) -> None:
+        """A new generation: its negative prompt's embeddings; the count starts again."""
+        self._negative = negative_embeds.to(self._module.dtype)
+        self._pending = None
+        self.evaluations = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         import torch

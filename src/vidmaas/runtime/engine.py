@@ -2,13 +2,23 @@
 
 Guarantees:
 - ``load`` reads any Wan ``*-Diffusers`` layout (T2V, TI2V-5B, A14B, A14B I2V) and the
-  tiny checkpoints through the same ``from_pretrained`` path; bf16 on CUDA (the VAE
-  stays fp32), fp32 on CPU; the registry's CPU offload and VAE tiling are honoured.
-  A missing or unloadable model directory is a ``ModelError``.
-- ``Engine.generate`` runs text-to-video, or image-to-video when given an image
-  (TI2V models switch to their image pipeline with ``expand_timesteps``); a model
-  that cannot take (or needs) an image is a ``BadInput``. The seed fully determines
-  the video on a given machine and world size.
+  tiny checkpoints the same way: each component straight onto the rank's device, bf16
+  on CUDA (the VAE fp32), fp32 on the CPU. A missing or unloadable model directory is a
+  ``ModelError``.
+- The engine follows its memory plan (``runtime.plan.Placement``): the text encoder
+  leaves the device once the prompts are encoded; of the A14B experts only the one whose
+  timesteps are running is on the device, the other arriving at the boundary (as Wan's
+  ``_prepare_model_for_timestep`` swaps them) — the swap changes nothing in the output;
+  the transformers leave before the VAE decodes; with ``sequential_load`` they load only
+  after the text encoder has gone. Under diffusers' model CPU offload the offload hooks
+  place everything instead, and decoding follows the VAE's execution device.
+- ``flow_shift`` is set on the scheduler; the negative prompt is the request's (the
+  executors fill in the model's default).
+- ``Engine.generate`` runs text-to-video, or image-to-video when given an image (TI2V
+  models switch to their image pipeline with ``expand_timesteps``); the image decides
+  the aspect ratio and the request's width × height the area (``runtime.images``); a
+  model that cannot take (or needs) an image is a ``BadInput``. The seed fully
+  determines the video on a given machine and world size.
 - ``on_step`` is called after every denoising step on every rank; when it returns
   True on rank 0, every rank stops after that same step and ``Cancelled`` is raised.
 - Frames come back as uint8 ``(frames, height, width, 3)``, decoded on rank 0 only.
@@ -25,14 +35,18 @@ from pathlib import Path
 from typing import Any
 
 from vidmaas.domain.events import Stage
-from vidmaas.runtime import distributed
+from vidmaas.runtime import distributed, speed
 from vidmaas.runtime.errors import BadInput, Cancelled, ModelError
+from vidmaas.runtime.images import fit_image
+from vidmaas.runtime.plan import Placement, placement
+from vidmaas.runtime.residency import HEAVY, Components, Move
 
 log = logging.getLogger(__name__)
 
 StepHook = Callable[[int, int], "str | None"]
 """(steps done, total) → who cancelled, or None to go on."""
 StageHook = Callable[[Stage], None]
+EXPERTS = ("transformer", "transformer_2")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +54,7 @@ class Request:
     prompt: str
     width: int
     height: int
+    """For image-to-video, width × height is the area; the image gives the aspect ratio."""
     num_frames: int
     steps: int
     seed: int
@@ -53,15 +68,28 @@ class Request:
 class Options:
     cpu_offload: bool = False
     vae_tiling: bool = False
+    flow_shift: float | None = None
+    """The scheduler's shift; None keeps the checkpoint's."""
+    memory_saving: bool = False
+    expert_swap: bool = True
+    keep_loaded: bool = False
+    """Keep what leaves the device in host RAM (to generate again) instead of releasing it."""
+    attention_backend: str | None = None
+    compile: bool = False
+    tf32: bool = False
 
 
 @dataclass(slots=True)
 class Output:
     frames: Any
     """numpy uint8 (frames, height, width, 3) on rank 0; None on the other ranks."""
+    width: int = 0
+    height: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     transformer_evaluations: int | None = None
     """Forward passes this rank computed under CFG-parallel (None otherwise)."""
+    moves: list[Move] = field(default_factory=list)
+    """The components' moves during this generation (``residency.Components.moves``)."""
 
 
 def pick_device(local_rank: int) -> tuple[Any, Any]:
@@ -111,35 +139,50 @@ def num_attention_heads(model_dir: Path) -> int:
 class Engine:
     """One loaded pipeline on one rank."""
 
-    def __init__(self, pipe: Any, *, device: Any, dtype: Any, plan: distributed.Plan) -> None:
+    def __init__(self, pipe: Any, *, components: Components, plan: distributed.Plan,
+                 placement: Placement, options: Options) -> None:
         self.pipe = pipe
-        self.device = device
-        self.dtype = dtype
+        self.components = components
+        self.device = components.device
+        self.dtype = components.dtype
         self.plan = plan
+        self.placement = placement
+        self.options = options
 
     @classmethod
     def load(cls, model_dir: Path, *, plan: distributed.Plan, local_rank: int,
              options: Options = Options()) -> Engine:
-        read_model_index(model_dir)
-        import torch
-
-        diffusers = _diffusers()
+        index = read_model_index(model_dir)
         device, dtype = pick_device(local_rank)
-        try:
-            key = _dtype_keyword()
-            vae = diffusers.AutoencoderKLWan.from_pretrained(
-                model_dir, subfolder="vae", **{key: torch.float32})
-            pipe = diffusers.DiffusionPipeline.from_pretrained(model_dir, vae=vae, **{key: dtype})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelError(f"cannot load the model in {model_dir}: {e}") from e
-        if options.vae_tiling:
+        components = Components(model_dir, index, device=device, dtype=dtype,
+                                evict="host" if options.keep_loaded else "release")
+        p = placement(strategy=plan.strategy, world_size=plan.world_size,
+                      memory_saving=options.memory_saving, cpu_offload=options.cpu_offload,
+                      vae_tiling=options.vae_tiling, expert_swap=options.expert_swap,
+                      keep_loaded=options.keep_loaded, cuda=device.type == "cuda",
+                      experts=sum(components.has(e) for e in EXPERTS))
+        speed.check_attention_backend(options.attention_backend)
+        if options.tf32 and device.type == "cuda":
+            speed.enable_tf32()
+        to_device = not p.cpu_offload
+        for name in ("vae", "text_encoder"):
+            components.load(name, to_device=to_device)
+        if p.cpu_offload or not p.sequential_load:
+            for name in EXPERTS[:1] if p.expert_swap and not p.cpu_offload else EXPERTS:
+                if components.has(name):
+                    components.load(name, to_device=to_device)
+        pipe = _build_pipeline(components, index)
+        components.attach(pipe)
+        _set_flow_shift(pipe, options.flow_shift)
+        if p.vae_tiling:
             pipe.vae.enable_tiling()
-        if options.cpu_offload and device.type == "cuda" and plan.strategy == "single":
+        if p.cpu_offload:
             pipe.enable_model_cpu_offload(gpu_id=local_rank)
-        else:
-            pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, device=device, dtype=dtype, plan=plan)
+        log.info("loaded %s on %s: %s", model_dir.name, device, p.describe())
+        return cls(pipe, components=components, plan=plan, placement=p, options=options)
+
+    # ------------------------------------------------------------ pipelines and experts
 
     def _pipeline_for(self, image: Path | None) -> Any:
         WanImageToVideoPipeline = _diffusers().WanImageToVideoPipeline
@@ -161,80 +204,199 @@ class Engine:
         i2v.set_progress_bar_config(disable=True)
         return i2v
 
+    def experts_by_step(self, pipe: Any, steps: int) -> list[str]:
+        """Which expert denoises each step: ``transformer`` at or above the boundary
+        timestep (``boundary_ratio`` × training timesteps), ``transformer_2`` below."""
+        ratio = pipe.config.boundary_ratio
+        if ratio is None or not self.components.has("transformer_2"):
+            return ["transformer"] * steps
+        pipe.scheduler.set_timesteps(steps, device=self.device)
+        boundary = ratio * pipe.scheduler.config.num_train_timesteps
+        return ["transformer" if float(t) >= boundary else "transformer_2"
+                for t in pipe.scheduler.timesteps]
+
+    def _activate(self, name: str, negative_embeds: Any,
+                  splitters: dict[int, distributed.CfgParallel]) -> None:
+        """``name`` on the device and ready to run under the plan."""
+        module = self.components.get(name) if self.placement.cpu_offload else \
+            self.components.ensure(name)
+        if not getattr(module, "_vidmaas_prepared", False):  # a module read again is new
+            speed.prepare_transformer(module, attention_backend=self.options.attention_backend,
+                                      compile=self.options.compile)
+            module._vidmaas_prepared = True
+        splitter = distributed.prepare(self.plan, module)
+        if splitter is not None and id(splitter) not in splitters:
+            splitter.start(negative_embeds)
+            splitters[id(splitter)] = splitter
+
+    # ------------------------------------------------------------ generation
+
     def generate(self, req: Request, *, on_step: StepHook | None = None,
                  on_stage: StageHook | None = None) -> Output:
         import torch
 
         timings: dict[str, float] = {}
+        components, p = self.components, self.placement
+        first_move = len(components.moves)
         pipe = self._pipeline_for(req.image)
-        picture = load_image(req.image, width=req.width, height=req.height) \
-            if req.image is not None else None
+        components.attach(pipe)
+        width, height, picture = req.width, req.height, None
+        if req.image is not None:
+            multiple = pipe.vae_scale_factor_spatial * int(self._patch_size()[1])
+            picture = fit_image(req.image, area=req.width * req.height, multiple=multiple)
+            width, height = picture.size
         cfg = req.guidance_scale > 1.0
+        try:
+            if on_stage:
+                on_stage(Stage.ENCODE_PROMPT)
+            t = time.perf_counter()
+            components.when = "encode_prompt"
+            if not p.cpu_offload:
+                components.ensure("text_encoder")
+            with torch.no_grad():
+                prompt_embeds, negative_embeds = pipe.encode_prompt(
+                    prompt=req.prompt, negative_prompt=req.negative_prompt or "",
+                    do_classifier_free_guidance=cfg, num_videos_per_prompt=1,
+                    max_sequence_length=512, device=self.device)
+            if not p.cpu_offload:
+                components.evict("text_encoder")
+            timings["encode_prompt_s"] = time.perf_counter() - t
 
-        if on_stage:
-            on_stage(Stage.ENCODE_PROMPT)
-        t = time.perf_counter()
-        with torch.no_grad():
-            prompt_embeds, negative_embeds = pipe.encode_prompt(
-                prompt=req.prompt, negative_prompt=req.negative_prompt or "",
-                do_classifier_free_guidance=cfg, num_videos_per_prompt=1,
-                max_sequence_length=512, device=self.device)
-        timings["encode_prompt_s"] = time.perf_counter() - t
-        splitters = distributed.apply(self.plan, pipe, negative_embeds=negative_embeds)
+            experts = self.experts_by_step(pipe, req.steps)
+            splitters: dict[int, distributed.CfgParallel] = {}
+            load_before = components.load_s
+            for name in dict.fromkeys(experts[:1] if p.expert_swap else experts):
+                self._activate(name, negative_embeds, splitters)
+            timings["load_transformer_s"] = components.load_s - load_before
 
-        if on_stage:
-            on_stage(Stage.DENOISE)
-        cancelled_by: list[str] = []
+            if on_stage:
+                on_stage(Stage.DENOISE)
+            cancelled_by: list[str] = []
 
-        def step_end(p: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            by = on_step(i + 1, req.steps) if on_step else None
-            if distributed.agree_on_cancel(self.plan, by is not None, device=self.device):
-                cancelled_by.append(by or "user")
-                p._interrupt = True
-            return kwargs
+            def step_end(pl: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+                by = on_step(i + 1, req.steps) if on_step else None
+                if distributed.agree_on_cancel(self.plan, by is not None, device=self.device):
+                    cancelled_by.append(by or "user")
+                    pl._interrupt = True
+                    return kwargs
+                if not p.cpu_offload:
+                    self._after_step(i, experts, negative_embeds, splitters)
+                return kwargs
 
-        extra: dict[str, Any] = {}
-        if picture is not None:
-            extra["image"] = picture
-        if req.guidance_scale_2 is not None and pipe.config.boundary_ratio is not None:
-            extra["guidance_scale_2"] = req.guidance_scale_2
-        t = time.perf_counter()
-        latents = pipe(
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
-            height=req.height, width=req.width, num_frames=req.num_frames,
-            num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
-            generator=torch.Generator(device="cpu").manual_seed(req.seed),
-            output_type="latent", return_dict=False, callback_on_step_end=step_end,
-            **extra)[0]
-        timings["denoise_s"] = time.perf_counter() - t
-        if cancelled_by:
-            raise Cancelled(cancelled_by[0])
-        evaluations = sum(s.evaluations for s in splitters) if splitters else None
-        if self.plan.rank != 0:
-            return Output(frames=None, timings=timings, transformer_evaluations=evaluations)
+            extra: dict[str, Any] = {}
+            if picture is not None:
+                extra["image"] = picture
+            if req.guidance_scale_2 is not None and pipe.config.boundary_ratio is not None:
+                extra["guidance_scale_2"] = req.guidance_scale_2
+            t = time.perf_counter()
+            latents = pipe(
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
+                height=height, width=width, num_frames=req.num_frames,
+                num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
+                generator=torch.Generator(device="cpu").manual_seed(req.seed),
+                output_type="latent", return_dict=False, callback_on_step_end=step_end,
+                **extra)[0]
+            timings["denoise_s"] = time.perf_counter() - t
+            if cancelled_by:
+                raise Cancelled(cancelled_by[0])
+            evaluations = sum(s.evaluations for s in splitters.values()) if splitters \
+                else None
+            out = Output(frames=None, width=width, height=height, timings=timings,
+                         transformer_evaluations=evaluations)
+            if self.plan.rank == 0:
+                if on_stage:
+                    on_stage(Stage.DECODE)
+                components.when = "decode"
+                t = time.perf_counter()
+                out.frames = self.decode(latents)
+                timings["decode_s"] = time.perf_counter() - t
+            out.moves = components.moves[first_move:]
+            return out
+        finally:
+            components.when = "idle"
+            if pipe is not self.pipe:
+                components.detach(pipe)
 
-        if on_stage:
-            on_stage(Stage.DECODE)
-        t = time.perf_counter()
-        frames = self.decode(latents)
-        timings["decode_s"] = time.perf_counter() - t
-        return Output(frames=frames, timings=timings, transformer_evaluations=evaluations)
+    def _after_step(self, i: int, experts: list[str], negative_embeds: Any,
+                    splitters: dict[int, distributed.CfgParallel]) -> None:
+        """Swap experts at the boundary; after the last step, take the transformers off."""
+        components = self.components
+        current = experts[i]
+        following = experts[i + 1] if i + 1 < len(experts) else None
+        components.when = f"step {i + 1}"
+        if following is None:
+            for name in EXPERTS:
+                components.evict(name)
+        elif following != current and self.placement.expert_swap:
+            components.evict(current)
+            self._activate(following, negative_embeds, splitters)
+
+    def _patch_size(self) -> tuple[int, int, int]:
+        index = self.components.model_dir / "transformer" / "config.json"
+        try:
+            patch = json.loads(index.read_text("utf-8")).get("patch_size", [1, 2, 2])
+        except (OSError, ValueError):
+            patch = [1, 2, 2]
+        return int(patch[0]), int(patch[1]), int(patch[2])
 
     def decode(self, latents: Any) -> Any:
-        """Latents → uint8 (frames, height, width, 3)."""
-        import numpy as np
+        """Latents → uint8 (frames, height, width, 3), converted on the VAE's device."""
         import torch
 
         vae = self.pipe.vae
         with torch.no_grad():
-            latents = latents.to(next(vae.parameters()).device, dtype=vae.dtype)
+            latents = latents.to(execution_device(vae), dtype=vae.dtype)
+            # The very arithmetic of diffusers' WanPipeline decode, so the frames are the
+            # bare pipeline's to the bit.
             z = vae.config.z_dim
             mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
-            std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
-            video = vae.decode(latents * std + mean, return_dict=False)[0]
-            video = self.pipe.video_processor.postprocess_video(video, output_type="np")
-        frames = np.asarray(video[0], dtype=np.float32)
-        return (frames * 255.0).round().clip(0, 255).astype(np.uint8)
+            inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(
+                latents)
+            video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
+            # (1, C, F, H, W) in [-1, 1] → (F, H, W, C) uint8, as diffusers' postprocess
+            # computes it, but on the device: only the bytes cross to the host.
+            video = ((video[0] * 0.5 + 0.5).clamp(0, 1) * 255.0).round()
+            frames = video.permute(1, 2, 3, 0).to(torch.uint8).cpu().numpy()
+        return frames
+
+
+def execution_device(module: Any) -> Any:
+    """Where ``module``'s inputs must be for its forward pass: under CPU offload the weights
+    wait on the host until the hook moves them, so it is the hook's device, not theirs
+    (diffusers' ``get_module_execution_device``, as ``_execution_device`` does)."""
+    import importlib
+
+    utils: Any = importlib.import_module("diffusers.utils.torch_utils")
+    return utils.get_module_execution_device(module)
+
+
+def _build_pipeline(components: Components, index: dict[str, Any]) -> Any:
+    """The checkpoint's pipeline class around the heavy components loaded so far (None for
+    those not loaded yet); the light ones (tokenizer, scheduler) are read here."""
+    import inspect
+
+    cls = getattr(_diffusers(), str(index.get("_class_name", "WanPipeline")))
+    kwargs: dict[str, Any] = {}
+    for name in inspect.signature(cls.__init__).parameters:
+        if components.has(name):
+            kwargs[name] = components.get(name) if name in HEAVY else components.load(name)
+        elif name in index and not isinstance(index[name], list):
+            kwargs[name] = index[name]  # boundary_ratio, expand_timesteps
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"cannot build {cls.__name__} from {components.model_dir}: {e}") from e
+
+
+def _set_flow_shift(pipe: Any, shift: float | None) -> None:
+    """Put ``shift`` on the scheduler (UniPC's ``flow_shift``, flow-match Euler's ``shift``)."""
+    if shift is None:
+        return
+    config = pipe.scheduler.config
+    key = "flow_shift" if "flow_shift" in config else "shift" if "shift" in config else None
+    if key is None:
+        raise ModelError(f"the scheduler {type(pipe.scheduler).__name__} has no shift to set")
+    pipe.scheduler = type(pipe.scheduler).from_config(config, **{key: shift})
 
 
 def _diffusers() -> Any:
@@ -242,17 +404,6 @@ def _diffusers() -> Any:
     import importlib
 
     return importlib.import_module("diffusers")
-
-
-def _dtype_keyword() -> str:
-    """``dtype`` where diffusers has it (≥ 0.42), else the older ``torch_dtype``."""
-    import importlib
-
-    try:
-        utils = importlib.import_module("diffusers.utils.deprecation_utils")
-    except ImportError:
-        return "torch_dtype"
-    return "dtype" if hasattr(utils, "_resolve_dtype") else "torch_dtype"
 
 
 def import_libraries() -> None:
@@ -263,19 +414,3 @@ def import_libraries() -> None:
     importlib.import_module("diffusers")
     for name in ("WanPipeline", "WanImageToVideoPipeline", "AutoencoderKLWan"):
         getattr(importlib.import_module("diffusers"), name)
-
-
-def load_image(path: Path, *, width: int, height: int) -> Any:
-    """The input image as RGB, scaled and centre-cropped to cover ``width``×``height``."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = img.convert("RGB")
-    except FileNotFoundError as e:
-        raise BadInput(f"the input image was not fetched ({path.name})",
-                       code="input_missing") from e
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadInput(f"the input image cannot be read: {e}", code="bad_image") from e
-    return ImageOps.fit(rgb, (width, height), method=Image.Resampling.LANCZOS)

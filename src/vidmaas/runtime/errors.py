@@ -9,7 +9,7 @@ single place that turns an exception into an event and an exit code.
 
 from __future__ import annotations
 
-from vidmaas.domain.jobs import ExitCode, exit_code_retryable
+from vidmaas.domain.jobs import OUT_OF_MEMORY_CODE, ExitCode, exit_code_retryable
 
 
 class JobError(Exception):
@@ -47,10 +47,16 @@ class ModelError(JobError):
 
 
 class OutOfMemory(JobError):
-    """The accelerator (or host) ran out of memory; another node may have room."""
+    """The accelerator (or host) ran out of memory. ``final`` when the memory-saving plan
+    was already in use: the same request would fail the same way (not retried);
+    otherwise it is retried once, with the memory-saving plan."""
 
     exit_code = ExitCode.OUT_OF_MEMORY
-    code = "out_of_memory"
+    code = OUT_OF_MEMORY_CODE
+
+    def __init__(self, message: str, *, final: bool = False) -> None:
+        super().__init__(message, exit_code=ExitCode.OUT_OF_MEMORY_FINAL if final
+                         else ExitCode.OUT_OF_MEMORY)
 
 
 class UploadFailed(JobError):
@@ -72,12 +78,17 @@ class Cancelled(Exception):
         self.by = by
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's ``OutOfMemoryError``, Python's ``MemoryError``, or a message that says so
+    (CUDA and NCCL errors raised as ``RuntimeError``)."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+        "out of memory" in str(exc).lower()
+
+
 def classify(exc: BaseException) -> JobError:
     """The ``JobError`` an exception stands for (unknown ones are infrastructure errors)."""
     if isinstance(exc, JobError):
         return exc
-    name = type(exc).__name__
-    if isinstance(exc, MemoryError) or name == "OutOfMemoryError" or \
-            "out of memory" in str(exc).lower():
+    if is_out_of_memory(exc):
         return OutOfMemory(f"out of memory: {str(exc)[:500]}")
-    return InfraError(f"{name}: {str(exc)[:1000]}")
+    return InfraError(f"{type(exc).__name__}: {str(exc)[:1000]}")

@@ -4,7 +4,10 @@ Guarantees:
 - ``JobEnv.from_environ`` is the only place the runtime reads its environment, and
   only when a command runs (never at import time).
 - ``add_job_args`` accepts exactly the arguments ``domain.jobs.job_args`` produces,
-  so every executor's command line parses here.
+  so every executor's command line parses here; they carry everything that shapes the
+  generation (guidance, shift, negative prompt, strategy, tiling, offload, speed options),
+  so the runtime reads no model registry. Without them a run by hand gets the
+  checkpoint's own defaults (guidance 5, its scheduler's shift, no negative prompt).
 - ``WorkDir`` names every file the steps hand to each other (the fetched input, the
   generated frames and facts, the reporter's small state); each is written
   atomically, so a reader never sees half a file.
@@ -35,7 +38,7 @@ from vidmaas.domain.jobs import (
     ENV_WATERMARK_TEXT,
     ENV_WORK_DIR,
 )
-from vidmaas.domain.models import parse_size
+from vidmaas.domain.models import STRATEGIES, parse_size
 from vidmaas.errors import InvalidRequest
 from vidmaas.runtime.errors import BadInput
 
@@ -43,8 +46,6 @@ ENV_WATERMARK_LOGO = "VIDMAAS_WATERMARK_LOGO"
 """Optional path of a PNG logo drawn over the video's bottom-left corner."""
 ENV_PROGRESS_INTERVAL_S = "VIDMAAS_PROGRESS_INTERVAL_S"
 """Least seconds between two ``progress`` events (stage ends always report)."""
-ENV_MODELS_PATH = "VIDMAAS_MODELS_PATH"
-"""The operator's model registry file, if not the one shipped with vidmaas."""
 ENV_FAULT = "VIDMAAS_TEST_FAULT"
 """Test-only fault injection, e.g. ``oom_at_step=1`` or ``step_delay_s=0.3``."""
 DEFAULT_WATERMARK = "AI generated"
@@ -94,7 +95,6 @@ class JobEnv:
     watermark_logo: Path | None
     heartbeat_interval_s: float
     progress_interval_s: float
-    models_path: Path | None
     attempt: int
     fault: Mapping[str, str]
     dist: Dist
@@ -137,7 +137,6 @@ class JobEnv:
                 fault[key.strip()] = value.strip()
         model_dir = opt(ENV_MODEL_DIR)
         logo = opt(ENV_WATERMARK_LOGO)
-        models_path = opt(ENV_MODELS_PATH)
         return cls(
             task_id=opt(ENV_TASK_ID) or "",
             redis_url=opt(ENV_REDIS_URL),
@@ -152,12 +151,15 @@ class JobEnv:
             watermark_logo=Path(logo) if logo else None,
             heartbeat_interval_s=num(ENV_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_INTERVAL_S),
             progress_interval_s=num(ENV_PROGRESS_INTERVAL_S, DEFAULT_PROGRESS_INTERVAL_S),
-            models_path=Path(models_path) if models_path else None,
             attempt=integer(ENV_ATTEMPT, 1),
             fault=fault,
             dist=dist,
             host=socket.gethostname(),
         )
+
+
+STRATEGY_CHOICES = ("auto", *STRATEGIES)
+DEFAULT_GUIDANCE = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +174,16 @@ class JobArgs:
     fps: int | None
     image: str | None
     negative_prompt: str | None
+    guidance_scale: float = DEFAULT_GUIDANCE
+    guidance_scale_2: float | None = None
+    flow_shift: float | None = None
+    strategy: str = "auto"
+    vae_tiling: bool = False
+    cpu_offload: bool = False
+    memory_saving: bool = False
+    attention_backend: str | None = None
+    compile: bool = False
+    tf32: bool = False
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> JobArgs:
@@ -187,9 +199,18 @@ class JobArgs:
             raise BadInput(f"--size {ns.size} must have even sides (H.264)")
         if not 0 <= ns.seed <= 2**32 - 1:
             raise BadInput("--seed must be within 0..2**32-1")
+        for name in ("guidance_scale", "guidance_scale_2", "flow_shift"):
+            value = getattr(ns, name)
+            if value is not None and not 0 <= value <= 100:
+                raise BadInput(f"--{name.replace('_', '-')} must be within 0..100")
         return cls(prompt=ns.prompt, width=width, height=height, frame_num=ns.frame_num,
                    sample_steps=ns.sample_steps, seed=ns.seed, model=ns.model, fps=ns.fps,
-                   image=ns.image or None, negative_prompt=ns.negative_prompt or None)
+                   image=ns.image or None, negative_prompt=ns.negative_prompt or None,
+                   guidance_scale=ns.guidance_scale, guidance_scale_2=ns.guidance_scale_2,
+                   flow_shift=ns.flow_shift, strategy=ns.strategy, vae_tiling=ns.vae_tiling,
+                   cpu_offload=ns.cpu_offload, memory_saving=ns.memory_saving,
+                   attention_backend=ns.attention_backend or None, compile=ns.compile,
+                   tf32=ns.tf32)
 
 
 class _FreeText(argparse.Action):
@@ -227,7 +248,30 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default=None,
                         help="object key of the input image in the store (image-to-video)")
     parser.add_argument("--negative-prompt", default=None, action=_FreeText,
-                        help="what to steer away from")
+                        help="what to steer away from (the executors pass the model's "
+                             "default when the task has none)")
+    gen = parser.add_argument_group("generation (from the model registry)")
+    gen.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
+                     help="classifier-free guidance (the high-noise expert's for A14B)")
+    gen.add_argument("--guidance-scale-2", type=float, default=None,
+                     help="guidance of the low-noise expert (A14B); default: --guidance-scale")
+    gen.add_argument("--flow-shift", type=float, default=None,
+                     help="the scheduler's shift (Wan's sample_shift); default: the "
+                          "checkpoint's scheduler config")
+    gen.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto",
+                     help="how the ranks share the work; auto: from the world size")
+    flag = argparse.BooleanOptionalAction
+    gen.add_argument("--vae-tiling", action=flag, default=False, help="decode tile by tile")
+    gen.add_argument("--cpu-offload", action=flag, default=False,
+                     help="diffusers' model CPU offload (single and cfg_parallel)")
+    gen.add_argument("--memory-saving", action=flag, default=False,
+                     help="the memory-saving plan (a retry after running out of memory)")
+    gen.add_argument("--attention-backend", default=None,
+                     help="a diffusers attention backend (flash, _native_cudnn, sage, …)")
+    gen.add_argument("--compile", action=flag, default=False,
+                     help="torch.compile the transformer's repeated blocks")
+    gen.add_argument("--tf32", action=flag, default=False,
+                     help="TF32 matmuls and convolutions (the fp32 VAE) on CUDA")
 
 
 def cli_args(args: JobArgs) -> list[str]:
@@ -242,6 +286,18 @@ def cli_args(args: JobArgs) -> list[str]:
         out += ["--image", args.image]
     if args.negative_prompt:
         out.append(f"--negative-prompt={args.negative_prompt}")
+    out += ["--guidance-scale", repr(args.guidance_scale), "--strategy", args.strategy]
+    if args.guidance_scale_2 is not None:
+        out += ["--guidance-scale-2", repr(args.guidance_scale_2)]
+    if args.flow_shift is not None:
+        out += ["--flow-shift", repr(args.flow_shift)]
+    if args.attention_backend:
+        out += ["--attention-backend", args.attention_backend]
+    for name, on in (("--vae-tiling", args.vae_tiling), ("--cpu-offload", args.cpu_offload),
+                     ("--memory-saving", args.memory_saving), ("--compile", args.compile),
+                     ("--tf32", args.tf32)):
+        if on:
+            out.append(name)
     return out
 
 

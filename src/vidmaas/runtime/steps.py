@@ -5,9 +5,14 @@ Guarantees:
   is a readable image (written atomically, so concurrent ranks may all fetch); a
   missing or unreadable object is ``BadInput``; it does nothing when the file is
   already there (the initContainer fetched it).
-- ``generate`` checks the model directory and the world size before joining any
-  process group, stops at once if the task was cancelled before it started, and
-  leaves the frames and their facts in the work directory (rank 0).
+- ``generate`` checks the model directory and the world size (against ``--strategy``)
+  before joining any process group, stops at once if the task was cancelled before it
+  started, and leaves the frames and their facts (the real width and height, the plan)
+  in the work directory (rank 0). Everything that shapes the generation comes from the
+  job's arguments; no model registry is read.
+- Out of memory during generate is an ``OutOfMemory`` whose message names the model,
+  the size, the frames, the plan and its estimated peak, and which is final (never
+  retried) when the memory-saving plan was already in use.
 - ``postprocess`` (rank 0's node only) uploads nothing if the task is cancelled,
   sends ``progress`` 100 only after both uploads succeeded, then ``completed``.
 - ``run`` chains the steps: in-process when it is itself under ``torchrun`` or the
@@ -27,7 +32,7 @@ from typing import Any
 
 from vidmaas.domain.events import Stage
 from vidmaas.domain.jobs import ENV_HEARTBEAT_INTERVAL_S, ExitCode
-from vidmaas.domain.models import ModelSpec
+from vidmaas.domain.models import Strategy
 from vidmaas.runtime import distributed, postprocess
 from vidmaas.runtime.engine import (
     Engine,
@@ -38,14 +43,21 @@ from vidmaas.runtime.engine import (
     num_attention_heads,
     read_model_index,
 )
-from vidmaas.runtime.errors import BadInput, Cancelled, InfraError, JobError, ModelError
+from vidmaas.runtime.errors import (
+    BadInput,
+    Cancelled,
+    InfraError,
+    JobError,
+    ModelError,
+    OutOfMemory,
+    is_out_of_memory,
+)
 from vidmaas.runtime.job import JobArgs, JobEnv, WorkDir
 from vidmaas.runtime.reporter import Reporter
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FPS = 16
-DEFAULT_GUIDANCE = 5.0
 
 
 class StepExited(Exception):
@@ -73,20 +85,6 @@ class Context:
             url=self.env.storage_url, endpoint_url=self.env.s3_endpoint_url,
             region=self.env.s3_region, access_key_id=self.env.access_key_id,
             secret_access_key=self.env.secret_access_key)
-
-    def model_spec(self) -> ModelSpec | None:
-        from vidmaas.domain.models import ModelRegistry
-        from vidmaas.errors import InvalidRequest
-
-        try:
-            registry = ModelRegistry.load(self.env.models_path)
-        except (InvalidRequest, OSError) as e:
-            raise ModelError(f"cannot read the model registry: {e}") from e
-        spec = registry.get(self.args.model)
-        if spec is None:
-            log.warning("task_id=%s model %r is not in the registry; using defaults",
-                        self.env.task_id, self.args.model)
-        return spec
 
     def add_timings(self, timings: dict[str, float]) -> None:
         path = self.work.marker("timings.json")
@@ -180,7 +178,6 @@ def _fault_hook(ctx: Context) -> Any:
 
 def generate(ctx: Context) -> None:
     env, args, reporter = ctx.env, ctx.args, ctx.reporter
-    spec = ctx.model_spec()
     if env.model_dir is None:
         raise ModelError("VIDMAAS_MODEL_DIR is not set", code="model_missing")
     check_image_use(read_model_index(env.model_dir), has_image=bool(args.image))
@@ -190,19 +187,19 @@ def generate(ctx: Context) -> None:
     t = time.perf_counter()
     import torch
 
-    guidance = spec.guidance_scale if spec else DEFAULT_GUIDANCE
-    p = distributed.plan(world_size=env.dist.world_size, rank=env.dist.rank,
-                         cuda=torch.cuda.is_available(), guidance=guidance > 1.0,
-                         num_heads=num_attention_heads(env.model_dir), model=args.model)
+    cuda = torch.cuda.is_available()
+    guidance = max(args.guidance_scale, args.guidance_scale_2 or 0.0) > 1.0
+    p = distributed.plan(world_size=env.dist.world_size, rank=env.dist.rank, cuda=cuda,
+                         guidance=guidance, num_heads=num_attention_heads(env.model_dir),
+                         model=args.model, strategy=args.strategy)
     import_libraries()
     imports_s = time.perf_counter() - t
-    distributed.init_process_group(p, cuda=torch.cuda.is_available(),
-                                   local_rank=env.dist.local_rank)
+    distributed.init_process_group(p, cuda=cuda, local_rank=env.dist.local_rank)
+    engine: Engine | None = None
     try:
         t = time.perf_counter()
         engine = Engine.load(env.model_dir, plan=p, local_rank=env.dist.local_rank,
-                             options=Options(cpu_offload=bool(spec and spec.cpu_offload),
-                                             vae_tiling=bool(spec and spec.vae_tiling)))
+                             options=options_of(args))
         load_model_s = time.perf_counter() - t
         reporter.progress(Stage.LOAD_MODEL, 1, 1)
         fault = _fault_hook(ctx)
@@ -217,8 +214,8 @@ def generate(ctx: Context) -> None:
                       num_frames=args.frame_num, steps=args.sample_steps, seed=args.seed,
                       negative_prompt=args.negative_prompt,
                       image=ctx.work.input_image(args.image) if args.image else None,
-                      guidance_scale=guidance,
-                      guidance_scale_2=spec.guidance_scale_2 if spec else None)
+                      guidance_scale=args.guidance_scale,
+                      guidance_scale_2=args.guidance_scale_2)
         out = engine.generate(req, on_step=on_step, on_stage=reporter.stage)
         if p.rank == 0:
             import numpy as np
@@ -232,11 +229,68 @@ def generate(ctx: Context) -> None:
                 "width": int(out.frames.shape[2]), "height": int(out.frames.shape[1]),
                 "num_frames": int(out.frames.shape[0]), "seed": args.seed,
                 "world_size": p.world_size, "strategy": p.strategy,
-                "transformer_evaluations": out.transformer_evaluations})
+                "plan": engine.placement.describe(),
+                "transformer_evaluations": out.transformer_evaluations,
+                "moves": [list(m) for m in out.moves]})
             ctx.add_timings({"imports_s": imports_s, "load_model_s": load_model_s,
                              **out.timings})
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise out_of_memory(ctx, engine=engine, world_size=p.world_size,
+                                strategy=p.strategy, cause=e) from e
+        raise
     finally:
         distributed.destroy_process_group()
+
+
+def options_of(args: JobArgs) -> Options:
+    return Options(cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
+                   flow_shift=args.flow_shift, memory_saving=args.memory_saving,
+                   attention_backend=args.attention_backend, compile=args.compile,
+                   tf32=args.tf32)
+
+
+def out_of_memory(ctx: Context, *, engine: Engine | None, world_size: int,
+                  strategy: Strategy, cause: BaseException) -> OutOfMemory:
+    """The failure of a generation that ran out of memory, saying what was asked of what."""
+    from vidmaas.runtime import memory, plan
+
+    args = ctx.args
+    where = _device_memory(ctx.env.dist.local_rank)
+    if engine is not None:
+        placement = engine.placement
+    else:
+        placement = plan.placement(strategy=strategy,
+                                   world_size=world_size, memory_saving=args.memory_saving,
+                                   cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling)
+    estimate = ""
+    try:
+        from vidmaas.runtime.architectures import from_model_dir
+
+        assert ctx.env.model_dir is not None
+        est = memory.estimate(from_model_dir(ctx.env.model_dir), placement, width=args.width,
+                            height=args.height, frames=args.frame_num,
+                            image=bool(args.image),
+                            nproc_per_node=ctx.env.dist.nproc_per_node)
+        estimate = f"; the plan's estimated peak is {plan.gib(est.gpu_peak_bytes)} per GPU"
+    except Exception as e:  # the estimate is a courtesy; the failure is the message
+        log.debug("task_id=%s no memory estimate: %s", ctx.env.task_id, e)
+    then = ("already under the memory-saving plan: the same model at this size fails the "
+            "same way, so it is not retried" if args.memory_saving else
+            "retried once with the memory-saving plan (--memory-saving)")
+    return OutOfMemory(
+        f"out of memory{where}: model {args.model or '?'} at {args.width}*{args.height}, "
+        f"{args.frame_num} frames, {args.sample_steps} steps, plan {placement.describe()}"
+        f"{estimate}; {then} ({str(cause)[:300]})", final=args.memory_saving)
+
+
+def _device_memory(local_rank: int) -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return " (host)"
+    total = torch.cuda.get_device_properties(local_rank).total_memory
+    return f" on cuda:{local_rank} ({total / 2**30:.1f} GiB)"
 
 
 # ---------------------------------------------------------------- postprocess
@@ -254,8 +308,7 @@ def postprocess_step(ctx: Context) -> None:
     except (OSError, ValueError) as e:
         raise InfraError(f"generate left no frames in the work directory: {e}",
                          code="no_frames") from e
-    spec = ctx.model_spec() if args.fps is None else None
-    fps = args.fps or (spec.fps if spec else DEFAULT_FPS)
+    fps = args.fps or DEFAULT_FPS
     marked = postprocess.watermark(frames, text=env.watermark_text, logo=env.watermark_logo)
     postprocess.encode_mp4(marked, ctx.work.video, fps=fps)
     postprocess.write_poster(marked, ctx.work.poster)
