@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from tests.dispatcher import pool_double
@@ -70,6 +71,18 @@ async def _stop_workers(executor: LocalExecutor) -> None:
         await executor.stop_worker(wid, grace_s=0)
 
 
+@pytest.fixture(autouse=True)
+async def _no_worker_outlives_its_test(tmp_path: Path) -> AsyncIterator[None]:
+    """Workers outlive dispatchers by design; a test must not leave one behind, even
+    when it fails before stopping them."""
+    yield
+    settings = Settings()
+    settings.local.work_root = tmp_path / "jobs"
+    leftover = LocalExecutor(settings=settings)
+    await _stop_workers(leftover)
+    await leftover.close()
+
+
 async def _status(world: World, task_id: str) -> TaskStatus:
     return (await world.get(task_id)).status
 
@@ -123,10 +136,14 @@ async def test_a_worker_killed_mid_task_is_replaced_and_the_task_completes_on_th
     executor = _executor(settings, tmp_path)
     queue = TaskQueue(redis)
     peak = 0
+    sampling = asyncio.Event()
+    sampling.set()
 
     async def watch_capacity() -> None:
+        # Stopped by its flag, never cancelled mid-command (a Redis call cut by a
+        # cancellation can leave the shared connection pool waiting).
         nonlocal peak
-        while True:
+        while sampling.is_set():
             peak = max(peak, await queue.gpus_in_use())
             await asyncio.sleep(0.01)
 
@@ -138,8 +155,8 @@ async def test_a_worker_killed_mid_task_is_replaced_and_the_task_completes_on_th
                 task = await world.submit("alice", prompt="die-once")
                 await eventually(lambda: _done(world, task.id), timeout_s=40)
         finally:
-            sampler.cancel()
-            await asyncio.gather(sampler, return_exceptions=True)
+            sampling.clear()
+            await sampler
         await _stop_workers(_executor(settings, tmp_path))
         done = await world.get(task.id)
     starts = [w for w, _ in _log(tmp_path, "start")]
