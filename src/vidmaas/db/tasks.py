@@ -12,6 +12,17 @@ Guarantees:
   in an expected status (someone else moved it first: of many concurrent identical
   moves exactly one succeeds and the others get this), and ``NotFound`` for an
   unknown task.
+- Usage is recorded by ``transition`` in the transaction of the move itself
+  (``db.usage``): a move that ends an attempt (to a terminal status, or back to
+  ``queued`` from an active one) adds the attempt's GPU-seconds to the task and to its
+  user's day; the first move to ``dispatching`` records the queue wait. Those moves
+  first read the row (``SELECT … FOR UPDATE`` on PostgreSQL) and then set status and
+  usage in one compare-and-set, guarded by the status and attempt read, then upsert
+  the day's usage row: two statements more than another move, in the same commit.
+- With ``queued_limit``, ``create_task`` inserts only if the user has fewer queued
+  tasks than that, in the same statement (``INSERT … SELECT … WHERE``), and raises
+  ``RateLimited`` ``too_many_queued`` otherwise; together with ``usage.standing``'s
+  row lock no number of concurrent creates exceeds the limit.
 - Reads scoped to a user never return another user's task (None, as if missing).
 """
 
@@ -20,16 +31,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vidmaas.db import usage
 from vidmaas.db.models import Task, utcnow
 from vidmaas.domain.events import Event
 from vidmaas.domain.status import TaskStatus, check_transition
-from vidmaas.errors import NotFound, StaleTransition
+from vidmaas.errors import NotFound, RateLimited, StaleTransition
 from vidmaas.logs import TaskLog
 
 log = logging.getLogger(__name__)
@@ -70,10 +83,20 @@ class NewTask:
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
     source: str = "native"
+    priority: str = "normal"
 
 
-async def create_task(*, session: AsyncSession, new: NewTask) -> tuple[Task, bool]:
-    """Insert a queued task; (task, created). Idempotent on (user, idempotency key)."""
+QUEUED_RETRY_AFTER_S = 30
+"""``Retry-After`` of a create refused for too many queued tasks (they free up as tasks
+start, not at a known time)."""
+
+
+async def create_task(*, session: AsyncSession, new: NewTask,
+                      queued_limit: int | None = None) -> tuple[Task, bool]:
+    """Insert a queued task; (task, created). Idempotent on (user, idempotency key).
+
+    ``queued_limit``: insert only while the user has fewer queued tasks (see the
+    module docstring)."""
     if new.idempotency_key is not None:
         existing = await find_by_idempotency_key(session=session, user_id=new.user_id,
                                                  key=new.idempotency_key)
@@ -86,10 +109,13 @@ async def create_task(*, session: AsyncSession, new: NewTask) -> tuple[Task, boo
         input_key=new.input_key, idempotency_key=new.idempotency_key,
         webhook_url=new.webhook_url, webhook_events=new.webhook_events, source=new.source,
         status=TaskStatus.QUEUED, progress=0.0, attempts=0,
-        created_at=now, updated_at=now, queued_at=now,
+        created_at=now, updated_at=now, queued_at=now, priority=new.priority,
     )
-    session.add(task)
     try:
+        if queued_limit is None:
+            session.add(task)
+        else:
+            await _insert_within(session, task, queued_limit=queued_limit)
         await session.commit()
     except IntegrityError:
         await session.rollback()
@@ -101,6 +127,27 @@ async def create_task(*, session: AsyncSession, new: NewTask) -> tuple[Task, boo
             raise
         return existing, False
     return task, True
+
+
+_INSERTED = ("id", "user_id", "model", "prompt", "negative_prompt", "params", "gpus",
+             "input_key", "idempotency_key", "webhook_url", "webhook_events", "source",
+             "status", "progress", "attempts", "created_at", "updated_at", "queued_at",
+             "priority")
+
+
+async def _insert_within(session: AsyncSession, task: Task, *, queued_limit: int) -> None:
+    """``INSERT … SELECT`` the task only while its user has < ``queued_limit`` queued."""
+    table = Task.__table__
+    values = [literal(getattr(task, c), table.c[c].type).label(c) for c in _INSERTED]
+    queued = (select(func.count()).select_from(Task)
+              .where(Task.user_id == task.user_id, Task.status == TaskStatus.QUEUED)
+              .scalar_subquery())
+    res = await session.execute(insert(Task).from_select(
+        list(_INSERTED), select(*values).where(queued < queued_limit)))
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        await session.rollback()
+        raise RateLimited(f"you have {queued_limit} tasks waiting; wait for some to start",
+                          retry_after_s=QUEUED_RETRY_AFTER_S, code="too_many_queued")
 
 
 async def find_by_idempotency_key(*, session: AsyncSession, user_id: str, key: str,
@@ -181,10 +228,8 @@ async def transition(
     values: dict[str, Any] = {"status": to.value, "updated_at": now, **extra}
     stamp = _STAMP[to]
     values.setdefault(stamp, now)
-    res = await session.execute(
-        update(Task).where(Task.id == task_id, Task.status.in_(exp))
-        .values(**values).execution_options(synchronize_session=False))
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    if not await _compare_and_set(session, task_id=task_id, expected=exp, to=to,
+                                  values=values, now=now):
         await session.rollback()
         current = await get_task(session=session, task_id=task_id)
         if current is None:
@@ -202,6 +247,37 @@ async def transition(
         except Exception:
             tlog.exception(task_id, "could not publish %s event", event.type.value)
     return task
+
+
+CAS_TRIES = 5
+"""Reads of a usage-recording move before it gives up as stale (the status moved
+between the read and the write within ``expected``: only possible without row locks)."""
+
+
+async def _compare_and_set(session: AsyncSession, *, task_id: str,
+                           expected: tuple[TaskStatus, ...], to: TaskStatus,
+                           values: dict[str, Any], now: datetime) -> bool:
+    """The move's one ``UPDATE … WHERE status IN expected``; for a move that records
+    usage (``usage.accounts``), read first and guard on what was read instead, then
+    record the usage in the same transaction. True if this call made the move."""
+    if not usage.accounts(to, expected):
+        res = await session.execute(
+            update(Task).where(Task.id == task_id, Task.status.in_(expected))
+            .values(**values).execution_options(synchronize_session=False))
+        return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+    for _ in range(CAS_TRIES):
+        before = await usage.row_before(session, task_id=task_id, statuses=expected)
+        if before is None:
+            return False
+        res = await session.execute(
+            update(Task).where(Task.id == task_id, Task.status == before.status,
+                               Task.attempts == before.attempts)
+            .values(**values, **usage.move_values(before, to=to, now=now))
+            .execution_options(synchronize_session=False))
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            await usage.record_move(session, before=before, to=to, now=now)
+            return True
+    return False
 
 
 async def update_progress(*, session: AsyncSession, task_id: str, values: dict[str, Any],
