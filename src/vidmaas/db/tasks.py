@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from vidmaas.db import usage
 from vidmaas.db.models import Task, utcnow
 from vidmaas.domain.events import Event
-from vidmaas.domain.status import TaskStatus, check_transition
+from vidmaas.domain.status import ACTIVE, TaskStatus, check_transition
 from vidmaas.errors import NotFound, RateLimited, StaleTransition
 from vidmaas.logs import TaskLog
 
@@ -332,3 +332,21 @@ async def list_visible_tasks(*, session: AsyncSession, source: str, user_id: str
         if after is not None:
             stmt = stmt.where(Task.id < after)
     return list((await session.execute(stmt)).scalars())
+
+
+async def active_tasks(*, session: AsyncSession, limit: int = 10_000) -> list[Task]:
+    """Tasks that hold (or are about to hold) GPUs, oldest dispatch first."""
+    stmt = (select(Task).where(Task.status.in_([s.value for s in ACTIVE]))
+            .order_by(Task.dispatched_at, Task.id).limit(limit)
+            .execution_options(populate_existing=True))
+    return list((await session.execute(stmt)).scalars())
+
+
+async def active_for_estimates(*, session: AsyncSession, limit: int = 10_000,
+                               ) -> list[tuple[int, str, datetime | None, float]]:
+    """(GPUs, model, dispatched at, progress) of every active task: what start-time
+    estimates need of what runs, in one narrow query."""
+    stmt = (select(Task.gpus, Task.model, Task.dispatched_at, Task.progress)
+            .where(Task.status.in_([s.value for s in ACTIVE])).limit(limit))
+    return [(int(g), str(m), d, float(p or 0.0)) for g, m, d, p in
+            (await session.execute(stmt)).all()]
