@@ -147,7 +147,8 @@ async def _insert_within(session: AsyncSession, task: Task, *, queued_limit: int
     if res.rowcount != 1:  # type: ignore[attr-defined]
         await session.rollback()
         raise RateLimited(f"you have {queued_limit} tasks waiting; wait for some to start",
-                          retry_after_s=QUEUED_RETRY_AFTER_S, code="too_many_queued")
+                          retry_after_s=QUEUED_RETRY_AFTER_S, code="too_many_queued",
+                          field="queued_tasks")
 
 
 async def find_by_idempotency_key(*, session: AsyncSession, user_id: str, key: str,
