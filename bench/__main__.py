@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("runtime_overhead", "dispatch", "events", "submit", "scale")
+ORDER = ("runtime_overhead", "dispatch", "events", "submit", "scale", "eta")
 
 
 def scripts() -> list[str]:
