@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import sys
 import time
@@ -131,6 +132,7 @@ async def run(args: argparse.Namespace, db_url: str, redis_url: str) -> None:
     from vidmaas.domain.models import ModelRegistry
     from vidmaas.domain.quotas import day_start
     from vidmaas.domain.status import TaskStatus
+    from vidmaas.errors import VidmaasError
     from vidmaas.lifecycle import Lifecycle
 
     rng = random.Random(args.seed)
@@ -159,13 +161,18 @@ async def run(args: argparse.Namespace, db_url: str, redis_url: str) -> None:
             if rec is not None and rec.started is None:
                 rec.started = time.monotonic()
             return
-        for _ in range(200):  # the job may end before the dispatcher recorded "running"
+        # The job may end before the dispatcher recorded "running": move it on first,
+        # as the relay does.
+        with contextlib.suppress(VidmaasError):
+            await lifecycle.transition(task_id=spec.task_id, to=TaskStatus.RUNNING,
+                                       expected=TaskStatus.DISPATCHING)
+        for _ in range(500):
             try:
                 await lifecycle.finish(task_id=spec.task_id, to=TaskStatus.COMPLETED,
                                        expected=TaskStatus.RUNNING)
                 break
-            except Exception:
-                await asyncio.sleep(0.002)
+            except VidmaasError:
+                await asyncio.sleep(0.005)
         if rec is not None:
             rec.ended = time.monotonic()
         if sum(1 for r in records.values() if r.ended is not None) >= expected:
