@@ -152,17 +152,17 @@ class QuotaSettings(BaseModel):
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
-    weight: float = 1.0
+    weight: float = Field(default=1.0, ge=0.01, le=100.0)
     """Fairness weight a new user gets (relative: a user of weight 2 receives twice the
     GPU-seconds of a user of weight 1 while both wait), from 0.01 to 100."""
     max_priority: Literal["low", "normal", "high"] = "normal"
     """Highest priority class a new user may ask for (``low``, ``normal``, ``high``)."""
-    gpus_at_once: int | None = None
+    gpus_at_once: int | None = Field(default=None, ge=0)
     """GPUs one user's tasks may hold at once; None: only the global caps apply."""
-    gpu_seconds_day: float | None = None
+    gpu_seconds_day: float | None = Field(default=None, ge=0)
     """GPU-seconds one user may use per UTC day (creates are refused above it, 429);
     None: no limit."""
-    gpu_seconds_month: float | None = None
+    gpu_seconds_month: float | None = Field(default=None, ge=0)
     """GPU-seconds one user may use per UTC month (429 above it); None: no limit."""
 
 
