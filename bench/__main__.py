@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("runtime_overhead", "dispatch", "events", "relay", "submit", "scale")
+ORDER = ("runtime_overhead", "dispatch", "events", "relay", "submit", "scale", "eta")
 
 
 def scripts() -> list[str]:

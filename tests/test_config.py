@@ -53,3 +53,16 @@ def test_an_embedded_instance_keeps_everything_under_its_data_directory(tmp_path
     assert s.storage.url == (tmp_path / "objects").as_uri()
     assert s.model_root == tmp_path / "models"
     assert s.local.work_root == tmp_path / "jobs"
+
+
+def test_quota_defaults_come_from_their_own_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in {"VIDMAAS_QUOTAS_WEIGHT": "2.5", "VIDMAAS_QUOTAS_MAX_PRIORITY": "high",
+                 "VIDMAAS_QUOTAS_GPUS_AT_ONCE": "4",
+                 "VIDMAAS_QUOTAS_GPU_SECONDS_DAY": "36000"}.items():
+        monkeypatch.setenv(k, v)
+    q = Settings().quotas
+    assert (q.weight, q.max_priority, q.gpus_at_once, q.gpu_seconds_day,
+            q.gpu_seconds_month) == (2.5, "high", 4, 36000.0, None)
+    monkeypatch.setenv("VIDMAAS_QUOTAS_MAX_PRIORITY", "urgent")
+    with pytest.raises(ValueError, match="max_priority"):
+        Settings()

@@ -3,7 +3,9 @@
 Guarantees: settings come from the environment (``VIDMAAS_*``) once, in ``main``;
 ``--data-dir`` points any database command at an embedded instance (its SQLite file
 and object directory) instead; every command exits non-zero with a one-line message
-on a vidmaas error; ``users create`` prints the new API key as its last line.
+on a vidmaas error; ``users create`` prints the new API key as its last line. The
+``users`` commands (``client.users_cli``) work over a running server's admin API or,
+through ``LocalUsers``, on a database directly.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -129,49 +131,148 @@ def _with_session(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
-@command("users create")
-def _users_create(args: argparse.Namespace, settings: Settings) -> int:
-    from vidmaas.db import users
+class LocalUsers:
+    """The ``users`` commands on a database directly, answering in the admin API's
+    shapes (``client.users_cli.UsersBackend``); a new weight or GPU quota is also put
+    into the queue when its Redis answers."""
 
-    async def work(s: Any) -> str:
-        user = await users.create_user(session=s, name=args.name, is_admin=args.admin)
-        return await users.create_key(session=s, user_id=user.id)
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
 
-    key = _with_session(settings, work)
-    print(f"created {'admin ' if args.admin else ''}user {args.name}; API key (shown once):")
-    print(key)
-    return 0
+    def _user(self, user: Any) -> dict[str, Any]:
+        from vidmaas.api.admin_schemas import user_out
+
+        return user_out(user, self.settings).model_dump(mode="json")
+
+    def _share(self, user: Any) -> None:
+        from vidmaas.bus.client import connect
+        from vidmaas.bus.queue import TaskQueue
+        from vidmaas.db.users import share_of
+
+        async def put() -> None:
+            redis = connect(self.settings.redis.url)
+            try:
+                await TaskQueue(redis).set_share(user.id, share_of(user, self.settings.quotas))
+            finally:
+                await redis.aclose()
+
+        try:
+            asyncio.run(put())
+        except Exception as e:
+            print(f"vidmaas: the queue did not take the new share ({type(e).__name__}); it "
+                  "applies from the user's next task", file=sys.stderr)
+
+    def create_user(self, name: str, *, is_admin: bool, fields: Mapping[str, Any],
+                    key: bool) -> dict[str, Any]:
+        from vidmaas.api.admin_schemas import key_created
+        from vidmaas.db import users
+
+        checked = users.check_changes({"name": name, **fields})
+        q = self.settings.quotas
+        weight, top = checked.get("weight"), checked.get("max_priority")
+
+        async def work(s: Any) -> tuple[Any, dict[str, Any] | None]:
+            user = await users.create_user(
+                session=s, name=checked["name"], is_admin=is_admin,
+                weight=q.weight if weight is None else weight,
+                max_priority=q.max_priority if top is None else top,
+                quotas={k: v for k, v in checked.items() if k.startswith("quota_")})
+            if not key:
+                return user, None
+            row, secret = await users.create_api_key(session=s, user_id=user.id)
+            return user, key_created(row, secret).model_dump(mode="json")
+
+        user, made = _with_session(self.settings, work)
+        if checked.keys() & {"weight", "quota_gpus_at_once"}:
+            self._share(user)
+        return {"user": self._user(user), "key": made}
+
+    def list_users(self) -> list[dict[str, Any]]:
+        from vidmaas.db import users
+
+        async def work(s: Any) -> list[Any]:
+            return await users.list_users(session=s)
+
+        return [self._user(u) for u in _with_session(self.settings, work)]
+
+    def find_user(self, ref: str) -> dict[str, Any]:
+        from vidmaas.db import users
+        from vidmaas.errors import NotFound
+
+        async def work(s: Any) -> Any:
+            return await users.get_user_by_name(session=s, name=ref) \
+                or await users.get_user(session=s, user_id=ref)
+
+        found = _with_session(self.settings, work)
+        if found is None:
+            raise NotFound(f"no user {ref!r}", code="user_not_found")
+        return self._user(found)
+
+    def update_user(self, user_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        from vidmaas.db import users
+
+        checked = users.check_changes(changes)
+
+        async def work(s: Any) -> Any:
+            return await users.update_user(session=s, user_id=user_id, changes=checked,
+                                           defaults=self.settings.quotas)
+
+        user = _with_session(self.settings, work)
+        if checked.keys() & {"weight", "quota_gpus_at_once"}:
+            self._share(user)
+        return self._user(user)
+
+    def set_disabled(self, user_id: str, *, disabled: bool) -> dict[str, Any]:
+        from vidmaas.db import users
+
+        async def work(s: Any) -> Any:
+            return await users.set_disabled(session=s, user_id=user_id, disabled=disabled)
+
+        return self._user(_with_session(self.settings, work))
+
+    def create_key(self, user_id: str, *, name: str | None,
+                   expires_in_s: float | None) -> dict[str, Any]:
+        from datetime import timedelta
+
+        from vidmaas.api.admin_schemas import key_created
+        from vidmaas.db import users
+        from vidmaas.db.models import utcnow
+        from vidmaas.errors import InvalidRequest
+
+        if expires_in_s is not None and expires_in_s <= 0:
+            raise InvalidRequest("expires_in_s must be positive", code="invalid_expiry",
+                                 field="expires_in_s")
+        expires_at = None if expires_in_s is None else utcnow() + timedelta(
+            seconds=expires_in_s)
+
+        async def work(s: Any) -> dict[str, Any]:
+            row, secret = await users.create_api_key(session=s, user_id=user_id, name=name,
+                                                     expires_at=expires_at)
+            return key_created(row, secret).model_dump(mode="json")
+
+        return _with_session(self.settings, work)
+
+    def list_keys(self, user_id: str) -> list[dict[str, Any]]:
+        from vidmaas.api.admin_schemas import key_out
+        from vidmaas.db import users
+
+        async def work(s: Any) -> list[Any]:
+            return await users.list_keys(session=s, user_id=user_id)
+
+        return [key_out(k).model_dump(mode="json") for k in _with_session(self.settings, work)]
+
+    def revoke_key(self, key_id: int) -> dict[str, Any]:
+        from vidmaas.api.admin_schemas import key_out
+        from vidmaas.db import users
+
+        async def work(s: Any) -> Any:
+            return await users.revoke_key(session=s, key_id=key_id)
+
+        return key_out(_with_session(self.settings, work)).model_dump(mode="json")
 
 
-@command("users key")
-def _users_key(args: argparse.Namespace, settings: Settings) -> int:
-    from vidmaas.db import users
-    from vidmaas.errors import NotFound
-
-    async def work(s: Any) -> str:
-        user = await users.get_user_by_name(session=s, name=args.name)
-        if user is None:
-            raise NotFound(f"no user {args.name!r}")
-        if args.revoke_others:
-            await users.revoke_keys(session=s, user_id=user.id)
-        return await users.create_key(session=s, user_id=user.id)
-
-    key = _with_session(settings, work)
-    print(f"new API key for {args.name} (shown once):")
-    print(key)
-    return 0
-
-
-@command("users list")
-def _users_list(args: argparse.Namespace, settings: Settings) -> int:
-    from vidmaas.db import users
-
-    async def work(s: Any) -> list[Any]:
-        return await users.list_users(session=s)
-
-    for u in _with_session(settings, work):
-        print(f"{u.name}\t{'admin' if u.is_admin else 'user'}\t{u.id}")
-    return 0
+def _local_users(args: argparse.Namespace) -> LocalUsers:
+    return LocalUsers(_settings_for(args, Settings()))
 
 
 # ---------------------------------------------------------------- models and manifests
@@ -259,21 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
         data_dir(sp)
         sp.set_defaults(key=name)
 
-    users = sub.add_parser("users", help="manage users and API keys").add_subparsers(
-        dest="users_cmd", required=True)
-    sp = users.add_parser("create", help="create a user and print a new API key")
-    sp.add_argument("name")
-    sp.add_argument("--admin", action="store_true", help="the user sees every task")
-    data_dir(sp)
-    sp.set_defaults(key="users create")
-    sp = users.add_parser("key", help="issue a new API key for a user")
-    sp.add_argument("name")
-    sp.add_argument("--revoke-others", action="store_true")
-    data_dir(sp)
-    sp.set_defaults(key="users key")
-    sp = users.add_parser("list", help="list users")
-    data_dir(sp)
-    sp.set_defaults(key="users list")
+    from vidmaas.client.users_cli import add_users_commands
+
+    add_users_commands(sub, local=_local_users)
 
     models = sub.add_parser("models", help="the model registry").add_subparsers(
         dest="models_cmd", required=True)

@@ -102,10 +102,13 @@ class ApiSettings(BaseModel):
     max_prompt_chars: int = 10_000
     """Longest accepted prompt."""
     max_queued_per_user: int = 50
-    """Tasks one user may have waiting (queued) at once; 429 above it."""
+    """Tasks one user may have waiting (queued) at once, unless an admin set the user's
+    own quota; 429 above it."""
     key_cache_ttl_s: float = 10.0
-    """How long an API process remembers a key that authenticated (by its hash); a
-    revoked key stops working within this time. 0 looks every key up every time."""
+    """How long an API process remembers a key that authenticated (by its hash): a
+    revoked or expired key, or a disabled user's key, stops working within this time
+    (an entry never outlives the key's expiry). The key's ``last_used_at`` is written
+    at most once per period per process. 0 looks every key up every time."""
     stream_token_ttl_s: int = 300
     """Lifetime of the short-lived token browsers use on WebSocket/SSE URLs."""
     stream_ping_interval_s: float = 15.0
@@ -189,6 +192,27 @@ class DispatcherSettings(BaseModel):
     stop_timeout_s: float = 10.0
     """How long a stopping dispatcher lets its loops finish the step they are in (a
     claim being dispatched, a job update) before cancelling them (10 s by default)."""
+
+
+class QuotaSettings(BaseModel):
+    """Every user's defaults: fairness weight, highest priority class, quotas. An admin
+    overrides them per user (``/v1/admin/users/{id}``, ``vidmaas users update``); the
+    queued-tasks quota's default is ``api.max_queued_per_user``."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    weight: float = Field(default=1.0, ge=0.01, le=100.0)
+    """Fairness weight a new user gets (relative: a user of weight 2 receives twice the
+    GPU-seconds of a user of weight 1 while both wait), from 0.01 to 100."""
+    max_priority: Literal["low", "normal", "high"] = "normal"
+    """Highest priority class a new user may ask for (``low``, ``normal``, ``high``)."""
+    gpus_at_once: int | None = Field(default=None, ge=0)
+    """GPUs one user's tasks may hold at once; None: only the global caps apply."""
+    gpu_seconds_day: float | None = Field(default=None, ge=0)
+    """GPU-seconds one user may use per UTC day (creates are refused above it, 429);
+    None: no limit."""
+    gpu_seconds_month: float | None = Field(default=None, ge=0)
+    """GPU-seconds one user may use per UTC month (429 above it); None: no limit."""
 
 
 class LocalExecutorSettings(BaseModel):
@@ -395,6 +419,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
+    quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     local: LocalExecutorSettings = Field(default_factory=LocalExecutorSettings)
     kube: KubeSettings = Field(default_factory=KubeSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
@@ -418,7 +443,7 @@ def embedded_settings(data_dir: Path, base: Settings | None = None) -> Settings:
 
 
 _GROUP_ENV = {"database": "DATABASE", "redis": "REDIS", "storage": "STORAGE", "api": "API",
-              "dispatcher": "DISPATCHER", "local": "LOCAL", "kube": "KUBE",
+              "dispatcher": "DISPATCHER", "quotas": "QUOTAS", "local": "LOCAL", "kube": "KUBE",
               "runtime": "RUNTIME", "webhooks": "WEBHOOKS", "relay": "RELAY",
               "pools": "POOLS"}
 

@@ -81,8 +81,9 @@ class RateLimited(VidmaasError):
 
     code = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after_s: int, code: str | None = None) -> None:
-        super().__init__(message, code=code)
+    def __init__(self, message: str, *, retry_after_s: int, code: str | None = None,
+                 field: str | None = None) -> None:
+        super().__init__(message, code=code, field=field)
         self.retry_after_s = retry_after_s
 
 

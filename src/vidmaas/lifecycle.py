@@ -3,6 +3,8 @@
 Each operation here combines the database (the source of truth), the queue and the
 event streams in the one order that keeps them consistent:
 
+- ``enqueue`` puts a task in its user's queue by its priority class (``task.priority``)
+  and can refresh the user's share (weight, GPU quota) in the same script.
 - ``admit_new`` enqueues a freshly inserted task and publishes ``queued``; if Redis
   fails after the insert the task stays ``queued`` in the database and the
   reconciler enqueues it later (nothing accepted is lost).
@@ -34,6 +36,7 @@ from vidmaas.db import tasks as repo
 from vidmaas.db.engine import Sessions
 from vidmaas.db.models import Task
 from vidmaas.domain import events as ev
+from vidmaas.domain.fairness import Priority, Share
 from vidmaas.domain.status import ACTIVE, TaskStatus
 from vidmaas.errors import StaleTransition
 from vidmaas.logs import TaskLog
@@ -71,20 +74,25 @@ class Lifecycle:
                                          expected=expected, fields=fields, event=event,
                                          publish=self.publish)
 
-    async def enqueue(self, task: Task, *, front: bool = False) -> int | None:
-        """Put a queued task in the queue and publish ``queued`` with its position."""
+    async def enqueue(self, task: Task, *, front: bool = False,
+                      share: Share | None = None) -> int | None:
+        """Put a queued task in the queue, in its priority class, and publish ``queued``
+        with its position. ``share`` refreshes its user's weight and GPU quota in the
+        queue (None keeps what the queue has)."""
         q = self.queue
+        priority = Priority(task.priority) if task.priority in tuple(Priority) \
+            else Priority.NORMAL
         await q.enqueue(user_id=task.user_id, task_id=task.id, gpus=task.gpus, front=front,
-                        model=task.model)
+                        model=task.model, priority=priority, share=share)
         position = await q.position(user_id=task.user_id, task_id=task.id)
         await self.publish(ev.queued(task.id, position=position or 0))
         await q.announce_move()
         return position
 
-    async def admit_new(self, task: Task) -> int | None:
+    async def admit_new(self, task: Task, *, share: Share | None = None) -> int | None:
         """Enqueue a task just inserted; a Redis failure leaves it for the reconciler."""
         try:
-            return await self.enqueue(task)
+            return await self.enqueue(task, share=share)
         except Exception:
             tlog.exception(task.id, "enqueue failed; the reconciler will enqueue it")
             return None

@@ -14,7 +14,8 @@ Guarantees:
   removed or zeroed, so stale series never linger.
 - Label values that come from the outside world are bounded: HTTP metrics take the
   route *template* (``/v1/tasks/{task_id}``), never the raw path, and an unknown
-  status, stage or outcome is folded into ``other``.
+  status, stage or outcome is folded into ``other``. Usage counters are per model
+  (registry ids), never per user.
 - :func:`render` gives the text exposition format and :data:`CONTENT_TYPE` its
   media type; :class:`MetricsServer` serves ``/metrics``, ``/healthz`` and
   ``/readyz`` for roles without an HTTP server of their own (dispatcher, relay), and
@@ -27,6 +28,7 @@ are per process: aggregate them with ``sum``.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -55,6 +57,8 @@ STREAM_TRANSPORTS: Final = ("websocket", "sse")
 """Transports of live event connections."""
 
 _OTHER: Final = "other"
+_MODEL: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""What a model id looks like (registry ids); anything else is counted as ``other``."""
 
 # Stages last from well under a second (tiny models) to tens of minutes (A14B at 720P).
 _STAGE_BUCKETS_S: Final = (
@@ -148,6 +152,16 @@ class Metrics:
         self.events_relayed = Counter(
             "vidmaas_events_relayed_total", "Events the relay applied, by event type.",
             ["type"], registry=r,
+        )
+        self.gpu_seconds = Counter(
+            "vidmaas_gpu_seconds_total",
+            "GPUs x seconds of running time of ended tasks (all attempts), by model.",
+            ["model"], registry=r,
+        )
+        self.queue_wait_seconds = Counter(
+            "vidmaas_model_queue_wait_seconds_total",
+            "Seconds ended tasks waited for their first dispatch, by model.",
+            ["model"], registry=r,
         )
         self.webhook_deliveries = Counter(
             "vidmaas_webhook_deliveries_total", "Webhook delivery attempts, by outcome.",
@@ -247,6 +261,16 @@ class Metrics:
     def observe_outcome(self, status: str) -> None:
         """Count a task reaching a terminal status."""
         self.task_outcomes.labels(status=_bounded(status, TASK_STATUSES)).inc()
+
+    def observe_usage(self, *, model: str, gpu_seconds: float | None,
+                      queue_wait_s: float | None) -> None:
+        """Count what one ended task used (``Task.gpu_seconds``, ``Task.queue_wait_s``):
+        call once, where its terminal status is applied. Per model only: user ids would
+        make a series per user."""
+        label = model if _MODEL.fullmatch(model) else _OTHER
+        self.gpu_seconds.labels(model=label).inc(max(gpu_seconds or 0.0, 0.0))
+        if queue_wait_s is not None:
+            self.queue_wait_seconds.labels(model=label).inc(max(queue_wait_s, 0.0))
 
     def observe_webhook(self, outcome: str) -> None:
         """Count one webhook delivery attempt by outcome (see :data:`WEBHOOK_OUTCOMES`)."""

@@ -1,8 +1,9 @@
 """Schemathesis against the app's own OpenAPI document, on a real server.
 
 Each documented operation (the native ``/v1/tasks``, ``/v1/models``, ``/v1/me``, the
-stream token, and ``/v1/videos`` when it is served) is called with generated requests,
-authenticated with a real key, against uvicorn on 127.0.0.1 over SQLite and a real
+stream token, ``/v1/usage``, the admin API, and ``/v1/videos`` when it is served) is
+called with generated requests, authenticated with a real key (the admin operations
+also with an admin's), against uvicorn on 127.0.0.1 over SQLite and a real
 Redis. Every response must be a non-5xx whose status code, content type, headers and
 body are the ones the document declares. Bounded: a few examples per operation.
 
@@ -79,6 +80,24 @@ def test_generated_requests_get_documented_non_5xx_answers(fuzz_api: LiveApi,
     schema = schemathesis.openapi.from_url(f"{fuzz_api.base_url}/openapi.json")
     op = schema[path][method]
     headers = fuzz_api.auth("alice")
+
+    @given(case=op.as_strategy())
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def run(case: schemathesis.Case) -> None:
+        case.call_and_validate(base_url=fuzz_api.base_url, headers=headers, checks=CHECKS,
+                               timeout=30)
+
+    run()
+
+
+@pytest.mark.parametrize("label", [op for op in _operations() if " /v1/admin/" in op])
+def test_generated_admin_requests_get_documented_non_5xx_answers(fuzz_api: LiveApi,
+                                                                 label: str) -> None:
+    method, path = label.split(" ", 1)
+    schema = schemathesis.openapi.from_url(f"{fuzz_api.base_url}/openapi.json")
+    op = schema[path][method]
+    headers = fuzz_api.auth("root")
 
     @given(case=op.as_strategy())
     @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,

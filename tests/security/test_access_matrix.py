@@ -40,6 +40,7 @@ class Kind(enum.Enum):
     WS_TASK = "WebSocket on one task: owner or admin; 4404 for others, like a missing one"
     VIDEO = "OpenAI video by id: the owner or an admin, others like a missing one"
     VIDEO_MEDIA = "like VIDEO, and a ?token= stream token is accepted too"
+    ADMIN = "admins only: no key or a bad one 401, any other user 403 admin_required"
 
 
 # (method, path with every {param} written {id}) → who may call it.
@@ -72,6 +73,19 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("GET", "/v1/videos/{id}"): Kind.VIDEO,
     ("GET", "/v1/videos/{id}/content"): Kind.VIDEO_MEDIA,
     ("DELETE", "/v1/videos/{id}"): Kind.VIDEO,
+    # Usage: the caller's own (other users' for admins, checked in tests/api).
+    ("GET", "/v1/usage"): Kind.USER,
+    # The admin API.
+    ("POST", "/v1/admin/users"): Kind.ADMIN,
+    ("GET", "/v1/admin/users"): Kind.ADMIN,
+    ("GET", "/v1/admin/users/{id}"): Kind.ADMIN,
+    ("PATCH", "/v1/admin/users/{id}"): Kind.ADMIN,
+    ("POST", "/v1/admin/users/{id}/disable"): Kind.ADMIN,
+    ("POST", "/v1/admin/users/{id}/enable"): Kind.ADMIN,
+    ("POST", "/v1/admin/users/{id}/keys"): Kind.ADMIN,
+    ("GET", "/v1/admin/users/{id}/keys"): Kind.ADMIN,
+    ("DELETE", "/v1/admin/keys/{id}"): Kind.ADMIN,
+    ("GET", "/v1/admin/queue"): Kind.ADMIN,
 }
 
 
@@ -285,6 +299,55 @@ async def test_public_routes_answer_without_a_key_and_leak_no_task(world: World)
             for secret in (world.queued, world.completed, "a secret prompt of alice",
                            *api.keys.values(), *world.tokens.values()):
                 assert secret not in r.text, (path, secret[:8])
+
+
+async def test_admin_routes_refuse_everyone_but_admins(world: World) -> None:
+    api = world.api
+    routes = _http_routes(api.app, Kind.ADMIN)
+    assert len(routes) >= 10
+    async with httpx.AsyncClient(base_url=api.base_url) as c:
+        made = await c.post("/v1/admin/users", json={"name": "matrix-target"},
+                            headers=api.auth("root"))
+        assert made.status_code == 201, made.text
+        user_id, key_id = made.json()["user"]["id"], str(made.json()["key"]["id"])
+        bodies = {"POST /v1/admin/users": {"name": "matrix-made"},
+                  "PATCH /v1/admin/users/{id}": {"weight": 2},
+                  "POST /v1/admin/users/{id}/keys": {"name": "extra"}}
+
+        def url(path: str) -> str:
+            return _url(path, key_id if path.startswith("/v1/admin/keys/") else user_id)
+
+        for method, path in routes:
+            body = bodies.get(f"{method} {path}")
+            for headers in ({}, {"Authorization": f"Bearer {BAD_KEY}"},
+                            {"Authorization": "Bearer"}):
+                r = await c.request(method, url(path), headers=headers, json=body)
+                assert r.status_code == 401, (method, path, headers, r.text)
+                assert r.json()["error"]["code"] in ("unauthenticated", "invalid_api_key")
+            r = await c.request(method, url(path) + "?token=" + world.tokens["root"],
+                                json=body)
+            assert r.status_code == 401, (method, path, "stream token")
+            for user in ("alice", "bob"):
+                r = await c.request(method, url(path), headers=api.auth(user), json=body)
+                assert r.status_code == 403, (user, method, path, r.text)
+                assert r.json()["error"]["code"] == "admin_required"
+                assert "secret" not in r.text and user_id not in r.text
+        # The admin reaches every one of them (DELETE last: it revokes the key).
+        for method, path in sorted(routes, key=lambda r: r[0] == "DELETE"):
+            r = await c.request(method, url(path), headers=api.auth("root"),
+                                json=bodies.get(f"{method} {path}"))
+            assert r.status_code in (200, 201), (method, path, r.text)
+        # A key's secret appears in the answer that made it, never again.
+        secret = made.json()["key"]["secret"]
+        for method, path in routes:
+            if method == "GET":
+                r = await c.get(url(path), headers=api.auth("root"))
+                assert secret not in r.text and "key_hash" not in r.text, path
+        # Users cannot read others' usage either.
+        r = await c.get(f"/v1/usage?user_id={user_id}", headers=api.auth("alice"))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"
+        r = await c.get("/v1/usage?all=true", headers=api.auth("alice"))
+        assert r.status_code == 403
 
 
 # ---------------------------------------------------------------- WebSocket

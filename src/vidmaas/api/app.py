@@ -19,7 +19,18 @@ from fastapi import FastAPI
 
 from vidmaas import __version__
 from vidmaas.api import errors
-from vidmaas.api.routes import events, health, metrics, models, tasks, ui, videos, webhooks
+from vidmaas.api.routes import (
+    admin,
+    events,
+    health,
+    metrics,
+    models,
+    tasks,
+    ui,
+    usage,
+    videos,
+    webhooks,
+)
 from vidmaas.config import Settings
 from vidmaas.services import Services
 
@@ -52,6 +63,8 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(tasks.router)
+    app.include_router(usage.router)  # /v1/me, /v1/usage
+    app.include_router(admin.router)  # /v1/admin/...
     events.install(app)  # the SSE/WebSocket routes and the stream hub's start and stop
     videos.install(app)
     webhooks.install(app)

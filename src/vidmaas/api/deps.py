@@ -4,9 +4,13 @@ Guarantees: a request is authenticated by ``Authorization: Bearer <api key>`` or
 browsers on WebSocket/SSE/media URLs that cannot set headers, by a short-lived
 ``?token=`` stream token; a missing or unknown credential is 401 with the same body
 either way. A key that authenticated is remembered (by its hash, never in plain) for
-``api.key_cache_ttl_s``, so a revoked key stops working within that time; unknown
-keys are never remembered. Nothing here reads global state: everything hangs off
-``app.state``.
+``api.key_cache_ttl_s``, and never past the key's own expiry, so a revoked or expired
+key, or a disabled user's key, stops working within that time; unknown keys are never
+remembered. The admin API forgets a user's entries in this process at once when it
+changes them (``KeyCache.forget_user``); other processes follow within the TTL. A
+stream token of a disabled user is refused too. ``AdminDep`` admits admins only (403
+``admin_required`` for anyone else). Nothing here reads global state: everything hangs
+off ``app.state``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -22,7 +27,8 @@ from starlette.requests import HTTPConnection
 from vidmaas.bus.control import user_of_stream_token
 from vidmaas.db import users
 from vidmaas.db.engine import Session
-from vidmaas.errors import Unauthenticated
+from vidmaas.db.models import utcnow
+from vidmaas.errors import Forbidden, Unauthenticated
 from vidmaas.services import Services
 
 
@@ -75,12 +81,23 @@ class KeyCache:
             return None
         return hit[1]
 
-    def put(self, key: str, caller: Caller) -> None:
+    def put(self, key: str, caller: Caller, *, not_after: datetime | None = None) -> None:
+        """Remember ``caller`` for the TTL, but never past ``not_after`` (the key's expiry)."""
         if self.ttl_s <= 0:
             return
+        ttl_s = self.ttl_s
+        if not_after is not None:
+            ttl_s = min(ttl_s, (not_after - utcnow()).total_seconds())
+            if ttl_s <= 0:
+                return
         if len(self._entries) >= self.MAX_ENTRIES:
             self._entries.clear()
-        self._entries[users.hash_key(key)] = (time.monotonic() + self.ttl_s, caller)
+        self._entries[users.hash_key(key)] = (time.monotonic() + ttl_s, caller)
+
+    def forget_user(self, user_id: str) -> None:
+        """Drop every entry of one user (an admin changed, disabled or revoked them)."""
+        for digest in [d for d, (_, c) in self._entries.items() if c.id == user_id]:
+            self._entries.pop(digest, None)
 
 
 def key_cache(conn: HTTPConnection) -> KeyCache:
@@ -99,17 +116,18 @@ async def authenticate(conn: HTTPConnection, *, allow_token: bool) -> Caller:
         return cached
     async with svc.sessions() as s:
         if key is not None:
-            user = await users.authenticate(session=s, key=key)
-            if user is None:
-                raise Unauthenticated("unknown or revoked API key")
+            identity = await users.identify(session=s, key=key)
+            if identity is None:
+                raise Unauthenticated("unknown, revoked or expired API key")
+            user = identity.user
             caller = Caller(user.id, user.name, user.is_admin)
-            key_cache(conn).put(key, caller)
+            key_cache(conn).put(key, caller, not_after=identity.expires_at)
             return caller
         token = conn.query_params.get("token") if allow_token else None
         if token:
             user_id = await user_of_stream_token(svc.redis, token)
             found = None if user_id is None else await users.get_user(session=s, user_id=user_id)
-            if found is None:
+            if found is None or found.disabled_at is not None:
                 raise Unauthenticated("unknown or expired stream token")
             return Caller(found.id, found.name, found.is_admin)
     raise Unauthenticated("an API key is required: Authorization: Bearer <key>")
@@ -124,6 +142,15 @@ async def caller_or_token(request: Request) -> Caller:
     return await authenticate(request, allow_token=True)
 
 
+async def admin(request: Request) -> Caller:
+    """The caller, who must be an admin (403 ``admin_required`` otherwise)."""
+    who = await authenticate(request, allow_token=False)
+    if not who.is_admin:
+        raise Forbidden("this needs an admin's API key", code="admin_required")
+    return who
+
+
 SessionDep = Annotated[Session, Depends(session)]
 CallerDep = Annotated[Caller, Depends(caller)]
+AdminDep = Annotated[Caller, Depends(admin)]
 CallerOrTokenDep = Annotated[Caller, Depends(caller_or_token)]

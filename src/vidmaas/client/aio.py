@@ -10,7 +10,7 @@ cannot drift. ``events`` and ``watch`` are async generators: leave them early in
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -52,7 +52,8 @@ class AsyncClient:
     # ------------------------------------------------------------ REST
 
     async def me(self) -> dict[str, Any]:
-        """Who the API key belongs to: ``{id, name, is_admin}``."""
+        """Who the API key belongs to: ``{id, name, is_admin, weight, max_priority, limits,
+        usage}``."""
         return await self._call(wire.me())
 
     async def models(self) -> dict[str, Any]:
@@ -85,6 +86,65 @@ class AsyncClient:
     async def stream_token(self) -> dict[str, Any]:
         """A short-lived ``{token, expires_in_s}`` for ``?token=`` URLs."""
         return await self._call(wire.stream_token())
+
+    # ------------------------------------------------------------ usage and admin
+
+    async def usage(self, *, since: str | None = None, until: str | None = None,
+              user_id: str | None = None, all_users: bool = False) -> dict[str, Any]:
+        """Usage by day and model (``{since, until, data, totals}``); ISO dates; other
+        users' (``user_id``, ``all_users``) for admins only."""
+        return await self._call(wire.usage(since=since, until=until, user_id=user_id,
+                                     all_users=all_users))
+
+    async def create_user(self, name: str, *, is_admin: bool = False, weight: float | None = None,
+                    max_priority: str | None = None,
+                    quotas: Mapping[str, float | int | None] | None = None, key: bool = True,
+                    key_name: str | None = None) -> dict[str, Any]:
+        """Admin: a new user (``quotas``: ``queued_tasks``, ``gpus_at_once``,
+        ``gpu_seconds_day``, ``gpu_seconds_month``) and, with ``key``, a first API key:
+        ``{user, key}``; ``key["secret"]`` is shown this once."""
+        fields = {"weight": weight, "max_priority": max_priority,
+                  **{f"quota_{k}": v for k, v in (quotas or {}).items()}}
+        return await self._call(wire.admin_create_user(name, is_admin=is_admin, key=key,
+                                                 key_name=key_name, fields=fields))
+
+    async def list_users(self, *, limit: int = 50, cursor: str | None = None,
+                   name: str | None = None) -> dict[str, Any]:
+        """Admin: one page of users, oldest first: ``{data, next_cursor}``."""
+        return await self._call(wire.admin_users(limit=limit, cursor=cursor, name=name))
+
+    async def get_user(self, user_id: str) -> dict[str, Any]:
+        return await self._call(wire.admin_user(user_id))
+
+    async def update_user(self, user_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Admin: change ``name``, ``is_admin``, ``weight``, ``max_priority`` or
+        ``quota_<name>``; a None value resets it to the server's default."""
+        return await self._call(wire.admin_update_user(user_id, changes))
+
+    async def disable_user(self, user_id: str) -> dict[str, Any]:
+        """Admin: the user's keys stop working; their tasks go on."""
+        return await self._call(wire.admin_set_disabled(user_id, disabled=True))
+
+    async def enable_user(self, user_id: str) -> dict[str, Any]:
+        return await self._call(wire.admin_set_disabled(user_id, disabled=False))
+
+    async def create_key(self, user_id: str, *, name: str | None = None,
+                   expires_in_s: float | None = None,
+                   expires_at: str | None = None) -> dict[str, Any]:
+        """Admin: a new key for the user; its ``secret`` is in this answer only."""
+        return await self._call(wire.admin_create_key(user_id, name=name, expires_in_s=expires_in_s,
+                                                expires_at=expires_at))
+
+    async def list_keys(self, user_id: str) -> dict[str, Any]:
+        """Admin: ``{data: [key, ...]}`` (prefix, name, created, last used, expiry)."""
+        return await self._call(wire.admin_keys(user_id))
+
+    async def revoke_key(self, key_id: int) -> dict[str, Any]:
+        return await self._call(wire.admin_revoke_key(key_id))
+
+    async def admin_queue(self, *, limit: int = 100) -> dict[str, Any]:
+        """Admin: the queue by model and user, estimated starts, what runs, workers."""
+        return await self._call(wire.admin_queue(limit=limit))
 
     async def download(self, task_id: str, path: Path | str, *, which: str = "video") -> Path:
         """``Client.download``: never leaves half a file at ``path``."""

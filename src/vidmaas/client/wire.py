@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import mimetypes
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -142,6 +143,67 @@ def events(task_id: str, *, after: str | None, read_timeout_s: float) -> Call:
 def download(task_id: str, *, which: str) -> Call:
     """The video (or ``which="poster"``), following a redirect to a presigned URL."""
     return Call("GET", f"/v1/tasks/{task_id}/{which}", follow_redirects=True)
+
+
+# ---------------------------------------------------------------- usage and admin
+
+def usage(*, since: str | None, until: str | None, user_id: str | None,
+          all_users: bool) -> Call:
+    """``GET /v1/usage``: by day and model (``since``/``until`` are ISO dates)."""
+    params: list[tuple[str, str | int]] = [(k, v) for k, v in (
+        ("since", since), ("until", until), ("user_id", user_id)) if v]
+    if all_users:
+        params.append(("all", "true"))
+    return Call("GET", "/v1/usage", params=params)
+
+
+def admin_users(*, limit: int, cursor: str | None, name: str | None) -> Call:
+    params: list[tuple[str, str | int]] = [("limit", limit)]
+    params += [(k, v) for k, v in (("cursor", cursor), ("name", name)) if v]
+    return Call("GET", "/v1/admin/users", params=params)
+
+
+def admin_user(user_id: str) -> Call:
+    return Call("GET", f"/v1/admin/users/{quote(user_id, safe='')}")
+
+
+def admin_create_user(name: str, *, is_admin: bool, key: bool, key_name: str | None,
+                      fields: Mapping[str, Any]) -> Call:
+    """``fields``: weight, max_priority, quota_<name> (None entries are left out)."""
+    body = {"name": name, "is_admin": is_admin, "key": key,
+            **{k: v for k, v in fields.items() if v is not None}}
+    if key_name:
+        body["key_name"] = key_name
+    return Call("POST", "/v1/admin/users", json=body)
+
+
+def admin_update_user(user_id: str, changes: Mapping[str, Any]) -> Call:
+    """``PATCH``: only the given fields change; a None value resets one to its default."""
+    return Call("PATCH", f"/v1/admin/users/{quote(user_id, safe='')}", json=dict(changes))
+
+
+def admin_set_disabled(user_id: str, *, disabled: bool) -> Call:
+    which = "disable" if disabled else "enable"
+    return Call("POST", f"/v1/admin/users/{quote(user_id, safe='')}/{which}")
+
+
+def admin_create_key(user_id: str, *, name: str | None, expires_in_s: float | None,
+                     expires_at: str | None) -> Call:
+    body = {k: v for k, v in (("name", name), ("expires_in_s", expires_in_s),
+                              ("expires_at", expires_at)) if v is not None}
+    return Call("POST", f"/v1/admin/users/{quote(user_id, safe='')}/keys", json=body)
+
+
+def admin_keys(user_id: str) -> Call:
+    return Call("GET", f"/v1/admin/users/{quote(user_id, safe='')}/keys")
+
+
+def admin_revoke_key(key_id: int) -> Call:
+    return Call("DELETE", f"/v1/admin/keys/{int(key_id)}")
+
+
+def admin_queue(*, limit: int) -> Call:
+    return Call("GET", "/v1/admin/queue", params=[("limit", limit)])
 
 
 def image_part(image: Path) -> tuple[str, bytes, str]:

@@ -13,6 +13,17 @@ Guarantees:
   in an expected status (someone else moved it first: of many concurrent identical
   moves exactly one succeeds and the others get this), and ``NotFound`` for an
   unknown task.
+- Usage is recorded by ``transition`` in the transaction of the move itself
+  (``db.usage``): a move that ends an attempt (to a terminal status, or back to
+  ``queued`` from an active one) adds the attempt's GPU-seconds to the task and to its
+  user's day; the first move to ``dispatching`` records the queue wait. Those moves
+  first read the row (``SELECT … FOR UPDATE`` on PostgreSQL) and then set status and
+  usage in one compare-and-set, guarded by the status and attempt read, then upsert
+  the day's usage row: two statements more than another move, in the same commit.
+- With ``queued_limit``, ``create_task`` inserts only if the user has fewer queued
+  tasks than that, in the same statement (``INSERT … SELECT … WHERE``), and raises
+  ``RateLimited`` ``too_many_queued`` otherwise; together with ``usage.standing``'s
+  row lock no number of concurrent creates exceeds the limit.
 - Reads scoped to a user never return another user's task (None, as if missing).
 - The relay's writes keep ``last_event_id`` moving forward only: stream ids are
   compared in SQL (``advance_last_event_id`` as a transition field, ``mark_event``),
@@ -27,6 +38,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
@@ -38,6 +50,7 @@ from sqlalchemy import (
     bindparam,
     case,
     func,
+    insert,
     literal,
     or_,
     select,
@@ -49,10 +62,11 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
+from vidmaas.db import usage
 from vidmaas.db.models import Task, utcnow
 from vidmaas.domain.events import Event
 from vidmaas.domain.status import ACTIVE, TaskStatus, check_transition
-from vidmaas.errors import NotFound, StaleTransition
+from vidmaas.errors import NotFound, RateLimited, StaleTransition
 from vidmaas.logs import TaskLog
 
 log = logging.getLogger(__name__)
@@ -95,10 +109,20 @@ class NewTask:
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
     source: str = "native"
+    priority: str = "normal"
 
 
-async def create_task(*, session: AsyncSession, new: NewTask) -> tuple[Task, bool]:
-    """Insert a queued task; (task, created). Idempotent on (user, idempotency key)."""
+QUEUED_RETRY_AFTER_S = 30
+"""``Retry-After`` of a create refused for too many queued tasks (they free up as tasks
+start, not at a known time)."""
+
+
+async def create_task(*, session: AsyncSession, new: NewTask,
+                      queued_limit: int | None = None) -> tuple[Task, bool]:
+    """Insert a queued task; (task, created). Idempotent on (user, idempotency key).
+
+    ``queued_limit``: insert only while the user has fewer queued tasks (see the
+    module docstring)."""
     if new.idempotency_key is not None:
         existing = await find_by_idempotency_key(session=session, user_id=new.user_id,
                                                  key=new.idempotency_key)
@@ -112,10 +136,13 @@ async def create_task(*, session: AsyncSession, new: NewTask) -> tuple[Task, boo
         idempotency_fingerprint=new.idempotency_fingerprint, webhook_url=new.webhook_url,
         webhook_events=new.webhook_events, source=new.source,
         status=TaskStatus.QUEUED, progress=0.0, attempts=0,
-        created_at=now, updated_at=now, queued_at=now,
+        created_at=now, updated_at=now, queued_at=now, priority=new.priority,
     )
-    session.add(task)
     try:
+        if queued_limit is None:
+            session.add(task)
+        else:
+            await _insert_within(session, task, queued_limit=queued_limit)
         await session.commit()
     except IntegrityError:
         await session.rollback()
@@ -127,6 +154,28 @@ async def create_task(*, session: AsyncSession, new: NewTask) -> tuple[Task, boo
             raise
         return existing, False
     return task, True
+
+
+_INSERTED = ("id", "user_id", "model", "prompt", "negative_prompt", "params", "gpus",
+             "input_key", "idempotency_key", "webhook_url", "webhook_events", "source",
+             "status", "progress", "attempts", "created_at", "updated_at", "queued_at",
+             "priority")
+
+
+async def _insert_within(session: AsyncSession, task: Task, *, queued_limit: int) -> None:
+    """``INSERT … SELECT`` the task only while its user has < ``queued_limit`` queued."""
+    table = Task.__table__
+    values = [literal(getattr(task, c), table.c[c].type).label(c) for c in _INSERTED]
+    queued = (select(func.count()).select_from(Task)
+              .where(Task.user_id == task.user_id, Task.status == TaskStatus.QUEUED)
+              .scalar_subquery())
+    res = await session.execute(insert(Task).from_select(
+        list(_INSERTED), select(*values).where(queued < queued_limit)))
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        await session.rollback()
+        raise RateLimited(f"you have {queued_limit} tasks waiting; wait for some to start",
+                          retry_after_s=QUEUED_RETRY_AFTER_S, code="too_many_queued",
+                          field="queued_tasks")
 
 
 async def find_by_idempotency_key(*, session: AsyncSession, user_id: str, key: str,
@@ -207,10 +256,8 @@ async def transition(
     values: dict[str, Any] = {"status": to.value, "updated_at": now, **extra}
     stamp = _STAMP[to]
     values.setdefault(stamp, now)
-    res = await session.execute(
-        update(Task).where(Task.id == task_id, Task.status.in_(exp))
-        .values(**values).execution_options(synchronize_session=False))
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    if not await _compare_and_set(session, task_id=task_id, expected=exp, to=to,
+                                  values=values, now=now):
         await session.rollback()
         current = await get_task(session=session, task_id=task_id)
         if current is None:
@@ -228,6 +275,37 @@ async def transition(
         except Exception:
             tlog.exception(task_id, "could not publish %s event", event.type.value)
     return task
+
+
+CAS_TRIES = 5
+"""Reads of a usage-recording move before it gives up as stale (the status moved
+between the read and the write within ``expected``: only possible without row locks)."""
+
+
+async def _compare_and_set(session: AsyncSession, *, task_id: str,
+                           expected: tuple[TaskStatus, ...], to: TaskStatus,
+                           values: dict[str, Any], now: datetime) -> bool:
+    """The move's one ``UPDATE … WHERE status IN expected``; for a move that records
+    usage (``usage.accounts``), read first and guard on what was read instead, then
+    record the usage in the same transaction. True if this call made the move."""
+    if not usage.accounts(to, expected):
+        res = await session.execute(
+            update(Task).where(Task.id == task_id, Task.status.in_(expected))
+            .values(**values).execution_options(synchronize_session=False))
+        return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+    for _ in range(CAS_TRIES):
+        before = await usage.row_before(session, task_id=task_id, statuses=expected)
+        if before is None:
+            return False
+        res = await session.execute(
+            update(Task).where(Task.id == task_id, Task.status == before.status,
+                               Task.attempts == before.attempts)
+            .values(**values, **usage.move_values(before, to=to, now=now))
+            .execution_options(synchronize_session=False))
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            await usage.record_move(session, before=before, to=to, now=now)
+            return True
+    return False
 
 
 async def update_progress(*, session: AsyncSession, task_id: str, values: dict[str, Any],
@@ -422,3 +500,21 @@ async def write_bookkeeping(*, session: AsyncSession, task_id: str, values: dict
     row = (await session.execute(_bookkeeping_update(frozenset(values)), params)).one_or_none()
     await session.commit()
     return None if row is None else Subscription(row.webhook_url, row.webhook_events)
+
+
+async def active_tasks(*, session: AsyncSession, limit: int = 10_000) -> list[Task]:
+    """Tasks that hold (or are about to hold) GPUs, oldest dispatch first."""
+    stmt = (select(Task).where(Task.status.in_([s.value for s in ACTIVE]))
+            .order_by(Task.dispatched_at, Task.id).limit(limit)
+            .execution_options(populate_existing=True))
+    return list((await session.execute(stmt)).scalars())
+
+
+async def active_for_estimates(*, session: AsyncSession, limit: int = 10_000,
+                               ) -> list[tuple[int, str, datetime | None, float]]:
+    """(GPUs, model, dispatched at, progress) of every active task: what start-time
+    estimates need of what runs, in one narrow query."""
+    stmt = (select(Task.gpus, Task.model, Task.dispatched_at, Task.progress)
+            .where(Task.status.in_([s.value for s in ACTIVE])).limit(limit))
+    return [(int(g), str(m), d, float(p or 0.0)) for g, m, d, p in
+            (await session.execute(stmt)).all()]

@@ -8,7 +8,12 @@ Guarantees:
   counted twice nor lost when a process dies. ``note_dispatch`` records the queue
   wait at a task's first dispatch the same way.
 - ``usage_now`` answers what the quota check needs (tasks waiting, GPU-seconds today
-  and this month) in one statement.
+  and this month) in one statement; ``standing`` reads the same together with the
+  user's row and locks that row until the caller's transaction ends (PostgreSQL), so
+  concurrent creates of one user are checked one after another.
+- ``row_before``, ``move_values`` and ``record_move`` are how ``db.tasks.transition``
+  does the above inside its compare-and-set (see there); an attempt is charged only if
+  it started (``started_at`` after the attempt's ``dispatched_at``), from then on.
 - Reads for a user never include another user's rows.
 """
 
@@ -22,9 +27,9 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from vidmaas.db.models import Task, UsageDaily
+from vidmaas.db.models import Task, UsageDaily, User
 from vidmaas.domain.quotas import Usage, day_start, month_start
-from vidmaas.domain.status import TaskStatus
+from vidmaas.domain.status import TERMINAL, TaskStatus
 
 
 async def _add(session: AsyncSession, *, user_id: str, day: date, model: str,
@@ -47,7 +52,16 @@ def attempt_gpu_seconds(task: Task, *, now: datetime) -> float:
     if task.started_at is None or task.status not in (TaskStatus.RUNNING,
                                                        TaskStatus.CANCELLING):
         return 0.0
+    if task.dispatched_at is not None and task.started_at < task.dispatched_at:
+        return 0.0  # cancelled before this attempt started: the stamp is an earlier one's
     return task.gpus * max(0.0, (now - task.started_at).total_seconds())
+
+
+def first_wait_s(task: Task, *, now: datetime) -> float | None:
+    """Seconds from creation to now, if the task was never dispatched before."""
+    if task.queue_wait_s is not None:
+        return None
+    return max(0.0, (now - task.created_at).total_seconds())
 
 
 async def charge_attempt(session: AsyncSession, *, task: Task, now: datetime,
@@ -64,16 +78,15 @@ async def charge_attempt(session: AsyncSession, *, task: Task, now: datetime,
 
 async def note_dispatch(session: AsyncSession, *, task: Task, now: datetime) -> None:
     """Record the queue wait of a task's first dispatch (the caller commits)."""
-    if task.queue_wait_s is not None:
+    wait = first_wait_s(task, now=now)
+    if wait is None:
         return
-    wait = max(0.0, (now - task.created_at).total_seconds())
     task.queue_wait_s = wait
     await _add(session, user_id=task.user_id, day=day_start(now), model=task.model,
                queue_wait_s=wait)
 
 
-async def usage_now(session: AsyncSession, *, user_id: str, now: datetime) -> Usage:
-    """Tasks waiting, GPU-seconds today and this month, for one user (one statement)."""
+def _usage_columns(user_id: str, now: datetime) -> tuple[Any, Any, Any]:
     today, month = day_start(now), month_start(now)
     queued = (select(func.count()).select_from(Task)
               .where(Task.user_id == user_id, Task.status == TaskStatus.QUEUED)
@@ -84,9 +97,87 @@ async def usage_now(session: AsyncSession, *, user_id: str, now: datetime) -> Us
     month_sum = (select(func.coalesce(func.sum(UsageDaily.gpu_seconds), 0.0))
                  .where(UsageDaily.user_id == user_id, UsageDaily.day >= month)
                  .scalar_subquery())
-    row = (await session.execute(select(queued, day_sum, month_sum))).one()
-    return Usage(queued_tasks=int(row[0]), gpu_seconds_day=float(row[1]),
-                 gpu_seconds_month=float(row[2]))
+    return queued, day_sum, month_sum
+
+
+def _usage(values: Any) -> Usage:
+    return Usage(queued_tasks=int(values[0]), gpu_seconds_day=float(values[1]),
+                 gpu_seconds_month=float(values[2]))
+
+
+async def usage_now(session: AsyncSession, *, user_id: str, now: datetime) -> Usage:
+    """Tasks waiting, GPU-seconds today and this month, for one user (one statement)."""
+    row = (await session.execute(select(*_usage_columns(user_id, now)))).one()
+    return _usage(row)
+
+
+async def standing(session: AsyncSession, *, user_id: str, now: datetime,
+                   ) -> tuple[User, Usage] | None:
+    """The user's row and ``usage_now``, in one statement that locks the row until the
+    transaction ends (``FOR UPDATE`` on PostgreSQL; SQLite serialises writers anyway).
+    After waiting for the lock the counts may predate the other transaction's commit:
+    an insert that must not exceed a count re-checks it (``db.tasks.create_task``'s
+    ``queued_limit``). None if the user does not exist."""
+    stmt = (select(User, *_usage_columns(user_id, now)).where(User.id == user_id)
+            .with_for_update(of=User).execution_options(populate_existing=True))
+    row = (await session.execute(stmt)).one_or_none()
+    if row is None:
+        return None
+    return row[0], _usage(row[1:])
+
+
+async def totals(session: AsyncSession, *, user_id: str, since: date,
+                 ) -> tuple[int, float]:
+    """(tasks ended, GPU-seconds) of one user from ``since`` on."""
+    row = (await session.execute(
+        select(func.coalesce(func.sum(UsageDaily.tasks), 0),
+               func.coalesce(func.sum(UsageDaily.gpu_seconds), 0.0))
+        .where(UsageDaily.user_id == user_id, UsageDaily.day >= since))).one()
+    return int(row[0]), float(row[1])
+
+
+# ---------------------------------------------------------------- inside transition()
+
+_BEFORE = (Task.id, Task.user_id, Task.model, Task.status, Task.attempts, Task.gpus,
+           Task.created_at, Task.dispatched_at, Task.started_at, Task.gpu_seconds,
+           Task.queue_wait_s)
+
+
+def accounts(to: TaskStatus, expected: tuple[TaskStatus, ...]) -> bool:
+    """Does a move record usage? The first dispatch (queue wait), and every move that
+    ends an attempt: to a terminal status or back to ``queued`` from an active one."""
+    if to is TaskStatus.DISPATCHING:
+        return True
+    return (to in TERMINAL or to is TaskStatus.QUEUED) and any(e.active for e in expected)
+
+
+async def row_before(session: AsyncSession, *, task_id: str,
+                     statuses: tuple[TaskStatus, ...]) -> Task | None:
+    """The task as it is now, if in one of ``statuses``, locked for this transaction on
+    PostgreSQL; a detached copy (changing it writes nothing)."""
+    stmt = (select(*_BEFORE).where(Task.id == task_id, Task.status.in_(statuses))
+            .with_for_update())
+    row = (await session.execute(stmt)).one_or_none()
+    if row is None:
+        return None
+    return Task(**{c.key: v for c, v in zip(_BEFORE, row, strict=True)})
+
+
+def move_values(before: Task, *, to: TaskStatus, now: datetime) -> dict[str, Any]:
+    """Columns the move sets besides status: the summed GPU-seconds, the first wait."""
+    if to is TaskStatus.DISPATCHING:
+        wait = first_wait_s(before, now=now)
+        return {} if wait is None else {"queue_wait_s": wait}
+    return {"gpu_seconds": (before.gpu_seconds or 0.0) + attempt_gpu_seconds(before, now=now)}
+
+
+async def record_move(session: AsyncSession, *, before: Task, to: TaskStatus,
+                      now: datetime) -> None:
+    """The usage rows of a move that won its compare-and-set (same transaction)."""
+    if to is TaskStatus.DISPATCHING:
+        await note_dispatch(session, task=before, now=now)
+    else:
+        await charge_attempt(session, task=before, now=now, finished=to in TERMINAL)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 Guarantees: ``/healthz`` answers 200 while the process serves requests; ``/readyz``
 answers 200 only when the database, Redis and the object store all answer, and 503
-naming the ones that do not.
+naming the ones that do not. (``/v1/me`` lives in ``routes.usage``.)
 """
 
 from __future__ import annotations
@@ -72,15 +72,3 @@ async def stream_token(request: Request, caller: CallerDep) -> StreamToken:
     ttl = svc.settings.api.stream_token_ttl_s
     return StreamToken(token=await issue_stream_token(svc.redis, caller.id, ttl_s=ttl),
                        expires_in_s=ttl)
-
-
-class Me(BaseModel):
-    id: str
-    name: str
-    is_admin: bool
-
-
-@router.get("/v1/me", response_model=Me, tags=["auth"], responses=_UNAUTHENTICATED,
-            summary="Who the key belongs to")
-async def me(caller: CallerDep) -> Me:
-    return Me(id=caller.id, name=caller.name, is_admin=caller.is_admin)

@@ -8,7 +8,9 @@
 // /v1/tasks/{id} every 2 s), and a browser without WebSocket support only polls.
 // Progress never goes backwards and a terminal state is final. A reload starts from
 // GET /v1/tasks (the database is the source of truth).
+// An admin also gets the admin page (admin.js, loaded only for admins).
 
+import { $, fmtDuration, h, parseTime, roughDuration } from "./dom.js";
 import { initialLanguage, saveLanguage, translator } from "./i18n.js";
 import { LiveStream } from "./live.js";
 
@@ -34,23 +36,9 @@ const state = {
   token: null, // {token, expiresAt}
   image: null, // File
   imageUrl: null,
+  admin: null, // the admin page's handle, for admins
 };
 state.t = translator(state.lang);
-
-const $ = (sel) => document.querySelector(sel);
-
-function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v === null || v === undefined || v === false) continue;
-    if (k === "class") el.className = v;
-    else if (k === "text") el.textContent = v;
-    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-    else el.setAttribute(k, v === true ? "" : String(v));
-  }
-  for (const c of children) if (c != null) el.append(c);
-  return el;
-}
 
 const ICONS = {
   x: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M6 6l12 12M18 6L6 18"/></svg>',
@@ -137,6 +125,7 @@ function applyLanguage() {
   updateImageField();
   for (const id of state.order) renderTask(id);
   updateConnection();
+  if (state.admin) state.admin.render();
 }
 
 function setLanguage(lang) {
@@ -173,6 +162,10 @@ async function signIn(key) {
   const who = $('[data-testid="user-name"]');
   who.textContent = state.me.name;
   who.hidden = false;
+  if (state.me.is_admin && !state.admin) {
+    const { mountAdmin } = await import("./admin.js");
+    state.admin = mountAdmin({ api, t: (...a) => state.t(...a), lang: () => state.lang });
+  }
   try {
     await loadModels();
     await loadTasks();
@@ -184,6 +177,8 @@ async function signIn(key) {
 }
 
 function signOut(message) {
+  if (state.admin) state.admin.unmount();
+  state.admin = null;
   localStorage.removeItem(KEY_STORAGE);
   state.apiKey = null;
   state.me = null;
@@ -412,18 +407,6 @@ function cardOf(id) {
   return card;
 }
 
-function parseTime(text) {
-  // Server times are UTC; some databases hand them back without an offset.
-  return new Date(/(Z|[+-]\d\d:?\d\d)$/.test(text) ? text : `${text}Z`);
-}
-
-function fmtDuration(s) {
-  s = Math.max(0, Math.round(s));
-  if (s < 60) return `${s} s`;
-  const m = Math.floor(s / 60);
-  return `${m}:${String(s % 60).padStart(2, "0")}`;
-}
-
 function renderTask(id) {
   const t = state.tasks.get(id);
   if (!t) return;
@@ -448,6 +431,7 @@ function renderTask(id) {
   p.bar.firstChild.style.width = `${percent}%`;
   p.percent.textContent = `${percent.toFixed(0)}%`;
   p.position.textContent = t.status === "queued" && t.queue_position ? tr("queuePosition", { n: t.queue_position }) : "";
+  if (p.position.textContent && t.starts_in_s != null) p.position.textContent += ` · ${tr("startsIn", { t: roughDuration(t.starts_in_s) })}`;
   p.position.hidden = !p.position.textContent;
   // The estimated start, when the server sends one (seconds until the task starts).
   const startsIn = Number(t.starts_in_s);
