@@ -220,5 +220,5 @@ def test_build_context_leaves_out_virtualenvs_git_and_local_data() -> None:
     for path in (".venv/bin/python", ".git/config", ".vidmaas/vidmaas.db", "tests/conftest.py",
                  "src/vidmaas/__pycache__/config.cpython-311.pyc"):
         assert _ignored(path, patterns), path
-    for path in ("pyproject.toml", "src/vidmaas/config.py", "src/vidmaas/models.yaml"):
+    for path in ("pyproject.toml", "src/vidmaas/config/groups.py", "src/vidmaas/models.yaml"):
         assert not _ignored(path, patterns), path

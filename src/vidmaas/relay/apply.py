@@ -42,6 +42,7 @@ from typing import Any
 
 from vidmaas.bus.consumer import Delivery
 from vidmaas.bus.events import id_key
+from vidmaas.db import bookkeeping
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task, utcnow
 from vidmaas.domain.events import Event, EventType
@@ -146,10 +147,10 @@ class Applier:
         async with self.sessions() as session:
             return await repo.get_task(session=session, task_id=task_id)
 
-    async def _write(self, task_id: str, plan: _Plan) -> repo.Subscription | None:
+    async def _write(self, task_id: str, plan: _Plan) -> bookkeeping.Subscription | None:
         assert plan.first is not None and plan.newest is not None
         async with self.sessions() as session:
-            return await repo.write_bookkeeping(session=session, task_id=task_id,
+            return await bookkeeping.write_bookkeeping(session=session, task_id=task_id,
                                                 values=plan.values, first_event_id=plan.first,
                                                 last_event_id=plan.newest)
 
@@ -224,7 +225,7 @@ class Applier:
             await self.webhooks.record(task=after, event=event, event_id=event_id)
         if not seen and not moved.recorded:
             async with self.sessions() as session:
-                await repo.mark_event(session=session, task_id=tid, event_id=event_id)
+                await bookkeeping.mark_event(session=session, task_id=tid, event_id=event_id)
         if moved.action == "applied":
             tlog.debug(tid, "applied %s %s", event.type.value, event_id)
             self._observe(event, after)
@@ -254,7 +255,7 @@ class Applier:
         if await self._is_superseded(task, event_id):
             tlog.info(tid, "%s %s belongs to an earlier attempt; not applied", t.value, event_id)
             return _Moved("superseded", task)
-        mark = {"last_event_id": repo.advance_last_event_id(event_id)}
+        mark = {"last_event_id": bookkeeping.advance_last_event_id(event_id)}
         lc = self.lifecycle
         if t is EventType.STARTED:
             if status is not TaskStatus.DISPATCHING:
