@@ -143,15 +143,23 @@ async def ws_open(server: Server, path: str, user: str | None = "alice",
     return await connect(server.ws_url + path, additional_headers=headers, **kw)
 
 
+def is_push(m: dict[str, Any]) -> bool:
+    """A queue-position push (with its start estimate): a ``queued`` message without an
+    event id, sent whenever a watched queued task's place or estimate moves."""
+    return m["type"] == "queued" and "id" not in m
+
+
 async def ws_messages(ws: ClientConnection, *, until: str | None = None,
-                      n: int | None = None, timeout_s: float = 10.0) -> list[dict[str, Any]]:
-    """Messages (pings left out) until one of type ``until``, ``n`` of them, or close."""
+                      n: int | None = None, timeout_s: float = 10.0,
+                      pushes: bool = False) -> list[dict[str, Any]]:
+    """Messages (pings left out, and position pushes unless ``pushes``) until one of type
+    ``until``, ``n`` of them, or close."""
     out: list[dict[str, Any]] = []
     async with asyncio.timeout(timeout_s):
         try:
             while True:
                 m = json.loads(await ws.recv())
-                if m["type"] == "ping":
+                if m["type"] == "ping" or (is_push(m) and not pushes):
                     continue
                 out.append(m)
                 if (until is not None and m["type"] == until) or (n is not None
@@ -763,29 +771,48 @@ async def test_bad_resume_input_on_the_multiplexed_stream_is_refused_with_4400_a
         await ws.close()
 
 
+async def _push_until(ws: ClientConnection, position: int, *, timeout_s: float = 10.0,
+                      ) -> list[dict[str, Any]]:
+    """Position pushes until one for ``position`` (the start estimate may come first)."""
+    got: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout_s):
+        while not got or got[-1]["data"]["position"] != position:
+            got += await ws_messages(ws, n=1, pushes=True)
+    return got
+
+
 async def test_queue_positions_are_pushed_to_watchers_when_they_change(
         server_sqlite: Server) -> None:
     server = server_sqlite
+    typical = server.svc.lifecycle.queue.default_run_s
     ids = [await new_task(server) for _ in range(3)]
     ws = await ws_open(server, f"/v1/tasks/{ids[2]}/events")
-    snap = (await ws_messages(ws, n=1))[0]
-    assert snap["data"]["queue_position"] == 3
+    snap = (await ws_messages(ws, n=1, pushes=True))[0]
+    assert snap["type"] == "snapshot" and snap["data"]["queue_position"] == 3
+    # The start estimate follows: with one GPU and nothing running, two typical run
+    # times (the queue's default before the model has run) ahead of it.
+    first = await ws_messages(ws, n=1, pushes=True)
+    assert first[0]["data"] == {"position": 3, "starts_in_s": 2 * typical}
     r = await server.http.post(f"/v1/tasks/{ids[0]}/cancel", headers=server.auth("alice"))
     assert r.status_code == 200
-    got = await ws_messages(ws, n=1)
-    assert got == [{"v": 1, "type": "queued", "task_id": ids[2], "data": {"position": 2}}]
-    # A move that does not change this task's position pushes nothing to it.
+    got = await _push_until(ws, 2)
+    assert {(m["type"], m["task_id"]) for m in got} == {("queued", ids[2])}
+    if got[-1]["data"]["starts_in_s"] != typical:  # pushed with the last estimate at first
+        got = await ws_messages(ws, n=1, pushes=True)
+    assert got[-1]["data"] == {"position": 2, "starts_in_s": typical}
+    # A move that changes neither its position nor its estimate pushes nothing to it.
     await new_task(server)  # behind it
     await TaskQueue(server.svc.redis).announce_move()
     with pytest.raises(TimeoutError):
-        await ws_messages(ws, n=1, timeout_s=0.5)
+        await ws_messages(ws, n=1, timeout_s=0.5, pushes=True)
     # Fair order: another user's task goes ahead of alice's second one.
     await new_task(server, "bob")
-    got = await ws_messages(ws, n=1)
-    assert got[0]["data"] == {"position": 3}
+    assert (await _push_until(ws, 3))[-1]["data"]["position"] == 3
     await server.http.post(f"/v1/tasks/{ids[1]}/cancel", headers=server.auth("alice"))
-    got = await ws_messages(ws, n=1)
-    assert got[0]["data"] == {"position": 1}
+    got = await _push_until(ws, 1)
+    if got[-1]["data"]["starts_in_s"] != 0.0:
+        got = await ws_messages(ws, n=1, pushes=True, timeout_s=5)
+    assert got[-1]["data"] == {"position": 1, "starts_in_s": 0.0}
     await ws.close()
 
 
@@ -795,6 +822,9 @@ async def test_a_queue_move_pushes_exact_positions_to_the_watched_tasks_that_mov
     alice = [await new_task(server) for _ in range(3)]
     bob = [await new_task(server, "bob") for _ in range(3)]  # fair order: a0 b0 a1 b1 a2 b2
     queue = server.svc.lifecycle.queue
+    # Positions alone here (start estimates, which move for every task behind a cancel,
+    # have their own test).
+    server.hub.eta_min_interval_s = server.hub.eta_refresh_s = float("inf")
     conn = open_connection(server.hub, user_id="u", scope=None, single=None)
     try:
         for task_id in alice + bob:
@@ -809,7 +839,8 @@ async def test_a_queue_move_pushes_exact_positions_to_the_watched_tasks_that_mov
                 pushed |= {m["task_id"]: m["data"]["position"] for m in conn.outbox.take()
                            if m["type"] == "queued"}
         await asyncio.sleep(0.3)
-        pushed |= {m["task_id"]: m["data"]["position"] for m in conn.outbox.take()}
+        pushed |= {m["task_id"]: m["data"]["position"] for m in conn.outbox.take()
+                   if m["type"] == "queued"}
         exact = {}
         for task_id in alice[1:] + bob:
             row = await _row(server, task_id)
@@ -817,12 +848,22 @@ async def test_a_queue_move_pushes_exact_positions_to_the_watched_tasks_that_mov
         # Now a1 b0 a2 b1 b2: b0 and b1 kept their places and got nothing.
         assert pushed == {t: exact[t] for t in (alice[1], alice[2], bob[2])} \
             == {alice[1]: 1, alice[2]: 3, bob[2]: 5}
-        # One script for all five watched queued tasks, however many there are.
+        # One script for all five watched queued tasks, however many there are; with the
+        # start estimates due, one more (the fair order they replay).
+        server.hub.eta_min_interval_s = float("inf")
         await server.svc.redis.config_resetstat()
         await server.hub.recompute_positions()
         stats = await server.svc.redis.info("commandstats")
         assert stats["cmdstat_eval"]["calls"] == 1
         assert len(conn.outbox) == 0  # nothing moved: nothing pushed
+        server.hub.eta_min_interval_s = 0.0
+        await server.hub.recompute_positions()  # the first estimates: each task hears its own
+        assert sorted(m["task_id"] for m in conn.outbox.take()) == sorted(alice[1:] + bob)
+        await server.svc.redis.config_resetstat()
+        await server.hub.recompute_positions()
+        stats = await server.svc.redis.info("commandstats")
+        assert stats["cmdstat_eval"]["calls"] == 2
+        assert len(conn.outbox) == 0  # estimates unchanged: nothing pushed
     finally:
         conn.close()
 

@@ -99,9 +99,10 @@ async def test_a_completed_on_a_first_attempt_reads_the_row_once_and_not_the_str
     [entry] = await probe.read()
     async with cost(world) as c:
         await probe.relay.process([entry])
-    # The relay's read and the transition's own read of the row it wrote; one UPDATE
-    # moves the status and records the event id.
-    assert dict(c.sql) == {"SELECT": 2, "UPDATE": 1}
+    # The relay's read, the transition's read of the attempt it ends (for its usage)
+    # and its read of the row it wrote; one UPDATE moves the status, records the event
+    # id and the task's GPU-seconds; one upsert adds them to the user's day.
+    assert dict(c.sql) == {"SELECT": 3, "UPDATE": 1, "INSERT": 1}
     assert "xrange" not in c.redis
     assert c.redis["xack"] == 1
     after = await world.get(task.id)

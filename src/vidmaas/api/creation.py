@@ -43,13 +43,14 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+from vidmaas.api import quota
 from vidmaas.api.deps import Caller
 from vidmaas.api.uploads import clean_image
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.domain import webhooks as policy
 from vidmaas.domain.ids import new_task_id
-from vidmaas.errors import InvalidRequest, RateLimited
+from vidmaas.errors import InvalidRequest
 from vidmaas.logs import TaskLog
 from vidmaas.services import Services
 from vidmaas.storage.base import input_key
@@ -74,6 +75,8 @@ class CreateRequest:
     image: bytes | None = None
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
+    priority: str | None = None
+    """A priority class (``low``, ``normal``, ``high``) up to the caller's maximum."""
     source: str = "native"
 
 
@@ -84,6 +87,7 @@ def request_fingerprint(req: CreateRequest) -> str:
         "size": req.size, "num_frames": req.num_frames, "steps": req.steps, "seed": req.seed,
         "negative_prompt": req.negative_prompt, "webhook_url": req.webhook_url,
         "webhook_events": sorted(set(req.webhook_events)) if req.webhook_events else None,
+        "priority": req.priority,
         "image_sha256": None if req.image is None else hashlib.sha256(req.image).hexdigest(),
     }
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -162,9 +166,10 @@ async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
         if req.webhook_url is not None:
             await check_webhook_url(req.webhook_url,
                                     allow_hosts=svc.settings.webhooks.allow_hosts)
-        if await repo.count_queued(session=s, user_id=caller.id) >= cfg.max_queued_per_user:
-            raise RateLimited(f"you have {cfg.max_queued_per_user} tasks waiting; wait for some "
-                              "to start", retry_after_s=30, code="too_many_queued")
+        # The caller's row, quotas and usage in one statement; the row stays locked until
+        # the insert commits, which re-checks the queued count (no race exceeds it).
+        adm = await quota.admit(s, settings=svc.settings, user_id=caller.id,
+                                priority=req.priority)
         task_id = new_task_id()
         stored_key: str | None = None
         extra: dict[str, Any] = {}
@@ -179,9 +184,11 @@ async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
             negative_prompt=req.negative_prompt, params=params.as_dict() | extra,
             gpus=spec.gpus_per_job, input_key=stored_key, idempotency_key=key,
             idempotency_fingerprint=fingerprint, webhook_url=req.webhook_url,
-            webhook_events=req.webhook_events, source=req.source)
+            webhook_events=req.webhook_events, source=req.source,
+            priority=adm.priority.value)
         try:
-            task, created = await repo.create_task(session=s, new=new)
+            task, created = await repo.create_task(session=s, new=new,
+                                                   queued_limit=adm.queued_limit)
         except BaseException:
             if stored_key is not None:
                 await _delete_quietly(svc, stored_key, task_id=task_id)
@@ -193,7 +200,7 @@ async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
             task = _replayed(task, fingerprint)
             return task, False, await position_of(svc, task)
     tlog.info(task.id, "created by %s (model %s)", caller.name, spec.id)
-    position = await svc.lifecycle.admit_new(task)
+    position = await svc.lifecycle.admit_new(task, share=adm.share)
     return task, True, position
 
 

@@ -34,6 +34,9 @@ class TaskCreate(BaseModel):
     negative_prompt: str | None = Field(default=None, max_length=10_000)
     webhook_url: str | None = Field(default=None, max_length=2048)
     webhook_events: list[WebhookEvent] | None = None
+    priority: str | None = Field(
+        default=None, max_length=16,
+        description="low, normal or high, up to your highest class (default normal)")
 
 
 class ErrorInfo(BaseModel):

@@ -261,15 +261,16 @@ def shown_error(*, status: TaskStatus, code: str | None,
 
 
 def snapshot(state: TaskState, *, resume_id: str, last_event_id: str | None,
-             queue_position: int | None) -> ClientMessage:
+             queue_position: int | None, starts_in_s: float | None = None) -> ClientMessage:
     """The first message for a task.
 
     ``resume_id`` is its ``id``: the point the events that follow start after, so a
     client that remembers the last ``id`` it saw resumes correctly from a snapshot too.
-    ``last_event_id`` is the newest event id when the snapshot was taken.
+    ``last_event_id`` is the newest event id when the snapshot was taken. A queued
+    task's snapshot carries ``starts_in_s`` when the server has an estimate.
     """
     completed = state.status is TaskStatus.COMPLETED
-    return {"v": WIRE_VERSION, "type": ClientMessageType.SNAPSHOT.value,
+    msg: ClientMessage = {"v": WIRE_VERSION, "type": ClientMessageType.SNAPSHOT.value,
             "task_id": state.task_id, "id": resume_id, "data": {
                 "status": state.status.value, "progress": round(state.progress, 2),
                 "stage": state.stage, "eta_s": state.eta_s, "queue_position": queue_position,
@@ -278,13 +279,21 @@ def snapshot(state: TaskState, *, resume_id: str, last_event_id: str | None,
                                      message=state.error_message),
                 "result": dict(state.result) if completed and state.result is not None
                 else None}}
+    if starts_in_s is not None and state.status is TaskStatus.QUEUED:
+        msg["data"]["starts_in_s"] = round(starts_in_s, 1)
+    return msg
 
 
-def position_push(task_id: str, *, position: int) -> ClientMessage:
+def position_push(task_id: str, *, position: int,
+                  starts_in_s: float | None = None) -> ClientMessage:
     """A queue position push: a ``queued`` message without an event id (positions move
-    for every queued task when the queue moves, so they are not stream events)."""
+    for every queued task when the queue moves, so they are not stream events), with
+    the estimated seconds until the task starts when there is an estimate."""
+    data: dict[str, Any] = {"position": position}
+    if starts_in_s is not None:
+        data["starts_in_s"] = round(starts_in_s, 1)
     return {"v": WIRE_VERSION, "type": EventType.QUEUED.value, "task_id": task_id,
-            "data": {"position": position}}
+            "data": data}
 
 
 def end(task_id: str) -> ClientMessage:

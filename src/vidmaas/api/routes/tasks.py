@@ -45,6 +45,7 @@ _FORM_SCHEMA: dict[str, Any] = {
         "negative_prompt": {"type": "string"},
         "webhook_url": {"type": "string"},
         "webhook_events": {"type": "string", "description": "comma-separated event types"},
+        "priority": {"type": "string", "description": "low, normal or high"},
         "image": {"type": "string", "format": "binary",
                   "description": "PNG, JPEG or WebP; a part with a file name and no bytes "
                                  "is refused (empty_image)"},
@@ -97,11 +98,13 @@ def _from_json(raw: Any) -> creation.CreateRequest:
         prompt=data.prompt, model=data.model, size=data.size, num_frames=data.num_frames,
         steps=data.steps, seed=data.seed, negative_prompt=data.negative_prompt,
         webhook_url=data.webhook_url,
-        webhook_events=list(data.webhook_events) if data.webhook_events else None)
+        webhook_events=list(data.webhook_events) if data.webhook_events else None,
+        priority=data.priority)
 
 
 _FORM_FIELDS = frozenset({"prompt", "model", "size", "num_frames", "steps", "seed",
-                          "negative_prompt", "image", "webhook_url", "webhook_events"})
+                          "negative_prompt", "image", "webhook_url", "webhook_events",
+                          "priority"})
 
 
 def _from_form(form: Form) -> creation.CreateRequest:
@@ -115,13 +118,15 @@ def _from_form(form: Form) -> creation.CreateRequest:
         num_frames=form.integer("num_frames"), steps=form.integer("steps"),
         seed=form.integer("seed"), negative_prompt=form.text("negative_prompt"),
         image=form.file("image"), webhook_url=form.text("webhook_url"),
-        webhook_events=[e.strip() for e in events.split(",")] if events else None)
+        webhook_events=[e.strip() for e in events.split(",")] if events else None,
+        priority=form.text("priority"))
     # Same field rules as the JSON body.
     validated(TaskCreate, {k: v for k, v in {
         "prompt": req.prompt, "model": req.model, "size": req.size,
         "num_frames": req.num_frames, "steps": req.steps, "seed": req.seed,
         "negative_prompt": req.negative_prompt, "webhook_url": req.webhook_url,
-        "webhook_events": req.webhook_events}.items() if v is not None})
+        "webhook_events": req.webhook_events, "priority": req.priority}.items()
+        if v is not None})
     return req
 
 

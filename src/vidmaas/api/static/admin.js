@@ -55,7 +55,7 @@ export function mountAdmin({ api, t, lang }) {
 
   function startsText(s) {
     if (s === null || s === undefined) return t("neverFits");
-    return s < 1 ? t("startsNow") : t("startsIn", { t: roughDuration(s) });
+    return s < 1 ? t("startsNow") : t("adminStartsIn", { t: roughDuration(s) });
   }
 
   // A table row; each cell carries its column's name, which a phone shows beside it.

@@ -10,7 +10,7 @@
 // GET /v1/tasks (the database is the source of truth).
 // An admin also gets the admin page (admin.js, loaded only for admins).
 
-import { $, fmtDuration, h, parseTime, roughDuration } from "./dom.js";
+import { $, fmtDuration, h, parseTime } from "./dom.js";
 import { initialLanguage, saveLanguage, translator } from "./i18n.js";
 import { LiveStream } from "./live.js";
 
@@ -431,7 +431,6 @@ function renderTask(id) {
   p.bar.firstChild.style.width = `${percent}%`;
   p.percent.textContent = `${percent.toFixed(0)}%`;
   p.position.textContent = t.status === "queued" && t.queue_position ? tr("queuePosition", { n: t.queue_position }) : "";
-  if (p.position.textContent && t.starts_in_s != null) p.position.textContent += ` · ${tr("startsIn", { t: roughDuration(t.starts_in_s) })}`;
   p.position.hidden = !p.position.textContent;
   // The estimated start, when the server sends one (seconds until the task starts).
   const startsIn = Number(t.starts_in_s);

@@ -207,7 +207,8 @@ class Connection:
             return self.closed is False  # gone meanwhile, or attached by a racing call
         start = after if after is not None else (last_id or "0-0")
         self.outbox.put(snapshot_of(task, resume_id=start, last_event_id=last_id,
-                                    position=position), force=True)
+                                    position=position,
+                                    starts_in_s=self.hub.starts_in_s(task_id)), force=True)
         w = _Watch(task_id=task_id, user_id=task.user_id, cursor=start)
         self.watches[task_id] = w
         if task.status.terminal:

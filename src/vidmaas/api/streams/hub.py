@@ -37,11 +37,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 
 from vidmaas.aio import supervise
+from vidmaas.api.estimates import estimated_starts
 from vidmaas.api.streams.outbox import position_key
 from vidmaas.api.streams.protocols import Subscriber
 from vidmaas.bus import events as bus_events
@@ -76,11 +78,18 @@ class StreamHub:
         self._ping_interval_s = cfg.stream_ping_interval_s
         self.backfill_page = max(1, cfg.stream_backfill_page_events)
         self.queue_coalesce_s = cfg.stream_queue_coalesce_s
+        self.eta_min_interval_s = cfg.stream_eta_min_interval_s
+        self.eta_refresh_s = cfg.stream_eta_refresh_s
         self._watchers: dict[str, set[Subscriber]] = {}
         self._cursor: dict[str, str] = {}
         self._owner: dict[str, str] = {}
         self._status: dict[str, str] = {}
         self._position: dict[str, int | None] = {}
+        self._starts_in_s: dict[str, float | None] = {}
+        self._estimated_at = 0.0
+        """When start estimates were last computed (monotonic seconds)."""
+        self._eta_stale = False
+        """A push went out with an estimate older than its position: refresh it soon."""
         self._mux: dict[str, set[Subscriber]] = {}
         self._connections: set[Subscriber] = set()
         self._global_cursor: str | None = None
@@ -194,11 +203,16 @@ class StreamHub:
         self._status.setdefault(task_id, status)
         if position is not None:
             self._position.setdefault(task_id, position)
+        if status == TaskStatus.QUEUED.value and task_id not in self._starts_in_s:
+            self._eta_stale = True  # a newly watched queued task: estimate it soon
         if task_id in self._cursor:
             return self._cursor[task_id]
         self._cursor[task_id] = after
         self._wake()
         return None
+
+    def starts_in_s(self, task_id: str) -> float | None:
+        return self._starts_in_s.get(task_id)
 
     def unwatch(self, sub: Subscriber, task_id: str) -> None:
         subs = self._watchers.get(task_id)
@@ -206,7 +220,8 @@ class StreamHub:
             return
         subs.discard(sub)
         if not subs:
-            for d in (self._watchers, self._cursor, self._owner, self._status, self._position):
+            for d in (self._watchers, self._cursor, self._owner, self._status, self._position,
+                      self._starts_in_s):
                 d.pop(task_id, None)
 
     def _wake(self) -> None:
@@ -352,6 +367,13 @@ class StreamHub:
             while True:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if msg is None:
+                    # Estimates drift as running tasks progress: refresh them even when
+                    # the queue does not move.
+                    since = time.monotonic() - self._estimated_at
+                    if since >= self.eta_refresh_s \
+                            or (self._eta_stale and since >= self.eta_min_interval_s):
+                        self._eta_stale = False
+                        await self.recompute_positions()
                     continue
                 await asyncio.sleep(self.queue_coalesce_s)  # a burst of moves: one recompute
                 while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0):
@@ -362,20 +384,47 @@ class StreamHub:
                 await cast(Any, pubsub).aclose()
 
     async def recompute_positions(self) -> None:
-        """Recompute the positions of every watched queued task (one Redis script) and
-        offer a position push to the watchers of each task whose position changed."""
+        """Recompute the positions of every watched queued task (one Redis script) and,
+        at most every ``stream_eta_min_interval_s``, their estimated starts; offer a
+        position push to the watchers of each task whose position changed or whose
+        estimate moved by more than ``max(5 s, 10 %)``."""
         queued = [(self._owner.get(t, ""), t) for t, s in self._status.items()
                   if s == TaskStatus.QUEUED.value]
         if not queued:
             return
-        positions = await self._services.lifecycle.queue.positions(queued)
+        queue = self._services.lifecycle.queue
+        positions = await queue.positions(queued)
+        starts: dict[str, float | None] | None = None
+        if time.monotonic() - self._estimated_at >= self.eta_min_interval_s:
+            self._estimated_at = time.monotonic()
+            self._eta_stale = False
+            try:
+                starts = await estimated_starts(
+                    queue=queue, sessions=self._services.sessions,
+                    capacity=self._services.settings.gpu_capacity)
+            except Exception:
+                log.warning("start estimates unavailable", exc_info=True)
         for _, task_id in queued:
             pos = positions.get(task_id)
-            if pos is None or pos == self._position.get(task_id) \
-                    or task_id not in self._watchers:
+            if pos is None or task_id not in self._watchers:
+                continue
+            old_eta = self._starts_in_s.get(task_id)
+            if starts is None:  # estimates not due: the last one, refreshed soon
+                eta, eta_moved = old_eta, False
+            else:
+                eta = starts.get(task_id)
+                eta_moved = (eta is None) != (old_eta is None) if task_id in self._starts_in_s \
+                    else eta is not None
+                if eta is not None and old_eta is not None:
+                    eta_moved = abs(eta - old_eta) > max(5.0, 0.1 * old_eta)
+            moved = pos != self._position.get(task_id)
+            if moved and starts is None:
+                self._eta_stale = True
+            if not (moved or eta_moved):
                 continue
             self._position[task_id] = pos
-            msg = ev.position_push(task_id, position=pos)
+            self._starts_in_s[task_id] = eta
+            msg = ev.position_push(task_id, position=pos, starts_in_s=eta)
             for sub in list(self._watchers.get(task_id, ())):
                 sub.offer(msg, key=position_key(task_id))
 

@@ -49,10 +49,10 @@ def task_state(task: Task) -> ev.TaskState:
 
 
 def snapshot_of(task: Task, *, resume_id: str, last_event_id: str | None,
-                position: int | None) -> Message:
+                position: int | None, starts_in_s: float | None = None) -> Message:
     """The first message for a task (``domain.events.snapshot``) from its row."""
     return ev.snapshot(task_state(task), resume_id=resume_id, last_event_id=last_event_id,
-                       queue_position=position)
+                       queue_position=position, starts_in_s=starts_in_s)
 
 
 def dumps(msg: Message) -> str:

@@ -84,6 +84,10 @@ class HubView(Protocol):
 
     def unwatch(self, sub: Subscriber, task_id: str) -> None: ...
 
+    def starts_in_s(self, task_id: str) -> float | None:
+        """The last start estimate of a watched queued task, if there is one."""
+        ...
+
     def cursor_of(self, task_id: str) -> str | None:
         """The id of the last entry the hub read (and delivered) for the task."""
         ...
