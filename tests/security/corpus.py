@@ -5,11 +5,12 @@ Every entry is a body a careless or hostile client can send to ``POST /v1/tasks`
 past a double, NaN, duplicate keys, bytes that are not UTF-8, lone surrogates, NUL
 characters in any text field, values that are not objects), forms that do not parse
 or hide a problem (a file with a name and no bytes, a truncated upload, the same
-field twice, a file under a name the route does not take), and urlencoded bodies
-likewise. Each must be refused with the given machine-readable code — the same on
-both routes, where only the status differs (422 natively, 400 on OpenAI's API) — and
-create nothing. Used by the security tests (over real HTTP) and the OpenAPI fuzz
-tests (validated against the document).
+field twice, a file under a name the route does not take), urlencoded bodies
+likewise, and a model whose GPUs per job exceed the platform's capacity. Each must be
+refused with the given machine-readable code — the same on both routes, where only
+the status differs (422 natively, 400 on OpenAI's API) — and create nothing. Used by
+the security tests (over real HTTP) and the OpenAPI fuzz tests (validated against the
+document).
 """
 
 from __future__ import annotations
@@ -164,6 +165,16 @@ def corpus(*, file_field: str) -> list[Hostile]:
         Hostile("multipart-file-under-an-unknown-name", MULTIPART,
                 multipart(prompt, part("file", png_head + b"\x00" * 16, filename="a.png")),
                 "invalid_request", "file"),
+        # ---- a model no job of which fits the platform's GPUs (8 per job; the tests'
+        # platform has 1): queued, it would block everyone's queue forever
+        Hostile("json-model-larger-than-the-capacity", JSON,
+                _json('{"prompt": "x", "model": "wan2.2-t2v-a14b"}'), "model_unavailable",
+                "model"),
+        Hostile("multipart-model-larger-than-the-capacity", MULTIPART,
+                multipart(prompt, part("model", b"wan2.2-t2v-a14b")), "model_unavailable",
+                "model"),
+        Hostile("urlencoded-model-larger-than-the-capacity", URLENCODED,
+                b"prompt=x&model=wan2.2-t2v-a14b", "model_unavailable", "model"),
         # ---- urlencoded forms
         Hostile("urlencoded-raw-non-ascii", URLENCODED, "prompt=café".encode(),
                 "invalid_form"),

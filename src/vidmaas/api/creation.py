@@ -4,7 +4,10 @@ Guarantees (DESIGN §2 step 1):
 - The request body is read by ``api.body`` (one reader for both APIs: size limit,
   content type, form fields); this module starts from the fields it produced.
 - Parameters are resolved against the model registry before anything is written;
-  an input image is sniffed, bounded and re-encoded (``api.uploads``).
+  an input image is sniffed, bounded and re-encoded (``api.uploads``). A model whose
+  GPUs per job exceed ``gpu_capacity`` is refused (422 ``model_unavailable`` on field
+  ``model``, saying how many GPUs it needs and how many there are): its task would wait
+  at the head of the queue forever.
 - Write order: the input image under ``inputs/{task_id}/``, then the task row
   (``queued``), then the queue entry. A store that fails the put leaves no row (503
   ``storage_error``); if the row cannot be written the stored image is deleted
@@ -50,6 +53,7 @@ from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.domain import webhooks as policy
 from vidmaas.domain.ids import new_task_id
+from vidmaas.domain.models import MODEL_UNAVAILABLE
 from vidmaas.errors import InvalidRequest
 from vidmaas.logs import TaskLog
 from vidmaas.services import Services
@@ -161,6 +165,9 @@ async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
             raise InvalidRequest("the prompt is empty", field="prompt")
         check_text(req)
         spec = svc.registry.get_or_raise(req.model or default_model_id(svc))
+        unavailable = spec.unavailable_reason(gpu_capacity=svc.settings.gpu_capacity)
+        if unavailable is not None:
+            raise InvalidRequest(unavailable, field="model", code=MODEL_UNAVAILABLE)
         params = spec.resolve(size=req.size, num_frames=req.num_frames, steps=req.steps,
                               seed=req.seed, has_image=req.image is not None)
         if req.webhook_url is not None:

@@ -107,6 +107,11 @@ class ModelOut(BaseModel):
     nnodes: int
     nproc_per_node: int
     tiny: bool
+    available: bool = Field(default=True, description=(
+        "False when the model needs more GPUs per job than the platform has in all: "
+        "creating a task of it is refused (model_unavailable)"))
+    unavailable_reason: str | None = Field(default=None, description=(
+        "Why the model is unavailable; null when it is available"))
 
 
 class ModelList(BaseModel):

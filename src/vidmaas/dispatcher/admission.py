@@ -19,6 +19,9 @@ Guarantees (with any number of dispatcher replicas over one Redis and one databa
 - ``launch`` (launch-or-fail, shared with the reconciler) either records the job's
   launch and moves the task to ``running``, or sends the task through the retry rule:
   a task whose model is gone fails for good, a launch error is retried.
+- A head task that needs more GPUs than the whole capacity (queued before the capacity
+  shrank) can never fit: it is taken out of the queue and fails (``model_unavailable``,
+  not retried), so it holds up no one.
 - A pooled model's task is claimed only onto an idle worker of its model
   (``dispatcher.pools``); it is then sent to that worker instead of launched. A head
   task that does not fit the free GPUs is left for ``Pools`` to free idle workers'
@@ -41,7 +44,8 @@ from vidmaas.dispatcher.pools import Pools
 from vidmaas.domain import events as ev
 from vidmaas.domain.ids import is_worker_id
 from vidmaas.domain.ids import job_name as job_name_of
-from vidmaas.domain.jobs import JobSpec
+from vidmaas.domain.jobs import JobSpec, memory_saving_after
+from vidmaas.domain.models import MODEL_UNAVAILABLE, unavailable_message
 from vidmaas.domain.pools import Need
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import VidmaasError
@@ -120,6 +124,8 @@ class Admission:
                 per_user_cap=ctx.cfg.per_user_running_cap, lease_s=ctx.cfg.claim_lease_s,
                 pooled=self.pools.pooled)
             if res.claim is None:
+                if res.outcome == "full" and await self._fail_impossible(res.blocked_task_id):
+                    continue  # it no longer holds up the queue: claim the next one
                 self.pools.blocked = await self._need_of(res.blocked_task_id)
                 break
             await self._dispatch_claim(res.claim)
@@ -127,6 +133,35 @@ class Admission:
         if started:
             await ctx.queue.announce_move()
         return started
+
+    async def _fail_impossible(self, task_id: str | None) -> bool:
+        """Fail the queued head task ``task_id`` if it needs more GPUs than the whole
+        capacity (queued before the capacity shrank): it would wait at the head of the
+        queue forever and every user behind it with it. True if it was taken out."""
+        ctx = self.ctx
+        capacity = ctx.settings.gpu_capacity
+        if task_id is None:
+            return False
+        gpus = int(await ctx.redis.hget(keys.QUEUE_GPUS, task_id) or 1)
+        if gpus <= capacity:
+            return False
+        task = await ctx.get(task_id)
+        if task is None or task.status is not TaskStatus.QUEUED:
+            return False
+        message = unavailable_message(task.model, gpus=gpus, gpu_capacity=capacity)
+        await ctx.queue.remove(user_id=task.user_id, task_id=task_id)
+        try:
+            await ctx.lifecycle.finish(
+                task_id=task_id, to=TaskStatus.FAILED, expected=TaskStatus.QUEUED,
+                fields={"error_code": MODEL_UNAVAILABLE, "error_message": message},
+                event=ev.failed(task_id, code=MODEL_UNAVAILABLE, message=message,
+                                retryable=False))
+            tlog.warning(task_id, "needs %d GPUs of %d in all; failed (%s)", gpus, capacity,
+                         MODEL_UNAVAILABLE)
+        except VidmaasError as e:  # cancelled meanwhile
+            tlog.info(task_id, "%s not applied (%s)", MODEL_UNAVAILABLE, e)
+        await ctx.queue.announce_move()
+        return True
 
     async def _need_of(self, task_id: str | None) -> Need | None:
         if task_id is None or not self.pools.pooled:
@@ -136,12 +171,14 @@ class Admission:
         return Need(str(model or ""), int(gpus or 1))
 
     def job_spec(self, task: Task, attempt: int) -> JobSpec:
-        """The job of ``task``'s attempt; ``VidmaasError`` when its model is unknown."""
+        """The job of ``task``'s attempt; ``VidmaasError`` when its model is unknown. The
+        attempt after an out-of-memory failure runs the memory-saving plan."""
         model = self.ctx.registry.get_or_raise(task.model)
         return JobSpec(task_id=task.id, job_name=job_name_of(task.id), user_id=task.user_id,
                        model=model, prompt=task.prompt, params=dict(task.params),
                        attempt=attempt, input_key=task.input_key,
                        negative_prompt=task.negative_prompt,
+                       memory_saving=memory_saving_after(task.error_code),
                        labels={"vidmaas.io/task-id": task.id, "vidmaas.io/user-id": task.user_id})
 
     async def _dispatch_claim(self, claim: Claim) -> None:

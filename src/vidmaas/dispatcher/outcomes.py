@@ -8,9 +8,10 @@ Guarantees:
 - Otherwise a ``cancelling`` task becomes ``cancelled`` (by whoever set the cancel
   flag), and any other task fails or retries through ``Lifecycle.fail_or_retry``
   (the one retry rule), as ``failure_of`` classifies the job: ``job_stuck`` (the
-  executor's call whether to retry), ``job_vanished`` (retried), or ``job_failed``
-  (retried by the exit code's meaning, ``exit_code_retryable``), the message naming
-  the exit code or reason and the log tail.
+  executor's call whether to retry), ``job_vanished`` (retried), ``out_of_memory``
+  (exit 4: retried, and the retry runs the memory-saving plan; exit 7: final), or
+  ``job_failed`` (retried by the exit code's meaning, ``exit_code_retryable``), the
+  message naming the exit code or reason and the log tail.
 - ``run_updates`` feeds every state change the executor yields to ``on_job_status``;
   a failure to handle one is logged and the loop goes on. On stop it returns without
   cutting a handling in half.
@@ -38,7 +39,7 @@ from vidmaas.dispatcher.pools import Pools
 from vidmaas.domain import events as ev
 from vidmaas.domain.ids import is_worker_id, task_id_from_job_name
 from vidmaas.domain.ids import job_name as job_name_of
-from vidmaas.domain.jobs import exit_code_retryable
+from vidmaas.domain.jobs import OUT_OF_MEMORY_CODE, exit_code_retryable, out_of_memory_exit
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import VidmaasError
 from vidmaas.logs import TaskLog
@@ -55,6 +56,13 @@ def failure_of(status: JobStatus) -> tuple[str, str, bool]:
                 status.retryable)
     if status.state is JobState.MISSING:
         return "job_vanished", f"job {status.job_name} vanished{detail}", True
+    final = out_of_memory_exit(status.exit_code)
+    if final is not None:
+        what = (f"ran out of memory under the memory-saving plan (exit code {status.exit_code}):"
+                " the same request fails the same way, so it is not retried") if final else \
+            (f"ran out of memory (exit code {status.exit_code}); the retry runs the "
+             "memory-saving plan")
+        return OUT_OF_MEMORY_CODE, f"job {status.job_name} {what}{detail}", not final
     retryable = exit_code_retryable(status.exit_code) if status.exit_code is not None \
         else status.retryable
     what = f"exited with code {status.exit_code}" if status.exit_code is not None \

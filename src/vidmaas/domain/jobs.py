@@ -59,6 +59,17 @@ def memory_saving_after(error_code: str | None) -> bool:
     return error_code == OUT_OF_MEMORY_CODE
 
 
+def out_of_memory_exit(exit_code: int | None) -> bool | None:
+    """For a job that exited without reporting why: whether ``exit_code`` is an
+    out-of-memory exit that is final (True), one whose retry runs the memory-saving plan
+    (False), or no out-of-memory exit at all (None)."""
+    if exit_code == ExitCode.OUT_OF_MEMORY_FINAL:
+        return True
+    if exit_code == ExitCode.OUT_OF_MEMORY:
+        return False
+    return None
+
+
 # Environment variable names of the contract.
 ENV_TASK_ID = "VIDMAAS_TASK_ID"
 ENV_REDIS_URL = "VIDMAAS_REDIS_URL"
@@ -72,6 +83,10 @@ ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 ENV_WATERMARK_TEXT = "VIDMAAS_WATERMARK_TEXT"
 ENV_HEARTBEAT_INTERVAL_S = "VIDMAAS_HEARTBEAT_INTERVAL_S"
 ENV_ATTEMPT = "VIDMAAS_ATTEMPT"
+ENV_COLLECTIVE_TIMEOUT_S = "VIDMAAS_COLLECTIVE_TIMEOUT_S"
+"""Seconds a collective (all_gather, broadcast, barrier) may wait for its peers before
+the process group fails it (``runtime.distributed``)."""
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)

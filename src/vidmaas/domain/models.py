@@ -8,7 +8,10 @@ Guarantees:
 - ``ModelSpec.resolve`` turns a request's optional parameters into concrete ones or
   raises ``InvalidRequest`` with the offending ``field``; nothing the model cannot do
   passes it.
-- ``gpus_per_job`` (processes per node × nodes) is the capacity a job of the model holds.
+- ``gpus_per_job`` (processes per node × nodes) is the capacity a job of the model holds;
+  a model whose ``gpus_per_job`` exceeds the platform's GPU capacity is unavailable
+  (``unavailable_reason``, error code ``model_unavailable``): none of its jobs could
+  ever start.
 - Every value that shapes a generation (guidance, scheduler shift, default negative
   prompt, distribution strategy, VAE tiling, CPU offload, attention backend, compile,
   TF32) and the memory a job needs (``gpu_memory_gib`` per GPU, ``pod_memory_gib`` per
@@ -57,6 +60,17 @@ def parse_size(size: str) -> tuple[int, int]:
 
 def format_size(width: int, height: int) -> str:
     return f"{width}*{height}"
+
+
+MODEL_UNAVAILABLE = "model_unavailable"
+"""The error code of a task whose model needs more GPUs per job than the platform has."""
+
+
+def unavailable_message(model_id: str, *, gpus: int, gpu_capacity: int) -> str:
+    """What a refused (or failed) task of a model too large for the capacity is told."""
+    return (f"model {model_id} needs {gpus} GPUs per job and this platform has "
+            f"{gpu_capacity} GPUs in all, so none of its tasks can start; choose another "
+            "model or ask the operator to add capacity")
 
 
 class ModelSpec(BaseModel):
@@ -159,6 +173,13 @@ class ModelSpec(BaseModel):
     @property
     def world_size(self) -> int:
         return self.gpus_per_job
+
+    def unavailable_reason(self, *, gpu_capacity: int) -> str | None:
+        """Why no job of this model can ever start on ``gpu_capacity`` GPUs in all, or None
+        when one can (a job never holds fewer GPUs than ``gpus_per_job``)."""
+        if self.gpus_per_job <= gpu_capacity:
+            return None
+        return unavailable_message(self.id, gpus=self.gpus_per_job, gpu_capacity=gpu_capacity)
 
     def resolve(
         self,

@@ -1,4 +1,5 @@
-"""``GET /v1/models``: what each model can do (sizes, frame counts, steps, image)."""
+"""``GET /v1/models``: what each model can do (sizes, frame counts, steps, image), and
+whether it can run at all here (``available``: its GPUs per job fit the capacity)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 @router.get("", response_model=ModelList, summary="List the models")
 async def list_models(request: Request) -> ModelList:
     svc = services_of(request)
-    data = [ModelOut.model_validate(m.public()) for m in svc.registry.values()]
+    capacity = svc.settings.gpu_capacity
+    data = []
+    for m in svc.registry.values():
+        reason = m.unavailable_reason(gpu_capacity=capacity)
+        data.append(ModelOut.model_validate(m.public() | {"available": reason is None,
+                                                          "unavailable_reason": reason}))
     default = svc.settings.default_model or svc.registry.default.id
     return ModelList(data=data, default=default)

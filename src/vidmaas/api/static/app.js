@@ -202,8 +202,12 @@ async function loadModels() {
   state.models = data.data;
   state.defaultModel = data.default;
   const select = $("#f-model");
-  select.replaceChildren(...state.models.map((m) => h("option", { value: m.id, text: m.display_name })));
-  select.value = state.models.some((m) => m.id === data.default) ? data.default : state.models[0]?.id;
+  // A model too large for the platform's GPUs is listed but cannot be chosen.
+  select.replaceChildren(...state.models.map((m) => h("option", {
+    value: m.id, disabled: m.available === false, title: m.unavailable_reason,
+    text: m.available === false ? `${m.display_name} (${state.t("modelUnavailable")})` : m.display_name })));
+  const usable = state.models.filter((m) => m.available !== false);
+  select.value = usable.some((m) => m.id === data.default) ? data.default : usable[0]?.id;
   onModelChange();
 }
 
