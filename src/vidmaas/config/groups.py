@@ -297,6 +297,12 @@ class RuntimeSettings(BaseModel):
     """Period of heartbeat events while a job lives."""
     progress_min_interval_s: float = 0.2
     """Progress events closer together than this are coalesced."""
+    collective_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest a collective (``all_gather``, ``broadcast``) of a job's ranks waits for its
+    peers before it fails the job (600 s by default; ``VIDMAAS_COLLECTIVE_TIMEOUT_S``): a
+    rank that stopped or deadlocked ends the job within this, and the task is retried.
+    Keep it above the longest one rank may wait for another (the slowest step, the skew of
+    loading the model on different ranks)."""
 
 
 class WebhookSettings(BaseModel):

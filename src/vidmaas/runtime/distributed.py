@@ -16,21 +16,30 @@ Guarantees:
   it is called (an expert loaded at the boundary is prepared when it arrives).
 - ``agree_on_cancel`` makes every rank stop at the same step (a rank that stopped
   alone would leave the others waiting in a collective forever).
+- No collective waits longer than the job's collective timeout
+  (``VIDMAAS_COLLECTIVE_TIMEOUT_S``, ``init_process_group``): a peer that never joins
+  makes the waiting ranks fail instead of hanging.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
+from vidmaas.domain.jobs import DEFAULT_COLLECTIVE_TIMEOUT_S
 from vidmaas.domain.models import Strategy
 from vidmaas.runtime.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-COLLECTIVE_TIMEOUT_S = 600
+NCCL_ASYNC_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+NCCL_TEAR_DOWN = "3"
+"""PyTorch's default since 2.2, made explicit: when a collective times out or fails, the
+NCCL watchdog tears the process down (without aborting the communicator first, which can
+itself hang), so a stuck rank becomes an exit that torchrun and the executor see."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,19 +89,27 @@ def plan(*, world_size: int, rank: int, cuda: bool, guidance: bool, num_heads: i
     return Plan("ulysses", world_size, rank)
 
 
-def init_process_group(p: Plan, *, cuda: bool, local_rank: int) -> None:
-    """Join the job's process group (``env://``: MASTER_ADDR/PORT, RANK, WORLD_SIZE)."""
+def init_process_group(p: Plan, *, cuda: bool, local_rank: int,
+                       timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> None:
+    """Join the job's process group (``env://``: MASTER_ADDR/PORT, RANK, WORLD_SIZE).
+
+    ``timeout_s`` (``VIDMAAS_COLLECTIVE_TIMEOUT_S``) bounds every collective: one whose
+    peers do not all join within it fails on the ranks waiting in it (gloo raises, and
+    the rank fails with ``collective_timeout``; NCCL's watchdog tears the process down,
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3`` unless the environment says otherwise), so a
+    rank that stopped never leaves the others waiting forever."""
     if p.strategy == "single":
         return
     import torch
     import torch.distributed as dist
 
     if cuda:
+        os.environ.setdefault(NCCL_ASYNC_ERROR_HANDLING, NCCL_TEAR_DOWN)
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    log.info("joined process group rank=%d world_size=%d strategy=%s", p.rank, p.world_size,
-             p.strategy)
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    log.info("joined process group rank=%d world_size=%d strategy=%s collective_timeout=%.0fs",
+             p.rank, p.world_size, p.strategy, timeout_s)
 
 
 def destroy_process_group() -> None:

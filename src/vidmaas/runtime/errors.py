@@ -9,6 +9,8 @@ single place that turns an exception into an event and an exit code.
 
 from __future__ import annotations
 
+import re
+
 from vidmaas.domain.jobs import OUT_OF_MEMORY_CODE, ExitCode, exit_code_retryable
 
 
@@ -70,6 +72,13 @@ class InfraError(JobError):
     """Anything else that went wrong around the job: retried."""
 
 
+class CollectiveTimeout(InfraError):
+    """A collective waited for its peers past the collective timeout: a rank stopped or
+    deadlocked (retried: the next attempt starts every rank afresh)."""
+
+    code = "collective_timeout"
+
+
 class Cancelled(Exception):
     """The task's cancel flag was seen; the job stops and uploads nothing."""
 
@@ -83,6 +92,16 @@ def is_out_of_memory(exc: BaseException) -> bool:
     (CUDA and NCCL errors raised as ``RuntimeError``)."""
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
         "out of memory" in str(exc).lower()
+
+
+_COLLECTIVE_TIMEOUT = re.compile(
+    r"timed out waiting \d+ ?ms for (send|recv|receive)|collective operation timeout|"
+    r"watchdog caught collective", re.IGNORECASE)
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    """gloo's "Timed out waiting …ms for recv operation" or NCCL's watchdog timeout."""
+    return _COLLECTIVE_TIMEOUT.search(str(exc)) is not None
 
 
 def classify(exc: BaseException) -> JobError:

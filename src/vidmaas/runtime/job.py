@@ -25,9 +25,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from vidmaas.domain.jobs import (
+    DEFAULT_COLLECTIVE_TIMEOUT_S,
     ENV_ATTEMPT,
     ENV_AWS_ACCESS_KEY_ID,
     ENV_AWS_SECRET_ACCESS_KEY,
+    ENV_COLLECTIVE_TIMEOUT_S,
     ENV_HEARTBEAT_INTERVAL_S,
     ENV_MODEL_DIR,
     ENV_REDIS_URL,
@@ -47,7 +49,9 @@ ENV_WATERMARK_LOGO = "VIDMAAS_WATERMARK_LOGO"
 ENV_PROGRESS_INTERVAL_S = "VIDMAAS_PROGRESS_INTERVAL_S"
 """Least seconds between two ``progress`` events (stage ends always report)."""
 ENV_FAULT = "VIDMAAS_TEST_FAULT"
-"""Test-only fault injection, e.g. ``oom_at_step=1`` or ``step_delay_s=0.3``."""
+"""Test-only fault injection, e.g. ``oom_at_step=1``, ``step_delay_s=0.3``, or
+``hang_at_step=1,hang_rank=1`` (that rank stops after step 1 and never joins the next
+collective)."""
 DEFAULT_WATERMARK = "AI generated"
 DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
 DEFAULT_PROGRESS_INTERVAL_S = 0.5
@@ -95,6 +99,8 @@ class JobEnv:
     watermark_logo: Path | None
     heartbeat_interval_s: float
     progress_interval_s: float
+    collective_timeout_s: float
+    """How long a collective waits for its peers before it fails (``init_process_group``)."""
     attempt: int
     fault: Mapping[str, str]
     dist: Dist
@@ -151,6 +157,8 @@ class JobEnv:
             watermark_logo=Path(logo) if logo else None,
             heartbeat_interval_s=num(ENV_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_INTERVAL_S),
             progress_interval_s=num(ENV_PROGRESS_INTERVAL_S, DEFAULT_PROGRESS_INTERVAL_S),
+            collective_timeout_s=num(ENV_COLLECTIVE_TIMEOUT_S, DEFAULT_COLLECTIVE_TIMEOUT_S)
+            or DEFAULT_COLLECTIVE_TIMEOUT_S,
             attempt=integer(ENV_ATTEMPT, 1),
             fault=fault,
             dist=dist,

@@ -12,7 +12,8 @@ Guarantees:
   job's arguments; no model registry is read.
 - Out of memory during generate is an ``OutOfMemory`` whose message names the model,
   the size, the frames, the plan and its estimated peak, and which is final (never
-  retried) when the memory-saving plan was already in use.
+  retried) when the memory-saving plan was already in use. A collective that waited past
+  the collective timeout (a peer stopped) is a ``CollectiveTimeout`` (retried).
 - ``postprocess`` (rank 0's node only) uploads nothing if the task is cancelled,
   sends ``progress`` 100 only after both uploads succeeded, then ``completed``.
 - ``run`` chains the steps: in-process when it is itself under ``torchrun`` or the
@@ -46,10 +47,12 @@ from vidmaas.runtime.engine import (
 from vidmaas.runtime.errors import (
     BadInput,
     Cancelled,
+    CollectiveTimeout,
     InfraError,
     JobError,
     ModelError,
     OutOfMemory,
+    is_collective_timeout,
     is_out_of_memory,
 )
 from vidmaas.runtime.job import JobArgs, JobEnv, WorkDir
@@ -159,14 +162,25 @@ def _check_image(path: Any) -> None:
 
 # ---------------------------------------------------------------- generate
 
+HANG_S = 300.0
+"""How long a rank told to hang (``hang_at_step``) sleeps: longer than any test waits."""
+
+
 def _fault_hook(ctx: Context) -> Any:
     fault = ctx.env.fault
     oom_at = int(fault["oom_at_step"]) if "oom_at_step" in fault else None
     delay_s = float(fault.get("step_delay_s", "0") or 0)
+    hang_at = int(fault["hang_at_step"]) if "hang_at_step" in fault else None
+    hangs = hang_at is not None and ctx.env.dist.rank == int(fault.get("hang_rank", "1"))
 
     def hook(step: int) -> None:
         if delay_s:
             time.sleep(delay_s)
+        if hangs and hang_at is not None and step >= hang_at:
+            # Never joins the next collective: its peers wait there, as in a deadlock.
+            log.warning("task_id=%s rank %d hangs at step %d (VIDMAAS_TEST_FAULT)",
+                        ctx.env.task_id, ctx.env.dist.rank, step)
+            time.sleep(HANG_S)
         if oom_at is not None and step >= oom_at:
             import torch
 
@@ -194,7 +208,8 @@ def generate(ctx: Context) -> None:
                          model=args.model, strategy=args.strategy)
     import_libraries()
     imports_s = time.perf_counter() - t
-    distributed.init_process_group(p, cuda=cuda, local_rank=env.dist.local_rank)
+    distributed.init_process_group(p, cuda=cuda, local_rank=env.dist.local_rank,
+                                   timeout_s=env.collective_timeout_s)
     engine: Engine | None = None
     try:
         t = time.perf_counter()
@@ -238,6 +253,11 @@ def generate(ctx: Context) -> None:
         if is_out_of_memory(e):
             raise out_of_memory(ctx, engine=engine, world_size=p.world_size,
                                 strategy=p.strategy, cause=e) from e
+        if is_collective_timeout(e):
+            raise CollectiveTimeout(
+                f"rank {p.rank} of {p.world_size} waited in a collective for longer than the "
+                f"collective timeout of {env.collective_timeout_s:.0f}s: another rank stopped "
+                f"or deadlocked ({str(e)[:300]})") from e
         raise
     finally:
         distributed.destroy_process_group()

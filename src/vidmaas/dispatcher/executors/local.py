@@ -3,7 +3,8 @@
 Guarantees:
 - A job runs as a pod would: in a fresh work directory under ``local.work_root``,
   with the environment of DESIGN §5 (task id, Redis and storage URLs, storage
-  credentials, model and work directories, and the variables the Training Operator
+  credentials, model and work directories, the collective timeout
+  (``runtime.collective_timeout_s``), and the variables the Training Operator
   injects, ``PET_NPROC_PER_NODE`` from the registry), as ``vidmaas-job run
   <job_args(spec)>`` (the pod's entry; the runtime runs ``torchrun`` for its
   generate step when the job has several processes), or a given program for tests,
@@ -20,7 +21,9 @@ Guarantees:
 - GPUs: each job gets ``CUDA_VISIBLE_DEVICES`` of its own, ``spec.gpus`` ids that no
   other live job of the work root holds (from the dispatcher's own
   ``CUDA_VISIBLE_DEVICES``, else ``0 … gpu_capacity-1``), recorded in ``job.json``.
-- ``cancel`` sends SIGTERM to the group and SIGKILL after ``grace_s``.
+- ``cancel`` sends SIGTERM to the group and SIGKILL after ``grace_s``; SIGKILL reaches
+  every process the job started, torchrun's ranks in their own sessions included
+  (``workdir.kill_tree``).
 - ``updates`` yields a ``JobStatus`` when a job's process ends: its exit code, whether
   that is retryable (``exit_code_retryable``) and the tail of its log.
 - ``close`` stops watching; it never kills jobs.
@@ -158,6 +161,7 @@ class LocalExecutor:
             jobs.ENV_S3_REGION: s.storage.s3_region,
             jobs.ENV_WATERMARK_TEXT: s.runtime.watermark_text,
             jobs.ENV_HEARTBEAT_INTERVAL_S: str(s.runtime.heartbeat_interval_s),
+            jobs.ENV_COLLECTIVE_TIMEOUT_S: str(s.runtime.collective_timeout_s),
             "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(_free_port()),
@@ -291,8 +295,7 @@ class LocalExecutor:
 
     async def _kill_and_wait(self, marker: dict[str, Any]) -> None:
         pid = int(marker["pid"])
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+        await asyncio.to_thread(workdir.kill_tree, pid)
         for _ in range(100):
             if not workdir.alive(marker):
                 return
@@ -364,8 +367,11 @@ class LocalExecutor:
         sig = signal.SIGKILL if grace_s <= 0 else signal.SIGTERM
         tlog.info(task_id_from_job_name(job_name), "job %s: sending %s to process group %d",
                   job_name, sig.name, pgid)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, sig)
+        if sig is signal.SIGKILL:
+            await asyncio.to_thread(workdir.kill_tree, pgid)
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
         if grace_s > 0:
             timer = asyncio.create_task(self._kill_after(job_name, marker, grace_s),
                                         name=f"local-kill-{job_name}")
@@ -381,8 +387,7 @@ class LocalExecutor:
         if workdir.alive(marker):
             tlog.warning(task_id_from_job_name(job_name),
                          "job %s: still alive %.0fs after SIGTERM; SIGKILL", job_name, grace_s)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(int(marker["pid"]), signal.SIGKILL)
+            await asyncio.to_thread(workdir.kill_tree, int(marker["pid"]))
 
     async def list_jobs(self) -> list[str]:
         return [name for name, marker in await asyncio.to_thread(workdir.scan, self.root)

@@ -11,6 +11,8 @@ Guarantees:
 - ``status_from_disk`` answers for any job of the work root, also one started by an
   earlier dispatcher process: running, ended with its exit code and log tail, or
   missing.
+- ``kill_tree`` kills a job's process group and every process it started, also those
+  in sessions of their own (torchrun's ranks).
 - ``prune`` empties a directory down to the marker, the exit code and the log.
 - ``lock_file`` takes an exclusive ``flock`` that serialises launches across
   processes of one machine; closing the descriptor releases it.
@@ -25,6 +27,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Final
 
@@ -55,6 +58,40 @@ def proc_start_time(pid: int) -> str | None:
     if fields[0] in ("Z", "X"):
         return None
     return fields[19]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, children first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL the job's process group (led by ``pid``) and every descendant of ``pid``:
+    torchrun starts each rank in a session of its own, outside the group, and a killed
+    torchrun cannot pass the signal on, so the ranks would live on (in a collective,
+    until its timeout)."""
+    tree = descendants(pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    for child in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, signal.SIGKILL)
 
 
 def alive(marker: dict[str, Any]) -> bool:
