@@ -80,6 +80,25 @@ async def test_progress_never_goes_backwards(world: World) -> None:
     assert (await world.get(task.id)).progress == 60.0
 
 
+async def test_only_a_denoising_step_records_the_time_of_the_last_step(world: World) -> None:
+    task = await world.task()
+    await world.publish(ev.progress(task.id, step=1, total=1, percent=12.0, eta_s=None,
+                                    stage_=ev.Stage.LOAD_MODEL))
+    await world.publish(ev.progress(task.id, step=0, total=1, percent=15.0, eta_s=None,
+                                    stage_=ev.Stage.DENOISE))  # the stage's start
+    await world.publish(ev.heartbeat(task.id))
+    async with running(relay(world)):
+        await eventually(world.stream_drained)
+        before = await world.get(task.id)
+        await world.publish(ev.progress(task.id, step=1, total=4, percent=32.5, eta_s=9.0,
+                                        stage_=ev.Stage.DENOISE))
+        await eventually(world.stream_drained)
+    after = await world.get(task.id)
+    assert (before.stage, before.last_step_at) == ("denoise", None)
+    assert before.last_heartbeat_at is not None
+    assert after.last_step_at is not None and after.last_step_at >= before.last_heartbeat_at
+
+
 async def test_a_terminal_state_is_final(world: World) -> None:
     task = await world.task()
     await world.publish(ev.Event(task.id, ev.EventType.COMPLETED, COMPLETED_DATA))

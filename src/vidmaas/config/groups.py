@@ -167,6 +167,14 @@ class DispatcherSettings(BaseModel):
     """A job whose pods stay Pending (unschedulable, image pull) longer than this fails."""
     task_deadline_s: float = 3600.0
     """Longest a task may run once dispatched, before it is cancelled and failed."""
+    stall_factor: float = Field(default=5.0, ge=0)
+    """A running task that reported a denoising step but no next one for this many times
+    its expected step time (the registry's ``step_s``, else learnt from the model's
+    recent run times) is stopped and retried as ``stalled`` (5 by default; 0 turns the
+    rule off). Heartbeats cannot tell: a rank stuck in a collective keeps them coming."""
+    stall_floor_s: float = Field(default=120.0, ge=0)
+    """The stall rule never fires sooner than this after the last step (120 s by
+    default), however short the expected step."""
     reconcile_interval_s: float = 30.0
     """Period of the reconciler and watchdog sweeps."""
     claim_lease_s: float = 60.0

@@ -118,7 +118,8 @@ async def mark_event(*, session: AsyncSession, task_id: str, event_id: str) -> b
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
-_BOOKKEEPING_FIELDS = frozenset({"progress", "stage", "eta_s", "last_heartbeat_at"})
+_BOOKKEEPING_FIELDS = frozenset({"progress", "stage", "eta_s", "last_heartbeat_at",
+                                 "last_step_at"})
 
 
 class Subscription(NamedTuple):
@@ -149,8 +150,8 @@ def _bookkeeping_update(columns: frozenset[str]) -> Any:
 async def write_bookkeeping(*, session: AsyncSession, task_id: str, values: dict[str, Any],
                             first_event_id: str, last_event_id: str) -> Subscription | None:
     """Write what a run of events ``first_event_id``…``last_event_id`` says (progress,
-    stage, eta, heartbeat) and record ``last_event_id``, in one UPDATE; then the task's
-    webhook subscription.
+    stage, eta, heartbeat, last denoising step) and record ``last_event_id``, in one
+    UPDATE; then the task's webhook subscription.
 
     None, writing nothing, unless the task is active, its stored ``last_event_id`` is
     older than ``first_event_id`` (no event of the run was applied before) and, when

@@ -159,6 +159,10 @@ class Task(Base):
     last_event_id: Mapped[str | None] = mapped_column(String(32), default=None)
     """The newest task-stream event the relay applied (idempotency)."""
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_step_at: Mapped[datetime | None] = mapped_column(default=None)
+    """When the relay applied the newest ``progress`` event of a denoising step (step 1
+    or later): the watchdog's stall rule measures from it. It may belong to an earlier
+    attempt; the rule only trusts one newer than ``dispatched_at``."""
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

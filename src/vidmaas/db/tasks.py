@@ -72,7 +72,7 @@ _STAMP: dict[TaskStatus, str] = {
 _TRANSITION_FIELDS = frozenset({
     "progress", "stage", "eta_s", "attempts", "job_name", "executor", "video_key",
     "poster_key", "result", "error_code", "error_message", "last_event_id",
-    "last_heartbeat_at", "started_at", "dispatched_at",
+    "last_heartbeat_at", "last_step_at", "started_at", "dispatched_at",
 })
 
 

@@ -14,6 +14,13 @@ kind, at each sweep (``check``):
   or has already ended (then ``outcomes`` decides), or the task's stream already
   holds this attempt's result (the relay applies it), the task fails or retries
   (``heartbeat_lost``) and its job is stopped.
+- Stalled (``domain.stall``): ``running`` in the ``denoise`` stage, its attempt has
+  reported a step, and no next step for longer than ``dispatcher.stall_factor`` times
+  the expected step time (the registry's ``step_s``, else the model's moving-average run
+  time over the task's steps), at least ``dispatcher.stall_floor_s``: unless its job
+  has ended (``outcomes`` decides) or its result is in the stream, the task fails or
+  retries (``stalled``) and its job is stopped. Heartbeats come from the job's parent
+  process, so they go on while a rank is deadlocked in a collective; steps do not.
 - A job is stopped only after the failure was recorded, so a task the watchdog lost
   the race for keeps its job. One task's check failing never stops the others'.
 """
@@ -29,7 +36,9 @@ from vidmaas.db.models import Task
 from vidmaas.dispatcher.context import DispatcherContext, age_s
 from vidmaas.dispatcher.executors.base import JobState
 from vidmaas.dispatcher.outcomes import Outcomes
+from vidmaas.domain.events import Stage
 from vidmaas.domain.ids import job_name as job_name_of
+from vidmaas.domain.stall import STALLED_CODE, expected_step_s, stall_limit_s
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import VidmaasError
 from vidmaas.logs import TaskLog
@@ -46,17 +55,19 @@ class Watchdog:
         self.outcomes = outcomes
 
     async def check(self) -> None:
-        """Fail or retry silent, overdue and stuck-dispatching tasks."""
+        """Fail or retry silent, stalled, overdue and stuck-dispatching tasks."""
         now = datetime.now(UTC)
-        for task in await self.ctx.with_status(TaskStatus.RUNNING, TaskStatus.DISPATCHING):
+        tasks = await self.ctx.with_status(TaskStatus.RUNNING, TaskStatus.DISPATCHING)
+        run_s = await self.ctx.queue.model_run_s() if tasks else {}
+        for task in tasks:
             if not self.ctx.owns(task):
                 continue
             try:
-                await self._check_task(task, now)
+                await self._check_task(task, now, run_s)
             except Exception:
                 tlog.exception(task.id, "watchdog check failed")
 
-    async def _check_task(self, task: Task, now: datetime) -> None:
+    async def _check_task(self, task: Task, now: datetime, run_s: dict[str, float]) -> None:
         ctx, cfg = self.ctx, self.ctx.cfg
         tid = task.id
         job = task.job_name or job_name_of(tid)
@@ -89,6 +100,7 @@ class Watchdog:
                     if t is not None), default=None)
         silent_s = age_s(last, now)
         if silent_s is None or silent_s <= cfg.heartbeat_timeout_s:
+            await self._check_steps(task, job, now, run_s)
             return
         status = await ctx.executor.status(job)
         if (task.last_heartbeat_at is None and status.state is JobState.PENDING
@@ -101,6 +113,39 @@ class Watchdog:
             return
         await self._kill_and_fail(task, job, code="heartbeat_lost", retryable=True,
                                   message=f"no heartbeat for {silent_s:.0f}s")
+
+    async def _check_steps(self, task: Task, job: str, now: datetime,
+                           run_s: dict[str, float]) -> None:
+        """The stall rule (``domain.stall``): a task denoising, whose attempt reported a
+        step, and no next one within the limit, is stopped and retried (``stalled``)."""
+        ctx, cfg = self.ctx, self.ctx.cfg
+        if task.status is not TaskStatus.RUNNING or task.stage != Stage.DENOISE.value:
+            return
+        last = task.last_step_at
+        if last is None or task.dispatched_at is None or last < task.dispatched_at:
+            return  # no step of this attempt yet: loading and the first step are not timed
+        model = ctx.registry.get(task.model)
+        steps = int(task.params.get("steps") or 0)
+        step_s = expected_step_s(declared_s=model.step_s if model is not None else None,
+                                 run_s=run_s.get(task.model), steps=steps)
+        limit_s = stall_limit_s(step_s=step_s, factor=cfg.stall_factor,
+                                floor_s=cfg.stall_floor_s)
+        idle_s = age_s(last, now)
+        if limit_s is None or idle_s is None or idle_s <= limit_s:
+            return
+        status = await ctx.executor.status(job)
+        if status.state.finished:
+            await self.outcomes.on_job_status(status, task=task)
+            return
+        if await attempt_result(ctx.redis, task.id) is not None:
+            return
+        expected = "unknown" if step_s is None else f"{step_s:.1f}s"
+        await self._kill_and_fail(
+            task, job, code=STALLED_CODE, retryable=True,
+            message=f"no denoising step for {idle_s:.0f}s while its heartbeats went on (limit "
+                    f"{limit_s:.0f}s: {cfg.stall_factor:g}x the expected step time of "
+                    f"{expected}, at least {cfg.stall_floor_s:.0f}s): a rank is stuck, e.g. "
+                    "in a collective")
 
     async def _kill_and_fail(self, task: Task, job: str, *, code: str, message: str,
                              retryable: bool) -> None:

@@ -121,6 +121,10 @@ class ModelSpec(BaseModel):
     """``torch.compile`` the transformer's repeated blocks (slower first step, faster after)."""
     tf32: bool = False
     """TF32 matmuls and convolutions for the fp32 VAE on CUDA."""
+    step_s: float | None = Field(default=None, gt=0, le=3600)
+    """Seconds one denoising step takes on this model's GPUs (a typical task): the
+    watchdog's stall rule expects a step within ``dispatcher.stall_factor`` times this.
+    None: learnt from the model's recent run times."""
     image: Literal["none", "optional", "required"] = "none"
     tiny: bool = False
     """A random-weight test model that the project generates itself."""

@@ -14,6 +14,8 @@ Guarantees:
   follows the event (``bus.events.superseded``).
 - Progress never goes backwards and a terminal status is final: progress, stage,
   heartbeat and status events for a task that is already terminal change nothing.
+- A ``progress`` event of a denoising step (stage ``denoise``, step 1 or later) records
+  the time it was applied as ``last_step_at`` (the watchdog's stall rule).
 - A run of one task's bookkeeping events (progress, stage, heartbeat; and the
   ``queued``, ``dispatched`` and ``log`` events the api and the dispatcher wrote) is one
   write, guarded in SQL: the task still active, progress not lower, and none of the
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +47,7 @@ from vidmaas.bus.events import id_key
 from vidmaas.db import bookkeeping
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task, utcnow
-from vidmaas.domain.events import Event, EventType
+from vidmaas.domain.events import Event, EventType, Stage
 from vidmaas.domain.status import ACTIVE, TaskStatus
 from vidmaas.errors import IllegalTransition, NotFound, StaleTransition
 from vidmaas.lifecycle import Lifecycle
@@ -118,9 +120,16 @@ def _plan(run: Sequence[Delivery], *, last: str | None, active: bool) -> _Plan:
             eta = data.get("eta_s")
             values["eta_s"] = float(eta) if isinstance(eta, int | float) \
                 and not isinstance(eta, bool) else None
+            if data.get("stage") == Stage.DENOISE.value and _step(data) >= 1:
+                values["last_step_at"] = utcnow()
             plan.latest_progress = d
         plan.actions.append("applied")
     return plan
+
+
+def _step(data: Mapping[str, Any]) -> int:
+    step = data.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else 0
 
 
 @dataclass(frozen=True, slots=True)
