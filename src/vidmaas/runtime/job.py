@@ -51,7 +51,7 @@ ENV_PROGRESS_INTERVAL_S = "VIDMAAS_PROGRESS_INTERVAL_S"
 ENV_FAULT = "VIDMAAS_TEST_FAULT"
 """Test-only fault injection, e.g. ``oom_at_step=1``, ``step_delay_s=0.3``, or
 ``hang_at_step=1,hang_rank=1`` (that rank stops after step 1 and never joins the next
-collective)."""
+collective; ``hang_attempt=1``: only in attempt 1)."""
 DEFAULT_WATERMARK = "AI generated"
 DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
 DEFAULT_PROGRESS_INTERVAL_S = 0.5

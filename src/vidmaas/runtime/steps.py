@@ -171,7 +171,8 @@ def _fault_hook(ctx: Context) -> Any:
     oom_at = int(fault["oom_at_step"]) if "oom_at_step" in fault else None
     delay_s = float(fault.get("step_delay_s", "0") or 0)
     hang_at = int(fault["hang_at_step"]) if "hang_at_step" in fault else None
-    hangs = hang_at is not None and ctx.env.dist.rank == int(fault.get("hang_rank", "1"))
+    hangs = hang_at is not None and ctx.env.dist.rank == int(fault.get("hang_rank", "1")) \
+        and ctx.env.attempt == int(fault.get("hang_attempt", str(ctx.env.attempt)))
 
     def hook(step: int) -> None:
         if delay_s:
