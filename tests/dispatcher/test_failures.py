@@ -127,3 +127,22 @@ async def test_a_queued_task_too_large_for_a_shrunk_capacity_fails_and_blocks_no
     q = TaskQueue(redis)
     assert not await q.is_queued(user_id=big.user_id, task_id=big.id)
     assert await q.gpus_in_use() == 0
+
+
+async def test_the_reconciler_fails_a_queued_task_too_large_for_the_capacity(
+        sqlite_url: str, redis: aioredis.Redis, redis_url: str) -> None:
+    """Also when admission never meets it at the head (a pooled model's task is passed
+    over while no worker of its model can start)."""
+    settings = make_settings(db_url=sqlite_url, redis_url=redis_url, capacity=2)
+    executor = FakeExecutor()
+    async with database(sqlite_url) as sessions:
+        world = World(settings=settings, sessions=sessions, redis=redis)
+        big = await world.submit("alice", gpus=8, model="wan2.2-t2v-a14b")
+        fits = await world.submit("bob", gpus=2, model="wan2.2-ti2v-5b")
+        await world.dispatcher(executor).reconcile()
+        big_final, fits_final = await world.get(big.id), await world.get(fits.id)
+    await executor.close()
+    assert (big_final.status, big_final.error_code) == ("failed", "model_unavailable")
+    assert fits_final.status == "queued"
+    assert await TaskQueue(redis).is_queued(user_id=fits.user_id, task_id=fits.id)
+    assert executor.launches == []

@@ -136,32 +136,38 @@ class Admission:
 
     async def _fail_impossible(self, task_id: str | None) -> bool:
         """Fail the queued head task ``task_id`` if it needs more GPUs than the whole
-        capacity (queued before the capacity shrank): it would wait at the head of the
-        queue forever and every user behind it with it. True if it was taken out."""
-        ctx = self.ctx
-        capacity = ctx.settings.gpu_capacity
+        capacity: it would wait at the head of the queue forever and every user behind it
+        with it. True if it was taken out."""
         if task_id is None:
             return False
-        gpus = int(await ctx.redis.hget(keys.QUEUE_GPUS, task_id) or 1)
-        if gpus <= capacity:
+        gpus = int(await self.ctx.redis.hget(keys.QUEUE_GPUS, task_id) or 1)
+        if gpus <= self.ctx.settings.gpu_capacity:
             return False
-        task = await ctx.get(task_id)
+        task = await self.ctx.get(task_id)
         if task is None or task.status is not TaskStatus.QUEUED:
             return False
+        await self.fail_too_large(task, gpus=gpus)
+        return True
+
+    async def fail_too_large(self, task: Task, *, gpus: int) -> None:
+        """Take a queued task that needs ``gpus`` GPUs, more than the whole capacity
+        (queued before the capacity shrank), out of the queue and fail it
+        (``model_unavailable``, not retried)."""
+        ctx = self.ctx
+        capacity = ctx.settings.gpu_capacity
         message = unavailable_message(task.model, gpus=gpus, gpu_capacity=capacity)
-        await ctx.queue.remove(user_id=task.user_id, task_id=task_id)
+        await ctx.queue.remove(user_id=task.user_id, task_id=task.id)
         try:
             await ctx.lifecycle.finish(
-                task_id=task_id, to=TaskStatus.FAILED, expected=TaskStatus.QUEUED,
+                task_id=task.id, to=TaskStatus.FAILED, expected=TaskStatus.QUEUED,
                 fields={"error_code": MODEL_UNAVAILABLE, "error_message": message},
-                event=ev.failed(task_id, code=MODEL_UNAVAILABLE, message=message,
+                event=ev.failed(task.id, code=MODEL_UNAVAILABLE, message=message,
                                 retryable=False))
-            tlog.warning(task_id, "needs %d GPUs of %d in all; failed (%s)", gpus, capacity,
+            tlog.warning(task.id, "needs %d GPUs of %d in all; failed (%s)", gpus, capacity,
                          MODEL_UNAVAILABLE)
-        except VidmaasError as e:  # cancelled meanwhile
-            tlog.info(task_id, "%s not applied (%s)", MODEL_UNAVAILABLE, e)
+        except VidmaasError as e:  # cancelled or taken meanwhile
+            tlog.info(task.id, "%s not applied (%s)", MODEL_UNAVAILABLE, e)
         await ctx.queue.announce_move()
-        return True
 
     async def _need_of(self, task_id: str | None) -> Need | None:
         if task_id is None or not self.pools.pooled:

@@ -12,6 +12,9 @@ step failing never skips the others. Guarantees:
 - Queued tasks missing from the queue (the api's enqueue failed after its insert):
   enqueued once they have been ``queued`` for ``dispatcher.requeue_grace_s`` and are
   neither queued, claimed nor waiting for a retry. Nothing the api accepted is lost.
+- Queued tasks that need more GPUs than the whole capacity (queued before it shrank)
+  fail (``model_unavailable``): also those of a pooled model, which admission passes
+  over rather than finds blocking the head of the queue.
 - Leaked capacity: GPUs held by a task that is not active, not being dispatched and
   unchanged for ``dispatcher.lease_grace_s`` are released.
 - Jobs: a running task whose job ended (or vanished) while nobody watched is handled
@@ -78,6 +81,10 @@ class Reconciler:
         ctx = self.ctx
         now = datetime.now(UTC)
         for task in await ctx.with_status(TaskStatus.QUEUED):
+            if task.gpus > ctx.settings.gpu_capacity \
+                    and await ctx.queue.is_queued(user_id=task.user_id, task_id=task.id):
+                await self.admission.fail_too_large(task, gpus=task.gpus)
+                continue
             age = age_s(task.queued_at or task.updated_at, now)
             if age is not None and age < ctx.cfg.requeue_grace_s:
                 continue
