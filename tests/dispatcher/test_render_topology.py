@@ -306,3 +306,14 @@ def test_the_watermark_logo_reaches_the_pods_only_when_set() -> None:
     assert env["VIDMAAS_WATERMARK_LOGO"]["value"] == "/models/brand/logo.png"
     assert JobEnv.from_environ({"VIDMAAS_WATERMARK_LOGO": env["VIDMAAS_WATERMARK_LOGO"]["value"]}
                                ).watermark_logo == Path("/models/brand/logo.png")
+
+
+def test_the_gang_scheduling_policy_the_guide_suggests_passes_the_crd(tmp_path: Path) -> None:
+    template = operator_template(tmp_path, "    backoffLimit: {{ backoff_limit }}\n",
+                                 "    backoffLimit: {{ backoff_limit }}\n"
+                                 "    schedulingPolicy: {minAvailable: {{ nnodes }}}\n")
+
+    manifest = render_pytorchjob(settings=settings_with(template_path=template, multi_node=True),
+                                 spec=spec_of(TWO_NODES))
+
+    assert manifest["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 2}

@@ -6,11 +6,17 @@ Guarantees of ``render_pytorchjob``:
   ``null``, flow lists and mappings). A value therefore stays one scalar, whatever
   quotes, newlines, ``{{ }}``, ``{% %}``, ``---`` or YAML it holds; user text is data,
   never template source (the template environment is sandboxed, autoescape is off).
+- A quoted whole value in the template (``"{{ prompt_text }}"``, as plain-Jinja
+  templates write it) is compiled as that value as a string, quoted like any other.
 - The text is parsed back with ``yaml.safe_load_all``, must be exactly one document,
   and passes every check of ``checks.check_manifest`` (kind, name, namespace, labels,
-  replicas, the ``pytorch`` containers' ``args`` equal to ``job_args(spec)`` so the
-  prompt arrives exactly as typed and the local and Kubernetes executors run the
-  same command line, GPUs, secrets only by reference).
+  replicas, the ``pytorch`` containers' ``args`` read by the runtime's parser as it
+  reads ``job_args(spec)`` so the prompt arrives exactly as typed and the local and
+  Kubernetes executors run the same job, GPUs and vGPU memory, a Worker's node rank,
+  secrets only by reference).
+- Pods, GPUs per pod and memory follow ``placement.job_placement``: one pod per job
+  unless multi-node is on and the model spans nodes; only such a job gets pod
+  anti-affinity, the RDMA resource and the NCCL interface variables.
 - When a CRD file is configured (or passed), the manifest is validated against its
   schema and each pod template against the core schema (``checks.validate_manifest``).
 - Any failure raises ``ExecutorError`` (``InvalidRequest`` for a value no job can carry,
