@@ -35,3 +35,6 @@ POD_JOB_LABEL: Final = "training.kubeflow.org/job-name"
 """Set by the Training Operator on every pod of a job."""
 POD_REPLICA_LABEL: Final = "training.kubeflow.org/replica-type"
 """Set by the Training Operator: ``master`` or ``worker``."""
+POD_REPLICA_INDEX_LABEL: Final = "training.kubeflow.org/replica-index"
+"""Set by the Training Operator: the pod's index among its replica type's pods (a
+Worker's node rank is its index + 1)."""
