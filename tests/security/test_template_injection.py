@@ -104,6 +104,7 @@ async def test_nasty_prompts_reach_the_container_exactly_as_typed(
         live: LiveApi, model: str, size: str) -> None:
     assert CRD_PATH.is_file(), f"lay shared/ beside the repository: {CRD_PATH} is missing"
     live.settings.api.max_queued_per_user = 1000
+    live.settings.gpu_capacity = 8  # A14B takes 8 GPUs a job: on fewer it is refused
     ids: list[str] = []
     async with httpx.AsyncClient(base_url=live.base_url) as c:
         for prompt in CORPUS:
