@@ -174,8 +174,15 @@ def dispatched(task_id: str, *, executor: str, job_name: str, attempt: int) -> E
                  {"executor": executor, "job_name": job_name, "attempt": attempt})
 
 
-def started(task_id: str, *, world_size: int, host: str) -> Event:
-    return Event(task_id, EventType.STARTED, {"world_size": world_size, "host": host})
+def started(task_id: str, *, world_size: int, host: str, worker: str | None = None,
+            pid: int | None = None) -> Event:
+    """``worker`` and ``pid``: the pool worker running the task (DESIGN §12), if any."""
+    data: dict[str, Any] = {"world_size": world_size, "host": host}
+    if worker is not None:
+        data["worker"] = worker
+    if pid is not None:
+        data["pid"] = pid
+    return Event(task_id, EventType.STARTED, data)
 
 
 def stage(task_id: str, stage_: Stage) -> Event:

@@ -70,6 +70,12 @@ class InfraError(JobError):
     """Anything else that went wrong around the job: retried."""
 
 
+class Terminated(InfraError):
+    """SIGTERM arrived: the executor is stopping the job (or the pool worker)."""
+
+    code = "terminated"
+
+
 class Cancelled(Exception):
     """The task's cancel flag was seen; the job stops and uploads nothing."""
 

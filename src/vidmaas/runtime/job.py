@@ -250,6 +250,12 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt", default=None, action=_FreeText,
                         help="what to steer away from (the executors pass the model's "
                              "default when the task has none)")
+    add_generation_args(parser)
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    """The registry's values that shape a generation (``domain.jobs.model_args``): a job
+    takes them with its task, a pool worker (``serve``) to load its model once."""
     gen = parser.add_argument_group("generation (from the model registry)")
     gen.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
                      help="classifier-free guidance (the high-noise expert's for A14B)")

@@ -17,6 +17,11 @@ Guarantees:
   whichever rank fails first tells why, and rank 0, stopped by torchrun because of
   it, does not bury that under its own ``terminated``.
 - Without a Redis URL (a job run by hand) every method is a no-op.
+- A reporter made with a ``fence`` (a pool worker's task, DESIGN §12) writes every event
+  through ``bus.events.publish_fenced_sync``: nothing gets through once the task's fence
+  no longer names this worker and attempt. From then on it is ``superseded`` and
+  ``cancel_requested`` answers ``superseded``, so the stale attempt stops at its next
+  step (what it would send is dropped anyway).
 - ``heartbeats()`` runs a daemon thread that sends ``heartbeat`` every
   ``heartbeat_interval_s`` (0 turns it off) until the block exits.
 """
@@ -49,6 +54,8 @@ STAGE_WEIGHTS: dict[Stage, float] = {
 """Share of the whole job per stage, in percent; they add up to 100."""
 
 _ORDER = list(STAGE_WEIGHTS)
+SUPERSEDED = "superseded"
+"""Who ``cancel_requested`` names once a fenced reporter's attempt was taken over."""
 
 
 def overall_percent(stage: Stage, fraction: float) -> float:
@@ -63,7 +70,9 @@ class Reporter:
     def __init__(self, *, task_id: str, redis_url: str | None, work_dir: WorkDir,
                  reports: bool = True, reports_outcome: bool | None = None,
                  heartbeat_interval_s: float = 5.0,
-                 progress_interval_s: float = 0.5, critical_retry_s: float = 120.0) -> None:
+                 progress_interval_s: float = 0.5, critical_retry_s: float = 120.0,
+                 fence: str | None = None, client: Any = None) -> None:
+        """``client``: a blocking Redis client to share (not closed by ``close``)."""
         self.task_id = task_id
         self.work = work_dir
         connected = bool(redis_url) and bool(task_id)
@@ -73,8 +82,11 @@ class Reporter:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.progress_interval_s = progress_interval_s
         self.critical_retry_s = critical_retry_s
-        self._client: Any = None
-        if (self.reports or self.reports_outcome) and redis_url:
+        self.fence = fence
+        self.superseded = False
+        self._client: Any = client
+        self._owns_client = client is None
+        if client is None and (self.reports or self.reports_outcome) and redis_url:
             from vidmaas.bus.client import connect_sync
 
             self._client = connect_sync(redis_url, socket_timeout_s=5.0)
@@ -90,14 +102,23 @@ class Reporter:
             return False
         from redis.exceptions import RedisError
 
-        from vidmaas.bus.events import publish_sync
+        from vidmaas.bus.events import publish_fenced_sync, publish_sync
 
+        if self.superseded:
+            return False
         deadline = time.monotonic() + retry_s
         delay_s = 0.1
         while True:
             try:
-                publish_sync(self._client, event)
-                return True
+                if self.fence is None:
+                    publish_sync(self._client, event)
+                    return True
+                if publish_fenced_sync(self._client, event, fence=self.fence) is not None:
+                    return True
+                log.warning("task_id=%s the fence no longer names %s: this attempt was taken "
+                            "over; dropping its events", self.task_id, self.fence)
+                self.superseded = True
+                return False
             except RedisError as e:
                 if time.monotonic() + delay_s > deadline:
                     log.warning("task_id=%s dropped %s event: %s", self.task_id,
@@ -129,8 +150,11 @@ class Reporter:
 
     # ---------------------------------------------------------------- events
 
-    def started(self, *, world_size: int, host: str) -> None:
-        self._once("started", ev.started(self.task_id, world_size=world_size, host=host))
+    def started(self, *, world_size: int, host: str, worker: str | None = None) -> None:
+        """``worker``: the pool worker's id (its pid goes with it)."""
+        self._once("started", ev.started(self.task_id, world_size=world_size, host=host,
+                                         worker=worker,
+                                         pid=os.getpid() if worker is not None else None))
 
     def stage(self, stage: Stage) -> None:
         log.info("task_id=%s stage %s", self.task_id, stage.value)
@@ -175,6 +199,8 @@ class Reporter:
 
     def cancel_requested(self) -> str | None:
         """Who asked to cancel the task, or None (also None when Redis cannot say)."""
+        if self.superseded:
+            return SUPERSEDED
         if self._client is None:
             return None
         from redis.exceptions import RedisError
@@ -217,7 +243,7 @@ class Reporter:
             self._t0 = min(self._t0, t0)
 
     def close(self) -> None:
-        if self._client is not None:
+        if self._client is not None and self._owns_client:
             self._client.close()
 
     # ---------------------------------------------------------------- state

@@ -188,20 +188,44 @@ def generate(ctx: Context) -> None:
     import torch
 
     cuda = torch.cuda.is_available()
-    guidance = max(args.guidance_scale, args.guidance_scale_2 or 0.0) > 1.0
-    p = distributed.plan(world_size=env.dist.world_size, rank=env.dist.rank, cuda=cuda,
-                         guidance=guidance, num_heads=num_attention_heads(env.model_dir),
-                         model=args.model, strategy=args.strategy)
+    p = plan_for(env, args, cuda=cuda)
     import_libraries()
     imports_s = time.perf_counter() - t
     distributed.init_process_group(p, cuda=cuda, local_rank=env.dist.local_rank)
     engine: Engine | None = None
     try:
         t = time.perf_counter()
-        engine = Engine.load(env.model_dir, plan=p, local_rank=env.dist.local_rank,
-                             options=options_of(args))
+        try:
+            engine = Engine.load(env.model_dir, plan=p, local_rank=env.dist.local_rank,
+                                 options=options_of(args))
+        except Exception as e:
+            if is_out_of_memory(e):
+                raise out_of_memory(ctx, engine=None, world_size=p.world_size,
+                                    strategy=p.strategy, cause=e) from e
+            raise
         load_model_s = time.perf_counter() - t
         reporter.progress(Stage.LOAD_MODEL, 1, 1)
+        generate_with(ctx, engine, timings={"imports_s": imports_s,
+                                            "load_model_s": load_model_s})
+    finally:
+        distributed.destroy_process_group()
+
+
+def plan_for(env: JobEnv, args: JobArgs, *, cuda: bool) -> distributed.Plan:
+    """How this job's ranks share the work (``distributed.plan``), from its arguments."""
+    assert env.model_dir is not None
+    guidance = max(args.guidance_scale, args.guidance_scale_2 or 0.0) > 1.0
+    return distributed.plan(world_size=env.dist.world_size, rank=env.dist.rank, cuda=cuda,
+                            guidance=guidance, num_heads=num_attention_heads(env.model_dir),
+                            model=args.model, strategy=args.strategy)
+
+
+def generate_with(ctx: Context, engine: Engine, *, timings: dict[str, float]) -> None:
+    """One generation on a loaded ``engine`` (every rank); rank 0 leaves the frames and
+    their facts in the work directory. Used by ``generate`` and by a pool worker."""
+    args, reporter = ctx.args, ctx.reporter
+    p = engine.plan
+    try:
         fault = _fault_hook(ctx)
 
         def on_step(step: int, total: int) -> str | None:
@@ -232,15 +256,12 @@ def generate(ctx: Context) -> None:
                 "plan": engine.placement.describe(),
                 "transformer_evaluations": out.transformer_evaluations,
                 "moves": [list(m) for m in out.moves]})
-            ctx.add_timings({"imports_s": imports_s, "load_model_s": load_model_s,
-                             **out.timings})
+            ctx.add_timings({**timings, **out.timings})
     except Exception as e:
         if is_out_of_memory(e):
             raise out_of_memory(ctx, engine=engine, world_size=p.world_size,
                                 strategy=p.strategy, cause=e) from e
         raise
-    finally:
-        distributed.destroy_process_group()
 
 
 def options_of(args: JobArgs) -> Options:
@@ -358,6 +379,11 @@ def torchrun_command(env: JobEnv, args: JobArgs) -> list[str]:
     """``torchrun … vidmaas.runtime.cli generate ARGS`` for this node."""
     from vidmaas.runtime.job import cli_args
 
+    return [*torchrun_prefix(env), "-m", "vidmaas.runtime.cli", "generate", *cli_args(args)]
+
+
+def torchrun_prefix(env: JobEnv) -> list[str]:
+    """``torchrun`` with this node's share of the job (then the program to run)."""
     d = env.dist
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(d.nnodes),
            "--nproc-per-node", str(d.nproc_per_node)]
@@ -367,7 +393,7 @@ def torchrun_command(env: JobEnv, args: JobArgs) -> list[str]:
                 "--master-port", os.environ.get("MASTER_PORT", "29500")]
     else:
         cmd += ["--standalone"]
-    return [*cmd, "-m", "vidmaas.runtime.cli", "generate", *cli_args(args)]
+    return cmd
 
 
 def _torchrun_generate(ctx: Context) -> None:
