@@ -101,11 +101,25 @@ class Settings(BaseSettings):
     pools: PoolSettings = Field(default_factory=PoolSettings)
 
 
+EMBEDDED_POOLS = ("tiny-t2v", "tiny-ti2v")
+"""The models an embedded instance pools by default (its tiny ones)."""
+EMBEDDED_IDLE_S = 180.0
+"""How long an embedded instance keeps an idle warm worker."""
+
+
 def embedded_settings(data_dir: Path, base: Settings | None = None) -> Settings:
-    """Settings of an embedded instance living in ``data_dir``."""
+    """Settings of an embedded instance living in ``data_dir``. Unless pools are off
+    (``VIDMAAS_POOLS_ENABLED=false``) or named (``VIDMAAS_POOLS_MODELS``), the tiny
+    models are pooled: a worker starts for the first task and stays warm a few minutes."""
     root = data_dir.resolve()
     s = base or Settings()
+    pools = s.pools
+    if pools.enabled and not pools.models:
+        pools = pools.model_copy(update={"models": {
+            m: PoolModelSettings(min_workers=0, max_workers=1, idle_s=EMBEDDED_IDLE_S)
+            for m in EMBEDDED_POOLS}})
     return s.model_copy(update={
+        "pools": pools,
         "data_dir": root,
         "database": s.database.model_copy(
             update={"url": f"sqlite+aiosqlite:///{root / 'vidmaas.db'}"}),

@@ -239,7 +239,13 @@ class Worker:
         message: str | None = None
         task: _Task | None = None
         if self.rank0:
-            message, task = self._take()
+            from redis.exceptions import RedisError
+
+            try:
+                message, task = self._take()
+            except RedisError as e:  # a blip: the lease thread keeps trying meanwhile
+                log.warning("worker %s: redis error while idle: %s", self.worker_id, e)
+                time.sleep(1.0)
         if self.world_size > 1:
             import torch.distributed as dist
 
