@@ -12,7 +12,7 @@ per-task overhead of each path is its latency minus the bare call.
 Prints per-task p50/p99 latency, throughput (tasks per minute), the first pooled task
 (it starts the worker) apart, and the ratio warm p50 / cold p50.
 
-    python bench/warm.py [--tasks 6] [--steps 4]
+    python bench/warm.py [--tasks 6] [--steps 4] [--short]
 """
 
 from __future__ import annotations
@@ -101,7 +101,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=6, help="tasks per configuration")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per task")
+    parser.add_argument("--short", action="store_true", help="3 tasks per configuration")
     opts = parser.parse_args()
+    if opts.short:
+        opts.tasks = min(opts.tasks, 3)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from vidmaas.runtime.tiny import make_tiny
 
