@@ -136,7 +136,7 @@ async def test_two_tasks_back_to_back_run_on_one_worker_that_loaded_the_model_on
         assert (done[0].data["width"], done[0].data["num_frames"]) == (64, 5)
 
 
-async def test_a_pooled_task_cancelled_mid_run_ends_cancelled_and_its_worker_takes_the_next(
+async def test_a_pooled_task_cancelled_mid_run_or_failing_ends_so_and_the_worker_takes_the_next(
         world: World) -> None:
     executor = _executor(world.settings, STEP_DELAY)
     async with _system(world, executor):
@@ -144,8 +144,13 @@ async def test_a_pooled_task_cancelled_mid_run_ends_cancelled_and_its_worker_tak
         await _denoising(world, long)
         await world.lifecycle.cancel(await world.get(long.id), by="alice")
         await _reaches(world, long, TaskStatus.CANCELLED, timeout_s=15)
+        bad = await world.submit("alice", params={"size": "63*64", "width": 63})  # H.264: odd
+        await _reaches(world, bad, TaskStatus.FAILED, timeout_s=30)
         after = await world.submit("alice")
         await _reaches(world, after, TaskStatus.COMPLETED, timeout_s=30)
+    failed = [e.data for e in await _of(world, bad.id, EventType.FAILED)]
+    assert [(f["code"], f["retryable"]) for f in failed] == [("bad_input", False)]
+    assert (await world.get(bad.id)).attempts == 1
     cancelled = await _of(world, long.id, EventType.CANCELLED)
     assert [e.data["by"] for e in cancelled] == ["alice"]
     assert await _of(world, long.id, EventType.COMPLETED) == []
@@ -154,6 +159,7 @@ async def test_a_pooled_task_cancelled_mid_run_ends_cancelled_and_its_worker_tak
     assert max(steps) < 30
     pids = [(await _of(world, t.id, EventType.STARTED))[0].data["pid"] for t in (long, after)]
     assert pids[0] == pids[1]
+    assert len([d for d in world.settings.local.work_root.iterdir() if d.is_dir()]) == 1
 
 
 async def test_a_worker_killed_mid_task_hands_the_task_to_another_worker_and_it_runs_once(

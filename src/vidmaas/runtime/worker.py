@@ -129,6 +129,8 @@ class Worker:
                 self._connect()
             try:
                 self._load()
+            except Terminated:
+                raise
             except Exception as e:
                 err = classify(e)
                 log.error("worker %s: cannot load %s: %s", self.worker_id, self.ns.model,
@@ -420,6 +422,8 @@ class Worker:
 
     def _limit_reached(self, *, fatal: bool) -> str | None:
         lim = self.limits
+        if self.engine is None:
+            return "the model could not be loaded again for a task's options"
         if fatal:
             return "a task failed mid-generation with several ranks"
         if lim.max_failures and self.failures_in_a_row >= lim.max_failures:
