@@ -41,6 +41,18 @@ def _until(check: Callable[[], bool], *, timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def test_serve_parses_exactly_the_worker_args_of_every_registry_model() -> None:
+    from vidmaas.runtime.cli import build_parser
+
+    limits = WorkerLimits(lease_s=12.5, max_tasks=7, max_failures=2, max_rss_mib=900)
+    for model in ModelRegistry.load().values():
+        ns = build_parser().parse_args(["serve", *worker_args(model, limits)])
+        assert (ns.model, ns.lease_s, ns.max_tasks, ns.max_failures, ns.max_rss_mib) == \
+            (model.id, 12.5, 7, 2, 900)
+        assert (ns.strategy, ns.flow_shift, ns.cpu_offload, ns.vae_tiling) == \
+            (model.strategy, model.flow_shift, model.cpu_offload, model.vae_tiling)
+
+
 @pytest.mark.slow
 def test_a_two_rank_worker_runs_a_task_cfg_parallel_and_exits_cleanly_when_drained(
         job: Job) -> None:
