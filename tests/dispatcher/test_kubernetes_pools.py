@@ -212,6 +212,22 @@ async def test_a_worker_is_pending_until_its_serve_container_runs(
     assert (running.state, running.stuck) == (JobState.RUNNING, False)
 
 
+async def test_a_two_node_worker_runs_only_once_both_of_its_pods_serve(
+        emulator: kmock.KubernetesEmulator, executor: KubernetesExecutor) -> None:
+    model = REGISTRY["wan2.2-t2v-a14b"].model_copy(update={"nnodes": 2, "nproc_per_node": 4})
+    spec = WorkerSpec(worker_id=new_worker_id(model.id), model=model,
+                      args=worker_args(model, WorkerLimits()), labels={})
+    await executor.start_worker(spec)
+
+    await _create_pod(emulator, spec.worker_id, status=_serve({"running": {}}))
+    leader_only = await executor.worker_status(spec.worker_id)
+    await _create_pod(emulator, spec.worker_id, index=1, status=_serve({"running": {}}))
+    both = await executor.worker_status(spec.worker_id)
+
+    assert leader_only.state is JobState.PENDING
+    assert both.state is JobState.RUNNING
+
+
 @pytest.mark.parametrize(("status", "age_s", "reason", "retryable"), [
     (_serve({"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}},
             phase="Pending"), 1.0, "ImagePullBackOff", True),

@@ -158,9 +158,9 @@ def worker_status_of(lws: Mapping[str, Any], *, pods: Sequence[Mapping[str, Any]
     code = worker_exit_code(pods)
     if code is not None:
         return ended_status(worker_id, code)
-    serving = sum(1 for p in pods if _serving(p))
-    state = JobState.RUNNING if pods and serving >= min(size, len(pods)) and \
-        len(pods) >= size else JobState.PENDING
+    # Running once every pod of the group serves (the gang needs all of them).
+    state = JobState.RUNNING if sum(1 for p in pods if _serving(p)) >= size \
+        else JobState.PENDING
     stuck = stuck_pod(pods, now=now, pending_timeout_s=pending_timeout_s)
     if stuck is not None:
         reason, message, retryable = stuck
