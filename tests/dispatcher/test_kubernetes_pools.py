@@ -327,6 +327,10 @@ async def test_without_pools_configured_no_leaderworkerset_is_watched(
     finally:
         await executor.close()
 
+    watched = {r.resource.plural for r in emulator
+               if r.resource is not None and r.params.get("watch") == "true"}
+    assert "pods" in watched  # the watches did start
+    assert "leaderworkersets" not in watched
     assert not [r for r in emulator if r.resource is not None
                 and r.resource.plural == "leaderworkersets"]
 
