@@ -236,7 +236,8 @@ class LocalExecutorSettings(BaseModel):
 
 
 class KubeSettings(BaseModel):
-    """The Kubernetes executor: one Kubeflow PyTorchJob per task."""
+    """The Kubernetes executor: one Kubeflow PyTorchJob per task, one LeaderWorkerSet per
+    warm-pool worker."""
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
@@ -247,6 +248,12 @@ class KubeSettings(BaseModel):
     crd_schema_path: Path | None = None
     """PyTorchJob CRD file to validate rendered manifests against; None skips the
     CRD check (the rendered manifest is still parsed and checked)."""
+    pool_template_path: Path | None = None
+    """A Jinja2 LeaderWorkerSet template of the operator's own for warm-pool workers;
+    None uses the shipped one."""
+    pool_crd_schema_path: Path | None = None
+    """LeaderWorkerSet CRD file to validate rendered pool manifests against; None skips
+    the CRD check (the rendered manifest is still parsed and checked)."""
     image: str = "vidmaas/runtime:0.1.0"
     """The job runtime image."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
