@@ -6,6 +6,7 @@ import asyncio
 from datetime import UTC, datetime
 
 from tests.api.conftest import Api
+from tests.api.test_tasks_api import png_bytes
 from vidmaas.bus.queue import TaskQueue
 from vidmaas.db import tasks as repo
 from vidmaas.db import users
@@ -71,3 +72,20 @@ async def test_concurrent_creates_never_exceed_the_users_queued_tasks_quota(api:
     assert codes == [202] * 3 + [429] * 7
     assert {r.json()["error"]["code"] for r in answers if r.status_code == 429} == \
         {"too_many_queued"}
+
+
+async def test_a_create_with_an_image_over_a_quota_is_refused_and_leaves_no_image_behind(
+        api: Api) -> None:
+    await _set(api, "alice", quota_queued_tasks=1)
+    first = await api.client.post("/v1/tasks", json={"prompt": "p"}, headers=api.auth("alice"))
+    assert first.status_code == 202
+    store = api.app.state.services.store
+    root = store.path("inputs")
+    before = sorted(root.rglob("*")) if root.exists() else []
+    r = await api.client.post(
+        "/v1/tasks", headers=api.auth("alice"),
+        data={"prompt": "make it move", "model": "tiny-ti2v"},
+        files={"image": ("a.png", png_bytes(), "image/png")})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_queued"
+    after = sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    assert after == [p for p in before if p.is_file()]

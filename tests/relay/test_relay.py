@@ -52,6 +52,11 @@ async def test_each_runtime_event_takes_effect_on_the_task_row(world: World) -> 
     text = render(metrics).decode()
     assert 'vidmaas_events_relayed_total{type="completed"} 1.0' in text
     assert 'vidmaas_task_outcomes_total{status="completed"} 1.0' in text
+    # What the attempt used, as recorded on the row by the move that ended it.
+    assert done.gpu_seconds is not None and done.gpu_seconds > 0
+    assert f'vidmaas_gpu_seconds_total{{model="{done.model}"}} {done.gpu_seconds!r}' in text
+    assert done.queue_wait_s is not None
+    assert f'vidmaas_model_queue_wait_seconds_total{{model="{done.model}"}}' in text
 
 
 async def test_a_redelivered_event_takes_effect_once(world: World) -> None:

@@ -166,10 +166,6 @@ async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
         if req.webhook_url is not None:
             await check_webhook_url(req.webhook_url,
                                     allow_hosts=svc.settings.webhooks.allow_hosts)
-        # The caller's row, quotas and usage in one statement; the row stays locked until
-        # the insert commits, which re-checks the queued count (no race exceeds it).
-        adm = await quota.admit(s, settings=svc.settings, user_id=caller.id,
-                                priority=req.priority)
         task_id = new_task_id()
         stored_key: str | None = None
         extra: dict[str, Any] = {}
@@ -177,16 +173,24 @@ async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
             img = clean_image(req.image, max_pixels=cfg.max_image_pixels,
                               max_side_px=cfg.max_image_side_px)
             stored_key = input_key(task_id, "image.png")
+            # The image is stored before the caller's row is locked, and with no
+            # transaction open: no lock or connection is held across the upload.
+            await s.rollback()
             await svc.store.put_bytes(stored_key, img.png, content_type="image/png")
             extra["image_width"], extra["image_height"] = img.width, img.height
-        new = repo.NewTask(
-            id=task_id, user_id=caller.id, model=spec.id, prompt=req.prompt,
-            negative_prompt=req.negative_prompt, params=params.as_dict() | extra,
-            gpus=spec.gpus_per_job, input_key=stored_key, idempotency_key=key,
-            idempotency_fingerprint=fingerprint, webhook_url=req.webhook_url,
-            webhook_events=req.webhook_events, source=req.source,
-            priority=adm.priority.value)
         try:
+            # The caller's row, quotas and usage in one statement; the row stays locked
+            # until the insert commits, which re-checks the queued count (no race
+            # exceeds it).
+            adm = await quota.admit(s, settings=svc.settings, user_id=caller.id,
+                                    priority=req.priority)
+            new = repo.NewTask(
+                id=task_id, user_id=caller.id, model=spec.id, prompt=req.prompt,
+                negative_prompt=req.negative_prompt, params=params.as_dict() | extra,
+                gpus=spec.gpus_per_job, input_key=stored_key, idempotency_key=key,
+                idempotency_fingerprint=fingerprint, webhook_url=req.webhook_url,
+                webhook_events=req.webhook_events, source=req.source,
+                priority=adm.priority.value)
             task, created = await repo.create_task(session=s, new=new,
                                                    queued_limit=adm.queued_limit)
         except BaseException:

@@ -112,7 +112,8 @@ async def create_task(*, session: AsyncSession, new: NewTask,
         if existing is not None:
             return existing, False
     now = utcnow()
-    task = Task(
+    # One set of columns for both ways of inserting, so neither can leave one out.
+    columns: dict[str, Any] = dict(
         id=new.id, user_id=new.user_id, model=new.model, prompt=new.prompt,
         negative_prompt=new.negative_prompt, params=new.params, gpus=new.gpus,
         input_key=new.input_key, idempotency_key=new.idempotency_key,
@@ -121,11 +122,12 @@ async def create_task(*, session: AsyncSession, new: NewTask,
         status=TaskStatus.QUEUED, progress=0.0, attempts=0,
         created_at=now, updated_at=now, queued_at=now, priority=new.priority,
     )
+    task = Task(**columns)
     try:
         if queued_limit is None:
             session.add(task)
         else:
-            await _insert_within(session, task, queued_limit=queued_limit)
+            await _insert_within(session, columns, queued_limit=queued_limit)
         await session.commit()
     except IntegrityError:
         await session.rollback()
@@ -139,21 +141,17 @@ async def create_task(*, session: AsyncSession, new: NewTask,
     return task, True
 
 
-_INSERTED = ("id", "user_id", "model", "prompt", "negative_prompt", "params", "gpus",
-             "input_key", "idempotency_key", "webhook_url", "webhook_events", "source",
-             "status", "progress", "attempts", "created_at", "updated_at", "queued_at",
-             "priority")
-
-
-async def _insert_within(session: AsyncSession, task: Task, *, queued_limit: int) -> None:
-    """``INSERT … SELECT`` the task only while its user has < ``queued_limit`` queued."""
+async def _insert_within(session: AsyncSession, columns: dict[str, Any], *,
+                         queued_limit: int) -> None:
+    """``INSERT … SELECT`` the task's ``columns`` only while its user has fewer than
+    ``queued_limit`` queued."""
     table = Task.__table__
-    values = [literal(getattr(task, c), table.c[c].type).label(c) for c in _INSERTED]
+    values = [literal(v, table.c[c].type).label(c) for c, v in columns.items()]
     queued = (select(func.count()).select_from(Task)
-              .where(Task.user_id == task.user_id, Task.status == TaskStatus.QUEUED)
+              .where(Task.user_id == columns["user_id"], Task.status == TaskStatus.QUEUED)
               .scalar_subquery())
     res = await session.execute(insert(Task).from_select(
-        list(_INSERTED), select(*values).where(queued < queued_limit)))
+        list(columns), select(*values).where(queued < queued_limit)))
     if res.rowcount != 1:  # type: ignore[attr-defined]
         await session.rollback()
         raise RateLimited(f"you have {queued_limit} tasks waiting; wait for some to start",

@@ -238,6 +238,8 @@ class Applier:
         self.metrics.observe_event(event.type.value)
         if event.type.terminal and task.status == event.type.value:
             self.metrics.observe_outcome(task.status)
+            self.metrics.observe_usage(model=task.model, gpu_seconds=task.gpu_seconds,
+                                       queue_wait_s=task.queue_wait_s)
             timings = event.data.get("timings")
             if event.type is EventType.COMPLETED and isinstance(timings, dict):
                 self.metrics.observe_stage_timings(timings)
