@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -177,3 +179,27 @@ async def test_a_worker_killed_mid_task_hands_the_task_to_another_worker_and_it_
     assert len(started) == 2 and started[1]["worker"] != first["worker"]
     assert done.job_name == started[1]["worker"]
     assert len(await _of(world, task.id, EventType.COMPLETED)) == 1
+
+
+async def test_a_worker_that_cannot_load_its_model_is_restarted_with_a_growing_delay(
+        world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    world.settings.model_root = tmp_path / "no-models"  # every worker fails to load
+    executor = _executor(world.settings)
+    caplog.set_level(logging.WARNING, logger="vidmaas.dispatcher.pools")
+
+    def holds() -> list[str]:
+        return re.findall(r"the next start waits (\d+)s", caplog.text)
+
+    async def two_holds() -> bool:
+        return len(holds()) >= 2
+
+    async with _system(world, executor):
+        task = await world.submit("alice")
+        await eventually(two_holds, timeout_s=60, interval_s=0.1)
+        status = (await world.get(task.id)).status
+        starts = [d for d in world.settings.local.work_root.iterdir() if d.is_dir()]
+    assert holds()[:2] == ["1", "2"]
+    assert len(starts) <= len(holds()) + 1  # each start after a failure waited its hold
+    assert status is TaskStatus.QUEUED  # it waits for a worker; nothing is lost
+    assert all("does not exist" in (d / "job.log").read_text() for d in starts
+               if (d / "job.log").exists())

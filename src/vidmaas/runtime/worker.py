@@ -133,9 +133,9 @@ class Worker:
                 raise
             except Exception as e:
                 err = classify(e)
+                # Still ``starting`` in Redis: the dispatcher holds its next start back.
                 log.error("worker %s: cannot load %s: %s", self.worker_id, self.ns.model,
                           err.message)
-                self._leave()
                 return err.exit_code
             if self.rank0:
                 assert self.link is not None
@@ -204,11 +204,17 @@ class Worker:
     def _load(self, options: Options | None = None) -> None:
         """Load the model (again, with other options, for a task that needs them)."""
         from vidmaas.runtime import distributed
-        from vidmaas.runtime.engine import Engine, import_libraries, num_attention_heads
+        from vidmaas.runtime.engine import (
+            Engine,
+            import_libraries,
+            num_attention_heads,
+            read_model_index,
+        )
 
         env, ns = self.env, self.ns
         if env.model_dir is None:
             raise ModelError("VIDMAAS_MODEL_DIR is not set", code="model_missing")
+        read_model_index(env.model_dir)  # a missing model fails before seconds of imports
         t = time.perf_counter()
         import torch
 
