@@ -238,13 +238,8 @@ def generate(ctx: Context) -> None:
                       guidance_scale_2=args.guidance_scale_2)
         out = engine.generate(req, on_step=on_step, on_stage=reporter.stage)
         if p.rank == 0:
-            import numpy as np
-
             reporter.progress(Stage.DECODE, 1, 1)
-            ctx.work.frames.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ctx.work.frames.with_name(".frames.tmp.npy")
-            np.save(tmp, out.frames)
-            os.replace(tmp, ctx.work.frames)
+            save_frames(ctx.work.frames, out.frames)
             ctx.work.write_json(ctx.work.result, {
                 "width": int(out.frames.shape[2]), "height": int(out.frames.shape[1]),
                 "num_frames": int(out.frames.shape[0]), "seed": args.seed,
@@ -261,6 +256,26 @@ def generate(ctx: Context) -> None:
         raise
     finally:
         distributed.destroy_process_group()
+
+
+class _Stream:
+    """A file numpy cannot see through: ``np.save`` then writes it in chunks through
+    Python (a failed write keeps its ``errno``, so a full disk reads as one) instead of
+    C's ``fwrite``, which reports only "problem writing element N"."""
+
+    def __init__(self, f: Any) -> None:
+        self.write = f.write
+
+
+def save_frames(path: Any, frames: Any) -> None:
+    """``frames`` as ``.npy`` at ``path``, atomically."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".frames.tmp.npy")
+    with tmp.open("wb") as f:
+        np.save(_Stream(f), frames)
+    os.replace(tmp, path)
 
 
 def options_of(args: JobArgs) -> Options:
