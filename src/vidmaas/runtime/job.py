@@ -365,8 +365,11 @@ class WorkDir:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except OSError:
             return
-        with os.fdopen(fd, "w") as f:
-            f.write(str(code))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(str(code))
+        except OSError:  # a full disk: the empty file reads as no code, as if none
+            path.unlink(missing_ok=True)
 
     def recorded_exit_code(self) -> int | None:
         try:
