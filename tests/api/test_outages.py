@@ -8,7 +8,8 @@ tests stop and start (a private PostgreSQL cluster, a private SeaweedFS, a priva
   server that accepts connections but never answers costs a request at most the
   connect timeout.
 - The object store down (stopped, or answering 5xx) during an input upload: 503
-  ``storage_error`` with ``Retry-After`` and no task row; the database failing after the
+  ``storage_error`` with ``Retry-After`` and no task row (none in the database, for any
+  user, and the idempotency key stays free for the retry); the database failing after the
   image was stored deletes the image. A download with the store down is a 503.
 - Redis down: creating still answers 202 at once (the task waits in the database for
   the reconciler), listing still works (positions unknown), cancelling a queued task
@@ -235,6 +236,33 @@ async def test_an_upload_with_the_store_down_is_503_and_leaves_no_task(
     ok = await _image_create(api, field)
     assert ok.status_code in (200, 202), ok.text
     assert ok.json().get("has_image", True)
+
+
+async def test_no_task_row_is_left_pointing_at_an_input_the_store_never_took(
+        s3_api: Api, weed: services.PrivateSeaweedFS) -> None:
+    from vidmaas.db import tasks as repo
+
+    api, svc = s3_api, s3_api.app.state.services
+    headers = {**api.auth("alice"), "Idempotency-Key": "outage-" + secrets.token_hex(4)}
+
+    def create() -> Any:
+        return api.client.post("/v1/tasks", headers=headers,
+                               data={"prompt": "make it move", "model": "tiny-ti2v"},
+                               files={"image": ("photo.png", png_bytes(), "image/png")})
+
+    async def rows() -> list[Any]:
+        async with svc.sessions() as s:  # every user, every status: not just a listing
+            return await repo.list_tasks(session=s, user_id=None, limit=100)
+
+    await asyncio.to_thread(weed.kill)
+    _unavailable(await create(), "storage_error")
+    assert await rows() == []
+    await asyncio.to_thread(weed.start)
+    ok = await create()  # the failed create claimed neither a row nor the key
+    assert ok.status_code == 202, ok.text
+    [task] = await rows()
+    assert task.id == ok.json()["id"] and task.input_key is not None
+    assert await svc.store.exists(task.input_key)
 
 
 class _Failing(BaseHTTPRequestHandler):

@@ -83,6 +83,8 @@ async def test_a_job_runs_in_a_fresh_work_dir_with_the_contract_environment(
     assert env["VIDMAAS_MODEL_DIR"] == str(tmp_path / "models" / "tiny-t2v")
     assert env["VIDMAAS_REDIS_URL"] == redis_url
     assert env["VIDMAAS_ATTEMPT"] == "1"
+    assert (env["VIDMAAS_STORAGE_RETRY_ATTEMPTS"], env["VIDMAAS_STORAGE_RETRY_TOTAL_S"]) == \
+        (str(settings.storage.retry_attempts), str(settings.storage.retry_total_s))
     assert (env["WORLD_SIZE"], env["RANK"], env["PET_NNODES"], env["PET_NPROC_PER_NODE"],
             env["PET_NODE_RANK"], env["OMP_NUM_THREADS"]) == ("1", "0", "1", "1", "0", "1")
     assert env["MASTER_ADDR"] and env["MASTER_PORT"]

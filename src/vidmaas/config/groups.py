@@ -81,6 +81,13 @@ class StorageSettings(BaseModel):
     redirect_downloads: bool = True
     """Answer downloads with a redirect to a presigned URL when the store can make
     one; otherwise (or when False) stream the bytes through the API."""
+    retry_attempts: int = Field(default=8, ge=1)
+    """Attempts a job makes at fetching its input or uploading its video while the
+    store is unreachable or answers 5xx (exponential backoff with jitter), before it
+    fails retryably. The API does not wait: it answers 503 at once."""
+    retry_total_s: float = Field(default=120.0, ge=0)
+    """Seconds after a job's first fetch or upload attempt past which no new attempt
+    starts."""
 
 
 class ApiSettings(BaseModel):

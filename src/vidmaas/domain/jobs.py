@@ -38,6 +38,9 @@ class ExitCode(enum.IntEnum):
     """The object store failed: retried."""
     OUT_OF_MEMORY_FINAL = 7
     """Out of memory under the memory-saving plan: deterministic, never retried."""
+    DISK_FULL = 8
+    """The job's work directory ran out of space (or quota): retried, on a fresh work
+    directory (a new pod, or a new local job directory)."""
 
 
 OUT_OF_MEMORY_CODE = "out_of_memory"
@@ -72,6 +75,8 @@ ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 ENV_WATERMARK_TEXT = "VIDMAAS_WATERMARK_TEXT"
 ENV_HEARTBEAT_INTERVAL_S = "VIDMAAS_HEARTBEAT_INTERVAL_S"
 ENV_ATTEMPT = "VIDMAAS_ATTEMPT"
+ENV_STORAGE_RETRY_ATTEMPTS = "VIDMAAS_STORAGE_RETRY_ATTEMPTS"
+ENV_STORAGE_RETRY_TOTAL_S = "VIDMAAS_STORAGE_RETRY_TOTAL_S"
 
 
 @dataclass(frozen=True, slots=True)

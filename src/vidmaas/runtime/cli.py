@@ -8,7 +8,9 @@ Guarantees:
   sent by the first rank on node 0 to fail, with the code and ``retryable`` flag
   that ``runtime.errors`` chooses. SIGTERM (the executor's hard stop) ends the job
   the same way: ``cancelled`` if a cancel was requested, otherwise a retryable
-  ``failed``.
+  ``failed``. A full disk (``disk_full``) first frees the work directory's inputs and
+  outputs (``WorkDir.discard_outputs``), so the event can be written and the next task
+  finds the space.
 - ``serve`` is a warm-pool worker instead of one task (``runtime.serve``, DESIGN §12).
 - Logs go to stderr, one line per state change, each with the task id.
 - ``main`` ends the process without the interpreter's slow teardown of torch once
@@ -28,7 +30,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from vidmaas.domain.jobs import ExitCode
-from vidmaas.runtime.errors import Cancelled, JobError, Terminated, classify
+from vidmaas.runtime.errors import Cancelled, DiskFull, JobError, Terminated, classify
 from vidmaas.runtime.job import JobArgParser, JobArgs, JobEnv, WorkDir, add_job_args
 
 if TYPE_CHECKING:
@@ -119,6 +121,8 @@ def _run(ns: argparse.Namespace, env: JobEnv, reporter: Reporter,
             if by is not None:
                 reporter.cancelled(by=by)
                 return ExitCode.CANCELLED
+        if isinstance(err, DiskFull):
+            WorkDir(env.work_dir).discard_outputs()
         if err.exit_code == ExitCode.INFRA_ERROR and not isinstance(err, Terminated):
             log.error("task_id=%s %s", env.task_id, "".join(traceback.format_exception(e)))
         reporter.failed(code=err.code, message=err.message, retryable=err.retryable)

@@ -10,7 +10,9 @@ Guarantees:
   checkpoint's own defaults (guidance 5, its scheduler's shift, no negative prompt).
 - ``WorkDir`` names every file the steps hand to each other (the fetched input, the
   generated frames and facts, the reporter's small state); each is written
-  atomically, so a reader never sees half a file.
+  atomically, so a reader never sees half a file. ``discard_outputs`` frees what a
+  failed task wrote (inputs, frames, video, partial files) and keeps the small state
+  (the terminal-event marker, the exit code) that the job's other processes read.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from vidmaas.domain.jobs import (
     ENV_REDIS_URL,
     ENV_S3_ENDPOINT_URL,
     ENV_S3_REGION,
+    ENV_STORAGE_RETRY_ATTEMPTS,
+    ENV_STORAGE_RETRY_TOTAL_S,
     ENV_STORAGE_URL,
     ENV_TASK_ID,
     ENV_WATERMARK_TEXT,
@@ -51,6 +55,8 @@ ENV_FAULT = "VIDMAAS_TEST_FAULT"
 DEFAULT_WATERMARK = "AI generated"
 DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
 DEFAULT_PROGRESS_INTERVAL_S = 0.5
+DEFAULT_STORAGE_RETRY_ATTEMPTS = 8
+DEFAULT_STORAGE_RETRY_TOTAL_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +102,10 @@ class JobEnv:
     heartbeat_interval_s: float
     progress_interval_s: float
     attempt: int
+    storage_retry_attempts: int
+    """Calls at most for one fetch or upload while the store is down."""
+    storage_retry_total_s: float
+    """No new fetch or upload attempt starts later than this after the first."""
     fault: Mapping[str, str]
     dist: Dist
     host: str
@@ -152,6 +162,9 @@ class JobEnv:
             heartbeat_interval_s=num(ENV_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_INTERVAL_S),
             progress_interval_s=num(ENV_PROGRESS_INTERVAL_S, DEFAULT_PROGRESS_INTERVAL_S),
             attempt=integer(ENV_ATTEMPT, 1),
+            storage_retry_attempts=max(1, integer(ENV_STORAGE_RETRY_ATTEMPTS,
+                                                  DEFAULT_STORAGE_RETRY_ATTEMPTS)),
+            storage_retry_total_s=num(ENV_STORAGE_RETRY_TOTAL_S, DEFAULT_STORAGE_RETRY_TOTAL_S),
             fault=fault,
             dist=dist,
             host=socket.gethostname(),
@@ -339,6 +352,14 @@ class WorkDir:
     def state(self) -> Path:
         return self.root / ".vidmaas"
 
+    def discard_outputs(self) -> None:
+        """Remove the fetched input, the frames, the video, the poster and any partial file
+        (after a failure, above all a full disk: the next task needs the space)."""
+        import shutil
+
+        for sub in ("input", "output"):  # every large or partial file lives in these
+            shutil.rmtree(self.root / sub, ignore_errors=True)
+
     def marker(self, name: str) -> Path:
         return self.state / name
 
@@ -350,8 +371,11 @@ class WorkDir:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except OSError:
             return
-        with os.fdopen(fd, "w") as f:
-            f.write(str(code))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(str(code))
+        except OSError:  # a full disk: the empty file reads as no code, as if none
+            path.unlink(missing_ok=True)
 
     def recorded_exit_code(self) -> int | None:
         try:

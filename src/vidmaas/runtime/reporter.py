@@ -6,7 +6,9 @@ Guarantees:
   retried with backoff for ``critical_retry_s``; ``stage`` and ``log`` for a few
   seconds; ``progress`` and ``heartbeat`` are best-effort (the next one supersedes).
 - At most one terminal event and one ``started`` per job, across all the steps'
-  processes: each is guarded by a marker file in the work directory.
+  processes: each is guarded by a marker file in the work directory. A full disk
+  never swallows the event: a marker that was created but not written still guards,
+  and one that cannot be created at all is logged and the event sent regardless.
 - ``progress`` is the stage-weighted overall percent (``STAGE_WEIGHTS``), never lower
   than one already sent by any step of this job, throttled to one per
   ``progress_interval_s`` except at a stage's end; each carries an ``eta_s``.
@@ -134,15 +136,22 @@ class Reporter:
         if not (self.reports or (event.type.terminal and self.reports_outcome)):
             return False
         path = self.work.marker(marker)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:  # O_EXCL: of several processes racing, exactly one creates it
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             log.info("task_id=%s %s already reported; not repeating %s", self.task_id,
                      marker, event.type.value)
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(event.type.value)
+        except OSError as e:  # a full disk: better a possible repeat than no event
+            log.warning("task_id=%s cannot create the %s marker (%s); sending %s anyway",
+                        self.task_id, marker, e, event.type.value)
+            return self.publish(event, retry_s=self.critical_retry_s)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(event.type.value)
+        except OSError as e:  # the marker exists, which is what guards
+            log.warning("task_id=%s cannot write the %s marker: %s", self.task_id, marker, e)
         return self.publish(event, retry_s=self.critical_retry_s)
 
     def already_terminal(self) -> bool:

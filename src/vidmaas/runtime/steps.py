@@ -4,7 +4,9 @@ Guarantees:
 - ``fetch_input`` leaves the input image at ``WorkDir.input_image(key)`` only if it
   is a readable image (written atomically, so concurrent ranks may all fetch); a
   missing or unreadable object is ``BadInput``; it does nothing when the file is
-  already there (the initContainer fetched it).
+  already there (the initContainer fetched it). A store outage is retried within the
+  store's retry policy, then is a retryable ``InfraError`` (``storage_unavailable``);
+  a full disk is ``DiskFull``.
 - ``generate`` checks the model directory and the world size (against ``--strategy``)
   before joining any process group, stops at once if the task was cancelled before it
   started, and leaves the frames and their facts (the real width and height, the plan)
@@ -46,10 +48,12 @@ from vidmaas.runtime.engine import (
 from vidmaas.runtime.errors import (
     BadInput,
     Cancelled,
+    DiskFull,
     InfraError,
     JobError,
     ModelError,
     OutOfMemory,
+    is_disk_full,
     is_out_of_memory,
 )
 from vidmaas.runtime.job import JobArgs, JobEnv, WorkDir
@@ -84,7 +88,9 @@ class Context:
         return postprocess.StoreConfig(
             url=self.env.storage_url, endpoint_url=self.env.s3_endpoint_url,
             region=self.env.s3_region, access_key_id=self.env.access_key_id,
-            secret_access_key=self.env.secret_access_key)
+            secret_access_key=self.env.secret_access_key,
+            retry_attempts=self.env.storage_retry_attempts,
+            retry_total_s=self.env.storage_retry_total_s)
 
     def add_timings(self, timings: dict[str, float]) -> None:
         path = self.work.marker("timings.json")
@@ -124,7 +130,7 @@ def fetch_input(ctx: Context) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _download(store, key, tmp)
+        _download(store, key, tmp, task_id=ctx.env.task_id)
         _check_image(tmp)
         os.replace(tmp, path)
     finally:
@@ -133,17 +139,31 @@ def fetch_input(ctx: Context) -> None:
     ctx.reporter.progress(Stage.FETCH_INPUT, 1, 1)
 
 
-def _download(store: postprocess.StoreConfig, key: str, path: Any) -> None:
+def _download(store: postprocess.StoreConfig, key: str, path: Any, *, task_id: str) -> None:
     import asyncio
 
-    from vidmaas.errors import InvalidRequest, NotFound, VidmaasError
+    from vidmaas.errors import InvalidRequest, NotFound, StorageUnavailable, VidmaasError
+    from vidmaas.storage.retry import retrying
+
+    policy = store.policy()
+
+    async def fetch() -> None:
+        s = store.open()
+        await retrying(f"download of {key[:200]}", lambda: s.download(key, path),
+                       policy=policy, context=f"task_id={task_id}")
 
     try:
-        asyncio.run(store.open().download(key, path))
+        asyncio.run(fetch())
     except (NotFound, InvalidRequest) as e:
         raise BadInput(f"the input image {key[:200]} is not in the store",
                        code="input_missing") from e
     except (VidmaasError, OSError) as e:
+        if is_disk_full(e):
+            raise DiskFull(f"no space left to fetch the input image: {e}") from e
+        if isinstance(e, StorageUnavailable):
+            raise InfraError(f"the object store stayed unavailable ({policy.attempts} "
+                             f"attempts, {policy.total_s:g} s at most): {e}",
+                             code="storage_unavailable") from e
         raise InfraError(f"cannot fetch the input image: {e}", code="storage_error") from e
 
 
@@ -242,13 +262,8 @@ def generate_with(ctx: Context, engine: Engine, *, timings: dict[str, float]) ->
                       guidance_scale_2=args.guidance_scale_2)
         out = engine.generate(req, on_step=on_step, on_stage=reporter.stage)
         if p.rank == 0:
-            import numpy as np
-
             reporter.progress(Stage.DECODE, 1, 1)
-            ctx.work.frames.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ctx.work.frames.with_name(".frames.tmp.npy")
-            np.save(tmp, out.frames)
-            os.replace(tmp, ctx.work.frames)
+            save_frames(ctx.work.frames, out.frames)
             ctx.work.write_json(ctx.work.result, {
                 "width": int(out.frames.shape[2]), "height": int(out.frames.shape[1]),
                 "num_frames": int(out.frames.shape[0]), "seed": args.seed,
@@ -262,6 +277,26 @@ def generate_with(ctx: Context, engine: Engine, *, timings: dict[str, float]) ->
             raise out_of_memory(ctx, engine=engine, world_size=p.world_size,
                                 strategy=p.strategy, cause=e) from e
         raise
+
+
+class _Stream:
+    """A file numpy cannot see through: ``np.save`` then writes it in chunks through
+    Python (a failed write keeps its ``errno``, so a full disk reads as one) instead of
+    C's ``fwrite``, which reports only "problem writing element N"."""
+
+    def __init__(self, f: Any) -> None:
+        self.write = f.write
+
+
+def save_frames(path: Any, frames: Any) -> None:
+    """``frames`` as ``.npy`` at ``path``, atomically."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".frames.tmp.npy")
+    with tmp.open("wb") as f:
+        np.save(_Stream(f), frames)
+    os.replace(tmp, path)
 
 
 def options_of(args: JobArgs) -> Options:

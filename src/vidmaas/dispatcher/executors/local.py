@@ -156,6 +156,8 @@ class LocalExecutor:
             jobs.ENV_MODEL_DIR: str(model_dir.resolve()),
             jobs.ENV_WORK_DIR: str(work_dir),
             jobs.ENV_S3_REGION: s.storage.s3_region,
+            jobs.ENV_STORAGE_RETRY_ATTEMPTS: str(s.storage.retry_attempts),
+            jobs.ENV_STORAGE_RETRY_TOTAL_S: str(s.storage.retry_total_s),
             jobs.ENV_WATERMARK_TEXT: s.runtime.watermark_text,
             jobs.ENV_HEARTBEAT_INTERVAL_S: str(s.runtime.heartbeat_interval_s),
             "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),

@@ -319,6 +319,8 @@ def template_context(
         "storage_url": settings.storage.url,
         "s3_endpoint_url": settings.storage.s3_endpoint_url,
         "s3_region": settings.storage.s3_region,
+        "storage_retry_attempts": settings.storage.retry_attempts,
+        "storage_retry_total_s": settings.storage.retry_total_s,
         "s3_secret_name": kube.s3_secret_name,
         "redis_secret_name": kube.redis_secret_name,
         "watermark_text": settings.runtime.watermark_text,
