@@ -140,6 +140,17 @@ def test_the_denoising_thread_only_hands_over_a_copy_the_preview_thread_does_the
     assert [p.step for p, _ in seen] == [1, 3]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_frame_is_copied_asynchronously_as_the_step_left_it() -> None:
+    latents = torch.randn(1, 48, 5, 44, 80, device="cuda", dtype=torch.bfloat16)
+    expected = latents[0, :, 2].float().cpu()
+    host, ready = preview._host_copy(latents[0, :, 2])
+    latents.zero_()  # the next step: queued on the stream after the copy
+    ready.synchronize()
+    assert host.device.type == "cpu" and host.is_pinned() and host.dtype == torch.float32
+    assert torch.equal(host, expected)
+
+
 def test_a_failing_sink_never_reaches_the_denoising_thread() -> None:
     def broken(_: Preview) -> None:
         raise OSError("the store is down")
