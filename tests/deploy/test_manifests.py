@@ -188,7 +188,8 @@ def test_registry_and_template_paths_point_into_the_mounted_configmap(
         for c in spec["containers"]:
             mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
             settings = _settings_env(docs, spec, c)
-            for var in ("VIDMAAS_MODELS_PATH", "VIDMAAS_KUBE_TEMPLATE_PATH"):
+            for var in ("VIDMAAS_MODELS_PATH", "VIDMAAS_KUBE_TEMPLATE_PATH",
+                        "VIDMAAS_KUBE_POOL_TEMPLATE_PATH"):
                 if var not in settings:
                     continue
                 path = Path(settings[var])
@@ -466,7 +467,9 @@ def test_the_hami_component_requests_vgpu_memory_beside_the_gpu_count(
     docs = builds["production+hami"]
     settings = one(docs, "ConfigMap", _configmap_name(docs, "vidmaas-settings"))["data"]
     assert settings["VIDMAAS_KUBE_GPU_MEMORY_RESOURCE_NAME"] == "nvidia.com/gpumem"
-    assert int(settings["VIDMAAS_KUBE_GPU_MEMORY_MIB"]) > 0
+    # Each model's own vGPU memory (the registry's gpu_memory_gib), not one for all.
+    assert "VIDMAAS_KUBE_GPU_MEMORY_MIB" not in settings
+    assert settings["VIDMAAS_KUBE_HAMI_NCCL_WORKAROUND"] == "true"
 
 
 def test_the_embedded_demo_is_one_cpu_pod_running_vidmaas_up_without_secrets(
@@ -509,6 +512,7 @@ def test_the_migration_job_runs_vidmaas_migrate_with_only_the_database_secret(
 @pytest.mark.parametrize(("copy", "source"), [
     ("files/models.yaml", "src/vidmaas/models.yaml"),
     ("files/pytorchjob.yaml.j2", "src/vidmaas/templates/pytorchjob.yaml.j2"),
+    ("files/leaderworkerset.yaml.j2", "src/vidmaas/templates/leaderworkerset.yaml.j2"),
 ])
 def test_configmap_copies_are_identical_to_the_package_files(copy: str, source: str) -> None:
     assert (BASE / copy).read_bytes() == (ROOT / source).read_bytes(), (
@@ -552,6 +556,11 @@ def test_the_production_settings_render_pytorchjobs_the_crd_accepts(
         assert ("suspend: true" in text) == ("kueue" in variant)
         assert ("kueue.x-k8s.io/queue-name: vidmaas-gpu" in text) == ("kueue" in variant)
         assert ("nvidia.com/gpumem" in text) == ("hami" in variant)
+        limits = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+            "containers"][0]["resources"]["limits"]
+        if "hami" in variant:
+            assert limits["nvidia.com/gpumem"] == int(model["gpu_memory_gib"] * 1024)
+        assert limits["memory"] == f"{int(model['pod_memory_gib'])}Gi"
 
 
 def test_the_operator_guide_names_every_secret_overlay_and_component() -> None:

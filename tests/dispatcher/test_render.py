@@ -9,7 +9,17 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from vidmaas.config import KubeSettings, Settings, StorageSettings
+from tests.dispatcher.render_support import (
+    CRD_PATH,
+    REGISTRY,
+    SHIPPED_TEMPLATE,
+    env_of,
+    main_of,
+    operator_template,
+    replicas_of,
+    settings_with,
+    spec_of,
+)
 from vidmaas.dispatcher.executors.kubernetes import (
     LABEL_KUEUE_QUEUE,
     LABEL_MANAGED_BY,
@@ -19,15 +29,8 @@ from vidmaas.dispatcher.executors.kubernetes import (
     yaml_literal,
 )
 from vidmaas.domain.ids import job_name, new_task_id
-from vidmaas.domain.jobs import JobSpec, job_args
-from vidmaas.domain.models import ModelRegistry, ModelSpec
+from vidmaas.domain.jobs import job_args
 from vidmaas.errors import ExecutorError, InvalidRequest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CRD_PATH = REPO_ROOT / ".." / "shared" / "k8s" / "crds" / "kubeflow.org_pytorchjobs.yaml"
-SHIPPED_TEMPLATE = REPO_ROOT / "src" / "vidmaas" / "templates" / "pytorchjob.yaml.j2"
-
-REGISTRY = ModelRegistry.load()
 
 NASTY_PROMPTS: dict[str, str] = {
     "double-and-single-quotes": 'a "quoted" \'single\' prompt with "\'mixed\'" quotes',
@@ -56,45 +59,6 @@ NASTY_PROMPTS: dict[str, str] = {
 }
 
 
-def _settings(**kube: Any) -> Settings:
-    return Settings(storage=StorageSettings(url="s3://vidmaas-bucket/prod"),
-                    kube=KubeSettings(crd_schema_path=CRD_PATH, **kube))
-
-
-def _spec(model: ModelSpec, prompt: str = "a cat", *, image: bool | None = None,
-          negative_prompt: str | None = None, labels: dict[str, str] | None = None) -> JobSpec:
-    has_image = model.image == "required" if image is None else image
-    params = model.resolve(size=None, num_frames=None, steps=None, seed=1234,
-                           has_image=has_image)
-    task_id = new_task_id()
-    return JobSpec(task_id=task_id, job_name=job_name(task_id), user_id="u0123456789abcdefghjk",
-                   model=model, prompt=prompt, params=params.as_dict(), attempt=1,
-                   input_key=f"inputs/{task_id}/input.png" if has_image else None,
-                   negative_prompt=negative_prompt, labels=labels or {})
-
-
-def _replicas(manifest: dict[str, Any]) -> dict[str, Any]:
-    replicas: dict[str, Any] = manifest["spec"]["pytorchReplicaSpecs"]
-    return replicas
-
-
-def _main(replica: dict[str, Any]) -> dict[str, Any]:
-    container: dict[str, Any] = replica["template"]["spec"]["containers"][0]
-    return container
-
-
-def _env(container: dict[str, Any]) -> dict[str, Any]:
-    return {e["name"]: e for e in container["env"]}
-
-
-def _operator_template(tmp_path: Path, old: str, new: str) -> Path:
-    text = SHIPPED_TEMPLATE.read_text(encoding="utf-8")
-    assert old in text
-    path = tmp_path / "pytorchjob.yaml.j2"
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
-    return path
-
-
 def test_the_crd_file_is_where_the_tests_expect_it() -> None:
     assert CRD_PATH.is_file(), f"lay shared/ beside the repository: {CRD_PATH} is missing"
 
@@ -104,14 +68,14 @@ def test_the_crd_file_is_where_the_tests_expect_it() -> None:
 def test_every_model_renders_a_nasty_prompt_into_a_valid_job_that_carries_it_unchanged(
         model_id: str, prompt_name: str) -> None:
     prompt = NASTY_PROMPTS[prompt_name]
-    spec = _spec(REGISTRY[model_id], prompt, negative_prompt=prompt[::-1] or None)
+    spec = spec_of(REGISTRY[model_id], prompt, negative_prompt=prompt[::-1] or None)
 
-    manifest = render_pytorchjob(settings=_settings(), spec=spec)
+    manifest = render_pytorchjob(settings=settings_with(), spec=spec)
 
     assert manifest["kind"] == "PyTorchJob"
     assert manifest["metadata"]["name"] == spec.job_name
-    for replica in _replicas(manifest).values():
-        args = _main(replica)["args"]
+    for replica in replicas_of(manifest).values():
+        args = main_of(replica)["args"]
         assert args == job_args(spec)
         assert f"--prompt={prompt}" in args
         if prompt:
@@ -125,9 +89,9 @@ def test_the_runtime_reads_back_the_exact_prompt_from_the_rendered_job(prompt_na
     from vidmaas.runtime.cli import build_parser
 
     prompt = NASTY_PROMPTS[prompt_name]
-    spec = _spec(REGISTRY["wan2.2-i2v-a14b"], prompt, negative_prompt=prompt or None)
-    manifest = render_pytorchjob(settings=_settings(), spec=spec)
-    master = _replicas(manifest)["Master"]["template"]["spec"]
+    spec = spec_of(REGISTRY["wan2.2-i2v-a14b"], prompt, negative_prompt=prompt or None)
+    manifest = render_pytorchjob(settings=settings_with(), spec=spec)
+    master = replicas_of(manifest)["Master"]["template"]["spec"]
 
     run = build_parser().parse_args(["run", *master["containers"][0]["args"]])
     fetch = build_parser().parse_args(master["initContainers"][0]["command"][1:])
@@ -158,48 +122,16 @@ def test_a_value_cannot_break_out_of_a_single_quoted_string_in_an_operator_templ
     assert yaml.safe_load(f"{{k: '{literal}'}}") == {"k": literal}
 
 
-def test_multi_node_models_get_one_master_and_workers_spread_over_nodes() -> None:
-    # A14B runs on one 8-GPU node by default; two nodes of four is the multi-node option.
-    model = REGISTRY["wan2.2-t2v-a14b"].model_copy(update={"nproc_per_node": 4, "nnodes": 2})
-    spec = _spec(model)
-
-    manifest = render_pytorchjob(settings=_settings(), spec=spec)
-
-    replicas = _replicas(manifest)
-    assert replicas["Master"]["replicas"] == 1
-    assert replicas["Worker"]["replicas"] == model.nnodes - 1
-    assert manifest["spec"]["nprocPerNode"] == str(model.nproc_per_node)
-    for replica in replicas.values():
-        pod = replica["template"]
-        assert pod["metadata"]["labels"][LABEL_TASK_ID] == spec.task_id
-        term = pod["spec"]["affinity"]["podAntiAffinity"][
-            "requiredDuringSchedulingIgnoredDuringExecution"][0]
-        assert term["topologyKey"] == "kubernetes.io/hostname"
-        assert term["labelSelector"]["matchLabels"] == {LABEL_TASK_ID: spec.task_id}
-        assert _main(replica)["resources"]["limits"] == {"nvidia.com/gpu": model.nproc_per_node}
-        assert replica["restartPolicy"] == "Never"
-
-
 def test_single_node_models_have_a_master_only() -> None:
-    manifest = render_pytorchjob(settings=_settings(), spec=_spec(REGISTRY["wan2.2-ti2v-5b"]))
+    manifest = render_pytorchjob(settings=settings_with(), spec=spec_of(REGISTRY["wan2.2-ti2v-5b"]))
 
-    assert set(_replicas(manifest)) == {"Master"}
-
-
-def test_the_gpu_resource_name_and_hami_gpu_memory_are_configurable() -> None:
-    settings = _settings(gpu_resource_name="nvidia.com/vgpu",
-                         gpu_memory_resource_name="nvidia.com/gpumem", gpu_memory_mib=24000)
-
-    manifest = render_pytorchjob(settings=settings, spec=_spec(REGISTRY["wan2.2-ti2v-5b"]))
-
-    limits = _main(_replicas(manifest)["Master"])["resources"]["limits"]
-    assert limits == {"nvidia.com/vgpu": 2, "nvidia.com/gpumem": 24000}
+    assert set(replicas_of(manifest)) == {"Master"}
 
 
 def test_job_carries_the_vidmaas_labels_and_run_policy() -> None:
-    settings = _settings(clean_pod_policy="Running", ttl_seconds_after_finished=600,
+    settings = settings_with(clean_pod_policy="Running", ttl_seconds_after_finished=600,
                          backoff_limit=0)
-    spec = _spec(REGISTRY["tiny-t2v"], labels={"team": "video"})
+    spec = spec_of(REGISTRY["tiny-t2v"], labels={"team": "video"})
 
     manifest = render_pytorchjob(settings=settings, spec=spec)
 
@@ -218,38 +150,38 @@ def test_job_carries_the_vidmaas_labels_and_run_policy() -> None:
 
 
 def test_a_kueue_queue_labels_the_job_and_creates_it_suspended() -> None:
-    manifest = render_pytorchjob(settings=_settings(kueue_queue="gpu-team-a"),
-                                 spec=_spec(REGISTRY["tiny-t2v"]))
+    manifest = render_pytorchjob(settings=settings_with(kueue_queue="gpu-team-a"),
+                                 spec=spec_of(REGISTRY["tiny-t2v"]))
 
     assert manifest["metadata"]["labels"][LABEL_KUEUE_QUEUE] == "gpu-team-a"
     assert manifest["spec"]["runPolicy"]["suspend"] is True
 
 
 def test_the_model_directory_comes_from_a_host_path() -> None:
-    settings = _settings(model_volume="hostPath", model_host_path="/mnt/models",
+    settings = settings_with(model_volume="hostPath", model_host_path="/mnt/models",
                          model_mount_path="/models")
 
-    manifest = render_pytorchjob(settings=settings, spec=_spec(REGISTRY["tiny-t2v"]))
+    manifest = render_pytorchjob(settings=settings, spec=spec_of(REGISTRY["tiny-t2v"]))
 
-    pod = _replicas(manifest)["Master"]["template"]["spec"]
+    pod = replicas_of(manifest)["Master"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["models"]["hostPath"]["path"] == "/mnt/models"
-    mounts = {m["name"]: m for m in _main(_replicas(manifest)["Master"])["volumeMounts"]}
+    mounts = {m["name"]: m for m in main_of(replicas_of(manifest)["Master"])["volumeMounts"]}
     assert mounts["models"] == {"name": "models", "mountPath": "/models", "readOnly": True}
-    assert _env(_main(_replicas(manifest)["Master"]))["VIDMAAS_MODEL_DIR"]["value"] == \
+    assert env_of(main_of(replicas_of(manifest)["Master"]))["VIDMAAS_MODEL_DIR"]["value"] == \
         "/models/tiny-t2v"
 
 
 def test_every_replica_gets_the_live_preview_settings_the_runtime_reads() -> None:
     from vidmaas.runtime.job import JobEnv
 
-    settings = _settings()
+    settings = settings_with()
     settings.runtime.preview_interval_s = 0.5
     settings.runtime.preview_max = 3
-    manifest = render_pytorchjob(settings=settings, spec=_spec(REGISTRY["wan2.2-t2v-a14b"]))
+    manifest = render_pytorchjob(settings=settings, spec=spec_of(REGISTRY["wan2.2-t2v-a14b"]))
 
-    for replica in _replicas(manifest).values():
-        env = _env(_main(replica))
+    for replica in replicas_of(manifest).values():
+        env = env_of(main_of(replica))
         values = {name: env[name]["value"] for name in ("VIDMAAS_PREVIEW_INTERVAL_S",
                                                         "VIDMAAS_PREVIEW_MAX")}
         job_env = JobEnv.from_environ(values)
@@ -257,65 +189,65 @@ def test_every_replica_gets_the_live_preview_settings_the_runtime_reads() -> Non
 
 
 def test_the_model_directory_comes_from_a_read_only_pvc() -> None:
-    settings = _settings(model_volume="pvc", model_pvc_name="models-rox")
+    settings = settings_with(model_volume="pvc", model_pvc_name="models-rox")
 
-    manifest = render_pytorchjob(settings=settings, spec=_spec(REGISTRY["wan2.2-t2v-a14b"]))
+    manifest = render_pytorchjob(settings=settings, spec=spec_of(REGISTRY["wan2.2-t2v-a14b"]))
 
-    for replica in _replicas(manifest).values():
+    for replica in replicas_of(manifest).values():
         volumes = {v["name"]: v for v in replica["template"]["spec"]["volumes"]}
         assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "models-rox",
                                                               "readOnly": True}
-        assert _env(_main(replica))["VIDMAAS_MODEL_DIR"]["value"] == \
+        assert env_of(main_of(replica))["VIDMAAS_MODEL_DIR"]["value"] == \
             "/models/Wan2.2-T2V-A14B-Diffusers"
 
 
 def test_the_model_directory_can_be_baked_into_the_image() -> None:
-    manifest = render_pytorchjob(settings=_settings(model_volume="image"),
-                                 spec=_spec(REGISTRY["tiny-t2v"]))
+    manifest = render_pytorchjob(settings=settings_with(model_volume="image"),
+                                 spec=spec_of(REGISTRY["tiny-t2v"]))
 
-    master = _replicas(manifest)["Master"]
+    master = replicas_of(manifest)["Master"]
     assert "models" not in {v["name"] for v in master["template"]["spec"]["volumes"]}
-    assert "models" not in {m["name"] for m in _main(master)["volumeMounts"]}
+    assert "models" not in {m["name"] for m in main_of(master)["volumeMounts"]}
 
 
 def test_an_input_image_is_fetched_by_an_init_container_into_the_work_dir() -> None:
-    spec = _spec(REGISTRY["wan2.2-i2v-a14b"])
+    spec = spec_of(REGISTRY["wan2.2-i2v-a14b"])
     assert spec.input_key is not None
 
-    manifest = render_pytorchjob(settings=_settings(), spec=spec)
+    manifest = render_pytorchjob(settings=settings_with(), spec=spec)
 
-    for replica in _replicas(manifest).values():
+    for replica in replicas_of(manifest).values():
         pod = replica["template"]["spec"]
         (init,) = pod["initContainers"]
         assert init["command"] == ["vidmaas-job", "fetch-input", *job_args(spec)]
         assert init["command"][init["command"].index("--image") + 1] == spec.input_key
-        assert _env(init)["VIDMAAS_WORK_DIR"]["value"] == "/work"
+        assert env_of(init)["VIDMAAS_WORK_DIR"]["value"] == "/work"
         assert {"name": "work", "emptyDir": {}} in pod["volumes"]
-        assert _env(_main(replica))["VIDMAAS_WORK_DIR"]["value"] == "/work"
+        assert env_of(main_of(replica))["VIDMAAS_WORK_DIR"]["value"] == "/work"
 
 
 def test_without_an_input_image_there_is_no_init_container() -> None:
-    manifest = render_pytorchjob(settings=_settings(), spec=_spec(REGISTRY["tiny-ti2v"]))
+    manifest = render_pytorchjob(settings=settings_with(), spec=spec_of(REGISTRY["tiny-ti2v"]))
 
-    assert "initContainers" not in _replicas(manifest)["Master"]["template"]["spec"]
+    assert "initContainers" not in replicas_of(manifest)["Master"]["template"]["spec"]
 
 
 def test_credentials_come_from_secrets_and_never_appear_in_the_manifest() -> None:
-    settings = _settings(s3_secret_name="my-s3", redis_secret_name="my-redis")
+    settings = settings_with(s3_secret_name="my-s3", redis_secret_name="my-redis")
     settings.storage.s3_access_key_id = SecretStr("AKIAEXAMPLEKEY")
     settings.storage.s3_secret_access_key = SecretStr("very-secret-key-value")
     settings.redis.url = "redis://:redis-password-123@redis:6379/0"
-    spec = _spec(REGISTRY["wan2.2-i2v-a14b"])
+    spec = spec_of(REGISTRY["wan2.2-i2v-a14b"])
 
     manifest = render_pytorchjob(settings=settings, spec=spec)
 
     text = yaml.safe_dump(manifest)
     for secret in ("AKIAEXAMPLEKEY", "very-secret-key-value", "redis-password-123"):
         assert secret not in text
-    for replica in _replicas(manifest).values():
+    for replica in replicas_of(manifest).values():
         pod = replica["template"]["spec"]
         for container in [*pod["containers"], *pod["initContainers"]]:
-            env = _env(container)
+            env = env_of(container)
             assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
                 "name": "my-s3", "key": "AWS_ACCESS_KEY_ID"}
             assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
@@ -327,22 +259,22 @@ def test_credentials_come_from_secrets_and_never_appear_in_the_manifest() -> Non
 
 
 def test_an_operator_template_that_inlines_a_secret_is_rejected(tmp_path: Path) -> None:
-    template = _operator_template(
+    template = operator_template(
         tmp_path,
         "                - name: VIDMAAS_REDIS_URL\n                  valueFrom:\n"
         "                    secretKeyRef: {name: {{ redis_secret_name }}, key: VIDMAAS_REDIS_URL}",
         "                - name: VIDMAAS_REDIS_URL\n                  value: redis://x")
 
     with pytest.raises(ExecutorError, match="Secret"):
-        render_pytorchjob(settings=_settings(template_path=template),
-                          spec=_spec(REGISTRY["wan2.2-i2v-a14b"]))
+        render_pytorchjob(settings=settings_with(template_path=template),
+                          spec=spec_of(REGISTRY["wan2.2-i2v-a14b"]))
 
 
 def test_an_operator_template_can_use_the_seeds_run_sh(tmp_path: Path) -> None:
-    manifest = render_pytorchjob(settings=_settings(), spec=_spec(REGISTRY["tiny-t2v"]),
+    manifest = render_pytorchjob(settings=settings_with(), spec=spec_of(REGISTRY["tiny-t2v"]),
                                  command=["run.sh"])
 
-    assert _main(_replicas(manifest)["Master"])["command"] == ["run.sh"]
+    assert main_of(replicas_of(manifest)["Master"])["command"] == ["run.sh"]
 
 
 def test_a_template_that_emits_a_second_document_is_rejected(tmp_path: Path) -> None:
@@ -351,45 +283,45 @@ def test_a_template_that_emits_a_second_document_is_rejected(tmp_path: Path) -> 
                         + "---\napiVersion: v1\nkind: Pod\nmetadata: {name: x}\n")
 
     with pytest.raises(ExecutorError, match="2 documents"):
-        render_pytorchjob(settings=_settings(template_path=template),
-                          spec=_spec(REGISTRY["tiny-t2v"]))
+        render_pytorchjob(settings=settings_with(template_path=template),
+                          spec=spec_of(REGISTRY["tiny-t2v"]))
 
 
 def test_a_template_that_alters_the_runtime_arguments_is_rejected(tmp_path: Path) -> None:
-    template = _operator_template(tmp_path, "                - {{ arg }}",
+    template = operator_template(tmp_path, "                - {{ arg }}",
                                   "                - {{ arg | upper }}")
 
     with pytest.raises(ExecutorError, match="args differ"):
-        render_pytorchjob(settings=_settings(template_path=template),
-                          spec=_spec(REGISTRY["tiny-t2v"]))
+        render_pytorchjob(settings=settings_with(template_path=template),
+                          spec=spec_of(REGISTRY["tiny-t2v"]))
 
 
 def test_a_template_that_splices_a_value_into_a_string_is_caught(tmp_path: Path) -> None:
-    template = _operator_template(tmp_path, "  name: {{ job_name }}",
+    template = operator_template(tmp_path, "  name: {{ job_name }}",
                                   "  name: wan22-job-{{ task_id }}")
 
     with pytest.raises(ExecutorError, match="named"):
-        render_pytorchjob(settings=_settings(template_path=template),
-                          spec=_spec(REGISTRY["tiny-t2v"]))
+        render_pytorchjob(settings=settings_with(template_path=template),
+                          spec=spec_of(REGISTRY["tiny-t2v"]))
 
 
 def test_a_manifest_that_breaks_the_crd_schema_is_rejected(tmp_path: Path) -> None:
-    template = _operator_template(tmp_path, "    backoffLimit: {{ backoff_limit }}",
+    template = operator_template(tmp_path, "    backoffLimit: {{ backoff_limit }}",
                                   "    backoffLimit: {{ backoff_limit | string }}")
 
     with pytest.raises(ExecutorError, match="schema validation at spec/runPolicy/backoffLimit"):
-        render_pytorchjob(settings=_settings(template_path=template),
-                          spec=_spec(REGISTRY["tiny-t2v"]))
+        render_pytorchjob(settings=settings_with(template_path=template),
+                          spec=spec_of(REGISTRY["tiny-t2v"]))
 
 
 def test_an_unknown_pod_field_is_rejected_by_the_core_schema(tmp_path: Path) -> None:
-    template = _operator_template(tmp_path, "          terminationGracePeriodSeconds:",
+    template = operator_template(tmp_path, "          terminationGracePeriodSeconds:",
                                   "          terminationGracePeriod: 5\n"
                                   "          terminationGracePeriodSeconds:")
 
     with pytest.raises(ExecutorError, match="Master pod template"):
-        render_pytorchjob(settings=_settings(template_path=template),
-                          spec=_spec(REGISTRY["tiny-t2v"]))
+        render_pytorchjob(settings=settings_with(template_path=template),
+                          spec=spec_of(REGISTRY["tiny-t2v"]))
 
 
 def test_a_template_syntax_error_is_an_executor_error(tmp_path: Path) -> None:
@@ -397,42 +329,42 @@ def test_a_template_syntax_error_is_an_executor_error(tmp_path: Path) -> None:
     template.write_text("kind: {{ oops\n")
 
     with pytest.raises(ExecutorError, match="syntax error"):
-        render_pytorchjob(settings=_settings(template_path=template),
-                          spec=_spec(REGISTRY["tiny-t2v"]))
+        render_pytorchjob(settings=settings_with(template_path=template),
+                          spec=spec_of(REGISTRY["tiny-t2v"]))
 
 
 def test_a_template_using_an_unknown_variable_is_an_executor_error(tmp_path: Path) -> None:
-    template = _operator_template(tmp_path, "  namespace: {{ namespace }}",
+    template = operator_template(tmp_path, "  namespace: {{ namespace }}",
                                   "  namespace: {{ namespace_typo }}")
 
     with pytest.raises(ExecutorError, match="namespace_typo"):
-        render_pytorchjob(settings=_settings(template_path=template),
-                          spec=_spec(REGISTRY["tiny-t2v"]))
+        render_pytorchjob(settings=settings_with(template_path=template),
+                          spec=spec_of(REGISTRY["tiny-t2v"]))
 
 
 def test_a_prompt_with_a_nul_character_is_an_invalid_request() -> None:
     with pytest.raises(InvalidRequest) as info:
-        render_pytorchjob(settings=_settings(), spec=_spec(REGISTRY["tiny-t2v"], "a\x00b"))
+        render_pytorchjob(settings=settings_with(), spec=spec_of(REGISTRY["tiny-t2v"], "a\x00b"))
 
     assert info.value.field == "prompt"
 
 
 def test_invalid_labels_are_rejected() -> None:
     with pytest.raises(ExecutorError, match="label"):
-        render_pytorchjob(settings=_settings(),
-                          spec=_spec(REGISTRY["tiny-t2v"], labels={"team": "a b"}))
+        render_pytorchjob(settings=settings_with(),
+                          spec=spec_of(REGISTRY["tiny-t2v"], labels={"team": "a b"}))
 
 
 def test_render_job_for_cli_prints_the_manifest_the_dispatcher_would_submit() -> None:
     task_id = new_task_id()
 
-    text = render_job_for_cli(settings=_settings(), model_id="wan2.2-i2v-a14b",
+    text = render_job_for_cli(settings=settings_with(), model_id="wan2.2-i2v-a14b",
                               prompt='say "hi"\n---', size="832*480",
                               image_key=f"inputs/{task_id}/input.png", task_id=task_id, seed=7)
 
     (manifest,) = list(yaml.safe_load_all(text))
     assert manifest["metadata"]["name"] == job_name(task_id)
-    args = _main(manifest["spec"]["pytorchReplicaSpecs"]["Master"])["args"]
+    args = main_of(manifest["spec"]["pytorchReplicaSpecs"]["Master"])["args"]
     assert args[:3] == ['--prompt=say "hi"\n---', "--size", "832*480"]
     assert args[args.index("--image") + 1] == f"inputs/{task_id}/input.png"
     assert args[args.index("--seed") + 1] == "7"
@@ -440,11 +372,11 @@ def test_render_job_for_cli_prints_the_manifest_the_dispatcher_would_submit() ->
 
 def test_render_job_for_cli_rejects_what_the_model_cannot_do() -> None:
     with pytest.raises(InvalidRequest) as info:
-        render_job_for_cli(settings=_settings(), model_id="wan2.2-ti2v-5b", prompt="x",
+        render_job_for_cli(settings=settings_with(), model_id="wan2.2-ti2v-5b", prompt="x",
                            size="640*480")
     assert info.value.field == "size"
 
     with pytest.raises(InvalidRequest) as info:
-        render_job_for_cli(settings=_settings(), model_id="tiny-t2v", prompt="x", size="64*64",
+        render_job_for_cli(settings=settings_with(), model_id="tiny-t2v", prompt="x", size="64*64",
                            task_id="../../etc")
     assert info.value.field == "task_id"

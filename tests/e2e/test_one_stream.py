@@ -199,7 +199,9 @@ async def test_a_queued_card_shows_its_place_and_the_estimated_start_when_the_st
     first, second = await create(live, "first in line"), await create(live, "second")
     card = card_of(page, second)
     await expect(card.get_by_test_id("queue-position")).to_have_text("#2 in queue")
-    await expect(card.get_by_test_id("starts-in")).to_be_hidden()  # no estimate: nothing
+    # The server's own estimate, pushed with the position.
+    await expect(card.get_by_test_id("starts-in")).to_have_text(
+        re.compile(r"^starts in about \d+ min$"))
     async with httpx.AsyncClient(base_url=live.url) as c:
         r = await c.post(f"/v1/tasks/{first}/cancel",
                          headers={"Authorization": f"Bearer {live.keys['alice']}"})

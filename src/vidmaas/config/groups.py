@@ -13,6 +13,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
+"""A Kubernetes memory quantity (``512Mi``, ``8Gi``)."""
+_LABEL_VALUE = r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+"""A Kubernetes label value."""
+
 
 class DatabaseSettings(BaseModel):
     """Where tasks, users and keys live."""
@@ -231,7 +236,8 @@ class LocalExecutorSettings(BaseModel):
 
 
 class KubeSettings(BaseModel):
-    """The Kubernetes executor: one Kubeflow PyTorchJob per task."""
+    """The Kubernetes executor: one Kubeflow PyTorchJob per task, one LeaderWorkerSet per
+    warm-pool worker."""
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
@@ -242,6 +248,12 @@ class KubeSettings(BaseModel):
     crd_schema_path: Path | None = None
     """PyTorchJob CRD file to validate rendered manifests against; None skips the
     CRD check (the rendered manifest is still parsed and checked)."""
+    pool_template_path: Path | None = None
+    """A Jinja2 LeaderWorkerSet template of the operator's own for warm-pool workers;
+    None uses the shipped one."""
+    pool_crd_schema_path: Path | None = None
+    """LeaderWorkerSet CRD file to validate rendered pool manifests against; None skips
+    the CRD check (the rendered manifest is still parsed and checked)."""
     image: str = "vidmaas/runtime:0.1.0"
     """The job runtime image."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
@@ -250,8 +262,9 @@ class KubeSettings(BaseModel):
     """Extended resource requested per GPU (``nvidia.com/gpu``, or HAMI's vGPU name)."""
     gpu_memory_resource_name: str | None = None
     """HAMI vGPU memory resource (e.g. ``nvidia.com/gpumem``); None omits it."""
-    gpu_memory_mib: int | None = None
-    """Amount of the vGPU memory resource per GPU, if one is named."""
+    gpu_memory_mib: int | None = Field(default=None, ge=1)
+    """vGPU memory per GPU (MiB) for every model alike; None: each model's registry
+    ``gpu_memory_gib`` (the default, and what a HAMI cluster should use)."""
     model_volume: Literal["hostPath", "pvc", "image"] = "hostPath"
     """How the model directory reaches the pod."""
     model_host_path: str = "/data/models"
@@ -280,8 +293,35 @@ class KubeSettings(BaseModel):
     """Talk to this API server URL directly (no kubeconfig); used with emulators."""
     cpu_request: str = "4"
     """CPU request of each job container."""
-    memory_request: str = "32Gi"
-    """Memory request of each job container."""
+    memory_request: str | None = Field(default=None, pattern=_QUANTITY)
+    """Memory request and limit of every job container alike; None: each model's
+    registry ``pod_memory_gib``."""
+    shm_size_limit: str = Field(default="8Gi", pattern=_QUANTITY)
+    """``sizeLimit`` of the in-memory ``/dev/shm`` volume (counts against pod memory)."""
+    gpu_product: str | None = Field(default=None, pattern=_LABEL_VALUE)
+    """Node selector ``nvidia.com/gpu.product`` (e.g. ``NVIDIA-H100-80GB-HBM3``, as the
+    GPU feature discovery labels nodes); None: any GPU node."""
+    entrypoint: Literal["vidmaas-job", "run.sh"] = "vidmaas-job"
+    """The main container's command: ``vidmaas-job run`` or the seed's ``run.sh``."""
+    multi_node: bool = False
+    """Let a job span nodes as the registry's ``nnodes`` says; off: every job runs in
+    one pod on one node with all its GPUs (``nnodes × nproc_per_node``)."""
+    rdma_resource_name: str | None = None
+    """Extended resource of an RDMA device (e.g. ``rdma/hca``) requested by each pod of
+    a job that spans nodes; None: none (NCCL uses TCP sockets between nodes)."""
+    rdma_per_pod: int = Field(default=1, ge=1)
+    """Amount of the RDMA resource per pod."""
+    nccl_socket_ifname: str | None = None
+    """``NCCL_SOCKET_IFNAME`` for jobs that span nodes (e.g. ``eth0`` or ``^lo,docker``)."""
+    nccl_ib_hca: str | None = None
+    """``NCCL_IB_HCA`` for jobs that span nodes (e.g. ``mlx5_0,mlx5_1``)."""
+    hami_nccl_workaround: bool = False
+    """Set ``NCCL_P2P_DISABLE=1`` and ``NCCL_SHM_DISABLE=1`` in the jobs (HAMI vGPUs,
+    where NCCL's peer-to-peer and shared-memory transports can crash or hang)."""
+    collective_timeout_s: int | None = Field(default=None, ge=10)
+    """Collective timeout the runtime gives torch.distributed
+    (``VIDMAAS_COLLECTIVE_TIMEOUT_S``, with ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``);
+    None: the runtime's default."""
 
 
 class RuntimeSettings(BaseModel):

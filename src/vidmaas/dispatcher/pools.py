@@ -9,12 +9,13 @@ Guarantees (with any number of dispatcher replicas; the shared state is in Redis
   job, then ``running`` once the assignment is sent. A worker that died in between
   makes the task retry (``worker_lost``) within the attempt limit.
 - ``manage`` (every ``pools.manage_interval_s``): a worker whose lease ran out, or
-  whose process ended, is retired — its GPUs freed, its process killed if it lingers,
-  and the task it was busy with (if that attempt is still its) retried; a worker a
-  claim marked busy but that never got the assignment goes back to idle; processes
-  with no registration are stopped. Then ``domain.pools.plan_pools`` decides what to
-  start (its GPUs reserved before the process starts, so capacity is never
-  overcommitted) and which idle workers to drain (they exit by themselves).
+  whose process ended, or that the executor reports stuck, is retired — its GPUs
+  freed, its process killed if it lingers, and the task it was busy with (if that
+  attempt is still its) retried; a worker a claim marked busy but that never got the
+  assignment goes back to idle; processes with no registration are stopped. Then
+  ``domain.pools.plan_pools`` decides what to start (its GPUs reserved before the
+  process starts, so capacity is never overcommitted) and which idle workers to drain
+  (they exit by themselves).
 - ``cancel`` of a pooled task relies on the cancel flag the worker checks between
   steps; a worker still on the task ``dispatcher.cancel_grace_s`` later is killed and
   replaced.
@@ -133,10 +134,16 @@ class Pools:
     # ------------------------------------------------------------------ managing
 
     async def on_worker_status(self, status: JobStatus) -> None:
-        """The executor reports a worker's process ended: retire it at once."""
-        if status.state.finished and is_worker_id(status.job_name):
+        """The executor reports a worker's process ended, or the worker stuck (its image
+        cannot be pulled, its pods cannot be scheduled): retire it at once."""
+        if not is_worker_id(status.job_name):
+            return
+        if status.state.finished:
             await self._retire(status.job_name, why=f"its process ended "
                                                     f"(exit code {status.exit_code})")
+        elif status.stuck:
+            await self._retire(status.job_name, why=f"it is stuck ({status.reason}: "
+                                                    f"{status.message})")
 
     async def manage(self) -> PoolPlan:
         """One pass: retire the lost, then scale (see the module docstring)."""

@@ -6,12 +6,15 @@ Guarantees:
 - ``check_labels`` refuses a label key or value Kubernetes would reject.
 - ``check_manifest`` accepts only one mapping of kind ``PyTorchJob`` named
   ``spec.job_name`` in the configured namespace, carrying the vidmaas labels, with
-  replicas summing to the model's ``nnodes``, every ``pytorch`` container's ``args``
-  equal to ``job_args(spec)`` (and the ``fetch-input`` initContainer's arguments
-  ending with them), asking for ``nproc_per_node`` GPUs and carrying the runtime's
-  required variables, and secrets passed only by reference: the credential
-  variables come from ``secretKeyRef`` and no configured secret value appears
-  anywhere in the rendered text.
+  replicas summing to the job's nodes (``placement.job_placement``), every
+  ``pytorch`` container's ``args`` read by the runtime's own parser
+  (``runtime.job.add_job_args``) exactly as it reads ``job_args(spec)`` (and so the
+  ``fetch-input`` initContainer's arguments after ``fetch-input``), asking for the
+  placement's GPUs per pod (and vGPU memory, when its resource is named), a Worker's
+  ``fetch-input`` told a node rank other than 0, the runtime's required variables,
+  and secrets passed only by reference: the credential variables come from
+  ``secretKeyRef`` and no configured secret value appears anywhere in the rendered
+  text.
 - ``validate_manifest`` validates against the CRD's ``openAPIV3Schema``, and each pod
   template against the Kubernetes core schema that ``kubernetes-validate`` ships
   (strict: unknown fields are errors).
@@ -23,12 +26,13 @@ nothing happens at import.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 from urllib.parse import urlsplit
 
 import jsonschema
@@ -45,6 +49,7 @@ from vidmaas.dispatcher.executors.kubernetes.constants import (
     MANAGED_BY,
     VERSION,
 )
+from vidmaas.dispatcher.executors.kubernetes.placement import job_placement
 from vidmaas.domain.jobs import (
     ENV_AWS_ACCESS_KEY_ID,
     ENV_AWS_SECRET_ACCESS_KEY,
@@ -57,6 +62,7 @@ from vidmaas.domain.jobs import (
     job_args,
 )
 from vidmaas.errors import ExecutorError, InvalidRequest
+from vidmaas.runtime.job import JobArgParser, add_job_args
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +95,70 @@ def check_labels(labels: Mapping[str, str]) -> None:
     for key, value in labels.items():
         if not _LABEL_KEY_RE.match(key) or len(key) > 253 or not _LABEL_VALUE_RE.match(value):
             raise ExecutorError(f"invalid Kubernetes label {key[:80]!r}={value[:80]!r}")
+
+
+# ---------------------------------------------------------------- arguments
+
+
+class _ArgumentsRefused(Exception):
+    pass
+
+
+class _CheckingParser(JobArgParser):
+    """The runtime's job arguments, refusing (never exiting) where the runtime would
+    fail; no ``--help``, which would make the runtime print help and exit 0."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _ArgumentsRefused(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise _ArgumentsRefused(message or f"exit {status}")
+
+
+def _job_arg_parser() -> argparse.ArgumentParser:
+    parser = _CheckingParser(prog="vidmaas-job", add_help=False, exit_on_error=False)
+    add_job_args(parser)
+    return parser
+
+
+def parsed_job_args(argv: Sequence[Any]) -> dict[str, Any]:
+    """``argv`` as the runtime's parser reads it (``ExecutorError`` if it would refuse)."""
+    if not all(isinstance(a, str) for a in argv):
+        raise ExecutorError("a job argument is not a string")
+    try:
+        return vars(_job_arg_parser().parse_args(list(argv)))
+    except (_ArgumentsRefused, argparse.ArgumentError) as e:
+        raise ExecutorError(f"the runtime would refuse the arguments: {str(e)[:200]}") from e
+
+
+def _check_args(what: str, argv: Sequence[Any], expected: Mapping[str, Any]) -> None:
+    try:
+        got = parsed_job_args(argv)
+    except ExecutorError as e:
+        raise ExecutorError(f"{what} args differ from the runtime arguments: {e}") from e
+    differ = sorted(k for k in expected if got.get(k) != expected[k])
+    if differ:
+        raise ExecutorError(f"{what} args differ from the runtime arguments in "
+                            f"{', '.join('--' + k.replace('_', '-') for k in differ)}")
+
+
+def _fetch_input_argv(init: Mapping[str, Any]) -> list[Any]:
+    line = [*(init.get("command") or []), *(init.get("args") or [])]
+    if "fetch-input" not in line:
+        raise ExecutorError(f"the {FETCH_INPUT_CONTAINER} container does not run fetch-input")
+    return line[line.index("fetch-input") + 1:]
+
+
+def _check_node_rank(rtype: str, init: Mapping[str, Any]) -> None:
+    """A Worker's fetch-input must not believe it runs on node 0 (it would report)."""
+    env = {e.get("name"): e for e in init.get("env") or []}
+    rank = env.get("PET_NODE_RANK")
+    line = " ".join(str(a) for a in [*(init.get("command") or []), *(init.get("args") or [])])
+    told = (rank is not None and rank.get("value") != "0") or (
+        rank is None and "PET_NODE_RANK=" in line)
+    if rtype != "Master" and not told:
+        raise ExecutorError(f"the {rtype} {FETCH_INPUT_CONTAINER} container is not told its "
+                            "node rank (PET_NODE_RANK), so it would act as node 0")
 
 
 # ---------------------------------------------------------------- the manifest
@@ -124,30 +194,32 @@ def check_manifest(manifest: Any, *, settings: Settings, spec: JobSpec, text: st
     replica_specs = (manifest.get("spec") or {}).get("pytorchReplicaSpecs")
     if not isinstance(replica_specs, dict) or "Master" not in replica_specs:
         raise ExecutorError("the rendered job has no Master replica")
+    place = job_placement(settings.kube, spec.model)
     total = sum(int(r.get("replicas", 1)) for r in replica_specs.values())
-    if total != spec.model.nnodes:
+    if total != place.nnodes:
         raise ExecutorError(f"the rendered job has {total} replicas; model {spec.model.id} "
-                            f"needs {spec.model.nnodes} nodes")
-    expected_args = job_args(spec)
-    gpu = settings.kube.gpu_resource_name
+                            f"needs {place.nnodes} nodes")
+    expected = parsed_job_args(job_args(spec))
+    gpu, gpumem = settings.kube.gpu_resource_name, settings.kube.gpu_memory_resource_name
     for rtype, replica in replica_specs.items():
         pod = ((replica.get("template") or {}).get("spec")) or {}
         containers = pod.get("containers") or []
         main = [c for c in containers if c.get("name") == MAIN_CONTAINER]
         if len(main) != 1:
             raise ExecutorError(f"the {rtype} replica needs one container named {MAIN_CONTAINER}")
-        if main[0].get("args") != expected_args:
-            raise ExecutorError(f"the {rtype} container's args differ from the runtime arguments")
-        limit = ((main[0].get("resources") or {}).get("limits") or {}).get(gpu)
-        if str(limit) != str(spec.model.nproc_per_node):
-            raise ExecutorError(f"the {rtype} container asks for {limit} {gpu}; model "
-                                f"{spec.model.id} needs {spec.model.nproc_per_node}")
+        _check_args(f"the {rtype} container's", main[0].get("args") or [], expected)
+        limits = (main[0].get("resources") or {}).get("limits") or {}
+        if str(limits.get(gpu)) != str(place.nproc_per_node):
+            raise ExecutorError(f"the {rtype} container asks for {limits.get(gpu)} {gpu}; "
+                                f"model {spec.model.id} needs {place.nproc_per_node}")
+        if gpumem is not None and str(limits.get(gpumem)) != str(place.gpu_memory_mib):
+            raise ExecutorError(f"the {rtype} container asks for {limits.get(gpumem)} {gpumem}; "
+                                f"model {spec.model.id} needs {place.gpu_memory_mib}")
         for init in pod.get("initContainers") or []:
-            line = [*(init.get("command") or []), *(init.get("args") or [])]
-            if init.get("name") == FETCH_INPUT_CONTAINER and line[-len(expected_args):] != \
-                    expected_args:
-                raise ExecutorError(f"the {rtype} {FETCH_INPUT_CONTAINER} container's arguments "
-                                    "differ from the runtime arguments")
+            if init.get("name") == FETCH_INPUT_CONTAINER:
+                _check_args(f"the {rtype} {FETCH_INPUT_CONTAINER} container's",
+                            _fetch_input_argv(init), expected)
+                _check_node_rank(rtype, init)
         env_names = {e.get("name") for e in main[0].get("env") or []}
         missing = REQUIRED_ENV_NAMES - env_names
         if missing:

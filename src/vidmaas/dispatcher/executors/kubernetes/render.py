@@ -6,11 +6,17 @@ Guarantees of ``render_pytorchjob``:
   ``null``, flow lists and mappings). A value therefore stays one scalar, whatever
   quotes, newlines, ``{{ }}``, ``{% %}``, ``---`` or YAML it holds; user text is data,
   never template source (the template environment is sandboxed, autoescape is off).
+- A quoted whole value in the template (``"{{ prompt_text }}"``, as plain-Jinja
+  templates write it) is compiled as that value as a string, quoted like any other.
 - The text is parsed back with ``yaml.safe_load_all``, must be exactly one document,
   and passes every check of ``checks.check_manifest`` (kind, name, namespace, labels,
-  replicas, the ``pytorch`` containers' ``args`` equal to ``job_args(spec)`` so the
-  prompt arrives exactly as typed and the local and Kubernetes executors run the
-  same command line, GPUs, secrets only by reference).
+  replicas, the ``pytorch`` containers' ``args`` read by the runtime's parser as it
+  reads ``job_args(spec)`` so the prompt arrives exactly as typed and the local and
+  Kubernetes executors run the same job, GPUs and vGPU memory, a Worker's node rank,
+  secrets only by reference).
+- Pods, GPUs per pod and memory follow ``placement.job_placement``: one pod per job
+  unless multi-node is on and the model spans nodes; only such a job gets pod
+  anti-affinity, the RDMA resource and the NCCL interface variables.
 - When a CRD file is configured (or passed), the manifest is validated against its
   schema and each pod template against the core schema (``checks.validate_manifest``).
 - Any failure raises ``ExecutorError`` (``InvalidRequest`` for a value no job can carry,
@@ -51,7 +57,9 @@ from vidmaas.dispatcher.executors.kubernetes.constants import (
     LABEL_TASK_ID,
     LABEL_USER,
     MANAGED_BY,
+    POD_REPLICA_INDEX_LABEL,
 )
+from vidmaas.dispatcher.executors.kubernetes.placement import Placement, job_placement
 from vidmaas.domain.ids import is_task_id, new_task_id
 from vidmaas.domain.ids import job_name as job_name_of
 from vidmaas.domain.jobs import JobSpec, job_args
@@ -60,8 +68,22 @@ from vidmaas.errors import ExecutorError, InvalidRequest
 
 WORK_DIR: Final = "/work"
 """The pod's ``emptyDir`` work directory (``VIDMAAS_WORK_DIR``)."""
-DEFAULT_COMMAND: Final = ("vidmaas-job", "run")
+ENTRYPOINTS: Final[Mapping[str, tuple[str, ...]]] = {
+    "vidmaas-job": ("vidmaas-job", "run"),
+    "run.sh": ("run.sh",),
+}
+"""The main container's command for each ``VIDMAAS_KUBE_ENTRYPOINT``."""
+DEFAULT_COMMAND: Final = ENTRYPOINTS["vidmaas-job"]
 FETCH_INPUT_COMMAND: Final = ("vidmaas-job", "fetch-input")
+ENV_REPLICA_INDEX: Final = "REPLICA_INDEX"
+"""A Worker's index (downward API, from the operator's pod label) in its initContainer."""
+WORKER_FETCH_SCRIPT: Final = (
+    ': "${REPLICA_INDEX:?}"; export PET_NODE_RANK=$((REPLICA_INDEX + 1)); '
+    'exec vidmaas-job fetch-input "$@"')
+"""A Worker's ``fetch-input``: node rank = replica index + 1, as the operator numbers
+the Workers' ``PET_NODE_RANK`` (``sh -c SCRIPT NAME ARGS…``: the arguments pass as is)."""
+GPU_PRODUCT_LABEL: Final = "nvidia.com/gpu.product"
+"""Node label of the GPU model (NVIDIA GPU feature discovery)."""
 
 # Characters a JSON string may hold raw but YAML treats specially: YAML line breaks
 # (NEL, LS, PS), characters PyYAML refuses (DEL, C1 controls, U+FFFE/FFFF, surrogates),
@@ -138,10 +160,24 @@ def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
     return env
 
 
+# A whole-value expression inside YAML quotes, as templates written for plain Jinja have
+# it ("{{ prompt_text }}"): it means the value as a string, so it is compiled as
+# {{ (prompt_text) | string }} and quoted like every other value. Only a quoted scalar
+# that is exactly one expression qualifies; "s3://{{ bucket }}" is left alone (and is
+# refused after rendering).
+_QUOTED_WHOLE_VALUE_RE = re.compile(
+    r"""(?P<q>["'])\{\{(?P<l>-?)(?P<e>(?:(?!(?P=q))[^{}])*?)(?P<r>-?)\}\}(?P=q)""")
+
+
+def _unquote_whole_values(source: str) -> str:
+    return _QUOTED_WHOLE_VALUE_RE.sub(
+        lambda m: "{{" + m["l"] + " (" + m["e"].strip() + ") | string " + m["r"] + "}}", source)
+
+
 @functools.cache
 def _compile(source: str) -> jinja2.Template:
     try:
-        return _environment().from_string(source)
+        return _environment().from_string(_unquote_whole_values(source))
     except jinja2.TemplateSyntaxError as e:
         raise ExecutorError(
             f"PyTorchJob template syntax error, line {e.lineno}: {e.message}") from e
@@ -188,21 +224,47 @@ def _labels(*, settings: Settings, spec: JobSpec) -> dict[str, str]:
     return labels
 
 
+def _replicas(place: Placement, args: list[str]) -> list[dict[str, Any]]:
+    """Master and Workers, each with what its ``fetch-input`` initContainer needs to know
+    its node rank (the operator injects ``PET_*`` into containers only, not into
+    initContainers)."""
+    static = [{"name": "PET_NNODES", "value": str(place.nnodes)},
+              {"name": "PET_NPROC_PER_NODE", "value": str(place.nproc_per_node)}]
+    replicas: list[dict[str, Any]] = [{
+        "type": "Master", "count": 1,
+        "node_env": [*static, {"name": "PET_NODE_RANK", "value": "0"}],
+        "fetch_command": [*FETCH_INPUT_COMMAND, *args],
+    }]
+    if place.spans_nodes:
+        index = {"name": ENV_REPLICA_INDEX, "valueFrom": {
+            "fieldRef": {"fieldPath": f"metadata.labels['{POD_REPLICA_INDEX_LABEL}']"}}}
+        replicas.append({
+            "type": "Worker", "count": place.nnodes - 1,
+            "node_env": [*static, index],
+            "fetch_command": ["sh", "-c", WORKER_FETCH_SCRIPT, FETCH_INPUT_COMMAND[1], *args],
+        })
+    return replicas
+
+
 def template_context(
     *, settings: Settings, spec: JobSpec, command: list[str] | None = None,
 ) -> dict[str, Any]:
     """The variables the template sees (docs/kubernetes.md lists them)."""
     kube, model, params = settings.kube, spec.model, spec.params
+    place = job_placement(kube, model)
     labels = _labels(settings=settings, spec=spec)
     pod_labels = {k: labels[k] for k in (LABEL_MANAGED_BY, LABEL_TASK_ID, LABEL_JOB_NAME,
                                           LABEL_MODEL)}
-    limits: dict[str, int | str] = {kube.gpu_resource_name: model.nproc_per_node}
-    if kube.gpu_memory_resource_name is not None and kube.gpu_memory_mib is not None:
-        limits[kube.gpu_memory_resource_name] = kube.gpu_memory_mib
-    replicas = [{"type": "Master", "count": 1}]
-    if model.nnodes > 1:
-        replicas.append({"type": "Worker", "count": model.nnodes - 1})
+    limits: dict[str, int | str] = {kube.gpu_resource_name: place.nproc_per_node,
+                                    "memory": place.pod_memory}
+    if kube.gpu_memory_resource_name is not None:
+        limits[kube.gpu_memory_resource_name] = place.gpu_memory_mib
+    rdma = kube.rdma_resource_name if place.spans_nodes else None
+    if rdma is not None:
+        limits[rdma] = kube.rdma_per_pod
     args = job_args(spec)
+    replicas = _replicas(place, args)
+    logo = settings.runtime.watermark_logo_path
     return {
         # the seed's placeholders
         "task_id": spec.task_id,
@@ -224,19 +286,29 @@ def template_context(
         "steps": params["steps"],
         "seed": params["seed"],
         "args": args,
-        "command": list(command) if command is not None else list(DEFAULT_COMMAND),
-        # the runtime's own parser wants every job argument; fetch-input uses --image
-        "fetch_command": [*FETCH_INPUT_COMMAND, *args],
-        # replicas and resources
-        "nnodes": model.nnodes,
-        "nproc_per_node": model.nproc_per_node,
+        "command": list(command) if command is not None else list(ENTRYPOINTS[kube.entrypoint]),
+        # the Master's; each replica has its own (the Workers' sets their node rank)
+        "fetch_command": replicas[0]["fetch_command"],
+        # replicas, placement and resources
+        "nnodes": place.nnodes,
+        "nproc_per_node": place.nproc_per_node,
+        "spans_nodes": place.spans_nodes,
         "replicas": replicas,
         "image": model.runtime_image or kube.image,
         "image_pull_policy": kube.image_pull_policy,
         "service_account": kube.service_account,
         "gpu_resource_name": kube.gpu_resource_name,
-        "requests": {"cpu": kube.cpu_request, "memory": kube.memory_request},
+        "node_selector": ({GPU_PRODUCT_LABEL: kube.gpu_product}
+                          if kube.gpu_product is not None else {}),
+        "requests": {"cpu": kube.cpu_request, "memory": place.pod_memory},
         "limits": limits,
+        "rdma_resource_name": rdma,
+        "shm_size_limit": kube.shm_size_limit,
+        # NCCL and torch.distributed
+        "nccl_socket_ifname": kube.nccl_socket_ifname if place.spans_nodes else None,
+        "nccl_ib_hca": kube.nccl_ib_hca if place.spans_nodes else None,
+        "hami_nccl_workaround": kube.hami_nccl_workaround,
+        "collective_timeout_s": kube.collective_timeout_s,
         # storage, secrets, runtime environment
         "model_volume": kube.model_volume,
         "model_host_path": kube.model_host_path,
@@ -250,6 +322,7 @@ def template_context(
         "s3_secret_name": kube.s3_secret_name,
         "redis_secret_name": kube.redis_secret_name,
         "watermark_text": settings.runtime.watermark_text,
+        "watermark_logo": str(logo) if logo is not None else None,
         "heartbeat_interval_s": settings.runtime.heartbeat_interval_s,
         "preview_interval_s": settings.runtime.preview_interval_s,
         "preview_max": settings.runtime.preview_max,
