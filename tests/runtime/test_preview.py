@@ -40,6 +40,12 @@ def test_a_latent_frame_projects_to_a_uint8_rgb_image_at_most_256_px(
     assert pixels.std() > 10, "the default projection shows the latent's structure"
 
 
+def test_a_bfloat16_frame_projects_like_its_float32_values() -> None:
+    frame = torch.randn(48, 8, 12, generator=torch.Generator().manual_seed(4))
+    half = frame.to(torch.bfloat16)
+    assert np.array_equal(project(half), project(half.float().numpy()))
+
+
 def test_the_default_projection_of_a_constant_latent_is_mid_grey() -> None:
     pixels = project(np.full((16, 4, 6), 3.0, dtype=np.float32), max_side_px=12)
     assert pixels.shape == (8, 12, 3)

@@ -78,7 +78,9 @@ def project(frame: Any, projection: Projection | None = None, *,
     import numpy as np
     from PIL import Image
 
-    x = np.asarray(frame.numpy() if hasattr(frame, "numpy") else frame, dtype=np.float32)
+    if hasattr(frame, "detach"):  # a torch tensor, of any dtype and device
+        frame = frame.detach().float().cpu().numpy()
+    x = np.asarray(frame, dtype=np.float32)
     if x.ndim != 3 or min(x.shape) < 1:
         raise ValueError(f"a latent frame is (channels, h, w), not {x.shape}")
     channels = x.shape[0]
