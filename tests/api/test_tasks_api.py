@@ -87,7 +87,7 @@ async def test_another_users_task_is_indistinguishable_from_a_missing_one(api: A
     task = (await create(api, user="alice")).json()
     missing = "t" + "0" * 25
     for suffix, method in (("", "GET"), ("/cancel", "POST"), ("/video", "GET"),
-                           ("/poster", "GET")):
+                           ("/poster", "GET"), ("/preview", "GET")):
         theirs = await api.client.request(method, f"/v1/tasks/{task['id']}{suffix}",
                                           headers=api.auth("bob"))
         gone = await api.client.request(method, f"/v1/tasks/{missing}{suffix}",

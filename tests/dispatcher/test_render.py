@@ -172,6 +172,22 @@ def test_the_model_directory_comes_from_a_host_path() -> None:
         "/models/tiny-t2v"
 
 
+def test_every_replica_gets_the_live_preview_settings_the_runtime_reads() -> None:
+    from vidmaas.runtime.job import JobEnv
+
+    settings = settings_with()
+    settings.runtime.preview_interval_s = 0.5
+    settings.runtime.preview_max = 3
+    manifest = render_pytorchjob(settings=settings, spec=spec_of(REGISTRY["wan2.2-t2v-a14b"]))
+
+    for replica in replicas_of(manifest).values():
+        env = env_of(main_of(replica))
+        values = {name: env[name]["value"] for name in ("VIDMAAS_PREVIEW_INTERVAL_S",
+                                                        "VIDMAAS_PREVIEW_MAX")}
+        job_env = JobEnv.from_environ(values)
+        assert (job_env.preview_interval_s, job_env.preview_max) == (0.5, 3)
+
+
 def test_the_model_directory_comes_from_a_read_only_pvc() -> None:
     settings = settings_with(model_volume="pvc", model_pvc_name="models-rox")
 

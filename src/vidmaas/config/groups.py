@@ -344,6 +344,10 @@ class RuntimeSettings(BaseModel):
     """Period of heartbeat events while a job lives."""
     progress_min_interval_s: float = 0.2
     """Progress events closer together than this are coalesced."""
+    preview_interval_s: float = Field(default=2.0, ge=0)
+    """Least seconds between two live preview images of a denoising task."""
+    preview_max: int = Field(default=8, ge=0, le=1000)
+    """Most live preview images per task; 0 turns previews off."""
 
 
 class WebhookSettings(BaseModel):

@@ -16,6 +16,7 @@ fail the same way, so it is not retried.
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,10 @@ ENV_HEARTBEAT_INTERVAL_S = "VIDMAAS_HEARTBEAT_INTERVAL_S"
 ENV_ATTEMPT = "VIDMAAS_ATTEMPT"
 ENV_STORAGE_RETRY_ATTEMPTS = "VIDMAAS_STORAGE_RETRY_ATTEMPTS"
 ENV_STORAGE_RETRY_TOTAL_S = "VIDMAAS_STORAGE_RETRY_TOTAL_S"
+ENV_PREVIEW_INTERVAL_S = "VIDMAAS_PREVIEW_INTERVAL_S"
+"""Least seconds between two live previews of a task (``runtime.preview``)."""
+ENV_PREVIEW_MAX = "VIDMAAS_PREVIEW_MAX"
+"""Most live previews per task; 0 turns them off."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +146,11 @@ def model_args(model: ModelSpec) -> list[str]:
                      ("--compile", model.compile), ("--tf32", model.tf32)):
         if on:
             args.append(flag)
+    if model.preview_rgb_factors:
+        rgb: dict[str, Any] = {"factors": [list(r) for r in model.preview_rgb_factors]}
+        if model.preview_rgb_bias is not None:
+            rgb["bias"] = list(model.preview_rgb_bias)
+        args.append("--preview-rgb=" + json.dumps(rgb, separators=(",", ":")))
     return args
 
 

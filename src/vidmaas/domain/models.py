@@ -107,6 +107,12 @@ class ModelSpec(BaseModel):
     """``torch.compile`` the transformer's repeated blocks (slower first step, faster after)."""
     tf32: bool = False
     """TF32 matmuls and convolutions for the fp32 VAE on CUDA."""
+    preview_rgb_factors: list[tuple[float, float, float]] | None = None
+    """Live previews: one ``(r, g, b)`` row per latent channel of a linear map of the
+    latents to RGB (as ComfyUI's ``latent_rgb_factors``); none: the runtime's normalised
+    projection of the channels (``runtime.preview``), which shows structure, not colour."""
+    preview_rgb_bias: tuple[float, float, float] | None = None
+    """Added to ``preview_rgb_factors``' result (needs the factors)."""
     image: Literal["none", "optional", "required"] = "none"
     tiny: bool = False
     """A random-weight test model that the project generates itself."""
@@ -130,6 +136,10 @@ class ModelSpec(BaseModel):
             raise ValueError("default_frames must be one of frame_counts")
         if self.default_steps > self.max_steps:
             raise ValueError("default_steps exceeds max_steps")
+        if self.preview_rgb_bias is not None and not self.preview_rgb_factors:
+            raise ValueError("preview_rgb_bias needs preview_rgb_factors")
+        if self.preview_rgb_factors is not None and not self.preview_rgb_factors:
+            raise ValueError("preview_rgb_factors must not be empty")
         if self.pipeline == "i2v" and self.image == "none":
             raise ValueError("an i2v model must take an image")
         if self.pipeline == "t2v" and self.image != "none":

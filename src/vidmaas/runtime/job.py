@@ -32,6 +32,8 @@ from vidmaas.domain.jobs import (
     ENV_AWS_SECRET_ACCESS_KEY,
     ENV_HEARTBEAT_INTERVAL_S,
     ENV_MODEL_DIR,
+    ENV_PREVIEW_INTERVAL_S,
+    ENV_PREVIEW_MAX,
     ENV_REDIS_URL,
     ENV_S3_ENDPOINT_URL,
     ENV_S3_REGION,
@@ -57,6 +59,8 @@ DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
 DEFAULT_PROGRESS_INTERVAL_S = 0.5
 DEFAULT_STORAGE_RETRY_ATTEMPTS = 8
 DEFAULT_STORAGE_RETRY_TOTAL_S = 120.0
+DEFAULT_PREVIEW_INTERVAL_S = 2.0
+DEFAULT_PREVIEW_MAX = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,10 @@ class JobEnv:
     fault: Mapping[str, str]
     dist: Dist
     host: str
+    preview_interval_s: float = DEFAULT_PREVIEW_INTERVAL_S
+    """Least seconds between two live previews (``VIDMAAS_PREVIEW_INTERVAL_S``)."""
+    preview_max: int = DEFAULT_PREVIEW_MAX
+    """Most live previews per task; 0: none (``VIDMAAS_PREVIEW_MAX``)."""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> JobEnv:
@@ -168,6 +176,8 @@ class JobEnv:
             fault=fault,
             dist=dist,
             host=socket.gethostname(),
+            preview_interval_s=num(ENV_PREVIEW_INTERVAL_S, DEFAULT_PREVIEW_INTERVAL_S),
+            preview_max=max(0, integer(ENV_PREVIEW_MAX, DEFAULT_PREVIEW_MAX)),
         )
 
 
@@ -197,6 +207,8 @@ class JobArgs:
     attention_backend: str | None = None
     compile: bool = False
     tf32: bool = False
+    preview_rgb: str | None = None
+    """The model's preview projection as JSON (``runtime.preview.parse_projection``)."""
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> JobArgs:
@@ -223,7 +235,7 @@ class JobArgs:
                    flow_shift=ns.flow_shift, strategy=ns.strategy, vae_tiling=ns.vae_tiling,
                    cpu_offload=ns.cpu_offload, memory_saving=ns.memory_saving,
                    attention_backend=ns.attention_backend or None, compile=ns.compile,
-                   tf32=ns.tf32)
+                   tf32=ns.tf32, preview_rgb=ns.preview_rgb or None)
 
 
 class _FreeText(argparse.Action):
@@ -291,6 +303,9 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
                      help="torch.compile the transformer's repeated blocks")
     gen.add_argument("--tf32", action=flag, default=False,
                      help="TF32 matmuls and convolutions (the fp32 VAE) on CUDA")
+    gen.add_argument("--preview-rgb", default=None,
+                     help='live previews\' latent-to-RGB map, JSON {"factors": [[r, g, b], '
+                          '...], "bias": [r, g, b]} (default: a normalised projection)')
 
 
 def cli_args(args: JobArgs) -> list[str]:
@@ -317,6 +332,8 @@ def cli_args(args: JobArgs) -> list[str]:
                      ("--tf32", args.tf32)):
         if on:
             out.append(name)
+    if args.preview_rgb:
+        out.append(f"--preview-rgb={args.preview_rgb}")
     return out
 
 

@@ -4,7 +4,8 @@ Guarantees:
 - A Redis error never escapes a ``Reporter`` method: a blip cannot kill the job.
   Terminal events (``completed``, ``failed``, ``cancelled``) and ``started`` are
   retried with backoff for ``critical_retry_s``; ``stage`` and ``log`` for a few
-  seconds; ``progress`` and ``heartbeat`` are best-effort (the next one supersedes).
+  seconds; ``progress``, ``heartbeat`` and ``preview`` are best-effort (the next one
+  supersedes).
 - At most one terminal event and one ``started`` per job, across all the steps'
   processes: each is guarded by a marker file in the work directory. A full disk
   never swallows the event: a marker that was created but not written still guards,
@@ -189,6 +190,11 @@ class Reporter:
             self._save_state()
         self.publish(ev.progress(self.task_id, step=step, total=total, percent=percent,
                                  eta_s=eta_s, stage_=stage))
+
+    def preview(self, *, key: str, step: int, total: int, width: int, height: int) -> bool:
+        """Announce a preview image just stored at ``key`` (best-effort)."""
+        return self.publish(ev.preview(self.task_id, key=key, step=step, total=total,
+                                       width=width, height=height))
 
     def log(self, level: str, message: str) -> None:
         self.publish(ev.log(self.task_id, level=level, message=message), retry_s=2.0)

@@ -15,6 +15,8 @@ Guarantees:
 - Out of memory during generate is an ``OutOfMemory`` whose message names the model,
   the size, the frames, the plan and its estimated peak, and which is final (never
   retried) when the memory-saving plan was already in use.
+- Rank 0 publishes live previews while it denoises (``previews``, ``runtime.preview``):
+  throttled, off the denoising thread, finished before the frames are saved.
 - ``postprocess`` (rank 0's node only) uploads nothing if the task is cancelled,
   sends ``progress`` 100 only after both uploads succeeded, then ``completed``.
 - ``run`` chains the steps: in-process when it is itself under ``torchrun`` or the
@@ -24,18 +26,20 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from vidmaas.domain.events import Stage
 from vidmaas.domain.jobs import ENV_HEARTBEAT_INTERVAL_S, ExitCode
 from vidmaas.domain.models import Strategy
-from vidmaas.runtime import distributed, postprocess
+from vidmaas.runtime import distributed, postprocess, preview
 from vidmaas.runtime.engine import (
     Engine,
     Options,
@@ -260,7 +264,9 @@ def generate_with(ctx: Context, engine: Engine, *, timings: dict[str, float]) ->
                       image=ctx.work.input_image(args.image) if args.image else None,
                       guidance_scale=args.guidance_scale,
                       guidance_scale_2=args.guidance_scale_2)
-        out = engine.generate(req, on_step=on_step, on_stage=reporter.stage)
+        with previews(ctx, rank=p.rank) as previewer:
+            out = engine.generate(req, on_step=on_step, on_stage=reporter.stage,
+                                  on_latents=previewer.offer if previewer else None)
         if p.rank == 0:
             reporter.progress(Stage.DECODE, 1, 1)
             save_frames(ctx.work.frames, out.frames)
@@ -297,6 +303,33 @@ def save_frames(path: Any, frames: Any) -> None:
     with tmp.open("wb") as f:
         np.save(_Stream(f), frames)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def previews(ctx: Context, *, rank: int) -> Iterator[preview.Previewer | None]:
+    """Live previews of this generation (``runtime.preview``), or None where there are
+    none: not rank 0, none wanted (``VIDMAAS_PREVIEW_MAX=0``), or nowhere to put or
+    announce them. The previews' thread is finished when the block ends."""
+    env, reporter = ctx.env, ctx.reporter
+    if rank != 0 or env.preview_max <= 0 or not env.storage_url or not env.task_id \
+            or not reporter.reports:
+        yield None
+        return
+    try:
+        projection = preview.parse_projection(ctx.args.preview_rgb)
+    except ValueError as e:
+        log.warning("task_id=%s bad --preview-rgb, using the default projection: %s",
+                    env.task_id, e)
+        projection = None
+    previewer = preview.Previewer(
+        throttle=preview.Throttle(interval_s=env.preview_interval_s,
+                                  max_count=env.preview_max),
+        sink=preview.store_sink(task_id=env.task_id, store=ctx.store(), announcer=reporter),
+        projection=projection, name=f"preview-{env.task_id}")
+    try:
+        yield previewer
+    finally:
+        previewer.close()
 
 
 def options_of(args: JobArgs) -> Options:

@@ -1,7 +1,7 @@
 """The object store interface and its two implementations.
 
 Guarantees:
-- Keys are server-made (``input_key``, ``output_key``); ``check_key`` refuses any
+- Keys are server-made (``input_key``, ``output_key``, ``preview_key``); ``check_key`` refuses any
   key that could escape its prefix (``..``, absolute, backslashes, control chars).
 - Every method is async; blocking SDK calls run in worker threads.
 - Writes are all-or-nothing: the local store writes to a temporary file and renames
@@ -54,6 +54,14 @@ class ObjectInfo:
     """As the store gives it (S3: the MD5 of a single-part, unencrypted upload)."""
     encryption: str | None = None
     """S3's ``ServerSideEncryption`` (``aws:kms`` makes the ETag no MD5)."""
+
+
+PREVIEW_FILENAME = "preview.jpg"
+
+
+def preview_key(task_id: str) -> str:
+    """The task's latest live preview image (JPEG), overwritten by each new one."""
+    return output_key(task_id, PREVIEW_FILENAME)
 
 
 class ObjectStore(Protocol):

@@ -160,6 +160,8 @@ class LocalExecutor:
             jobs.ENV_STORAGE_RETRY_TOTAL_S: str(s.storage.retry_total_s),
             jobs.ENV_WATERMARK_TEXT: s.runtime.watermark_text,
             jobs.ENV_HEARTBEAT_INTERVAL_S: str(s.runtime.heartbeat_interval_s),
+            jobs.ENV_PREVIEW_INTERVAL_S: str(s.runtime.preview_interval_s),
+            jobs.ENV_PREVIEW_MAX: str(s.runtime.preview_max),
             "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(_free_port()),

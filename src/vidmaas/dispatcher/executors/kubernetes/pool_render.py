@@ -168,6 +168,8 @@ def pool_template_context(*, settings: Settings, spec: WorkerSpec,
         "redis_secret_name": kube.redis_secret_name,
         "watermark_text": settings.runtime.watermark_text,
         "heartbeat_interval_s": settings.runtime.heartbeat_interval_s,
+        "preview_interval_s": settings.runtime.preview_interval_s,
+        "preview_max": settings.runtime.preview_max,
         "termination_grace_s": math.ceil(settings.pools.stop_grace_s),
     }
 

@@ -326,6 +326,8 @@ def template_context(
         "watermark_text": settings.runtime.watermark_text,
         "watermark_logo": str(logo) if logo is not None else None,
         "heartbeat_interval_s": settings.runtime.heartbeat_interval_s,
+        "preview_interval_s": settings.runtime.preview_interval_s,
+        "preview_max": settings.runtime.preview_max,
         # runPolicy
         "clean_pod_policy": kube.clean_pod_policy,
         "ttl_seconds_after_finished": kube.ttl_seconds_after_finished,
