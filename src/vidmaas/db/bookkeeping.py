@@ -122,8 +122,9 @@ _BOOKKEEPING_FIELDS = frozenset({"progress", "stage", "eta_s", "last_heartbeat_a
 
 
 class Subscription(NamedTuple):
-    """What a task asked to hear about by webhook."""
+    """What a task asked to hear about by webhook (and whose endpoints hear of it)."""
 
+    user_id: str
     webhook_url: str | None
     webhook_events: list[str] | None
 
@@ -140,7 +141,7 @@ def _bookkeeping_update(columns: frozenset[str]) -> Any:
                           bindparam("bk_first_seq", type_=BigInteger())))
             .values(updated_at=bindparam("bk_now"), last_event_id=bindparam("bk_last"),
                     **values)
-            .returning(t.c.webhook_url, t.c.webhook_events))
+            .returning(t.c.user_id, t.c.webhook_url, t.c.webhook_events))
     if "progress" in values:
         stmt = stmt.where(t.c.progress <= values["progress"])
     return stmt
@@ -165,4 +166,4 @@ async def write_bookkeeping(*, session: AsyncSession, task_id: str, values: dict
               **{f"bk_{c}": v for c, v in values.items()}}
     row = (await session.execute(_bookkeeping_update(frozenset(values)), params)).one_or_none()
     await session.commit()
-    return None if row is None else Subscription(row.webhook_url, row.webhook_events)
+    return None if row is None else Subscription(row.user_id, row.webhook_url, row.webhook_events)

@@ -186,7 +186,7 @@ class Applier:
                 tlog.debug(task_id, "bookkeeping of %d events overtaken %d times; newer "
                            "events were written", len(run), _REREADS)
         progress = plan.latest_progress
-        if progress is not None and self.webhooks.targets(subscriber, EventType.PROGRESS):
+        if progress is not None and await self.webhooks.wants(subscriber, EventType.PROGRESS):
             # The payload describes the task as it is now.
             task = await self._get(task_id)
             if task is not None and progress.event is not None:
