@@ -86,7 +86,8 @@ async def create_endpoint(request: Request, body: EndpointCreate, caller: Caller
     try:
         row = await repo.create(session=session, new=repo.NewEndpoint(
             id=new_endpoint_id(), user_id=caller.id, url=url,
-            events=policy.endpoint_events(body.events), secret=secret, enabled=body.enabled, description=body.description),
+            events=policy.endpoint_events(body.events), secret=secret, enabled=body.enabled,
+            description=body.description),
             limit=services_of(request).settings.webhooks.max_endpoints_per_user)
     except repo.EndpointLimit as e:
         raise Conflict(str(e), code="webhook_endpoint_limit") from e
