@@ -15,9 +15,9 @@ Guarantees:
 - Secrets never reach the output: API keys (``vmk_…``), webhook endpoint secrets
   (``whsec_…``, e.g. in the SQL parameters a database driver logs at DEBUG),
   ``Authorization`` header values and bearer tokens, passwords inside URLs
-  (``redis://:secret@host``) and credentials in query strings (``?token=…``, presigned-URL signatures) are
-  redacted from the message, the traceback and the extra fields by
-  :class:`RedactingFilter` and again by the formatters.
+  (``redis://:secret@host``) and credentials in query strings (``?token=…``,
+  presigned-URL signatures) are redacted from the message, the traceback and the
+  extra fields by :class:`RedactingFilter` and again by the formatters.
 - Uvicorn's loggers are routed through the same handler, so access and error
   lines get the same format.
 """

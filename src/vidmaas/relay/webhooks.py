@@ -13,12 +13,12 @@ Guarantees:
 - ``WebhookSender`` is the only sender. It picks due ``pending`` rows from the
   database, claims each by compare-and-set (several relays never send one attempt
   twice at once), and POSTs the stored payload signed per Standard Webhooks
-  (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``); an endpoint's
-  delivery is re-read against its endpoint first: a disabled or deleted endpoint's is
-  ``skipped``, never sent, and the others go to the endpoint's current URL signed with
-  its own secret. Because the queue is
-  the table, retries survive a relay restart: a row claimed by a sender that died is
-  due again when its claim lease ends.
+  (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``). An endpoint's
+  delivery is checked against its endpoint first: a disabled or deleted endpoint's is
+  ``skipped``, never sent; the others go to the endpoint's current URL signed with its
+  own secret. Because the queue is the table, retries survive a relay restart: a row
+  claimed by a sender that died (or that could not read the endpoint) is due again
+  when its claim lease ends.
 - Before every attempt the target is resolved and checked against the SSRF policy
   (``domain.webhooks.check_target``); a refused target is marked ``refused`` and never
   contacted. The request goes to the checked address (the host name travels in
@@ -148,15 +148,21 @@ class Webhooks:
             urls += [u for u in self.settings.global_urls if u not in urls]
         return urls
 
-    async def wants(self, task: Subscriber, event_type: EventType) -> bool:
-        """Does anyone (a URL or an endpoint of the task's user) get this event type?"""
-        return bool(self.targets(task, event_type)) \
-            or await self.endpoints.wants(task.user_id, event_type)
+    async def wants(self, task: Subscriber, event_type: EventType, *,
+                    has_endpoints: bool = True) -> bool:
+        """Does anyone (a URL or an endpoint of the task's user) get this event type?
+        ``has_endpoints=False`` (the user has no enabled endpoint) skips the lookup."""
+        if self.targets(task, event_type):
+            return True
+        return has_endpoints and await self.endpoints.wants(task.user_id, event_type)
 
-    async def record(self, *, task: Task, event: Event, event_id: str) -> int:
-        """Record the deliveries of one applied event; the number of new rows."""
+    async def record(self, *, task: Task, event: Event, event_id: str,
+                     has_endpoints: bool = True) -> int:
+        """Record the deliveries of one applied event; the number of new rows.
+        ``has_endpoints=False``: the user has no enabled endpoint (no lookup)."""
         urls = self.targets(task, event.type)
-        if not urls and not await self.endpoints.wants(task.user_id, event.type):
+        endpoints_too = has_endpoints and await self.endpoints.wants(task.user_id, event.type)
+        if not urls and not endpoints_too:
             return 0
         now = utcnow()
         payload = {**event.to_json(event_id=event_id), "timestamp": now.isoformat(),
@@ -176,8 +182,9 @@ class Webhooks:
                         payload=payload, due_at=now):
                     continue  # recorded before: this is a redelivered event
             created += 1
-        created += await self.endpoints.record(task=task, event=event, event_id=event_id,
-                                               native=payload, now=now)
+        if endpoints_too:
+            created += await self.endpoints.record(task=task, event=event, event_id=event_id,
+                                                   native=payload, now=now)
         if created:
             tlog.info(task.id, "%d webhook deliveries for %s %s", created, event.type.value,
                       event_id)
@@ -286,7 +293,13 @@ class WebhookSender:
     async def _deliver(self, client: httpx.AsyncClient, row: WebhookDelivery) -> None:
         url, key = row.url, self.settings.signing_secret.get_secret_value().encode()
         if row.endpoint_id is not None:
-            found = await self._endpoint_of(row)
+            try:
+                found = await self._endpoint_of(row)
+            except Exception:
+                # Due again when the claim lapses: at least once, never unsigned.
+                tlog.exception(row.task_id, "could not read endpoint %s of webhook %s",
+                               row.endpoint_id, row.delivery_id)
+                return
             if found is None:
                 tlog.info(row.task_id, "webhook %s skipped: endpoint %s is disabled",
                           row.delivery_id, row.endpoint_id)
