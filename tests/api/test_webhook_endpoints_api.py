@@ -3,6 +3,7 @@ and at change, the per-user limit, and what a change does (SQLite and PostgreSQL
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -86,6 +87,16 @@ async def test_a_user_may_register_only_so_many_endpoints(limited: Api) -> None:
     assert (await api.client.delete(f"{BASE}/{first['id']}",
                                     headers=api.auth("alice"))).status_code == 200
     await _make(api)
+
+
+async def test_creates_at_once_cannot_pass_the_limit_together(limited: Api) -> None:
+    api = limited
+    answers = await asyncio.gather(*(api.client.post(BASE, json={"url": PUBLIC},
+                                                     headers=api.auth("alice"))
+                                     for _ in range(6)))
+    assert sorted(r.status_code for r in answers) == [201, 201, 409, 409, 409, 409]
+    listed = await api.client.get(BASE, headers=api.auth("alice"))
+    assert len(listed.json()["data"]) == 2
 
 
 async def test_a_change_takes_only_the_fields_given_and_the_secret_is_never_shown_again(

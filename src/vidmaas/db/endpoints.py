@@ -3,9 +3,10 @@
 Guarantees:
 - Every read or change a user makes is scoped to that user: another user's endpoint
   is the same None / False as a missing one.
-- ``create`` refuses (``EndpointLimit``) an endpoint past the user's limit; on
-  PostgreSQL the user's row is locked first, so two creates at once cannot both take
-  the last place (SQLite writes one transaction at a time).
+- ``create`` refuses (``EndpointLimit``) an endpoint past the user's limit. It writes
+  the user's row first (a no-op UPDATE: a row lock on PostgreSQL, the write lock on
+  SQLite), so two creates at once count one after the other and cannot both take the
+  last place.
 - ``delete`` removes the endpoint and its deliveries (pending ones are never sent).
 - ``enabled_for_user`` is what the relay records deliveries for; ``get_any`` is what
   the sender re-reads before each attempt (a disabled or deleted endpoint gets none).
@@ -17,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vidmaas.db.models import User, WebhookDelivery, WebhookEndpoint, utcnow
@@ -40,8 +41,8 @@ class NewEndpoint:
 
 async def create(*, session: AsyncSession, new: NewEndpoint, limit: int) -> WebhookEndpoint:
     """Insert an endpoint unless the user already has ``limit``; commits."""
-    if session.get_bind().dialect.name == "postgresql":
-        await session.execute(select(User.id).where(User.id == new.user_id).with_for_update())
+    await session.execute(update(User).where(User.id == new.user_id).values(id=User.id)
+                          .execution_options(synchronize_session=False))
     count = (await session.execute(select(func.count()).select_from(WebhookEndpoint)
                                    .where(WebhookEndpoint.user_id == new.user_id))).scalar_one()
     if count >= limit:
@@ -87,7 +88,7 @@ async def enabled_for_user(*, session: AsyncSession, user_id: str) -> list[Webho
     return list(res.scalars())
 
 
-async def update(*, session: AsyncSession, endpoint_id: str, user_id: str,
+async def change(*, session: AsyncSession, endpoint_id: str, user_id: str,
                  values: dict[str, Any]) -> WebhookEndpoint | None:
     """Change ``url``, ``events``, ``enabled`` or ``description``; None if not the user's."""
     row = await get(session=session, endpoint_id=endpoint_id, user_id=user_id)

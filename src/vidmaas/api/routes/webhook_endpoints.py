@@ -134,7 +134,7 @@ async def update_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
             raise InvalidRequest("the description holds a control character",
                                  field="description", code="invalid_text")
         values["description"] = body.description
-    row = await repo.update(session=session, endpoint_id=endpoint_id, user_id=caller.id,
+    row = await repo.change(session=session, endpoint_id=endpoint_id, user_id=caller.id,
                             values=values)
     if row is None:
         raise _missing()
