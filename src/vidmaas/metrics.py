@@ -49,9 +49,10 @@ TASK_STATUSES: Final = tuple(status.value for status in TaskStatus)
 STAGES: Final = tuple(stage.value for stage in Stage)
 """Stages of the job runtime (DESIGN §4), the label values of ``vidmaas_stage_duration_seconds``."""
 
-WEBHOOK_OUTCOMES: Final = ("delivered", "retrying", "failed", "rejected")
+WEBHOOK_OUTCOMES: Final = ("delivered", "retrying", "failed", "rejected", "skipped")
 """Outcomes of one webhook delivery attempt: accepted (2xx), will be retried, gave up
-after the last attempt, or refused before sending (a private address, a bad URL)."""
+after the last attempt, refused before sending (a private address, a bad URL), or not
+sent because its endpoint was disabled."""
 
 STREAM_TRANSPORTS: Final = ("websocket", "sse")
 """Transports of live event connections."""

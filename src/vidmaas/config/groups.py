@@ -367,6 +367,10 @@ class WebhookSettings(BaseModel):
     """First retry delay; doubles each attempt."""
     timeout_s: float = 10.0
     """Per-request timeout."""
+    max_endpoints_per_user: int = Field(default=10, ge=0)
+    """Webhook endpoints (``/v1/webhook-endpoints``) one user may register."""
+    endpoint_progress_interval_s: float = Field(default=5.0, ge=0)
+    """At most one ``progress`` delivery per endpoint and task in this many seconds."""
 
 
 class RelaySettings(BaseModel):

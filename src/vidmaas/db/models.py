@@ -1,4 +1,4 @@
-"""SQLAlchemy models: users, API keys, tasks, webhook deliveries, daily usage.
+"""SQLAlchemy models: users, API keys, tasks, webhook endpoints and deliveries, daily usage.
 
 Guarantees: the same tables on PostgreSQL and SQLite (Alembic migrations in
 ``vidmaas.migrations`` create exactly these); timestamps are timezone-aware UTC on
@@ -169,20 +169,45 @@ class Task(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class WebhookEndpoint(Base):
+    """A URL a user registered once to hear about all their tasks (``/v1/webhook-endpoints``)."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[str]] = mapped_column(JSON)
+    """The event types it gets (``domain.webhooks.SUBSCRIBABLE``)."""
+    secret: Mapped[str] = mapped_column(String(128))
+    """The ``whsec_…`` signing secret; shown to the user once, when the endpoint is made."""
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    description: Mapped[str | None] = mapped_column(String(256), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+                      Index("ix_webhook_deliveries_endpoint", "endpoint_id", "id"))
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
                                     primary_key=True, autoincrement=True)
-    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    task_id: Mapped[str | None] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"),
+                                                index=True)
+    """None only for an endpoint's test delivery."""
+    endpoint_id: Mapped[str | None] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), default=None)
+    """The registered endpoint it is for; None for a task's own URL or a global URL."""
     delivery_id: Mapped[str] = mapped_column(String(64), unique=True)
     url: Mapped[str] = mapped_column(String(2048))
     event_id: Mapped[str] = mapped_column(String(32))
     event_type: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(16), default="pending")
-    """pending, delivered, failed (gave up), refused (target not allowed)."""
+    """pending, delivered, failed (gave up), refused (target not allowed), skipped (its
+    endpoint was disabled before it was sent)."""
     last_status_code: Mapped[int | None] = mapped_column(Integer, default=None)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
