@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from tests.dispatcher.dispatch_support import World, database, make_settings
+from tests.dispatcher.dispatch_support import World, database, eventually, make_settings, running
 from tests.support import services
 from vidmaas.bus import control, keys
 from vidmaas.bus.client import connect
@@ -118,3 +118,32 @@ async def test_after_redis_is_killed_hard_the_database_rebuilds_queue_leases_fla
                if status is TaskStatus.RUNNING]
     launched = [name for name, _attempt, _t in executor.launches]
     assert sorted(launched) == sorted(job_name(t.id) for t in (running, cancelling, *started))
+
+
+async def test_a_running_dispatcher_requeues_what_an_emptied_redis_lost_without_waiting(
+        db_url: str, redis: aioredis.Redis, redis_url: str) -> None:
+    settings = make_settings(db_url=db_url, redis_url=redis_url, capacity=1,
+                             requeue_grace_s=0.0, wake_max_s=0.1, reconcile_interval_s=60.0)
+    executor = FakeExecutor(outcome=lambda _spec: FakeOutcome(hang=True))
+    q = TaskQueue(redis)
+    async with database(db_url) as sessions:
+        world = World(settings=settings, sessions=sessions, redis=redis)
+        first = await world.submit("alice")
+        waiting = await world.submit("bob")
+        async with running(world.dispatcher(executor)):
+            await eventually(lambda: _status_is(world, first.id, TaskStatus.RUNNING))
+            await redis.flushdb()
+            # Long before the next scheduled pass (60 s): leases back, the queue refilled.
+            await eventually(lambda: q.is_queued(user_id=waiting.user_id,
+                                                 task_id=waiting.id), timeout_s=5.0)
+            assert await q.leases() == {first.id: 1}
+            await world.lifecycle.finish(task_id=first.id, to=TaskStatus.COMPLETED,
+                                         expected=TaskStatus.RUNNING)
+            await eventually(lambda: _status_is(world, waiting.id, TaskStatus.RUNNING))
+    await executor.close()
+    assert [name for name, _a, _t in executor.launches] == [job_name(first.id),
+                                                           job_name(waiting.id)]
+
+
+async def _status_is(world: World, task_id: str, status: TaskStatus) -> bool:
+    return (await world.get(task_id)).status == status

@@ -126,8 +126,10 @@ class Admission:
                 per_user_cap=ctx.cfg.per_user_running_cap, lease_s=ctx.cfg.claim_lease_s,
                 pooled=self.pools.pooled, epoch_guard=True)
             if res.outcome == "recovering" and not rebuilt:
-                # Redis restarted or lost its data: leases first, from the database.
-                await self.recovery.ensure_leases()
+                # Redis restarted or lost its data: leases first, from the database;
+                # then a reconcile pass at once (the queue, flags, outbox).
+                if await self.recovery.ensure_leases() is not None:
+                    ctx.reconcile_soon.set()
                 rebuilt = True
                 continue
             if res.claim is None:

@@ -142,7 +142,7 @@ class Dispatcher:
             ctx.beat()
             if ctx.metrics is not None:
                 await self._export_snapshot(ctx.metrics)
-            await ctx.pause(ctx.cfg.reconcile_interval_s)
+            await ctx.until_next_sweep(ctx.cfg.reconcile_interval_s)
 
     async def _outbox_loop(self) -> None:
         """Publish what the outbox holds (a crash, a Redis outage) every
