@@ -411,3 +411,32 @@ async def test_with_redis_down_creating_still_answers_202_at_once_and_listing_wo
             assert token.status_code == 200, token.text
     finally:
         services.stop(proc)
+
+
+async def test_an_outbox_at_its_bound_makes_readyz_fail_until_it_drains(
+        tmp_path: Path, sqlite_url: str, local_storage: StorageSettings) -> None:
+    port = services.free_port()
+    proc = services.start_redis(tmp_path / "redis", port=port)
+    try:
+        settings = api_settings(db_url=sqlite_url, redis_url=f"redis://127.0.0.1:{port}/0",
+                                storage=local_storage, outbox={"max_pending": 1,
+                                                               "sweep_grace_s": 0.0})
+        async for api in start_api(settings, sqlite_url):
+            c, alice = api.client, api.auth("alice")
+            first = await c.post("/v1/tasks", json=TASK, headers=alice)
+            proc.kill()
+            proc.wait()
+            # Its cancel commits; the ``cancelled`` event waits in the outbox.
+            cancel = await c.post(f"/v1/tasks/{first.json()['id']}/cancel", headers=alice)
+            assert cancel.json()["status"] == "cancelled"
+            ready = await c.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["outbox"] == "full: 1 events waiting"
+            assert "vidmaas_outbox_pending 1.0" in (await c.get("/metrics")).text
+            proc = services.start_redis(tmp_path / "redis", port=port)
+            swept = await api.app.state.services.lifecycle.sweep_outbox()
+            assert swept.published == 1
+            assert (await c.get("/readyz")).status_code == 200
+            assert "vidmaas_outbox_pending 0.0" in (await c.get("/metrics")).text
+    finally:
+        services.stop(proc)

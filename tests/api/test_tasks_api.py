@@ -368,7 +368,8 @@ async def test_health_and_readiness_report_the_backing_services(api: Api) -> Non
     assert (await api.client.get("/healthz")).status_code == 200
     r = await api.client.get("/readyz")
     assert r.status_code == 200, r.text
-    assert r.json()["checks"] == {"database": "ok", "redis": "ok", "storage": "ok"}
+    assert r.json()["checks"] == {"database": "ok", "redis": "ok", "storage": "ok",
+                                  "outbox": "ok"}
 
 
 async def test_errors_for_unknown_routes_are_json(api: Api) -> None:

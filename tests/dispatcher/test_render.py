@@ -258,14 +258,14 @@ def test_credentials_come_from_secrets_and_never_appear_in_the_manifest() -> Non
             assert env["VIDMAAS_STORAGE_URL"]["value"] == "s3://vidmaas-bucket/prod"
 
 
-def test_both_containers_get_the_store_retry_budget_from_the_settings() -> None:
-    settings = _settings()
+def test_both_containers_get_the_store_retry_budget_from_thesettings_with() -> None:
+    settings = settings_with()
     settings.storage.retry_attempts, settings.storage.retry_total_s = 5, 42.5
-    manifest = render_pytorchjob(settings=settings, spec=_spec(REGISTRY["wan2.2-i2v-a14b"]))
-    for replica in _replicas(manifest).values():
+    manifest = render_pytorchjob(settings=settings, spec=spec_of(REGISTRY["wan2.2-i2v-a14b"]))
+    for replica in replicas_of(manifest).values():
         pod = replica["template"]["spec"]
         for container in [*pod["containers"], *pod["initContainers"]]:
-            env = _env(container)
+            env = env_of(container)
             assert (env["VIDMAAS_STORAGE_RETRY_ATTEMPTS"]["value"],
                     env["VIDMAAS_STORAGE_RETRY_TOTAL_S"]["value"]) == ("5", "42.5")
 

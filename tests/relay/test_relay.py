@@ -312,3 +312,18 @@ async def test_a_relay_takes_its_tuning_from_the_relay_settings(
     default = Relay(world.svc, consumer_name="default")
     assert default.settings == world.svc.settings.relay
     assert default.consumer.batch_entries == 100
+
+
+async def test_a_relay_whose_redis_lost_everything_makes_its_group_again_and_goes_on(
+        world: World) -> None:
+    task = await world.task(TaskStatus.DISPATCHING)
+    await world.publish(ev.started(task.id, world_size=1, host="node-1"))
+    async with running(relay(world)):
+        await eventually(lambda: _status_is(world, task.id, TaskStatus.RUNNING))
+        await world.svc.redis.flushdb()  # the group and the streams are gone
+        await world.publish(ev.Event(task.id, ev.EventType.COMPLETED, COMPLETED_DATA))
+        await eventually(lambda: _status_is(world, task.id, TaskStatus.COMPLETED))
+
+
+async def _status_is(world: World, task_id: str, status: TaskStatus) -> bool:
+    return (await world.get(task_id)).status == status

@@ -24,6 +24,7 @@ from vidmaas.config.groups import (
     DispatcherSettings,
     KubeSettings,
     LocalExecutorSettings,
+    OutboxSettings,
     PoolModelSettings,
     PoolSettings,
     QuotaSettings,
@@ -40,6 +41,7 @@ __all__ = [
     "DispatcherSettings",
     "KubeSettings",
     "LocalExecutorSettings",
+    "OutboxSettings",
     "PoolModelSettings",
     "PoolSettings",
     "QuotaSettings",
@@ -99,6 +101,7 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
     pools: PoolSettings = Field(default_factory=PoolSettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
 
 
 EMBEDDED_POOLS = ("tiny-t2v", "tiny-ti2v")
@@ -132,7 +135,7 @@ def embedded_settings(data_dir: Path, base: Settings | None = None) -> Settings:
 _GROUP_ENV = {"database": "DATABASE", "redis": "REDIS", "storage": "STORAGE", "api": "API",
               "dispatcher": "DISPATCHER", "quotas": "QUOTAS", "local": "LOCAL", "kube": "KUBE",
               "runtime": "RUNTIME", "webhooks": "WEBHOOKS", "relay": "RELAY",
-              "pools": "POOLS"}
+              "pools": "POOLS", "outbox": "OUTBOX"}
 
 
 def settings_reference() -> str:

@@ -208,6 +208,28 @@ class DispatcherSettings(BaseModel):
     claim being dispatched, a job update) before cancelling them (10 s by default)."""
 
 
+class OutboxSettings(BaseModel):
+    """The event outbox: events stored with their status change, published after it."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    max_pending: int = Field(default=100_000, ge=1)
+    """Most events the outbox holds while Redis cannot take them (100000 by default). At
+    the bound a status change still commits, but its event is not stored (a warning is
+    logged): the task's row stays right and clients see the status in their next
+    snapshot, but its stream misses that event; ``/readyz`` answers 503 from the bound
+    on. The count is only checked while publishing fails, never on the healthy path."""
+    sweep_interval_s: float = Field(default=2.0, gt=0)
+    """Period of the dispatcher's outbox sweep (2 s by default), which republishes what
+    a crash or a Redis outage left in the outbox: how long an event may wait once Redis
+    is back."""
+    sweep_grace_s: float = Field(default=2.0, ge=0)
+    """Age an outbox row must reach before the sweep publishes it (2 s by default); a
+    younger one is being published by the role that wrote it."""
+    sweep_batch: int = Field(default=500, ge=1)
+    """Rows one sweep pass reads at most (the oldest first)."""
+
+
 class QuotaSettings(BaseModel):
     """Every user's defaults: fairness weight, highest priority class, quotas. An admin
     overrides them per user (``/v1/admin/users/{id}``, ``vidmaas users update``); the

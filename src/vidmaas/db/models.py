@@ -1,4 +1,5 @@
-"""SQLAlchemy models: users, API keys, tasks, webhook endpoints and deliveries, daily usage.
+"""SQLAlchemy models: users, API keys, tasks, webhook endpoints and deliveries, daily usage,
+the event outbox.
 
 Guarantees: the same tables on PostgreSQL and SQLite (Alembic migrations in
 ``vidmaas.migrations`` create exactly these); timestamps are timezone-aware UTC on
@@ -159,6 +160,9 @@ class Task(Base):
     last_event_id: Mapped[str | None] = mapped_column(String(32), default=None)
     """The newest task-stream event the relay applied (idempotency)."""
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    event_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """How many events ``transition`` has written to the outbox for this task: the
+    ``seq`` of the newest one (per-task order of the outbox)."""
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -231,3 +235,22 @@ class UsageDaily(Base):
     gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     queue_wait_s: Mapped[float] = mapped_column(Float, default=0.0)
     """Summed seconds the day's dispatched tasks waited for their first dispatch."""
+
+
+class OutboxEvent(Base):
+    """An event written by ``db.tasks.transition`` in the transaction of its status
+    change, waiting to be published to the Redis streams (``db.outbox``). A row exists
+    only until its event is on the streams; ``(task_id, seq)`` orders one task's."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("task_id", "seq", name="uq_outbox_task_seq"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(32))
+    """No foreign key: an event outlives nothing, but must never block deleting a task."""
+    seq: Mapped[int] = mapped_column(Integer)
+    """The task's ``event_seq`` the event got: 1, 2, 3… per task, without gaps."""
+    type: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
