@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("runtime_overhead", "dispatch", "events", "relay", "submit", "scale", "eta")
+ORDER = ("runtime_overhead", "preview", "dispatch", "events", "relay", "submit", "scale",
+         "eta", "warm")
 
 
 def scripts() -> list[str]:

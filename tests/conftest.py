@@ -27,7 +27,8 @@ from vidmaas.config import StorageSettings
 from vidmaas.db.engine import make_engine
 from vidmaas.db.migrate import upgrade_sync
 
-_TABLES = ("usage_daily", "webhook_deliveries", "tasks", "api_keys", "users")
+_TABLES = ("outbox", "usage_daily", "webhook_deliveries", "webhook_endpoints", "tasks", "api_keys",
+           "users")
 
 # Timing depends on the machine's load (other suites, jobs); only correctness counts here.
 hypothesis_settings.register_profile("vidmaas", deadline=None, derandomize=False)

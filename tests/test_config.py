@@ -55,6 +55,18 @@ def test_an_embedded_instance_keeps_everything_under_its_data_directory(tmp_path
     assert s.local.work_root == tmp_path / "jobs"
 
 
+def test_an_embedded_instance_pools_its_tiny_models_unless_pools_are_off_or_named(
+        tmp_path: Path) -> None:
+    pooled = embedded_settings(tmp_path).pools
+    assert set(pooled.models) == {"tiny-t2v", "tiny-ti2v"}
+    assert all(m.min_workers == 0 and 60 <= m.idle_s <= 600 for m in pooled.models.values())
+    off = embedded_settings(tmp_path, Settings(pools={"enabled": False}))  # type: ignore[arg-type]
+    assert off.pools.models == {}
+    named = embedded_settings(tmp_path, Settings(
+        pools={"models": {"tiny-ti2v": {"max_workers": 2}}}))  # type: ignore[arg-type]
+    assert set(named.pools.models) == {"tiny-ti2v"}
+
+
 def test_quota_defaults_come_from_their_own_group(monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in {"VIDMAAS_QUOTAS_WEIGHT": "2.5", "VIDMAAS_QUOTAS_MAX_PRIORITY": "high",
                  "VIDMAAS_QUOTAS_GPUS_AT_ONCE": "4",

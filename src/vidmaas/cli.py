@@ -334,6 +334,15 @@ def _render_job(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+@command("render-pool")
+def _render_pool(args: argparse.Namespace, settings: Settings) -> int:
+    from vidmaas.dispatcher.executors.kubernetes import render_pool_for_cli
+
+    print(render_pool_for_cli(settings=settings, model_id=args.model, worker_id=args.worker_id),
+          end="")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int)
     sp.add_argument("--seed", type=int)
     sp.set_defaults(key="render-job")
+    sp = sub.add_parser("render-pool",
+                        help="print the LeaderWorkerSet of a new warm-pool worker of a model")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--worker-id", help="the worker id (default: a fresh one)")
+    sp.set_defaults(key="render-pool")
 
     try:
         from vidmaas.client.cli import add_client_commands

@@ -8,8 +8,12 @@ Guarantees:
   executor, and tiny random-weight models are generated on first start.
 - Prints the URL and the local admin's API key (created once, kept in
   ``<data dir>/admin.key``, mode 0600), then serves in the foreground.
-- Ctrl-C (or SIGTERM) stops the API, the dispatcher, the relay, every job it started
-  and Redis, leaving no process behind; the next start resumes queued tasks (they are
+- The tiny models are pooled (``config.embedded_settings``): the first task of one
+  starts a ``vidmaas-job serve`` worker that stays warm a few minutes, so the next video
+  skips process start and model load; ``VIDMAAS_POOLS_ENABLED=false`` gives every task
+  a job of its own.
+- Ctrl-C (or SIGTERM) stops the API, the dispatcher, the relay, every job and worker it
+  started and Redis, leaving no process behind; the next start resumes queued tasks (they are
   in the database, and the reconciler puts them back in the queue).
 """
 
@@ -33,6 +37,7 @@ from pathlib import Path
 from vidmaas.config import Settings, embedded_settings
 from vidmaas.db import users
 from vidmaas.db.migrate import upgrade
+from vidmaas.dispatcher.executors.base import PoolExecutor
 from vidmaas.domain.models import ModelRegistry
 from vidmaas.errors import ServiceUnavailable
 from vidmaas.roles import Roles
@@ -179,15 +184,19 @@ async def _serve(settings: Settings, *, data_dir: Path, host: str, port: int) ->
 
 
 async def _stop_jobs(roles: Roles) -> None:
-    """Stop every job this instance started: Ctrl-C leaves no process behind."""
+    """Stop every job and pool worker this instance started: Ctrl-C leaves no process
+    behind."""
     executor = roles.executor
     try:
         jobs = await executor.list_jobs()
+        workers = await executor.list_workers() if isinstance(executor, PoolExecutor) else []
     except Exception:
         log.exception("could not list jobs to stop")
         return
-    await asyncio.gather(*(executor.cancel(j, grace_s=JOB_STOP_GRACE_S) for j in jobs),
-                         return_exceptions=True)
+    stops = [executor.cancel(j, grace_s=JOB_STOP_GRACE_S) for j in jobs]
+    if isinstance(executor, PoolExecutor):
+        stops += [executor.stop_worker(w, grace_s=JOB_STOP_GRACE_S) for w in workers]
+    await asyncio.gather(*stops, return_exceptions=True)
 
 
 def run_up(*, data_dir: Path, host: str, port: int, base: Settings) -> int:

@@ -101,6 +101,11 @@ class StorageError(ServiceUnavailable):
     code = "storage_error"
 
 
+class StorageUnavailable(StorageError):
+    """The object store is unreachable, timed out or answered 5xx or "slow down": an
+    outage that a later attempt may not meet (``storage.retry`` retries these alone)."""
+
+
 class QueueError(ServiceUnavailable):
     """Redis (queue or event streams) failed."""
 

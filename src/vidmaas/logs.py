@@ -12,11 +12,12 @@ Guarantees:
 - A JSON line is one object with ``ts`` (UTC, ISO 8601, milliseconds), ``level``,
   ``logger``, ``message``, ``task_id``, ``exc`` (the traceback text, when there is
   one) and any other ``extra`` fields that JSON can hold (others are ``repr``-ed).
-- Secrets never reach the output: API keys (``vmk_…``), ``Authorization`` header
-  values and bearer tokens, passwords inside URLs (``redis://:secret@host``) and
-  credentials in query strings (``?token=…``, presigned-URL signatures) are
-  redacted from the message, the traceback and the extra fields by
-  :class:`RedactingFilter` and again by the formatters.
+- Secrets never reach the output: API keys (``vmk_…``), webhook endpoint secrets
+  (``whsec_…``, e.g. in the SQL parameters a database driver logs at DEBUG),
+  ``Authorization`` header values and bearer tokens, passwords inside URLs
+  (``redis://:secret@host``) and credentials in query strings (``?token=…``,
+  presigned-URL signatures) are redacted from the message, the traceback and the
+  extra fields by :class:`RedactingFilter` and again by the formatters.
 - Uvicorn's loggers are routed through the same handler, so access and error
   lines get the same format.
 """
@@ -46,6 +47,8 @@ _SECRET_PATTERNS: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + REDACTED),
     # vidmaas API keys.
     (re.compile(r"\bvmk_[A-Za-z0-9_-]+"), "vmk_" + REDACTED),
+    # Webhook endpoint signing secrets (base64, Standard Webhooks form).
+    (re.compile(r"\bwhsec_[A-Za-z0-9+/=_-]+"), "whsec_" + REDACTED),
     # Credentials in query strings (the short-lived stream tokens of WebSocket/SSE URLs
     # end up in access logs).
     (re.compile(r"(?i)([?&](?:token|access_token|api_key|apikey|key|signature|"

@@ -49,9 +49,10 @@ TASK_STATUSES: Final = tuple(status.value for status in TaskStatus)
 STAGES: Final = tuple(stage.value for stage in Stage)
 """Stages of the job runtime (DESIGN §4), the label values of ``vidmaas_stage_duration_seconds``."""
 
-WEBHOOK_OUTCOMES: Final = ("delivered", "retrying", "failed", "rejected")
+WEBHOOK_OUTCOMES: Final = ("delivered", "retrying", "failed", "rejected", "skipped")
 """Outcomes of one webhook delivery attempt: accepted (2xx), will be retried, gave up
-after the last attempt, or refused before sending (a private address, a bad URL)."""
+after the last attempt, refused before sending (a private address, a bad URL), or not
+sent because its endpoint was disabled."""
 
 STREAM_TRANSPORTS: Final = ("websocket", "sse")
 """Transports of live event connections."""
@@ -106,6 +107,11 @@ class Metrics:
         )
         self.gpu_capacity = Gauge(
             "vidmaas_gpu_capacity", "GPUs the dispatcher may hand out at once.", registry=r,
+        )
+        self.outbox_pending = Gauge(
+            "vidmaas_outbox_pending",
+            "Events stored with their status change and not yet on the Redis streams "
+            "(from the database); growing while Redis cannot take them.", registry=r,
         )
         self.tasks = Gauge(
             "vidmaas_tasks", "Tasks by current status (from the database).", ["status"],
@@ -208,6 +214,10 @@ class Metrics:
         """Set GPUs in use and the capacity the dispatcher admits against."""
         self.gpus_in_use.set(in_use)
         self.gpu_capacity.set(capacity)
+
+    def set_outbox_pending(self, pending: int) -> None:
+        """Set the number of outbox rows waiting to be published."""
+        self.outbox_pending.set(pending)
 
     def set_task_counts(self, counts: Mapping[str, int]) -> None:
         """Set tasks by status from one snapshot; statuses missing from it become 0."""

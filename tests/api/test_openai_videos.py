@@ -20,7 +20,7 @@ from vidmaas.config import Settings, StorageSettings
 from vidmaas.db import tasks as repo
 from vidmaas.domain import events as ev
 from vidmaas.domain.status import TaskStatus
-from vidmaas.storage.base import output_key
+from vidmaas.storage.base import output_key, preview_key
 
 # The openai package marks its videos methods deprecated (OpenAI's own Sora service); the
 # wire shape is what this server implements.
@@ -209,6 +209,8 @@ async def test_deleting_cancels_an_unfinished_video_and_removes_a_finished_ones_
     assert after.error.code == "cancelled"
     finished = await oa.videos.create(prompt="to delete")
     await finish_with_files(server, finished.id, mp4_bytes())
+    await server.svc.store.put_bytes(preview_key(finished.id), jpeg_bytes(),
+                                     content_type="image/jpeg")
     assert (await oa.videos.download_content(finished.id)).content
     await oa.videos.delete(finished.id)
     with pytest.raises(openai.NotFoundError):
@@ -216,6 +218,7 @@ async def test_deleting_cancels_an_unfinished_video_and_removes_a_finished_ones_
     with pytest.raises(openai.NotFoundError):
         await oa.videos.download_content(finished.id)
     assert not await server.svc.store.exists(output_key(finished.id, "video.mp4"))
+    assert not await server.svc.store.exists(preview_key(finished.id))
     assert [v.id async for v in oa.videos.list()] == [queued.id]
     await oa.close()
 

@@ -8,7 +8,8 @@ tests stop and start (a private PostgreSQL cluster, a private SeaweedFS, a priva
   server that accepts connections but never answers costs a request at most the
   connect timeout.
 - The object store down (stopped, or answering 5xx) during an input upload: 503
-  ``storage_error`` with ``Retry-After`` and no task row; the database failing after the
+  ``storage_error`` with ``Retry-After`` and no task row (none in the database, for any
+  user, and the idempotency key stays free for the retry); the database failing after the
   image was stored deletes the image. A download with the store down is a 503.
 - Redis down: creating still answers 202 at once (the task waits in the database for
   the reconciler), listing still works (positions unknown), cancelling a queued task
@@ -237,6 +238,33 @@ async def test_an_upload_with_the_store_down_is_503_and_leaves_no_task(
     assert ok.json().get("has_image", True)
 
 
+async def test_no_task_row_is_left_pointing_at_an_input_the_store_never_took(
+        s3_api: Api, weed: services.PrivateSeaweedFS) -> None:
+    from vidmaas.db import tasks as repo
+
+    api, svc = s3_api, s3_api.app.state.services
+    headers = {**api.auth("alice"), "Idempotency-Key": "outage-" + secrets.token_hex(4)}
+
+    def create() -> Any:
+        return api.client.post("/v1/tasks", headers=headers,
+                               data={"prompt": "make it move", "model": "tiny-ti2v"},
+                               files={"image": ("photo.png", png_bytes(), "image/png")})
+
+    async def rows() -> list[Any]:
+        async with svc.sessions() as s:  # every user, every status: not just a listing
+            return await repo.list_tasks(session=s, user_id=None, limit=100)
+
+    await asyncio.to_thread(weed.kill)
+    _unavailable(await create(), "storage_error")
+    assert await rows() == []
+    await asyncio.to_thread(weed.start)
+    ok = await create()  # the failed create claimed neither a row nor the key
+    assert ok.status_code == 202, ok.text
+    [task] = await rows()
+    assert task.id == ok.json()["id"] and task.input_key is not None
+    assert await svc.store.exists(task.input_key)
+
+
 class _Failing(BaseHTTPRequestHandler):
     """An S3 endpoint that answers every request 503 SlowDown."""
 
@@ -381,5 +409,34 @@ async def test_with_redis_down_creating_still_answers_202_at_once_and_listing_wo
             proc = services.start_redis(tmp_path / "redis", port=port)
             token = await c.post("/v1/auth/stream-token", headers=alice)
             assert token.status_code == 200, token.text
+    finally:
+        services.stop(proc)
+
+
+async def test_an_outbox_at_its_bound_makes_readyz_fail_until_it_drains(
+        tmp_path: Path, sqlite_url: str, local_storage: StorageSettings) -> None:
+    port = services.free_port()
+    proc = services.start_redis(tmp_path / "redis", port=port)
+    try:
+        settings = api_settings(db_url=sqlite_url, redis_url=f"redis://127.0.0.1:{port}/0",
+                                storage=local_storage, outbox={"max_pending": 1,
+                                                               "sweep_grace_s": 0.0})
+        async for api in start_api(settings, sqlite_url):
+            c, alice = api.client, api.auth("alice")
+            first = await c.post("/v1/tasks", json=TASK, headers=alice)
+            proc.kill()
+            proc.wait()
+            # Its cancel commits; the ``cancelled`` event waits in the outbox.
+            cancel = await c.post(f"/v1/tasks/{first.json()['id']}/cancel", headers=alice)
+            assert cancel.json()["status"] == "cancelled"
+            ready = await c.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["outbox"] == "full: 1 events waiting"
+            assert "vidmaas_outbox_pending 1.0" in (await c.get("/metrics")).text
+            proc = services.start_redis(tmp_path / "redis", port=port)
+            swept = await api.app.state.services.lifecycle.sweep_outbox()
+            assert swept.published == 1
+            assert (await c.get("/readyz")).status_code == 200
+            assert "vidmaas_outbox_pending 0.0" in (await c.get("/metrics")).text
     finally:
         services.stop(proc)

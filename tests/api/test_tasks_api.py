@@ -87,7 +87,7 @@ async def test_another_users_task_is_indistinguishable_from_a_missing_one(api: A
     task = (await create(api, user="alice")).json()
     missing = "t" + "0" * 25
     for suffix, method in (("", "GET"), ("/cancel", "POST"), ("/video", "GET"),
-                           ("/poster", "GET")):
+                           ("/poster", "GET"), ("/preview", "GET")):
         theirs = await api.client.request(method, f"/v1/tasks/{task['id']}{suffix}",
                                           headers=api.auth("bob"))
         gone = await api.client.request(method, f"/v1/tasks/{missing}{suffix}",
@@ -368,7 +368,8 @@ async def test_health_and_readiness_report_the_backing_services(api: Api) -> Non
     assert (await api.client.get("/healthz")).status_code == 200
     r = await api.client.get("/readyz")
     assert r.status_code == 200, r.text
-    assert r.json()["checks"] == {"database": "ok", "redis": "ok", "storage": "ok"}
+    assert r.json()["checks"] == {"database": "ok", "redis": "ok", "storage": "ok",
+                                  "outbox": "ok"}
 
 
 async def test_errors_for_unknown_routes_are_json(api: Api) -> None:

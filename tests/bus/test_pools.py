@@ -142,3 +142,23 @@ async def test_retiring_a_busy_worker_returns_its_task_for_a_retry(
     assert await pools.retire("w1") == ("t", 3)
     assert await q.gpus_in_use() == 0
     assert not await pools.assign(worker_id="w1", task_id="t", attempt=4, args=[])
+
+
+async def test_a_worker_that_leaves_after_its_task_gets_no_more_and_retires_with_nothing_to_retry(
+        redis: aioredis.Redis, redis_url: str) -> None:
+    q, pools = TaskQueue(redis), PoolRegistry(redis)
+    assert await pools.reserve(worker_id="w1", model="m", gpus=1, capacity=8, start_lease_s=60)
+    w1 = WorkerLink(connect_sync(redis_url), worker_id="w1", lease_s=30)
+    assert w1.ready()
+    await q.enqueue(user_id="u", task_id="t", gpus=1, model="m")
+    assert await _claim(q) == ("t", "w1")
+    assert await pools.assign(worker_id="w1", task_id="t", attempt=1, args=[])
+    assert w1.leave(finished_task=True)  # a limit reached: it exits after this task
+    worker = await pools.get("w1")
+    assert worker is not None and worker.state is WorkerState.DRAINING
+    assert (worker.task_id, worker.tasks_done) == (None, 1)
+    await q.enqueue(user_id="u", task_id="t2", gpus=1, model="m")
+    assert await _claim(q) is None
+    assert not w1.ready()
+    assert await pools.retire("w1") == (None, None)
+    assert not w1.leave()

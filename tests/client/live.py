@@ -99,6 +99,19 @@ class Driver:
                 "progress": percent, "stage": stage.value, "eta_s": eta_s,
                 "last_event_id": event_id})
 
+    async def preview(self, task_id: str, *, step: int, total: int = 40,
+                      color: tuple[int, int, int] = (30, 160, 90)) -> bytes:
+        """Store a preview image and announce it, as the runtime's preview thread does;
+        the image's bytes."""
+        from vidmaas.storage.base import preview_key
+
+        data = jpeg(256, 144, color)
+        key = preview_key(task_id)
+        await self.svc.store.put_bytes(key, data, content_type="image/jpeg")
+        await self.svc.lifecycle.publish(ev.preview(task_id, key=key, step=step, total=total,
+                                                    width=256, height=144))
+        return data
+
     async def complete(self, task_id: str, *, recorded_after_s: float | None = None) -> None:
         """Upload a real video and poster and complete the task.
 

@@ -9,6 +9,7 @@ import pytest
 from vidmaas.db import tasks as repo
 from vidmaas.db import users
 from vidmaas.db.engine import make_engine, make_sessionmaker
+from vidmaas.db.outbox import Entry
 from vidmaas.domain import events as ev
 from vidmaas.domain.ids import new_task_id
 from vidmaas.domain.status import TaskStatus
@@ -32,11 +33,10 @@ async def _task(db_url: str) -> tuple[object, str]:
 async def test_of_many_concurrent_moves_from_queued_exactly_one_wins(db_url: str) -> None:
     engine, task_id = await _task(db_url)
     sessions = make_sessionmaker(engine)  # type: ignore[arg-type]
-    published: list[ev.Event] = []
+    published: list[Entry] = []
 
-    async def publish(e: ev.Event) -> str:
-        published.append(e)
-        return "1-0"
+    async def publish(entry: Entry) -> None:
+        published.append(entry)
 
     async def attempt(i: int) -> bool:
         async with sessions() as s:
@@ -51,7 +51,7 @@ async def test_of_many_concurrent_moves_from_queued_exactly_one_wins(db_url: str
 
     results = await asyncio.gather(*(attempt(i) for i in range(8)))
     assert sum(results) == 1
-    assert len(published) == 1
+    assert [(p.seq, p.event.type) for p in published] == [(1, ev.EventType.DISPATCHED)]
     async with sessions() as s:
         task = await repo.get_task(session=s, task_id=task_id)
         assert task is not None and task.status == "dispatching" and task.dispatched_at

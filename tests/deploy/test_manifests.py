@@ -188,7 +188,8 @@ def test_registry_and_template_paths_point_into_the_mounted_configmap(
         for c in spec["containers"]:
             mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
             settings = _settings_env(docs, spec, c)
-            for var in ("VIDMAAS_MODELS_PATH", "VIDMAAS_KUBE_TEMPLATE_PATH"):
+            for var in ("VIDMAAS_MODELS_PATH", "VIDMAAS_KUBE_TEMPLATE_PATH",
+                        "VIDMAAS_KUBE_POOL_TEMPLATE_PATH"):
                 if var not in settings:
                     continue
                 path = Path(settings[var])
@@ -511,6 +512,7 @@ def test_the_migration_job_runs_vidmaas_migrate_with_only_the_database_secret(
 @pytest.mark.parametrize(("copy", "source"), [
     ("files/models.yaml", "src/vidmaas/models.yaml"),
     ("files/pytorchjob.yaml.j2", "src/vidmaas/templates/pytorchjob.yaml.j2"),
+    ("files/leaderworkerset.yaml.j2", "src/vidmaas/templates/leaderworkerset.yaml.j2"),
 ])
 def test_configmap_copies_are_identical_to_the_package_files(copy: str, source: str) -> None:
     assert (BASE / copy).read_bytes() == (ROOT / source).read_bytes(), (

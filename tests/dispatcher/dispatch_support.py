@@ -67,12 +67,14 @@ class World:
         return self._users[name]
 
     async def submit(self, user: str, *, gpus: int = 1, enqueue: bool = True,
-                     model: str = "tiny-t2v", prompt: str | None = None) -> Task:
+                     model: str = "tiny-t2v", prompt: str | None = None,
+                     params: dict[str, Any] | None = None) -> Task:
+        """A new task (``params`` override the small defaults, ``PARAMS``)."""
         uid = await self.user(user)
         async with self.sessions() as s:
             task, _ = await repo.create_task(session=s, new=repo.NewTask(
                 id=new_task_id(), user_id=uid, model=model, prompt=prompt or f"a cat for {user}",
-                params=dict(PARAMS), gpus=gpus))
+                params={**PARAMS, **(params or {})}, gpus=gpus))
         if enqueue:
             await self.lifecycle.admit_new(task)
         return task

@@ -27,6 +27,7 @@ from vidmaas.domain.events import EventType
 from vidmaas.domain.ids import job_name, new_task_id
 from vidmaas.domain.jobs import JobSpec, job_args
 from vidmaas.domain.models import ModelRegistry
+from vidmaas.runtime.job import JobEnv
 
 PROGRAM = [sys.executable, job_double.__file__]
 
@@ -68,6 +69,8 @@ async def test_a_job_runs_in_a_fresh_work_dir_with_the_contract_environment(
         tmp_path: Path, redis_url: str) -> None:
     settings = _settings(tmp_path, redis_url)
     settings.local.keep_work_dirs = True
+    settings.runtime.preview_interval_s = 0.5
+    settings.runtime.preview_max = 3
     executor = _executor(settings, tmp_path)
     spec = _spec("ok")
     try:
@@ -84,9 +87,13 @@ async def test_a_job_runs_in_a_fresh_work_dir_with_the_contract_environment(
     assert env["VIDMAAS_REDIS_URL"] == redis_url
     assert env["VIDMAAS_ATTEMPT"] == "1"
     assert float(env["VIDMAAS_COLLECTIVE_TIMEOUT_S"]) == settings.runtime.collective_timeout_s
+    assert (env["VIDMAAS_STORAGE_RETRY_ATTEMPTS"], env["VIDMAAS_STORAGE_RETRY_TOTAL_S"]) == \
+        (str(settings.storage.retry_attempts), str(settings.storage.retry_total_s))
     assert (env["WORLD_SIZE"], env["RANK"], env["PET_NNODES"], env["PET_NPROC_PER_NODE"],
             env["PET_NODE_RANK"], env["OMP_NUM_THREADS"]) == ("1", "0", "1", "1", "0", "1")
     assert env["MASTER_ADDR"] and env["MASTER_PORT"]
+    job_env = JobEnv.from_environ(env)
+    assert (job_env.preview_interval_s, job_env.preview_max) == (0.5, 3)
     assert (await executor.status(spec.job_name)).state is JobState.SUCCEEDED
 
 

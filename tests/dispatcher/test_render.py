@@ -172,6 +172,22 @@ def test_the_model_directory_comes_from_a_host_path() -> None:
         "/models/tiny-t2v"
 
 
+def test_every_replica_gets_the_live_preview_settings_the_runtime_reads() -> None:
+    from vidmaas.runtime.job import JobEnv
+
+    settings = settings_with()
+    settings.runtime.preview_interval_s = 0.5
+    settings.runtime.preview_max = 3
+    manifest = render_pytorchjob(settings=settings, spec=spec_of(REGISTRY["wan2.2-t2v-a14b"]))
+
+    for replica in replicas_of(manifest).values():
+        env = env_of(main_of(replica))
+        values = {name: env[name]["value"] for name in ("VIDMAAS_PREVIEW_INTERVAL_S",
+                                                        "VIDMAAS_PREVIEW_MAX")}
+        job_env = JobEnv.from_environ(values)
+        assert (job_env.preview_interval_s, job_env.preview_max) == (0.5, 3)
+
+
 def test_the_model_directory_comes_from_a_read_only_pvc() -> None:
     settings = settings_with(model_volume="pvc", model_pvc_name="models-rox")
 
@@ -240,6 +256,18 @@ def test_credentials_come_from_secrets_and_never_appear_in_the_manifest() -> Non
                 "name": "my-redis", "key": "VIDMAAS_REDIS_URL"}
             assert env["VIDMAAS_TASK_ID"]["value"] == spec.task_id
             assert env["VIDMAAS_STORAGE_URL"]["value"] == "s3://vidmaas-bucket/prod"
+
+
+def test_both_containers_get_the_store_retry_budget_from_thesettings_with() -> None:
+    settings = settings_with()
+    settings.storage.retry_attempts, settings.storage.retry_total_s = 5, 42.5
+    manifest = render_pytorchjob(settings=settings, spec=spec_of(REGISTRY["wan2.2-i2v-a14b"]))
+    for replica in replicas_of(manifest).values():
+        pod = replica["template"]["spec"]
+        for container in [*pod["containers"], *pod["initContainers"]]:
+            env = env_of(container)
+            assert (env["VIDMAAS_STORAGE_RETRY_ATTEMPTS"]["value"],
+                    env["VIDMAAS_STORAGE_RETRY_TOTAL_S"]["value"]) == ("5", "42.5")
 
 
 def test_an_operator_template_that_inlines_a_secret_is_rejected(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.dispatcher.dispatch_support import World, database, eventually, make_settings, running
+from vidmaas.bus import control, keys
 from vidmaas.bus.queue import TaskQueue
 from vidmaas.db import tasks as repo
 from vidmaas.dispatcher.executors.fake import FakeExecutor, FakeOutcome
@@ -238,3 +239,42 @@ async def test_a_job_the_executor_reports_stuck_is_stopped_and_its_task_retried(
 async def _status_is(world: World, task_id: str, status: str, code: str) -> bool:
     task = await world.get(task_id)
     return (task.status, task.error_code) == (status, code)
+
+
+async def test_the_reconciler_gives_a_cancelling_task_whose_flag_redis_lost_its_flag_back(
+        db_url: str, redis: aioredis.Redis, redis_url: str) -> None:
+    settings = make_settings(db_url=db_url, redis_url=redis_url)
+    executor = _hanging()
+    async with database(db_url) as sessions:
+        world = World(settings=settings, sessions=sessions, redis=redis)
+        task = await world.submit("alice")
+        d = world.dispatcher(executor)
+        await d.admit()
+        await world.lifecycle.cancel(await world.get(task.id), by="alice")
+        await redis.delete(keys.cancel_flag(task.id))  # lost with Redis's last second
+        await d.reconcile()
+        assert (await world.get(task.id)).status == "cancelling"
+    await executor.close()
+    assert await control.cancel_requested(redis, task.id) == "recovery"
+
+
+async def test_after_redis_lost_everything_leases_come_back_before_anything_is_admitted(
+        db_url: str, redis: aioredis.Redis, redis_url: str) -> None:
+    settings = make_settings(db_url=db_url, redis_url=redis_url, capacity=1,
+                             requeue_grace_s=0.0)
+    executor = _hanging()
+    q = TaskQueue(redis)
+    async with database(db_url) as sessions:
+        world = World(settings=settings, sessions=sessions, redis=redis)
+        first = await world.submit("alice")
+        d = world.dispatcher(executor)
+        assert await d.admit() == 1
+        await redis.flushdb()
+        second = await world.submit("bob")  # enqueued into the empty Redis
+        assert await d.admit() == 0  # the one GPU is still the first task's
+        assert await q.leases() == {first.id: 1}
+        await d.reconcile()
+        assert await d.admit() == 0
+        assert (await world.get(second.id)).status == "queued"
+    await executor.close()
+    assert [name for name, _a, _t in executor.launches] == [job_name(first.id)]

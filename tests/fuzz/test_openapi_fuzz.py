@@ -1,7 +1,8 @@
 """Schemathesis against the app's own OpenAPI document, on a real server.
 
 Each documented operation (the native ``/v1/tasks``, ``/v1/models``, ``/v1/me``, the
-stream token, ``/v1/usage``, the admin API, and ``/v1/videos`` when it is served) is
+stream token, ``/v1/usage``, ``/v1/webhook-endpoints``, the admin API, and
+``/v1/videos`` when it is served) is
 called with generated requests, authenticated with a real key (the admin operations
 also with an admin's), against uvicorn on 127.0.0.1 over SQLite and a real
 Redis. Every response must be a non-5xx whose status code, content type, headers and
@@ -69,7 +70,13 @@ def fuzz_api(sqlite_url: str, redis_url: str, local_storage: StorageSettings,
 def test_the_document_lists_the_native_operations() -> None:
     ops = set(_operations())
     for needed in ("POST /v1/tasks", "GET /v1/tasks", "GET /v1/tasks/{task_id}",
-                   "POST /v1/tasks/{task_id}/cancel", "GET /v1/models", "GET /v1/me"):
+                   "POST /v1/tasks/{task_id}/cancel", "GET /v1/models", "GET /v1/me",
+                   "POST /v1/webhook-endpoints", "GET /v1/webhook-endpoints",
+                   "GET /v1/webhook-endpoints/{endpoint_id}",
+                   "PATCH /v1/webhook-endpoints/{endpoint_id}",
+                   "DELETE /v1/webhook-endpoints/{endpoint_id}",
+                   "POST /v1/webhook-endpoints/{endpoint_id}/test",
+                   "GET /v1/webhook-endpoints/{endpoint_id}/deliveries"):
         assert needed in ops
 
 

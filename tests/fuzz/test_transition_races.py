@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from vidmaas.db import tasks as repo
 from vidmaas.db.engine import make_engine, make_sessionmaker
+from vidmaas.db.outbox import Entry
 from vidmaas.domain import events as ev
 from vidmaas.domain.ids import new_task_id
 from vidmaas.domain.status import TaskStatus, can_transition
@@ -50,11 +51,10 @@ def _orderable(start: TaskStatus, done: list[Move], end: TaskStatus) -> bool:
 async def _play(db_url: str, user_id: str, plan: list[list[Move]]) -> None:
     engine = make_engine(db_url)
     sessions = make_sessionmaker(engine)
-    published: list[ev.Event] = []
+    published: list[Entry] = []
 
-    async def publish(event: ev.Event) -> str:
-        published.append(event)
-        return "0-1"
+    async def publish(entry: Entry) -> None:
+        published.append(entry)
 
     try:
         task_id = new_task_id()
@@ -91,6 +91,8 @@ async def _play(db_url: str, user_id: str, plan: list[list[Move]]) -> None:
             assert _orderable(status, done, now), (status, done, now)
             assert len(published) - before == len(done)
             status = now
+        # Every move that won stored its event as the task's next seq: no gap, no repeat.
+        assert sorted(p.seq for p in published) == list(range(1, len(published) + 1))
     finally:
         await engine.dispose()
 

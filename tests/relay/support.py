@@ -72,16 +72,21 @@ class World:
 
     async def task(self, status: TaskStatus = TaskStatus.RUNNING, *,
                    webhook_url: str | None = None,
-                   webhook_events: list[str] | None = None) -> Task:
+                   webhook_events: list[str] | None = None, user_id: str | None = None,
+                   source: str = "native") -> Task:
         """A task in ``status``; an active one holds its GPUs like a dispatched task."""
-        uid = await self.user()
+        uid = user_id or await self.user()
         async with self.svc.sessions() as s:
             task, _ = await repo.create_task(session=s, new=repo.NewTask(
                 id=new_task_id(), user_id=uid, model="tiny-t2v", prompt="a cat", params=PARAMS,
-                gpus=1, webhook_url=webhook_url, webhook_events=webhook_events))
+                gpus=1, webhook_url=webhook_url, webhook_events=webhook_events, source=source))
         await self.lifecycle.enqueue(task)
         if status is TaskStatus.QUEUED:
             return task
+        return await self.advance(task, status)
+
+    async def advance(self, task: Task, status: TaskStatus) -> Task:
+        """Take a queued, enqueued task (this helper's or the API's) to ``status``."""
         claim = await self.lifecycle.queue.claim_next(dispatcher_id="d", capacity=100,
                                                       per_user_cap=100, lease_s=60)
         assert claim.claim is not None and claim.claim.task_id == task.id

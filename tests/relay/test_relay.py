@@ -59,6 +59,25 @@ async def test_each_runtime_event_takes_effect_on_the_task_row(world: World) -> 
     assert f'vidmaas_model_queue_wait_seconds_total{{model="{done.model}"}}' in text
 
 
+async def test_a_preview_event_is_accepted_and_changes_nothing_on_the_row(
+        world: World) -> None:
+    task = await world.task(TaskStatus.RUNNING)
+    await world.publish(ev.progress(task.id, step=2, total=6, percent=40.0, eta_s=9.0,
+                                    stage_=ev.Stage.DENOISE))
+    metrics = Metrics(role="relay")
+    async with running(relay(world, metrics=metrics)):
+        await eventually(world.stream_drained)
+        before = await world.get(task.id)
+        await world.publish(ev.preview(task.id, key=f"outputs/{task.id}/preview.jpg", step=3,
+                                       total=6, width=256, height=144))
+        await eventually(world.stream_drained)
+    after = await world.get(task.id)
+    shown = ("status", "progress", "stage", "eta_s", "last_heartbeat_at", "error_code")
+    assert {k: getattr(after, k) for k in shown} == {k: getattr(before, k) for k in shown}
+    assert await world.redis.xlen(keys.EVENTS_DEAD) == 0
+    assert 'vidmaas_events_relayed_total{type="preview"} 1.0' in render(metrics).decode()
+
+
 async def test_a_redelivered_event_takes_effect_once(world: World) -> None:
     task = await world.task(TaskStatus.RUNNING, webhook_url="http://127.0.0.1:9/h")
     p1 = ev.progress(task.id, step=5, total=10, percent=50.0, eta_s=5.0)
@@ -312,3 +331,18 @@ async def test_a_relay_takes_its_tuning_from_the_relay_settings(
     default = Relay(world.svc, consumer_name="default")
     assert default.settings == world.svc.settings.relay
     assert default.consumer.batch_entries == 100
+
+
+async def test_a_relay_whose_redis_lost_everything_makes_its_group_again_and_goes_on(
+        world: World) -> None:
+    task = await world.task(TaskStatus.DISPATCHING)
+    await world.publish(ev.started(task.id, world_size=1, host="node-1"))
+    async with running(relay(world)):
+        await eventually(lambda: _status_is(world, task.id, TaskStatus.RUNNING))
+        await world.svc.redis.flushdb()  # the group and the streams are gone
+        await world.publish(ev.Event(task.id, ev.EventType.COMPLETED, COMPLETED_DATA))
+        await eventually(lambda: _status_is(world, task.id, TaskStatus.COMPLETED))
+
+
+async def _status_is(world: World, task_id: str, status: TaskStatus) -> bool:
+    return (await world.get(task_id)).status == status

@@ -102,6 +102,10 @@ async def test_a_completed_on_a_first_attempt_reads_the_row_once_and_not_the_str
     # The relay's read, the transition's read of the attempt it ends (for its usage)
     # and its read of the row it wrote; one UPDATE moves the status, records the event
     # id and the task's GPU-seconds; one upsert adds them to the user's day.
+    # The outbox adds nothing here: the relay's moves store no event of their own (the
+    # runtime's ``completed`` is already on the stream). A move that does store one
+    # costs one INSERT in its transaction and one DELETE after publishing
+    # (tests/test_outbox.py), and one Redis script call.
     assert dict(c.sql) == {"SELECT": 3, "UPDATE": 1, "INSERT": 1}
     assert "xrange" not in c.redis
     assert c.redis["xack"] == 1

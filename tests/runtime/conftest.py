@@ -165,6 +165,9 @@ def job_env(*, task_id: str, redis_url: str, storage: StorageSettings | None, mo
         "VIDMAAS_TASK_ID": task_id, "VIDMAAS_REDIS_URL": redis_url,
         "VIDMAAS_MODEL_DIR": str(model_dir), "VIDMAAS_WORK_DIR": str(work_dir),
         "VIDMAAS_HEARTBEAT_INTERVAL_S": "0.5", "VIDMAAS_PROGRESS_INTERVAL_S": "0",
+        # Live previews are off unless a test turns them on (test_previews.py), so the
+        # other tests' object listings hold only what postprocess uploads.
+        "VIDMAAS_PREVIEW_MAX": "0",
         "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
     })
     if storage is not None:

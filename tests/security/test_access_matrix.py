@@ -28,6 +28,9 @@ from vidmaas.domain.status import TaskStatus
 from vidmaas.services import Services
 
 MISSING_TASK = "t" + "0" * 25
+MISSING_ENDPOINT = "we_" + "0" * 24
+PUBLIC_HOOK = "http://93.184.216.34/hooks"
+"""A public address named literally: registered without a resolver, never called."""
 BAD_KEY = "vmk_" + "A" * 40
 
 
@@ -41,6 +44,7 @@ class Kind(enum.Enum):
     VIDEO = "OpenAI video by id: the owner or an admin, others like a missing one"
     VIDEO_MEDIA = "like VIDEO, and a ?token= stream token is accepted too"
     ADMIN = "admins only: no key or a bad one 401, any other user 403 admin_required"
+    ENDPOINT = "a webhook endpoint: its owner only; anyone else, admins too, like a missing one"
 
 
 # (method, path with every {param} written {id}) → who may call it.
@@ -73,6 +77,14 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("GET", "/v1/videos/{id}"): Kind.VIDEO,
     ("GET", "/v1/videos/{id}/content"): Kind.VIDEO_MEDIA,
     ("DELETE", "/v1/videos/{id}"): Kind.VIDEO,
+    # Webhook endpoints: a user's own, nobody else's.
+    ("POST", "/v1/webhook-endpoints"): Kind.USER,
+    ("GET", "/v1/webhook-endpoints"): Kind.USER,
+    ("GET", "/v1/webhook-endpoints/{id}"): Kind.ENDPOINT,
+    ("PATCH", "/v1/webhook-endpoints/{id}"): Kind.ENDPOINT,
+    ("DELETE", "/v1/webhook-endpoints/{id}"): Kind.ENDPOINT,
+    ("POST", "/v1/webhook-endpoints/{id}/test"): Kind.ENDPOINT,
+    ("GET", "/v1/webhook-endpoints/{id}/deliveries"): Kind.ENDPOINT,
     # Usage: the caller's own (other users' for admins, checked in tests/api).
     ("GET", "/v1/usage"): Kind.USER,
     # The admin API.
@@ -143,6 +155,9 @@ class World:
     tokens: dict[str, str]
     video: str | None
     """alice's OpenAI video id, when /v1/videos is served."""
+    endpoint: str
+    """alice's webhook endpoint."""
+    endpoint_secret: str
 
 
 async def _create(client: httpx.AsyncClient, api: LiveApi, user: str = "alice") -> str:
@@ -190,7 +205,11 @@ async def world(live: LiveApi) -> World:
                              headers=live.auth("alice"))
             assert r.status_code < 300, r.text
             video = str(r.json()["id"])
-    return World(api=live, queued=queued, completed=completed, tokens=tokens, video=video)
+        r = await c.post("/v1/webhook-endpoints", json={"url": PUBLIC_HOOK},
+                         headers=live.auth("alice"))
+        assert r.status_code == 201, r.text
+    return World(api=live, queued=queued, completed=completed, tokens=tokens, video=video,
+                 endpoint=str(r.json()["id"]), endpoint_secret=str(r.json()["secret"]))
 
 
 def _http_routes(app: object, *kinds: Kind) -> list[tuple[str, str]]:
@@ -208,12 +227,14 @@ def _url(path: str, ident: str) -> str:
 async def test_protected_routes_answer_401_without_a_key_or_with_a_bad_key(world: World) -> None:
     api = world.api
     routes = _http_routes(api.app, Kind.USER, Kind.TASK, Kind.TASK_MEDIA, Kind.VIDEO,
-                          Kind.VIDEO_MEDIA)
+                          Kind.VIDEO_MEDIA, Kind.ENDPOINT)
     assert routes
     bodies = set()
     async with httpx.AsyncClient(base_url=api.base_url) as c:
         for method, path in routes:
             ident = world.video if path.startswith("/v1/videos/") else world.completed
+            if path.startswith("/v1/webhook-endpoints/"):
+                ident = world.endpoint
             for headers in ({}, {"Authorization": f"Bearer {BAD_KEY}"},
                             {"Authorization": "Basic YWxpY2U6c2VjcmV0"},
                             {"Authorization": "Bearer"}):
@@ -348,6 +369,33 @@ async def test_admin_routes_refuse_everyone_but_admins(world: World) -> None:
         assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"
         r = await c.get("/v1/usage?all=true", headers=api.auth("alice"))
         assert r.status_code == 403
+
+
+async def test_someone_elses_webhook_endpoint_is_indistinguishable_from_a_missing_one(
+        world: World) -> None:
+    api = world.api
+    routes = _http_routes(api.app, Kind.ENDPOINT)
+    assert len(routes) == 5
+    async with httpx.AsyncClient(base_url=api.base_url) as c:
+        for user in ("bob", "root"):
+            for method, path in routes:
+                body = {"enabled": False} if method == "PATCH" else None
+                theirs = await c.request(method, _url(path, world.endpoint), json=body,
+                                         headers=api.auth(user))
+                gone = await c.request(method, _url(path, MISSING_ENDPOINT), json=body,
+                                       headers=api.auth(user))
+                assert theirs.status_code == gone.status_code == 404, (user, method, path)
+                assert theirs.content == gone.content, (user, method, path)
+                assert world.endpoint not in theirs.text and PUBLIC_HOOK not in theirs.text
+            listing = await c.get("/v1/webhook-endpoints", headers=api.auth(user))
+            assert listing.status_code == 200 and world.endpoint not in listing.text
+        # The owner reaches every one (DELETE last), and the secret is never shown again.
+        for method, path in sorted(routes, key=lambda r: r[0] == "DELETE"):
+            body = {"description": "checked"} if method == "PATCH" else None
+            r = await c.request(method, _url(path, world.endpoint), json=body,
+                                headers=api.auth("alice"))
+            assert r.status_code in (200, 202), (method, path, r.text)
+            assert world.endpoint_secret not in r.text, (method, path)
 
 
 # ---------------------------------------------------------------- WebSocket

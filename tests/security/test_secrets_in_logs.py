@@ -1,4 +1,5 @@
-"""API keys (and stream tokens) never appear in the logs, whatever the request does.
+"""API keys, stream tokens and webhook endpoint secrets never appear in the logs,
+whatever the request does.
 
 The role's own logging (``vidmaas.logs.configure_logging``, JSON and text, at DEBUG) is
 captured while a real server handles a full cycle: good and bad keys, malformed
@@ -61,6 +62,14 @@ async def _full_cycle(api: LiveApi) -> list[str]:
         await c.get(f"/v1/tasks/{task}/video?token={token}")
         await c.get(f"/v1/tasks/{task}/poster?token={FOREIGN_KEY}")
         await c.post(f"/v1/tasks/{task}/cancel", headers=alice)
+        # A webhook endpoint's signing secret is a secret too.
+        made = (await c.post("/v1/webhook-endpoints", headers=alice,
+                             json={"url": "http://93.184.216.34/hooks"})).json()
+        secrets.append(made["secret"])
+        for method, suffix in (("GET", ""), ("PATCH", ""), ("POST", "/test"),
+                               ("GET", "/deliveries")):
+            await c.request(method, f"/v1/webhook-endpoints/{made['id']}{suffix}",
+                            headers=alice, json={"enabled": True} if method == "PATCH" else None)
         async with c.stream("GET", f"/v1/tasks/{task}/events?token={token}") as r:
             async for _ in r.aiter_bytes():
                 break

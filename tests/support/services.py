@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import boto3
 from botocore.config import Config
@@ -77,17 +78,21 @@ def redis_server_binary() -> str | None:
 
 
 def start_redis(tmp: Path, *, port: int, appendonly: bool = False,
+                appendfsync: Literal["everysec", "always"] = "everysec",
                 ) -> subprocess.Popen[bytes]:
     """A redis-server on ``port`` with its files in ``tmp``, accepting connections.
 
-    Start it again on the same port after killing it to bring "the same" Redis back."""
+    Start it again on the same port after killing it to bring "the same" Redis back.
+    ``appendonly`` keeps an append-only file in ``tmp`` (a restart on the same ``tmp``
+    loads it), synced to disk every second (``everysec``: a hard kill may lose the last
+    second of writes) or before each write is acknowledged (``always``)."""
     binary = redis_server_binary()
     if binary is None:
         raise RuntimeError("redis-server is not installed")
     tmp.mkdir(parents=True, exist_ok=True)
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "yes" if appendonly else "no", "--dir", str(tmp),
-            "--protected-mode", "no", "--loglevel", "warning"]
+            "--appendonly", "yes" if appendonly else "no", "--appendfsync", appendfsync,
+            "--dir", str(tmp), "--protected-mode", "no", "--loglevel", "warning"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, proc=proc)
@@ -99,10 +104,11 @@ def start_redis(tmp: Path, *, port: int, appendonly: bool = False,
 
 @contextlib.contextmanager
 def private_redis(tmp: Path, *, appendonly: bool = False,
+                  appendfsync: Literal["everysec", "always"] = "everysec",
                   ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A redis-server on a free port; yields (url, process)."""
     port = free_port()
-    proc = start_redis(tmp, port=port, appendonly=appendonly)
+    proc = start_redis(tmp, port=port, appendonly=appendonly, appendfsync=appendfsync)
     try:
         yield f"redis://127.0.0.1:{port}/0", proc
     finally:

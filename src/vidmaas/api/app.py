@@ -29,6 +29,7 @@ from vidmaas.api.routes import (
     ui,
     usage,
     videos,
+    webhook_endpoints,
     webhooks,
 )
 from vidmaas.config import Settings
@@ -68,6 +69,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
     events.install(app)  # the SSE/WebSocket routes and the stream hub's start and stop
     videos.install(app)
     webhooks.install(app)
+    app.include_router(webhook_endpoints.router)  # /v1/webhook-endpoints
     ui.install(app)
     metrics.install(app)  # /metrics and the request-counting middleware
     return app

@@ -138,12 +138,13 @@ async def resolve_host(host: str, port: int) -> list[str]:
 
 
 async def check_webhook_url(url: str, *, allow_hosts: Collection[str],
-                            resolve: policy.Resolver = resolve_host) -> None:
-    """``InvalidRequest`` (field ``webhook_url``) unless the SSRF policy allows ``url``."""
+                            resolve: policy.Resolver = resolve_host,
+                            field: str = "webhook_url") -> None:
+    """``InvalidRequest`` (on ``field``) unless the SSRF policy allows ``url``."""
     try:
         await policy.check_target(url, allow_hosts=allow_hosts, resolve=resolve)
     except policy.TargetRefused as e:
-        raise InvalidRequest(str(e), field="webhook_url", code=e.code) from e
+        raise InvalidRequest(str(e), field=field, code=e.code) from e
 
 
 async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,

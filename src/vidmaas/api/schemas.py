@@ -11,11 +11,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vidmaas.db.models import Task
+from vidmaas.db.models import Task, WebhookDelivery, WebhookEndpoint
 from vidmaas.domain.events import shown_error
 from vidmaas.domain.status import TaskStatus
 
 WebhookEvent = Literal["started", "progress", "completed", "failed", "cancelled"]
+EndpointEvent = Literal["start", "started", "progress", "completed", "failed", "cancelled"]
+"""An endpoint's filter takes Replicate's ``start`` for ``started`` too."""
 
 
 class TaskCreate(BaseModel):
@@ -138,3 +140,114 @@ def task_out(task: Task, *, position: int | None, base_path: str = "/v1/tasks") 
         poster_url=f"{base_path}/{task.id}/poster" if completed and task.poster_key else None,
         created_at=task.created_at, dispatched_at=task.dispatched_at,
         started_at=task.started_at, finished_at=task.finished_at, updated_at=task.updated_at)
+
+
+# ---------------------------------------------------------------- webhooks
+
+
+class DeliveryOut(BaseModel):
+    """One webhook delivery: one event to one target URL."""
+
+    id: str
+    """The ``webhook-id`` header the receiver saw (stable across retries)."""
+    url: str
+    event_id: str
+    event_type: str
+    status: str
+    """pending, delivered, failed (gave up), refused (target not allowed) or skipped (its
+    endpoint was disabled before it was sent)."""
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: datetime | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class DeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DeliveryOut]
+
+
+class EndpointDeliveryOut(DeliveryOut):
+    task_id: str | None = Field(description="The task the event is about; null for a test")
+
+
+class EndpointDeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EndpointDeliveryOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for older deliveries")
+
+
+def _default_endpoint_events() -> list[EndpointEvent]:
+    return ["started", "completed", "failed", "cancelled"]
+
+
+class EndpointCreate(BaseModel):
+    """Body of ``POST /v1/webhook-endpoints``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2048)
+    events: list[EndpointEvent] = Field(
+        default_factory=_default_endpoint_events,
+        min_length=1, max_length=12,
+        description="Event types to receive (default: all but progress)")
+    description: str | None = Field(default=None, max_length=256)
+    enabled: bool = Field(default=True, strict=True)
+
+
+class EndpointUpdate(BaseModel):
+    """Body of ``PATCH /v1/webhook-endpoints/{id}``: only the fields given change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, min_length=1, max_length=2048)
+    events: list[EndpointEvent] | None = Field(default=None, min_length=1, max_length=12)
+    description: str | None = Field(default=None, max_length=256)
+    enabled: bool | None = Field(default=None, strict=True)
+
+
+class EndpointOut(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    url: str
+    events: list[WebhookEvent]
+    enabled: bool
+    description: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class EndpointCreated(EndpointOut):
+    secret: str = Field(description="The whsec_… signing secret: shown this once, never again")
+
+
+class EndpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EndpointOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page")
+
+
+class EndpointDeleted(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    deleted: Literal[True] = True
+
+
+def delivery_out(row: WebhookDelivery) -> DeliveryOut:
+    return DeliveryOut(
+        id=row.delivery_id, url=row.url, event_id=row.event_id, event_type=row.event_type,
+        status=row.status, attempts=row.attempts, last_status_code=row.last_status_code,
+        last_error=row.last_error, next_attempt_at=row.next_attempt_at,
+        created_at=row.created_at, delivered_at=row.delivered_at)
+
+
+def endpoint_delivery_out(row: WebhookDelivery) -> EndpointDeliveryOut:
+    return EndpointDeliveryOut(**delivery_out(row).model_dump(), task_id=row.task_id)
+
+
+def endpoint_out(row: WebhookEndpoint) -> EndpointOut:
+    return EndpointOut(id=row.id, url=row.url, events=row.events,  # type: ignore[arg-type]
+                       enabled=row.enabled, description=row.description,
+                       created_at=row.created_at, updated_at=row.updated_at)

@@ -90,6 +90,11 @@ USER_RUNNING = _Q + "user-running"
 """HASH user → number of that user's tasks holding capacity."""
 USER_GPUS = _Q + "user-gpus"
 """HASH user → GPUs that user's tasks hold."""
+QUEUE_EPOCH = _Q + "epoch"
+"""STRING: the run id of the Redis server whose capacity leases were last rebuilt from
+the database (``dispatcher.recovery``). Admission claims nothing while it names another
+server (this one restarted, or lost its data): leases lost with it are restored first,
+so capacity is never exceeded."""
 MODEL_RUN_S = _Q + "model-run-s"
 """HASH model → moving average of how long a completed task held its GPUs (seconds)."""
 
@@ -121,6 +126,13 @@ def worker_inbox(worker_id: str) -> str:
 def task_fence(task_id: str) -> str:
     """``worker|attempt`` that may publish for a pooled task; anything else is dropped."""
     return f"{PREFIX}task:{task_id}:fence"
+
+
+def task_outbox(task_id: str) -> str:
+    """HASH ``seq`` (the newest outbox event of the task on its streams) and ``id`` (its
+    event id): what makes publishing an outbox row a second time a no-op
+    (``bus.outbox``). Expires with the task's stream."""
+    return f"{PREFIX}task:{task_id}:outbox"
 
 
 def cancel_flag(task_id: str) -> str:

@@ -18,7 +18,8 @@ model. Its life in Redis (keys in ``bus.keys``, the shared ones under the queue'
   dropped unless the fence still names it (``bus.events.publish_sync(fence=…)``):
   a worker that lost its lease, or a stale assignment of an earlier attempt, can
   never publish for a newer attempt.
-- After a task the worker says ``ready`` again. ``drain`` asks a worker to exit
+- After a task the worker says ``ready`` again, or ``leave``s when it exits by itself
+  (a limit reached): draining with no task, so nothing is retried. ``drain`` asks a worker to exit
   (scale-down, reclaim, replacement) and stops new assignments to it at once;
   ``retire`` forgets a worker that has ended (or whose lease ran out), frees its
   GPUs and returns the task it was busy with, if any, for a retry.
@@ -189,6 +190,19 @@ end
 return 1
 """
 
+_LEAVE_LUA = _LIB + """
+-- KEYS: 1 workers, 2 idle prefix; ARGV: 1 worker, 2 now ms, 3 finished a task ('1'/'0')
+-- A worker about to exit by itself: draining, with no task, so that its retirement
+-- retries nothing (the task it finished is the relay's to complete).
+local f = rec(KEYS[1], ARGV[1])
+if not f then return 0 end
+local done = tonumber(f[7]) or 0
+if ARGV[3] == '1' then done = done + 1 end
+put(KEYS[1], ARGV[1], {f[1], f[2], 'draining', ARGV[2], '', '', tostring(done)})
+redis.call('ZREM', KEYS[2] .. f[1], ARGV[1])
+return 1
+"""
+
 _RETIRE_LUA = _LIB + """
 -- KEYS: 1 workers, 2 alive, 3 idle prefix, 4 leases, 5 signal, 6 inbox
 -- ARGV: 1 worker, 2 lease member, 3 keep
@@ -317,6 +331,13 @@ class WorkerLink:
         ok = self._r.eval(_READY_LUA, 4, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX,
                           keys.QUEUE_SIGNAL, keys.POOL_ALIVE, self.worker_id, now, SIGNAL_KEEP,
                           now + int(self.lease_s * 1000), "1" if finished_task else "0")
+        return bool(ok)
+
+    def leave(self, *, finished_task: bool = False) -> bool:
+        """Stop taking assignments before exiting by itself (a limit reached, a failure):
+        ``draining`` with no task; False if the worker was already retired."""
+        ok = self._r.eval(_LEAVE_LUA, 2, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX,
+                          self.worker_id, now_ms(), "1" if finished_task else "0")
         return bool(ok)
 
     def next_assignment(self, *, timeout_s: float) -> Assignment | None:

@@ -71,7 +71,8 @@ class Claim:
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
     """What ``claim_next`` did: ``claimed`` (with ``claim``), ``empty``, ``full`` (the next
-    task does not fit in the free GPUs) or ``capped`` (every waiting user is at a cap)."""
+    task does not fit in the free GPUs), ``capped`` (every waiting user is at a cap) or
+    ``recovering`` (leases not rebuilt yet on this Redis server)."""
 
     outcome: str
     claim: Claim | None = None
@@ -164,19 +165,24 @@ class TaskQueue:
         return await self._r.zscore(keys.QUEUE_DELAYED, task_id) is not None
 
     async def claim_next(self, *, dispatcher_id: str, capacity: int, per_user_cap: int,
-                         lease_s: float, pooled: frozenset[str] = frozenset()) -> ClaimResult:
+                         lease_s: float, pooled: frozenset[str] = frozenset(),
+                         epoch_guard: bool = False) -> ClaimResult:
         """Atomically take the next admissible task and its GPUs (see module doc).
 
         A task of a model in ``pooled`` is taken only onto a live idle worker of its
         model (``Claim.worker_id``), holding no GPUs of its own: the worker's are leased.
+        ``epoch_guard``: take nothing (``recovering``) unless ``keys.QUEUE_EPOCH`` names
+        this Redis server, i.e. its leases were rebuilt since it (re)started
+        (``bus.recovery``).
         """
         now = now_ms()
+        guard = [keys.QUEUE_EPOCH] if epoch_guard else []
         res = await self._r.eval(
-            CLAIM_LUA, 16, keys.QUEUE_USERS, keys.CAPACITY_LEASES, keys.USER_RUNNING,
-            keys.LEASE_INFO, keys.QUEUE_CLAIMS, keys.QUEUE_CLAIM_OWNER, keys.QUEUE_GPUS,
-            keys.QUEUE_VTIME, keys.QUEUE_VNOW, keys.USER_SHARES, keys.QUEUE_COST,
-            keys.QUEUE_MODEL, keys.USER_GPUS, keys.MODEL_QUEUED, keys.POOL_WORKERS,
-            keys.POOL_ALIVE,
+            CLAIM_LUA, 16 + len(guard), keys.QUEUE_USERS, keys.CAPACITY_LEASES,
+            keys.USER_RUNNING, keys.LEASE_INFO, keys.QUEUE_CLAIMS, keys.QUEUE_CLAIM_OWNER,
+            keys.QUEUE_GPUS, keys.QUEUE_VTIME, keys.QUEUE_VNOW, keys.USER_SHARES,
+            keys.QUEUE_COST, keys.QUEUE_MODEL, keys.USER_GPUS, keys.MODEL_QUEUED,
+            keys.POOL_WORKERS, keys.POOL_ALIVE, *guard,
             capacity, per_user_cap, now + int(lease_s * 1000), dispatcher_id,
             keys.USER_QUEUE_PREFIX, now, keys.POOL_IDLE_PREFIX, *sorted(pooled))
         parts = [text(p) for p in res]

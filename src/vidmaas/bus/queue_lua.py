@@ -243,6 +243,12 @@ CLAIM_LUA = LIB + """
 --       15 pool workers, 16 pool alive
 -- ARGV: 1 capacity, 2 per-user job cap, 3 lease expiry ms, 4 dispatcher id,
 --       5 fair prefix, 6 now ms, 7 pool idle prefix, 8.. pooled models
+-- KEYS[17] (optional), the epoch: claim nothing unless it names this server's run id
+-- (after a restart or a loss of data, leases are rebuilt from the database first).
+if #KEYS == 17 and redis.call('GET', KEYS[17]) ~=
+    string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') then
+  return {'recovering'}
+end
 -- A pooled model's task is admitted only onto a live idle worker of its model (whose
 -- GPUs are already leased); a user whose head waits for one is passed over, so a busy
 -- pool holds back nobody else.

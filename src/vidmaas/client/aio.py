@@ -87,6 +87,42 @@ class AsyncClient:
         """A short-lived ``{token, expires_in_s}`` for ``?token=`` URLs."""
         return await self._call(wire.stream_token())
 
+    # ------------------------------------------------------------ webhook endpoints
+
+    async def create_endpoint(self, url: str, *, events: Iterable[str] | None = None,
+                              description: str | None = None,
+                              enabled: bool = True) -> dict[str, Any]:
+        """Register a webhook endpoint for all your tasks; the answer holds its ``secret``
+        (``whsec_…``), shown this once."""
+        return await self._call(wire.create_endpoint(url, events=events, description=description,
+                                                        enabled=enabled))
+
+    async def list_endpoints(self, *, limit: int = 20, cursor: str | None = None,
+                             ) -> dict[str, Any]:
+        """One page of your endpoints: ``{data, next_cursor}``."""
+        return await self._call(wire.endpoints_page(limit=limit, cursor=cursor))
+
+    async def get_endpoint(self, endpoint_id: str) -> dict[str, Any]:
+        return await self._call(wire.Call("GET", wire.endpoint_path(endpoint_id)))
+
+    async def update_endpoint(self, endpoint_id: str, changes: Mapping[str, Any],
+                              ) -> dict[str, Any]:
+        """Change ``url``, ``events``, ``enabled`` or ``description``."""
+        return await self._call(wire.update_endpoint(endpoint_id, changes))
+
+    async def delete_endpoint(self, endpoint_id: str) -> dict[str, Any]:
+        return await self._call(wire.Call("DELETE", wire.endpoint_path(endpoint_id)))
+
+    async def test_endpoint(self, endpoint_id: str) -> dict[str, Any]:
+        """Record a test delivery (the relay sends it); returns the delivery."""
+        return await self._call(wire.Call("POST", wire.endpoint_path(endpoint_id, "/test")))
+
+    async def endpoint_deliveries(self, endpoint_id: str, *, limit: int = 20,
+                                  cursor: str | None = None) -> dict[str, Any]:
+        """The endpoint's delivery log, newest first: ``{data, next_cursor}``."""
+        return await self._call(wire.endpoint_deliveries(endpoint_id, limit=limit,
+                                                             cursor=cursor))
+
     # ------------------------------------------------------------ usage and admin
 
     async def usage(self, *, since: str | None = None, until: str | None = None,

@@ -84,6 +84,42 @@ class Client:
         """A short-lived ``{token, expires_in_s}`` for ``?token=`` URLs."""
         return self._call(wire.stream_token())
 
+    # ------------------------------------------------------------ webhook endpoints
+
+    def create_endpoint(self, url: str, *, events: Iterable[str] | None = None,
+                        description: str | None = None,
+                        enabled: bool = True) -> dict[str, Any]:
+        """Register a webhook endpoint for all your tasks; the answer holds its ``secret``
+        (``whsec_…``), shown this once."""
+        return self._call(wire.create_endpoint(url, events=events, description=description,
+                                                  enabled=enabled))
+
+    def list_endpoints(self, *, limit: int = 20, cursor: str | None = None,
+                       ) -> dict[str, Any]:
+        """One page of your endpoints: ``{data, next_cursor}``."""
+        return self._call(wire.endpoints_page(limit=limit, cursor=cursor))
+
+    def get_endpoint(self, endpoint_id: str) -> dict[str, Any]:
+        return self._call(wire.Call("GET", wire.endpoint_path(endpoint_id)))
+
+    def update_endpoint(self, endpoint_id: str, changes: Mapping[str, Any],
+                        ) -> dict[str, Any]:
+        """Change ``url``, ``events``, ``enabled`` or ``description``."""
+        return self._call(wire.update_endpoint(endpoint_id, changes))
+
+    def delete_endpoint(self, endpoint_id: str) -> dict[str, Any]:
+        return self._call(wire.Call("DELETE", wire.endpoint_path(endpoint_id)))
+
+    def test_endpoint(self, endpoint_id: str) -> dict[str, Any]:
+        """Record a test delivery (the relay sends it); returns the delivery."""
+        return self._call(wire.Call("POST", wire.endpoint_path(endpoint_id, "/test")))
+
+    def endpoint_deliveries(self, endpoint_id: str, *, limit: int = 20,
+                            cursor: str | None = None) -> dict[str, Any]:
+        """The endpoint's delivery log, newest first: ``{data, next_cursor}``."""
+        return self._call(wire.endpoint_deliveries(endpoint_id, limit=limit,
+                                                       cursor=cursor))
+
     # ------------------------------------------------------------ usage and admin
 
     def usage(self, *, since: str | None = None, until: str | None = None,

@@ -145,6 +145,41 @@ def download(task_id: str, *, which: str) -> Call:
     return Call("GET", f"/v1/tasks/{task_id}/{which}", follow_redirects=True)
 
 
+# ---------------------------------------------------------------- webhook endpoints
+
+ENDPOINTS = "/v1/webhook-endpoints"
+
+
+def endpoint_path(endpoint_id: str, suffix: str = "") -> str:
+    return f"{ENDPOINTS}/{quote(endpoint_id, safe='')}{suffix}"
+
+
+def create_endpoint(url: str, *, events: Iterable[str] | None, description: str | None,
+                    enabled: bool) -> Call:
+    body: dict[str, Any] = {"url": url, "enabled": enabled}
+    if events is not None:
+        body["events"] = list(events)
+    if description is not None:
+        body["description"] = description
+    return Call("POST", ENDPOINTS, json=body)
+
+
+def endpoints_page(*, limit: int, cursor: str | None) -> Call:
+    params: list[tuple[str, str | int]] = [("limit", limit)]
+    return Call("GET", ENDPOINTS, params=params + ([("cursor", cursor)] if cursor else []))
+
+
+def update_endpoint(endpoint_id: str, changes: Mapping[str, Any]) -> Call:
+    """``PATCH``: only the given fields (url, events, enabled, description) change."""
+    return Call("PATCH", endpoint_path(endpoint_id), json=dict(changes))
+
+
+def endpoint_deliveries(endpoint_id: str, *, limit: int, cursor: str | None) -> Call:
+    params: list[tuple[str, str | int]] = [("limit", limit)]
+    return Call("GET", endpoint_path(endpoint_id, "/deliveries"),
+                params=params + ([("cursor", cursor)] if cursor else []))
+
+
 # ---------------------------------------------------------------- usage and admin
 
 def usage(*, since: str | None, until: str | None, user_id: str | None,

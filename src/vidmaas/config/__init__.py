@@ -24,15 +24,16 @@ from vidmaas.config.groups import (
     DispatcherSettings,
     KubeSettings,
     LocalExecutorSettings,
+    OutboxSettings,
     PoolModelSettings,
     PoolSettings,
     QuotaSettings,
     RedisSettings,
     RelaySettings,
-    RuntimeSettings,
     StorageSettings,
     WebhookSettings,
 )
+from vidmaas.config.runtime import RuntimeSettings
 
 __all__ = [
     "ApiSettings",
@@ -40,6 +41,7 @@ __all__ = [
     "DispatcherSettings",
     "KubeSettings",
     "LocalExecutorSettings",
+    "OutboxSettings",
     "PoolModelSettings",
     "PoolSettings",
     "QuotaSettings",
@@ -99,13 +101,28 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
     pools: PoolSettings = Field(default_factory=PoolSettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+
+
+EMBEDDED_POOLS = ("tiny-t2v", "tiny-ti2v")
+"""The models an embedded instance pools by default (its tiny ones)."""
+EMBEDDED_IDLE_S = 180.0
+"""How long an embedded instance keeps an idle warm worker."""
 
 
 def embedded_settings(data_dir: Path, base: Settings | None = None) -> Settings:
-    """Settings of an embedded instance living in ``data_dir``."""
+    """Settings of an embedded instance living in ``data_dir``. Unless pools are off
+    (``VIDMAAS_POOLS_ENABLED=false``) or named (``VIDMAAS_POOLS_MODELS``), the tiny
+    models are pooled: a worker starts for the first task and stays warm a few minutes."""
     root = data_dir.resolve()
     s = base or Settings()
+    pools = s.pools
+    if pools.enabled and not pools.models:
+        pools = pools.model_copy(update={"models": {
+            m: PoolModelSettings(min_workers=0, max_workers=1, idle_s=EMBEDDED_IDLE_S)
+            for m in EMBEDDED_POOLS}})
     return s.model_copy(update={
+        "pools": pools,
         "data_dir": root,
         "database": s.database.model_copy(
             update={"url": f"sqlite+aiosqlite:///{root / 'vidmaas.db'}"}),
@@ -118,7 +135,7 @@ def embedded_settings(data_dir: Path, base: Settings | None = None) -> Settings:
 _GROUP_ENV = {"database": "DATABASE", "redis": "REDIS", "storage": "STORAGE", "api": "API",
               "dispatcher": "DISPATCHER", "quotas": "QUOTAS", "local": "LOCAL", "kube": "KUBE",
               "runtime": "RUNTIME", "webhooks": "WEBHOOKS", "relay": "RELAY",
-              "pools": "POOLS"}
+              "pools": "POOLS", "outbox": "OUTBOX"}
 
 
 def settings_reference() -> str:

@@ -81,6 +81,13 @@ class StorageSettings(BaseModel):
     redirect_downloads: bool = True
     """Answer downloads with a redirect to a presigned URL when the store can make
     one; otherwise (or when False) stream the bytes through the API."""
+    retry_attempts: int = Field(default=8, ge=1)
+    """Attempts a job makes at fetching its input or uploading its video while the
+    store is unreachable or answers 5xx (exponential backoff with jitter), before it
+    fails retryably. The API does not wait: it answers 503 at once."""
+    retry_total_s: float = Field(default=120.0, ge=0)
+    """Seconds after a job's first fetch or upload attempt past which no new attempt
+    starts."""
 
 
 class ApiSettings(BaseModel):
@@ -209,6 +216,28 @@ class DispatcherSettings(BaseModel):
     claim being dispatched, a job update) before cancelling them (10 s by default)."""
 
 
+class OutboxSettings(BaseModel):
+    """The event outbox: events stored with their status change, published after it."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    max_pending: int = Field(default=100_000, ge=1)
+    """Most events the outbox holds while Redis cannot take them (100000 by default). At
+    the bound a status change still commits, but its event is not stored (a warning is
+    logged): the task's row stays right and clients see the status in their next
+    snapshot, but its stream misses that event; ``/readyz`` answers 503 from the bound
+    on. The count is only checked while publishing fails, never on the healthy path."""
+    sweep_interval_s: float = Field(default=2.0, gt=0)
+    """Period of the dispatcher's outbox sweep (2 s by default), which republishes what
+    a crash or a Redis outage left in the outbox: how long an event may wait once Redis
+    is back."""
+    sweep_grace_s: float = Field(default=2.0, ge=0)
+    """Age an outbox row must reach before the sweep publishes it (2 s by default); a
+    younger one is being published by the role that wrote it."""
+    sweep_batch: int = Field(default=500, ge=1)
+    """Rows one sweep pass reads at most (the oldest first)."""
+
+
 class QuotaSettings(BaseModel):
     """Every user's defaults: fairness weight, highest priority class, quotas. An admin
     overrides them per user (``/v1/admin/users/{id}``, ``vidmaas users update``); the
@@ -244,7 +273,8 @@ class LocalExecutorSettings(BaseModel):
 
 
 class KubeSettings(BaseModel):
-    """The Kubernetes executor: one Kubeflow PyTorchJob per task."""
+    """The Kubernetes executor: one Kubeflow PyTorchJob per task, one LeaderWorkerSet per
+    warm-pool worker."""
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
@@ -255,6 +285,12 @@ class KubeSettings(BaseModel):
     crd_schema_path: Path | None = None
     """PyTorchJob CRD file to validate rendered manifests against; None skips the
     CRD check (the rendered manifest is still parsed and checked)."""
+    pool_template_path: Path | None = None
+    """A Jinja2 LeaderWorkerSet template of the operator's own for warm-pool workers;
+    None uses the shipped one."""
+    pool_crd_schema_path: Path | None = None
+    """LeaderWorkerSet CRD file to validate rendered pool manifests against; None skips
+    the CRD check (the rendered manifest is still parsed and checked)."""
     image: str = "vidmaas/runtime:0.1.0"
     """The job runtime image."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
@@ -325,27 +361,6 @@ class KubeSettings(BaseModel):
     None: the runtime's default."""
 
 
-class RuntimeSettings(BaseModel):
-    """Postprocess and reporting settings passed to the job runtime."""
-
-    model_config = ConfigDict(use_attribute_docstrings=True)
-
-    watermark_text: str = "AI generated · vidmaas"
-    """Text watermark drawn on every frame; empty disables it."""
-    watermark_logo_path: Path | None = None
-    """A PNG logo watermark instead of (or besides) the text."""
-    heartbeat_interval_s: float = 5.0
-    """Period of heartbeat events while a job lives."""
-    progress_min_interval_s: float = 0.2
-    """Progress events closer together than this are coalesced."""
-    collective_timeout_s: float = Field(default=600.0, gt=0)
-    """Longest a collective (``all_gather``, ``broadcast``) of a job's ranks waits for its
-    peers before it fails the job (600 s by default; ``VIDMAAS_COLLECTIVE_TIMEOUT_S``): a
-    rank that stopped or deadlocked ends the job within this, and the task is retried.
-    Keep it above the longest one rank may wait for another (the slowest step, the skew of
-    loading the model on different ranks)."""
-
-
 class WebhookSettings(BaseModel):
     """Outgoing webhooks."""
 
@@ -363,6 +378,10 @@ class WebhookSettings(BaseModel):
     """First retry delay; doubles each attempt."""
     timeout_s: float = 10.0
     """Per-request timeout."""
+    max_endpoints_per_user: int = Field(default=10, ge=0)
+    """Webhook endpoints (``/v1/webhook-endpoints``) one user may register."""
+    endpoint_progress_interval_s: float = Field(default=5.0, ge=0)
+    """At most one ``progress`` delivery per endpoint and task in this many seconds."""
 
 
 class RelaySettings(BaseModel):

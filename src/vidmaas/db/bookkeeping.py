@@ -6,6 +6,9 @@ Guarantees:
   and ``write_bookkeeping`` writes a run of progress/stage/heartbeat events in one
   UPDATE guarded on the task being active, progress not decreasing and none of the
   run applied before.
+- What the relay reads and writes for a task also says whether the task's user has an
+  enabled webhook endpoint (``has_endpoints``), so a user without one costs no
+  further query for webhooks.
 - Stream ids (``<ms>-<seq>``) are compared part by part, numerically, inside the
   UPDATE that records one, on SQLite and PostgreSQL alike, so no read before it can
   be overtaken by another relay.
@@ -24,8 +27,10 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    exists,
     literal,
     or_,
+    select,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,7 +38,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from vidmaas.db.models import Task, utcnow
+from vidmaas.db.models import Task, WebhookEndpoint, utcnow
 from vidmaas.domain.status import ACTIVE
 
 # ---------------------------------------------------------------- the relay's writes
@@ -123,10 +128,28 @@ _BOOKKEEPING_FIELDS = frozenset({"progress", "stage", "eta_s", "last_heartbeat_a
 
 
 class Subscription(NamedTuple):
-    """What a task asked to hear about by webhook."""
+    """What a task asked to hear about by webhook (and whose endpoints hear of it)."""
 
+    user_id: str
     webhook_url: str | None
     webhook_events: list[str] | None
+    has_endpoints: bool = True
+    """Whether the user has an enabled webhook endpoint (read in the same UPDATE, so a
+    user without one costs no further query)."""
+
+
+def _has_endpoints(user_id: Any) -> Any:
+    """Whether the user has an enabled webhook endpoint (a correlated EXISTS)."""
+    return exists().where(WebhookEndpoint.user_id == user_id,
+                          WebhookEndpoint.enabled.is_(True)).label("has_endpoints")
+
+
+async def task_with_endpoints(*, session: AsyncSession, task_id: str,
+                              ) -> tuple[Task, bool] | None:
+    """The task and whether its user has an enabled webhook endpoint, in one SELECT."""
+    row = (await session.execute(select(Task, _has_endpoints(Task.user_id))
+                                 .where(Task.id == task_id))).one_or_none()
+    return None if row is None else (row[0], bool(row[1]))
 
 
 @functools.cache
@@ -141,7 +164,8 @@ def _bookkeeping_update(columns: frozenset[str]) -> Any:
                           bindparam("bk_first_seq", type_=BigInteger())))
             .values(updated_at=bindparam("bk_now"), last_event_id=bindparam("bk_last"),
                     **values)
-            .returning(t.c.webhook_url, t.c.webhook_events))
+            .returning(t.c.user_id, t.c.webhook_url, t.c.webhook_events,
+                       _has_endpoints(t.c.user_id)))
     if "progress" in values:
         stmt = stmt.where(t.c.progress <= values["progress"])
     return stmt
@@ -166,4 +190,7 @@ async def write_bookkeeping(*, session: AsyncSession, task_id: str, values: dict
               **{f"bk_{c}": v for c, v in values.items()}}
     row = (await session.execute(_bookkeeping_update(frozenset(values)), params)).one_or_none()
     await session.commit()
-    return None if row is None else Subscription(row.webhook_url, row.webhook_events)
+    if row is None:
+        return None
+    return Subscription(row.user_id, row.webhook_url, row.webhook_events,
+                        bool(row.has_endpoints))

@@ -1,4 +1,5 @@
-"""SQLAlchemy models: users, API keys, tasks, webhook deliveries, daily usage.
+"""SQLAlchemy models: users, API keys, tasks, webhook endpoints and deliveries, daily usage,
+the event outbox.
 
 Guarantees: the same tables on PostgreSQL and SQLite (Alembic migrations in
 ``vidmaas.migrations`` create exactly these); timestamps are timezone-aware UTC on
@@ -163,6 +164,9 @@ class Task(Base):
     """When the relay applied the newest ``progress`` event of a denoising step (step 1
     or later): the watchdog's stall rule measures from it. It may belong to an earlier
     attempt; the rule only trusts one newer than ``dispatched_at``."""
+    event_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """How many events ``transition`` has written to the outbox for this task: the
+    ``seq`` of the newest one (per-task order of the outbox)."""
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -173,20 +177,45 @@ class Task(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class WebhookEndpoint(Base):
+    """A URL a user registered once to hear about all their tasks (``/v1/webhook-endpoints``)."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[str]] = mapped_column(JSON)
+    """The event types it gets (``domain.webhooks.SUBSCRIBABLE``)."""
+    secret: Mapped[str] = mapped_column(String(128))
+    """The ``whsec_…`` signing secret; shown to the user once, when the endpoint is made."""
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    description: Mapped[str | None] = mapped_column(String(256), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+                      Index("ix_webhook_deliveries_endpoint", "endpoint_id", "id"))
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
                                     primary_key=True, autoincrement=True)
-    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    task_id: Mapped[str | None] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"),
+                                                index=True)
+    """None only for an endpoint's test delivery."""
+    endpoint_id: Mapped[str | None] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), default=None)
+    """The registered endpoint it is for; None for a task's own URL or a global URL."""
     delivery_id: Mapped[str] = mapped_column(String(64), unique=True)
     url: Mapped[str] = mapped_column(String(2048))
     event_id: Mapped[str] = mapped_column(String(32))
     event_type: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(16), default="pending")
-    """pending, delivered, failed (gave up), refused (target not allowed)."""
+    """pending, delivered, failed (gave up), refused (target not allowed), skipped (its
+    endpoint was disabled before it was sent)."""
     last_status_code: Mapped[int | None] = mapped_column(Integer, default=None)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -210,3 +239,22 @@ class UsageDaily(Base):
     gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     queue_wait_s: Mapped[float] = mapped_column(Float, default=0.0)
     """Summed seconds the day's dispatched tasks waited for their first dispatch."""
+
+
+class OutboxEvent(Base):
+    """An event written by ``db.tasks.transition`` in the transaction of its status
+    change, waiting to be published to the Redis streams (``db.outbox``). A row exists
+    only until its event is on the streams; ``(task_id, seq)`` orders one task's."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("task_id", "seq", name="uq_outbox_task_seq"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(32))
+    """No foreign key: an event outlives nothing, but must never block deleting a task."""
+    seq: Mapped[int] = mapped_column(Integer)
+    """The task's ``event_seq`` the event got: 1, 2, 3… per task, without gaps."""
+    type: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -7,8 +7,10 @@ Guarantees:
   caller compares the stored ``idempotency_fingerprint`` with its own.
 - ``transition`` is the only writer of ``status`` after creation: it checks the move
   against ``domain.status.TRANSITIONS``, performs it as a compare-and-set
-  (``UPDATE … WHERE status IN expected``), stamps the matching timestamp, commits,
-  and then publishes the given event. It raises ``IllegalTransition`` for a move the
+  (``UPDATE … WHERE status IN expected``), stamps the matching timestamp, stores the
+  given event in the outbox (``db.outbox``) in the same transaction, commits, and then
+  hands the stored event to ``publish`` (which puts it on the streams and deletes the
+  row; a failure there leaves the row for the sweep). It raises ``IllegalTransition`` for a move the
   state machine forbids (``expected → to``), ``StaleTransition`` when the task was not
   in an expected status (someone else moved it first: of many concurrent identical
   moves exactly one succeeds and the others get this), and ``NotFound`` for an
@@ -20,6 +22,11 @@ Guarantees:
   first read the row (``SELECT … FOR UPDATE`` on PostgreSQL) and then set status and
   usage in one compare-and-set, guarded by the status and attempt read, then upsert
   the day's usage row: two statements more than another move, in the same commit.
+- A move with an event costs one INSERT more in its transaction (the outbox row; the
+  task's ``event_seq`` is set by the move's own UPDATE and read back by the read of the
+  row, which then happens before the commit), and whatever ``publish`` does after it.
+  ``event`` may be a function of the moved row (``dispatched`` carries the attempt the
+  UPDATE counted).
 - With ``queued_limit``, ``create_task`` inserts only if the user has fewer queued
   tasks than that, in the same statement (``INSERT … SELECT … WHERE``), and raises
   ``RateLimited`` ``too_many_queued`` otherwise; together with ``usage.standing``'s
@@ -45,7 +52,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from vidmaas.db import usage
+from vidmaas.db import outbox, usage
 from vidmaas.db.models import Task, utcnow
 from vidmaas.domain.events import Event
 from vidmaas.domain.status import ACTIVE, TaskStatus, check_transition
@@ -55,7 +62,10 @@ from vidmaas.logs import TaskLog
 log = logging.getLogger(__name__)
 tlog = TaskLog(log)
 
-Publisher = Callable[[Event], Awaitable[str]]
+Publisher = Callable[[outbox.Entry], Awaitable[None]]
+"""Called with the stored event after the commit (``Lifecycle`` publishes and deletes it)."""
+EventOf = Callable[[Task], Event]
+"""An event built from the row as the move left it."""
 
 _STAMP: dict[TaskStatus, str] = {
     TaskStatus.QUEUED: "queued_at",
@@ -217,13 +227,14 @@ async def transition(
     to: TaskStatus,
     expected: TaskStatus | Collection[TaskStatus],
     fields: dict[str, Any] | None = None,
-    event: Event | None = None,
+    event: Event | EventOf | None = None,
     publish: Publisher | None = None,
 ) -> Task:
-    """Compare-and-set ``status`` from one of ``expected`` to ``to``; then publish ``event``.
+    """Compare-and-set ``status`` from one of ``expected`` to ``to``, storing ``event`` in
+    the outbox in the same transaction; after the commit, hand it to ``publish``.
 
-    The event is published after the commit: the database is the source of truth, and
-    a reader that missed the event still sees the new status in its next snapshot.
+    The database is the source of truth: a reader that missed the event still sees the
+    new status in its next snapshot, and the outbox keeps the event until it is out.
     """
     exp: tuple[TaskStatus, ...] = (expected,) if isinstance(expected, TaskStatus) \
         else tuple(expected)
@@ -237,6 +248,8 @@ async def transition(
     values: dict[str, Any] = {"status": to.value, "updated_at": now, **extra}
     stamp = _STAMP[to]
     values.setdefault(stamp, now)
+    if event is not None:
+        values["event_seq"] = Task.event_seq + 1
     if not await _compare_and_set(session, task_id=task_id, expected=exp, to=to,
                                   values=values, now=now):
         await session.rollback()
@@ -246,15 +259,24 @@ async def transition(
         status = current.status
         raise StaleTransition(
             f"task {task_id} is {status.value}, not {'/'.join(e.value for e in exp)}")
+    entry: outbox.Entry | None = None
+    task: Task | None = None
+    if event is not None:
+        task = await get_task(session=session, task_id=task_id)
+        assert task is not None
+        built = event if isinstance(event, Event) else event(task)
+        entry = await outbox.add(session, seq=task.event_seq, event=built)
     await session.commit()
     tlog.info(task_id, "%s -> %s", "/".join(e.value for e in exp), to.value)
-    task = await get_task(session=session, task_id=task_id)
-    assert task is not None
-    if event is not None and publish is not None:
+    if task is None:
+        task = await get_task(session=session, task_id=task_id)
+        assert task is not None
+    if entry is not None and publish is not None:
         try:
-            await publish(event)
+            await publish(entry)
         except Exception:
-            tlog.exception(task_id, "could not publish %s event", event.type.value)
+            tlog.exception(task_id, "could not publish %s event; left in the outbox",
+                           entry.event.type.value)
     return task
 
 

@@ -8,7 +8,7 @@ Guarantees:
   the end of the claim lease), so two senders never hold the same attempt; a row
   another sender claimed meanwhile is left out.
 - ``finish_attempt`` records the outcome of the attempt claimed (``delivered``,
-  ``failed``, ``refused``, or ``pending`` again with its next due time) only while the
+  ``failed``, ``refused``, ``skipped``, or ``pending`` again with its next due time) only while the
   row is still at that attempt: a sender whose claim lapsed changes nothing.
 - ``list_for_task`` returns a task's rows in the order they were recorded, optionally
   only those to one URL.
@@ -26,15 +26,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from vidmaas.db.models import WebhookDelivery, utcnow
 
 PENDING, DELIVERED, FAILED, REFUSED = "pending", "delivered", "failed", "refused"
+SKIPPED = "skipped"
 """The states of a delivery row."""
 
 
-async def record(*, session: AsyncSession, task_id: str, delivery_id: str, url: str,
+async def record(*, session: AsyncSession, task_id: str | None, delivery_id: str, url: str,
                  event_id: str, event_type: str, payload: dict[str, Any],
-                 due_at: datetime) -> bool:
+                 due_at: datetime, endpoint_id: str | None = None) -> bool:
     """Insert a pending delivery due at ``due_at``; False if ``delivery_id`` exists."""
     session.add(WebhookDelivery(
-        task_id=task_id, delivery_id=delivery_id, url=url, event_id=event_id,
+        task_id=task_id, endpoint_id=endpoint_id, delivery_id=delivery_id, url=url,
+        event_id=event_id,
         event_type=event_type, attempts=0, status=PENDING, payload=payload,
         next_attempt_at=due_at, created_at=due_at))
     try:
@@ -46,11 +48,14 @@ async def record(*, session: AsyncSession, task_id: str, delivery_id: str, url: 
 
 
 async def last_recorded_at(*, session: AsyncSession, task_id: str, url: str, event_type: str,
-                           ) -> datetime | None:
-    """When the newest delivery of ``event_type`` for (task, url) was recorded, if ever."""
+                           endpoint_id: str | None = None) -> datetime | None:
+    """When the newest delivery of ``event_type`` for (task, url) was recorded, if ever;
+    for (task, endpoint) when ``endpoint_id`` is given."""
+    target = WebhookDelivery.url == url if endpoint_id is None \
+        else WebhookDelivery.endpoint_id == endpoint_id
     res = await session.execute(
         select(func.max(WebhookDelivery.created_at)).where(
-            WebhookDelivery.task_id == task_id, WebhookDelivery.url == url,
+            WebhookDelivery.task_id == task_id, target,
             WebhookDelivery.event_type == event_type))
     last: datetime | None = res.scalar_one()
     return last

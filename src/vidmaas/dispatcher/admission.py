@@ -2,7 +2,9 @@
 
 Guarantees (with any number of dispatcher replicas over one Redis and one database):
 - Capacity: a job is launched only for a task whose GPUs ``TaskQueue.claim_next``
-  acquired atomically, so the GPUs held never exceed ``gpu_capacity``.
+  acquired atomically, so the GPUs held never exceed ``gpu_capacity``. Claims are
+  epoch-guarded: on a Redis server whose leases were not rebuilt from the database
+  since it started (``dispatcher.recovery``), admission rebuilds them before it claims.
 - Order: tasks are taken in the queue's fair order (round-robin across users, FIFO
   within a user) under the per-user running cap; a retry that is due goes back to
   the front of its user's list first.
@@ -41,6 +43,7 @@ from vidmaas.bus.queue import Claim, TaskQueue
 from vidmaas.db.models import Task
 from vidmaas.dispatcher.context import DispatcherContext, age_s
 from vidmaas.dispatcher.pools import Pools
+from vidmaas.dispatcher.recovery import Recovery
 from vidmaas.domain import events as ev
 from vidmaas.domain.ids import is_worker_id
 from vidmaas.domain.ids import job_name as job_name_of
@@ -61,6 +64,8 @@ class Admission:
     def __init__(self, ctx: DispatcherContext, pools: Pools) -> None:
         self.ctx = ctx
         self.pools = pools
+        self.recovery = Recovery(ctx)
+        """Lease rebuilding, shared with the reconciler."""
         self.launched = 0
         """Jobs this replica launched."""
         self._waiter_pool: aioredis.ConnectionPool | None = None
@@ -118,11 +123,19 @@ class Admission:
         ctx = self.ctx
         await self.promote_due_retries()
         started = 0
+        rebuilt = False
         while not ctx.stopping.is_set():
             res = await ctx.queue.claim_next(
                 dispatcher_id=ctx.id, capacity=ctx.settings.gpu_capacity,
                 per_user_cap=ctx.cfg.per_user_running_cap, lease_s=ctx.cfg.claim_lease_s,
-                pooled=self.pools.pooled)
+                pooled=self.pools.pooled, epoch_guard=True)
+            if res.outcome == "recovering" and not rebuilt:
+                # Redis restarted or lost its data: leases first, from the database;
+                # then a reconcile pass at once (the queue, flags, outbox).
+                if await self.recovery.ensure_leases() is not None:
+                    ctx.reconcile_soon.set()
+                rebuilt = True
+                continue
             if res.claim is None:
                 if res.outcome == "full" and await self._fail_impossible(res.blocked_task_id):
                     continue  # it no longer holds up the queue: claim the next one
@@ -193,12 +206,19 @@ class Admission:
         name = claim.worker_id or job_name_of(tid)
         await ctx.hook("after_claim")
         # The compare-and-set is the read: it only succeeds on a task still queued, and
-        # returns the row, so the hot path makes no separate read first.
+        # returns the row, so the hot path makes no separate read first. ``dispatched``
+        # commits with the move (the outbox) and carries the attempt the move counted.
+        executor = ctx.executor.name
+
+        def dispatched(moved: Task) -> ev.Event:
+            return ev.dispatched(tid, executor=executor, job_name=name,
+                                 attempt=moved.attempts)
+
         try:
             task = await ctx.lifecycle.transition(
                 task_id=tid, to=TaskStatus.DISPATCHING, expected=TaskStatus.QUEUED,
                 fields={"attempts": Task.attempts + 1, "job_name": name,
-                        "executor": ctx.executor.name})
+                        "executor": executor}, event=dispatched)
         except VidmaasError as e:  # cancelled meanwhile, or gone
             current = await ctx.get(tid)
             tlog.info(tid, "claimed but not dispatchable (%s); dropping the claim", e)
@@ -208,8 +228,6 @@ class Admission:
                 await self.pools.registry.unclaim(claim.worker_id, tid)
             await ctx.queue.ack(tid)
             return
-        await ctx.lifecycle.publish(ev.dispatched(tid, executor=ctx.executor.name,
-                                                  job_name=name, attempt=task.attempts))
         await ctx.hook("after_dispatching")
         await self.launch(task, claim=claim)
 

@@ -8,8 +8,9 @@ Guarantees:
   tried again while the task only moved between ``dispatching`` and ``running``
   meanwhile (a job that ends while its launch is being recorded); it answers None,
   and changes nothing, once the task has left those states.
-- ``pause`` sleeps but returns at once on stop; ``wait_ready`` returns once the first
-  reconcile pass has run, or on stop.
+- ``pause`` sleeps but returns at once on stop; ``until_next_sweep`` also on
+  ``reconcile_soon``; ``wait_ready`` returns once the first reconcile pass has run, or
+  on stop.
 - ``hook`` pauses at a named step only when test hooks are on (the crash tests kill
   the process there); otherwise it costs nothing.
 """
@@ -73,6 +74,10 @@ class DispatcherContext:
         """Set by ``Dispatcher.stop()``: every loop finishes its step and returns."""
         self.ready = asyncio.Event()
         """Set once the first reconcile pass has run."""
+        self.reconcile_soon = asyncio.Event()
+        """Set when admission rebuilt leases on a Redis server that restarted or lost its
+        data: the sweep runs its next reconcile pass at once (re-enqueueing what Redis
+        lost) instead of after ``dispatcher.reconcile_interval_s``."""
 
     # ------------------------------------------------------------------ task reads
 
@@ -113,6 +118,16 @@ class DispatcherContext:
     async def pause(self, seconds: float) -> None:
         """Sleep, but wake at once on stop."""
         await pause(self.stopping, seconds)
+
+    async def until_next_sweep(self, seconds: float) -> None:
+        """Sleep ``seconds``, but wake at once on stop or ``reconcile_soon`` (cleared)."""
+        waits = [asyncio.create_task(self.stopping.wait(), name="dispatcher-sweep-stop"),
+                 asyncio.create_task(self.reconcile_soon.wait(), name="dispatcher-sweep-soon")]
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for t in waits:
+            t.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        self.reconcile_soon.clear()
 
     async def wait_ready(self) -> None:
         """Until the first reconcile pass has run, or stop."""

@@ -9,12 +9,17 @@ Guarantees (with any number of dispatcher replicas; the shared state is in Redis
   job, then ``running`` once the assignment is sent. A worker that died in between
   makes the task retry (``worker_lost``) within the attempt limit.
 - ``manage`` (every ``pools.manage_interval_s``): a worker whose lease ran out, or
-  whose process ended, is retired — its GPUs freed, its process killed if it lingers,
-  and the task it was busy with (if that attempt is still its) retried; a worker a
-  claim marked busy but that never got the assignment goes back to idle; processes
-  with no registration are stopped. Then ``domain.pools.plan_pools`` decides what to
-  start (its GPUs reserved before the process starts, so capacity is never
-  overcommitted) and which idle workers to drain (they exit by themselves).
+  whose process ended, or that the executor reports stuck, is retired — its GPUs
+  freed, its process killed if it lingers, and the task it was busy with (if that
+  attempt is still its) retried; a worker a claim marked busy but that never got the
+  assignment goes back to idle; processes with no registration are stopped. Then
+  ``domain.pools.plan_pools`` decides what to start (its GPUs reserved before the
+  process starts, so capacity is never overcommitted) and which idle workers to drain
+  (they exit by themselves).
+- A model whose workers end before they are ready (a missing model directory, a
+  crash while loading) is not restarted in a tight loop: each such end in a row holds
+  its next start back longer (1 s, doubling, at most ``START_BACKOFF_MAX_S``), until
+  one of its workers is ready again. The hold is this replica's own.
 - ``cancel`` of a pooled task relies on the cancel flag the worker checks between
   steps; a worker still on the task ``dispatcher.cancel_grace_s`` later is killed and
   replaced.
@@ -47,6 +52,9 @@ from vidmaas.logs import TaskLog
 log = logging.getLogger(__name__)
 tlog = TaskLog(log)
 
+START_BACKOFF_S = 1.0
+START_BACKOFF_MAX_S = 60.0
+
 
 class Pools:
     """The pools of one dispatcher replica (see the module docstring)."""
@@ -71,6 +79,9 @@ class Pools:
                     gpus=model.gpus_per_job, min_workers=pool.min_workers,
                     max_workers=pool.max_workers, idle_s=pool.idle_s)
         self.pooled = frozenset(self.configs)
+        self._failed_starts: dict[str, int] = {}
+        self._hold_until: dict[str, float] = {}
+        """Model → when (monotonic) it may start a worker again after failed starts."""
 
     @property
     def limits(self) -> WorkerLimits:
@@ -133,10 +144,16 @@ class Pools:
     # ------------------------------------------------------------------ managing
 
     async def on_worker_status(self, status: JobStatus) -> None:
-        """The executor reports a worker's process ended: retire it at once."""
-        if status.state.finished and is_worker_id(status.job_name):
+        """The executor reports a worker's process ended, or the worker stuck (its image
+        cannot be pulled, its pods cannot be scheduled): retire it at once."""
+        if not is_worker_id(status.job_name):
+            return
+        if status.state.finished:
             await self._retire(status.job_name, why=f"its process ended "
                                                     f"(exit code {status.exit_code})")
+        elif status.stuck:
+            await self._retire(status.job_name, why=f"it is stuck ({status.reason}: "
+                                                    f"{status.message})")
 
     async def manage(self) -> PoolPlan:
         """One pass: retire the lost, then scale (see the module docstring)."""
@@ -147,6 +164,9 @@ class Pools:
         processes = set(await self.executor.list_workers())
         now_ms = int(time.time() * 1000)
         for w in workers:
+            if w.alive and w.state in (WorkerState.IDLE, WorkerState.BUSY):
+                self._failed_starts.pop(w.model, None)
+                self._hold_until.pop(w.model, None)
             if not w.alive:
                 await self._retire(w.id, why="its lease ran out")
             elif w.state is not WorkerState.STARTING and w.id not in processes:
@@ -168,6 +188,8 @@ class Pools:
             free_gpus=ctx.settings.gpu_capacity - await ctx.queue.gpus_in_use(),
             blocked=self.blocked)
         for model in plan.start:
+            if time.monotonic() < self._hold_until.get(model, 0.0):
+                continue  # its last workers ended before they were ready
             await self._start(model, why=plan.reasons.get(model, ""))
         for worker_id in plan.drain:
             if await self.registry.drain(worker_id, only_if_idle=True):
@@ -195,14 +217,26 @@ class Pools:
         except Exception as e:
             log.warning("pools: starting %s for %s failed: %s", worker_id, model_id, e)
             await self.registry.retire(worker_id)
+            self._start_failed(model_id)
             return
         log.info("pools: started %s for %s (%d GPUs): %s", worker_id, model_id,
                  model.gpus_per_job, why)
         if ctx.metrics is not None:
             ctx.metrics.observe_scaling(action="start")
 
+    def _start_failed(self, model_id: str) -> None:
+        n = self._failed_starts.get(model_id, 0) + 1
+        self._failed_starts[model_id] = n
+        hold_s = min(START_BACKOFF_MAX_S, START_BACKOFF_S * 2 ** (n - 1))
+        self._hold_until[model_id] = time.monotonic() + hold_s
+        log.warning("pools: %d %s worker(s) in a row ended before they were ready; the next "
+                    "start waits %.0fs", n, model_id, hold_s)
+
     async def _retire(self, worker_id: str, *, why: str) -> None:
         ctx = self.ctx
+        before = await self.registry.get(worker_id)
+        if before is not None and before.state is WorkerState.STARTING:
+            self._start_failed(before.model)
         task_id, attempt = await self.registry.retire(worker_id)
         log.info("pools: retired %s: %s", worker_id, why)
         if ctx.metrics is not None:

@@ -20,6 +20,11 @@ step failing never skips the others. Guarantees:
 - Jobs: a running task whose job ended (or vanished) while nobody watched is handled
   as ``outcomes`` handles any ending; a job that belongs to no active task is
   reported, and deleted when ``dispatcher.delete_unknown_jobs`` is set.
+- Redis restarted or lost data (``dispatcher.recovery``): first, leases of active tasks
+  are rebuilt when the Redis server is not the one they were last rebuilt on; then the
+  steps above re-enqueue queued tasks and settle claims; ``cancelling`` tasks get their
+  cancel flag back; and events left in the outbox are published
+  (``Lifecycle.sweep_outbox``, also run on its own every ``outbox.sweep_interval_s``).
 """
 
 from __future__ import annotations
@@ -50,12 +55,24 @@ class Reconciler:
 
     async def reconcile(self) -> None:
         """Run every step once (see the module docstring)."""
-        for step in (self._claims, self._queued, self._leases, self._jobs):
+        for step in (self._rebuilt_leases, self._claims, self._queued, self._leases,
+                     self._cancel_flags, self._outbox, self._jobs):
             try:
                 await step()
             except Exception:
                 log.exception("dispatcher %s: reconcile step %s failed", self.ctx.id,
                               step.__name__.lstrip("_"))
+
+    async def _rebuilt_leases(self) -> None:
+        await self.admission.recovery.ensure_leases()
+
+    async def _cancel_flags(self) -> None:
+        await self.admission.recovery.restore_cancel_flags()
+
+    async def _outbox(self) -> None:
+        swept = await self.ctx.lifecycle.sweep_outbox()
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.set_outbox_pending(swept.pending)
 
     async def _claims(self) -> None:
         ctx = self.ctx

@@ -14,8 +14,9 @@ database; correctness comes from compare-and-set, not from being alone):
 - ``run()`` reconciles before it admits: admission and the cancel scan start once the
   first reconcile pass has run (``ready``). Then admission, job updates, the cancel
   scan and the sweep (reconciler, watchdog, registration in ``keys.DISPATCHERS``,
-  metrics snapshot, liveness heartbeat; every ``dispatcher.reconcile_interval_s``) run
-  as named asyncio tasks, each restarted with a backoff if it fails.
+  metrics snapshot, liveness heartbeat; every ``dispatcher.reconcile_interval_s``) and
+  the outbox sweep (every ``outbox.sweep_interval_s``) run as named asyncio tasks,
+  each restarted with a backoff if it fails.
 - ``stop()`` is graceful: each loop finishes the claim or update it is handling
   (bookkeeping is never cut in half by our own shutdown) and returns; a blocked
   queue wait is ended by closing its private connection, not by cancellation; only a
@@ -104,6 +105,7 @@ class Dispatcher:
             "job-updates": self._outcomes.run_updates,
             "cancels": self._outcomes.run_cancels,
             "sweep": self._sweep_loop,
+            "outbox": self._outbox_loop,
         }
         if self.pools.pooled:
             parts["pools"] = self._pools_loop
@@ -140,7 +142,18 @@ class Dispatcher:
             ctx.beat()
             if ctx.metrics is not None:
                 await self._export_snapshot(ctx.metrics)
-            await ctx.pause(ctx.cfg.reconcile_interval_s)
+            await ctx.until_next_sweep(ctx.cfg.reconcile_interval_s)
+
+    async def _outbox_loop(self) -> None:
+        """Publish what the outbox holds (a crash, a Redis outage) every
+        ``outbox.sweep_interval_s``; the reconciler's pass does the same."""
+        ctx = self.ctx
+        await ctx.wait_ready()
+        while not ctx.stopping.is_set():
+            swept = await ctx.lifecycle.sweep_outbox()
+            if ctx.metrics is not None:
+                ctx.metrics.set_outbox_pending(swept.pending)
+            await ctx.pause(ctx.settings.outbox.sweep_interval_s)
 
     async def _pools_loop(self) -> None:
         ctx = self.ctx

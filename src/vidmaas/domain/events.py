@@ -7,6 +7,10 @@ Guarantees:
   ``data`` as a JSON object); ``decode`` accepts only what ``encode`` can produce and
   raises ``MalformedEvent`` for anything else (it never returns a half-valid event).
 - ``data`` is checked per type for the fields the table in DESIGN §4 requires.
+- ``preview`` (runtime, rank 0, a few per task while it denoises): ``key`` (the preview
+  image's object key, the same for every preview of a task), ``step``, ``total``,
+  ``width``, ``height`` (non-negative integers). It changes no task row; clients fetch
+  the bytes from ``GET /v1/tasks/{id}/preview``.
 - The stream entry id is the event id; it is not part of the fields.
 - The client messages that are not events (``snapshot``, ``queued`` position pushes,
   ``end``, ``not_found``, ``ping``) are built only by the constructors of the last
@@ -37,6 +41,7 @@ class EventType(enum.StrEnum):
     PROGRESS = "progress"
     HEARTBEAT = "heartbeat"
     LOG = "log"
+    PREVIEW = "preview"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -68,6 +73,7 @@ REQUIRED_DATA: dict[EventType, frozenset[str]] = {
     EventType.PROGRESS: frozenset({"step", "total", "percent"}),
     EventType.HEARTBEAT: frozenset(),
     EventType.LOG: frozenset({"level", "message"}),
+    EventType.PREVIEW: frozenset({"key", "step", "total", "width", "height"}),
     EventType.COMPLETED: frozenset({"video_key", "poster_key", "width", "height", "num_frames",
                                     "fps", "duration_s", "seed", "timings"}),
     EventType.FAILED: frozenset({"code", "message", "retryable"}),
@@ -157,6 +163,13 @@ def validate_data(type_: EventType, data: Mapping[str, Any]) -> None:
         raise MalformedEvent(f"unknown stage {str(data['stage'])[:40]!r}")
     if type_ is EventType.FAILED and not isinstance(data["retryable"], bool):
         raise MalformedEvent("failed.retryable must be a boolean")
+    if type_ is EventType.PREVIEW:
+        if not isinstance(data["key"], str) or not data["key"]:
+            raise MalformedEvent("preview.key must be an object key")
+        for name in ("step", "total", "width", "height"):
+            value = data[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise MalformedEvent(f"preview.{name} must be a non-negative integer")
 
 
 def _s(value: str | bytes) -> str:
@@ -174,8 +187,15 @@ def dispatched(task_id: str, *, executor: str, job_name: str, attempt: int) -> E
                  {"executor": executor, "job_name": job_name, "attempt": attempt})
 
 
-def started(task_id: str, *, world_size: int, host: str) -> Event:
-    return Event(task_id, EventType.STARTED, {"world_size": world_size, "host": host})
+def started(task_id: str, *, world_size: int, host: str, worker: str | None = None,
+            pid: int | None = None) -> Event:
+    """``worker`` and ``pid``: the pool worker running the task (DESIGN §12), if any."""
+    data: dict[str, Any] = {"world_size": world_size, "host": host}
+    if worker is not None:
+        data["worker"] = worker
+    if pid is not None:
+        data["pid"] = pid
+    return Event(task_id, EventType.STARTED, data)
 
 
 def stage(task_id: str, stage_: Stage) -> Event:
@@ -198,6 +218,15 @@ def heartbeat(task_id: str) -> Event:
 def log(task_id: str, *, level: str, message: str) -> Event:
     return Event(task_id, EventType.LOG,
                  {"level": level, "message": message[:MAX_LOG_MESSAGE_CHARS]})
+
+
+def preview(task_id: str, *, key: str, step: int, total: int, width: int,
+            height: int) -> Event:
+    """A new preview image of the denoising task is stored at ``key`` (the same key each
+    time: the newest overwrites the last); ``step`` of ``total`` denoising steps, the
+    image ``width`` × ``height`` pixels. Best-effort: a client may miss some."""
+    return Event(task_id, EventType.PREVIEW, {"key": key, "step": step, "total": total,
+                                              "width": width, "height": height})
 
 
 def failed(task_id: str, *, code: str, message: str, retryable: bool) -> Event:

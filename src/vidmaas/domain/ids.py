@@ -4,11 +4,13 @@ Guarantees: a task id is 26 characters of lowercase Crockford base32, starts wit
 a letter, sorts by creation time (newest last), and is DNS-1123 safe, so
 ``job_name(task_id)`` is a valid Kubernetes object name derived only from the id. A pool
 worker's id (``new_worker_id``) is DNS-1123 safe too, never a job name, and unique per
-incarnation.
+incarnation. A webhook endpoint id is ``we_`` + 24 random base32 characters; its
+signing secret is ``whsec_`` + the base64 of 32 random bytes (Standard Webhooks form).
 """
 
 from __future__ import annotations
 
+import base64
 import re
 import secrets
 import time
@@ -68,3 +70,18 @@ def is_worker_id(value: str) -> bool:
 
 def new_user_id() -> str:
     return "u" + _b32(int(time.time() * 1000), 10) + _b32(secrets.randbits(50), 10)
+
+
+ENDPOINT_ID_RE = re.compile(r"^we_[0-9a-hjkmnp-tv-z]{24}$")
+
+
+def new_endpoint_id() -> str:
+    return "we_" + _b32(secrets.randbits(120), 24)
+
+
+def is_endpoint_id(value: str) -> bool:
+    return bool(ENDPOINT_ID_RE.match(value))
+
+
+def new_endpoint_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()

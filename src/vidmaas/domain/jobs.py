@@ -16,6 +16,7 @@ fail the same way, so it is not retried.
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,9 @@ class ExitCode(enum.IntEnum):
     """The object store failed: retried."""
     OUT_OF_MEMORY_FINAL = 7
     """Out of memory under the memory-saving plan: deterministic, never retried."""
+    DISK_FULL = 8
+    """The job's work directory ran out of space (or quota): retried, on a fresh work
+    directory (a new pod, or a new local job directory)."""
 
 
 OUT_OF_MEMORY_CODE = "out_of_memory"
@@ -87,6 +91,12 @@ ENV_COLLECTIVE_TIMEOUT_S = "VIDMAAS_COLLECTIVE_TIMEOUT_S"
 """Seconds a collective (all_gather, broadcast, barrier) may wait for its peers before
 the process group fails it (``runtime.distributed``)."""
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+ENV_STORAGE_RETRY_ATTEMPTS = "VIDMAAS_STORAGE_RETRY_ATTEMPTS"
+ENV_STORAGE_RETRY_TOTAL_S = "VIDMAAS_STORAGE_RETRY_TOTAL_S"
+ENV_PREVIEW_INTERVAL_S = "VIDMAAS_PREVIEW_INTERVAL_S"
+"""Least seconds between two live previews of a task (``runtime.preview``)."""
+ENV_PREVIEW_MAX = "VIDMAAS_PREVIEW_MAX"
+"""Most live previews per task; 0 turns them off."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +161,11 @@ def model_args(model: ModelSpec) -> list[str]:
                      ("--compile", model.compile), ("--tf32", model.tf32)):
         if on:
             args.append(flag)
+    if model.preview_rgb_factors:
+        rgb: dict[str, Any] = {"factors": [list(r) for r in model.preview_rgb_factors]}
+        if model.preview_rgb_bias is not None:
+            rgb["bias"] = list(model.preview_rgb_bias)
+        args.append("--preview-rgb=" + json.dumps(rgb, separators=(",", ":")))
     return args
 
 

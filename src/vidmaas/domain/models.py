@@ -125,6 +125,12 @@ class ModelSpec(BaseModel):
     """Seconds one denoising step takes on this model's GPUs (a typical task): the
     watchdog's stall rule expects a step within ``dispatcher.stall_factor`` times this.
     None: learnt from the model's recent run times."""
+    preview_rgb_factors: list[tuple[float, float, float]] | None = None
+    """Live previews: one ``(r, g, b)`` row per latent channel of a linear map of the
+    latents to RGB (as ComfyUI's ``latent_rgb_factors``); none: the runtime's normalised
+    projection of the channels (``runtime.preview``), which shows structure, not colour."""
+    preview_rgb_bias: tuple[float, float, float] | None = None
+    """Added to ``preview_rgb_factors``' result (needs the factors)."""
     image: Literal["none", "optional", "required"] = "none"
     tiny: bool = False
     """A random-weight test model that the project generates itself."""
@@ -148,6 +154,10 @@ class ModelSpec(BaseModel):
             raise ValueError("default_frames must be one of frame_counts")
         if self.default_steps > self.max_steps:
             raise ValueError("default_steps exceeds max_steps")
+        if self.preview_rgb_bias is not None and not self.preview_rgb_factors:
+            raise ValueError("preview_rgb_bias needs preview_rgb_factors")
+        if self.preview_rgb_factors is not None and not self.preview_rgb_factors:
+            raise ValueError("preview_rgb_factors must not be empty")
         if self.pipeline == "i2v" and self.image == "none":
             raise ValueError("an i2v model must take an image")
         if self.pipeline == "t2v" and self.image != "none":

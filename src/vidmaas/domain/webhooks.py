@@ -12,7 +12,14 @@ Guarantees:
   address refuses the whole target: a name that resolves to a public and a private
   address could be made to reach either.
 - ``delivery_id`` is a deterministic function of (url, task id, event id): recording
-  the same event twice for the same target yields the same id, so it is sent once.
+  the same event twice for the same target yields the same id, so it is sent once;
+  ``endpoint_delivery_id`` is the same for a registered endpoint, keyed by its id (two
+  endpoints on one URL are two receivers, each with its own secret).
+- ``signing_key`` is the HMAC key of a secret: the base64-decoded part of a
+  ``whsec_…`` endpoint secret (as Standard Webhooks libraries read it), the UTF-8 bytes
+  of any other (the operator's ``signing_secret``).
+- ``endpoint_events`` is the one reading of an endpoint's event filter: ``start`` is
+  ``started`` (Replicate's name), duplicates go, the order is the canonical one.
 """
 
 from __future__ import annotations
@@ -29,6 +36,13 @@ from urllib.parse import urlsplit
 SUBSCRIBABLE = frozenset({"started", "progress", "completed", "failed", "cancelled"})
 DEFAULT_EVENTS = frozenset({"started", "completed", "failed", "cancelled"})
 TERMINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
+
+EVENT_ORDER = ("started", "progress", "completed", "failed", "cancelled")
+EVENT_ALIASES = {"start": "started"}
+"""Other names an endpoint's filter may use for an event type."""
+OPENAI_EVENT_TYPES = {"completed": "video.completed", "failed": "video.failed"}
+"""The OpenAI event types of a ``/v1/videos`` task's ends (OpenAI has no others)."""
+SECRET_PREFIX = "whsec_"
 
 SIGNATURE_VERSION = "v1"
 MAX_URL_CHARS = 2048
@@ -191,6 +205,49 @@ def delivery_id(*, url: str, task_id: str, event_id: str) -> str:
     """
     digest = hashlib.sha256(f"{url}\n{task_id}\n{event_id}".encode()).hexdigest()
     return "msg_" + digest[:40]
+
+
+def endpoint_delivery_id(*, endpoint_id: str, task_id: str, event_id: str) -> str:
+    """The one delivery id of a task's event for a registered endpoint."""
+    return delivery_id(url=f"endpoint:{endpoint_id}", task_id=task_id, event_id=event_id)
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of a signing secret (see the module docstring)."""
+    if secret.startswith(SECRET_PREFIX):
+        try:
+            return base64.b64decode(secret[len(SECRET_PREFIX):], validate=True)
+        except ValueError:
+            pass
+    return secret.encode()
+
+
+def endpoint_events(requested: Iterable[str]) -> list[str]:
+    """An endpoint's filter in canonical form; ``ValueError`` for an unknown type."""
+    wanted = set()
+    for name in requested:
+        canonical = EVENT_ALIASES.get(name, name)
+        if canonical not in SUBSCRIBABLE:
+            raise ValueError(f"unknown webhook event type {name[:40]!r}")
+        wanted.add(canonical)
+    return [name for name in EVENT_ORDER if name in wanted]
+
+
+def openai_envelope(*, delivery_id: str, task_id: str, event_type: str, created_at: int,
+                    ) -> dict[str, object] | None:
+    """OpenAI's webhook body for a ``/v1/videos`` task's end (None for other events)."""
+    kind = OPENAI_EVENT_TYPES.get(event_type)
+    if kind is None:
+        return None
+    return {"id": "evt_" + delivery_id.removeprefix("msg_"), "object": "event",
+            "created_at": created_at, "type": kind, "data": {"id": task_id}}
+
+
+def test_payload(*, endpoint_id: str, event_id: str, timestamp: str) -> dict[str, object]:
+    """The body of an endpoint's test delivery (``POST /v1/webhook-endpoints/{id}/test``)."""
+    return {"v": 1, "type": "test", "id": event_id, "timestamp": timestamp,
+            "data": {"endpoint_id": endpoint_id,
+                     "message": "a test delivery from vidmaas; no task is involved"}}
 
 
 def wanted_events(requested: Iterable[str] | None) -> frozenset[str]:

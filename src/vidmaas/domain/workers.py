@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vidmaas.domain.jobs import model_args
 from vidmaas.domain.models import ModelSpec
 
 ENV_WORKER_ID = "VIDMAAS_WORKER_ID"
@@ -26,7 +27,8 @@ class WorkerLimits:
 
 
 def worker_args(model: ModelSpec, limits: WorkerLimits) -> list[str]:
-    """The runtime's ``serve`` arguments for one worker of ``model``."""
+    """The runtime's ``serve`` arguments for one worker of ``model``: its limits, then the
+    registry values it loads the model with (``model_args``: strategy, offload, tiling…)."""
     return ["--model", model.id, "--lease-s", f"{limits.lease_s:g}",
             "--max-tasks", str(limits.max_tasks), "--max-failures", str(limits.max_failures),
-            "--max-rss-mib", str(limits.max_rss_mib)]
+            "--max-rss-mib", str(limits.max_rss_mib), *model_args(model)]

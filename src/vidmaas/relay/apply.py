@@ -181,7 +181,11 @@ class Applier:
             subscriber = task
             for _ in range(_REREADS):
                 plan = _plan(run, last=task.last_event_id, active=task.status in ACTIVE)
-                if not plan.values or await self._write(task_id, plan) is not None:
+                if not plan.values:
+                    break
+                written = await self._write(task_id, plan)
+                if written is not None:
+                    subscriber = written
                     break
                 fresh = await self._get(task_id)
                 if fresh is None:
@@ -195,12 +199,16 @@ class Applier:
                 tlog.debug(task_id, "bookkeeping of %d events overtaken %d times; newer "
                            "events were written", len(run), _REREADS)
         progress = plan.latest_progress
-        if progress is not None and self.webhooks.targets(subscriber, EventType.PROGRESS):
+        has_endpoints = not isinstance(subscriber, bookkeeping.Subscription) \
+            or subscriber.has_endpoints
+        if progress is not None and await self.webhooks.wants(
+                subscriber, EventType.PROGRESS, has_endpoints=has_endpoints):
             # The payload describes the task as it is now.
             task = await self._get(task_id)
             if task is not None and progress.event is not None:
                 await self.webhooks.record(task=task, event=progress.event,
-                                           event_id=progress.event_id)
+                                           event_id=progress.event_id,
+                                           has_endpoints=has_endpoints)
         outcomes = [Outcome(d.entry_id, task_id, a) for d, a in zip(run, plan.actions,
                                                                      strict=True)]
         if self.metrics is not None:
@@ -214,9 +222,11 @@ class Applier:
     async def apply_status(self, event: Event, *, event_id: str, entry_id: str = "") -> Outcome:
         """Apply one status event (started/completed/failed/cancelled) to its task row."""
         tid = event.task_id
-        task = await self._get(tid)
-        if task is None:
+        async with self.sessions() as session:
+            found = await bookkeeping.task_with_endpoints(session=session, task_id=tid)
+        if found is None:
             return Outcome(entry_id, tid, "dead")
+        task, has_endpoints = found
         seen = task.last_event_id is not None \
             and id_key(event_id) <= id_key(task.last_event_id)
         try:
@@ -231,7 +241,8 @@ class Applier:
             # Idempotent; covers a relay that died between a status change and the release.
             await self.lifecycle.release(tid)
         if moved.action != "superseded" and _webhook_due(after, event):
-            await self.webhooks.record(task=after, event=event, event_id=event_id)
+            await self.webhooks.record(task=after, event=event, event_id=event_id,
+                                       has_endpoints=has_endpoints)
         if not seen and not moved.recorded:
             async with self.sessions() as session:
                 await bookkeeping.mark_event(session=session, task_id=tid, event_id=event_id)

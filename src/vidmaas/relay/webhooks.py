@@ -8,13 +8,17 @@ Guarantees:
   (the default types). The row's ``delivery_id`` is derived from (url, task, event id) and
   unique, so recording an event again (a redelivered stream entry) sends nothing twice;
   terminal events are keyed by (url, task), so a task's end is announced once per target
-  even when both the runtime and the dispatcher published one.
+  even when both the runtime and the dispatcher published one. The user's registered
+  endpoints get theirs too (``relay.endpoints``).
 - ``WebhookSender`` is the only sender. It picks due ``pending`` rows from the
   database, claims each by compare-and-set (several relays never send one attempt
   twice at once), and POSTs the stored payload signed per Standard Webhooks
-  (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``). Because the queue is
-  the table, retries survive a relay restart: a row claimed by a sender that died is
-  due again when its claim lease ends.
+  (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``). An endpoint's
+  delivery is checked against its endpoint first: a disabled or deleted endpoint's is
+  ``skipped``, never sent; the others go to the endpoint's current URL signed with its
+  own secret. Because the queue is the table, retries survive a relay restart: a row
+  claimed by a sender that died (or that could not read the endpoint) is due again
+  when its claim lease ends.
 - Before every attempt the target is resolved and checked against the SSRF policy
   (``domain.webhooks.check_target``); a refused target is marked ``refused`` and never
   contacted. The request goes to the checked address (the host name travels in
@@ -44,14 +48,16 @@ import httpx
 
 from vidmaas import __version__
 from vidmaas.config import WebhookSettings
+from vidmaas.db import endpoints
 from vidmaas.db import webhooks as rows
 from vidmaas.db.engine import Sessions
 from vidmaas.db.models import Task, WebhookDelivery, utcnow
-from vidmaas.db.webhooks import DELIVERED, FAILED, PENDING, REFUSED
+from vidmaas.db.webhooks import DELIVERED, FAILED, PENDING, REFUSED, SKIPPED
 from vidmaas.domain import webhooks as policy
 from vidmaas.domain.events import Event, EventType
 from vidmaas.logs import TaskLog
 from vidmaas.metrics import Metrics
+from vidmaas.relay.endpoints import EndpointDeliveries
 
 log = logging.getLogger(__name__)
 tlog = TaskLog(log)
@@ -61,8 +67,8 @@ PROGRESS_MIN_INTERVAL_S = 5.0
 CLAIM_MARGIN_S = 30.0
 
 DeliveryStatus = str
-__all__ = ["DELIVERED", "FAILED", "PENDING", "REFUSED", "Subscriber", "WebhookSender",
-           "Webhooks"]
+__all__ = ["DELIVERED", "FAILED", "PENDING", "REFUSED", "SKIPPED", "Subscriber",
+           "WebhookSender", "Webhooks"]
 
 
 async def resolve_host(host: str, port: int) -> list[str]:
@@ -107,6 +113,9 @@ class Subscriber(Protocol):
     """What decides a task's webhook targets: a task row, or just its subscription."""
 
     @property
+    def user_id(self) -> str: ...
+
+    @property
     def webhook_url(self) -> str | None: ...
 
     @property
@@ -128,6 +137,7 @@ class Webhooks:
         self.progress_min_interval_s = progress_min_interval_s
         self.sender = sender or WebhookSender(sessions=sessions, settings=settings,
                                               metrics=metrics)
+        self.endpoints = EndpointDeliveries(sessions=sessions, settings=settings)
 
     def targets(self, task: Subscriber, event_type: EventType) -> list[str]:
         """The URLs that get this event of this task (task's own first, then global)."""
@@ -138,10 +148,21 @@ class Webhooks:
             urls += [u for u in self.settings.global_urls if u not in urls]
         return urls
 
-    async def record(self, *, task: Task, event: Event, event_id: str) -> int:
-        """Record the deliveries of one applied event; the number of new rows."""
+    async def wants(self, task: Subscriber, event_type: EventType, *,
+                    has_endpoints: bool = True) -> bool:
+        """Does anyone (a URL or an endpoint of the task's user) get this event type?
+        ``has_endpoints=False`` (the user has no enabled endpoint) skips the lookup."""
+        if self.targets(task, event_type):
+            return True
+        return has_endpoints and await self.endpoints.wants(task.user_id, event_type)
+
+    async def record(self, *, task: Task, event: Event, event_id: str,
+                     has_endpoints: bool = True) -> int:
+        """Record the deliveries of one applied event; the number of new rows.
+        ``has_endpoints=False``: the user has no enabled endpoint (no lookup)."""
         urls = self.targets(task, event.type)
-        if not urls:
+        endpoints_too = has_endpoints and await self.endpoints.wants(task.user_id, event.type)
+        if not urls and not endpoints_too:
             return 0
         now = utcnow()
         payload = {**event.to_json(event_id=event_id), "timestamp": now.isoformat(),
@@ -161,6 +182,9 @@ class Webhooks:
                         payload=payload, due_at=now):
                     continue  # recorded before: this is a redelivered event
             created += 1
+        if endpoints_too:
+            created += await self.endpoints.record(task=task, event=event, event_id=event_id,
+                                                   native=payload, now=now)
         if created:
             tlog.info(task.id, "%d webhook deliveries for %s %s", created, event.type.value,
                       event_id)
@@ -257,10 +281,37 @@ class WebhookSender:
             return 1
         return max(1, self.settings.max_attempts)
 
+    async def _endpoint_of(self, row: WebhookDelivery) -> tuple[str, bytes] | None:
+        """The URL and key an endpoint's delivery goes to now; None if it may not go."""
+        assert row.endpoint_id is not None
+        async with self.sessions() as session:
+            endpoint = await endpoints.get_any(session=session, endpoint_id=row.endpoint_id)
+        if endpoint is None or not endpoint.enabled:
+            return None
+        return endpoint.url, policy.signing_key(endpoint.secret)
+
     async def _deliver(self, client: httpx.AsyncClient, row: WebhookDelivery) -> None:
+        url, key = row.url, self.settings.signing_secret.get_secret_value().encode()
+        if row.endpoint_id is not None:
+            try:
+                found = await self._endpoint_of(row)
+            except Exception:
+                # Due again when the claim lapses: at least once, never unsigned.
+                tlog.exception(row.task_id, "could not read endpoint %s of webhook %s",
+                               row.endpoint_id, row.delivery_id)
+                return
+            if found is None:
+                tlog.info(row.task_id, "webhook %s skipped: endpoint %s is disabled",
+                          row.delivery_id, row.endpoint_id)
+                self._observe("skipped")
+                await self._shielded(self._finish(
+                    row, status=SKIPPED, code=None, error="the endpoint is disabled",
+                    uncount=True))
+                return
+            url, key = found
         try:
             _target, addresses = await policy.check_target(
-                row.url, allow_hosts=self.settings.allow_hosts, resolve=self.resolve)
+                url, allow_hosts=self.settings.allow_hosts, resolve=self.resolve)
         except policy.TargetRefused as e:
             tlog.warning(row.task_id, "webhook %s refused: %s", row.delivery_id,
                          _truncate(str(e)))
@@ -270,7 +321,7 @@ class WebhookSender:
         status_code: int | None = None
         error: str | None = None
         try:
-            status_code = await self._post(client, row, addresses[0])
+            status_code = await self._post(client, row, addresses[0], url=url, key=key)
         except asyncio.CancelledError:
             # Stopped mid-attempt: the outcome is unknown, so the attempt does not count
             # and the delivery is due again soon (rather than when the claim lapses).
@@ -310,11 +361,11 @@ class WebhookSender:
         if self.metrics is not None:
             self.metrics.observe_webhook(outcome)
 
-    async def _post(self, client: httpx.AsyncClient, row: WebhookDelivery, address: str) -> int:
-        target = policy.parse_target(row.url)
+    async def _post(self, client: httpx.AsyncClient, row: WebhookDelivery, address: str, *,
+                    url: str, key: bytes) -> int:
+        target = policy.parse_target(url)
         body = body_of(row.payload)
         timestamp = int(self.clock())
-        secret = self.settings.signing_secret.get_secret_value()
         host_in_url = f"[{address}]" if ":" in address else address
         default_port = 443 if target.scheme == "https" else 80
         host_header = target.host if target.port == default_port \
@@ -328,7 +379,7 @@ class WebhookSender:
             "host": host_header,
             "webhook-id": row.delivery_id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": policy.sign(secret=secret, msg_id=row.delivery_id,
+            "webhook-signature": policy.sign(secret=key, msg_id=row.delivery_id,
                                              timestamp=timestamp, body=body),
         }
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}

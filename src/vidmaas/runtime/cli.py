@@ -8,7 +8,10 @@ Guarantees:
   sent by the first rank on node 0 to fail, with the code and ``retryable`` flag
   that ``runtime.errors`` chooses. SIGTERM (the executor's hard stop) ends the job
   the same way: ``cancelled`` if a cancel was requested, otherwise a retryable
-  ``failed``.
+  ``failed``. A full disk (``disk_full``) first frees the work directory's inputs and
+  outputs (``WorkDir.discard_outputs``), so the event can be written and the next task
+  finds the space.
+- ``serve`` is a warm-pool worker instead of one task (``runtime.serve``, DESIGN §12).
 - Logs go to stderr, one line per state change, each with the task id.
 - ``main`` ends the process without the interpreter's slow teardown of torch once
   the command has finished everything it does.
@@ -27,7 +30,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from vidmaas.domain.jobs import ExitCode
-from vidmaas.runtime.errors import Cancelled, InfraError, JobError, classify
+from vidmaas.runtime.errors import Cancelled, DiskFull, JobError, Terminated, classify
 from vidmaas.runtime.job import JobArgParser, JobArgs, JobEnv, WorkDir, add_job_args
 
 if TYPE_CHECKING:
@@ -43,12 +46,7 @@ COMMANDS: dict[str, str] = {
     "run": "fetch-input, then generate (under torchrun if the job has several processes), "
            "then postprocess",
 }
-
-
-class Terminated(InfraError):
-    """SIGTERM arrived: the executor is stopping the job."""
-
-    code = "terminated"
+SERVE = "serve"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_ in COMMANDS.items():
         add_job_args(sub.add_parser(name, help=help_, description=help_))
+    from vidmaas.runtime.serve import HELP, add_serve_args
+
+    add_serve_args(sub.add_parser(SERVE, help=HELP, description=HELP))
     return parser
 
 
@@ -71,11 +72,16 @@ def execute(argv: Sequence[str] | None = None) -> int:
     from vidmaas.runtime import steps
     from vidmaas.runtime.reporter import Reporter
 
-    ns = build_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    ns = build_parser().parse_args(raw)
     env = JobEnv.from_environ(os.environ)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr,
         format=f"%(asctime)s %(levelname)s rank={env.dist.rank} %(name)s %(message)s")
+    if ns.command == SERVE:
+        from vidmaas.runtime.serve import serve
+
+        return serve(ns, raw[raw.index(SERVE) + 1:])
     reporter = Reporter(task_id=env.task_id, redis_url=env.redis_url,
                         work_dir=WorkDir(env.work_dir), reports=env.dist.is_reporter,
                         reports_outcome=env.dist.reports_outcome,
@@ -115,6 +121,8 @@ def _run(ns: argparse.Namespace, env: JobEnv, reporter: Reporter,
             if by is not None:
                 reporter.cancelled(by=by)
                 return ExitCode.CANCELLED
+        if isinstance(err, DiskFull):
+            WorkDir(env.work_dir).discard_outputs()
         if err.exit_code == ExitCode.INFRA_ERROR and not isinstance(err, Terminated):
             log.error("task_id=%s %s", env.task_id, "".join(traceback.format_exception(e)))
         reporter.failed(code=err.code, message=err.message, retryable=err.retryable)

@@ -21,6 +21,8 @@ Guarantees:
   determines the video on a given machine and world size.
 - ``on_step`` is called after every denoising step on every rank; when it returns
   True on rank 0, every rank stops after that same step and ``Cancelled`` is raised.
+  ``on_latents`` (live previews) is called after every step on rank 0 only, with the
+  latents as the step left them.
 - Frames come back as uint8 ``(frames, height, width, 3)``, decoded on rank 0 only.
 """
 
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 StepHook = Callable[[int, int], "str | None"]
 """(steps done, total) → who cancelled, or None to go on."""
 StageHook = Callable[[Stage], None]
+LatentHook = Callable[[Any, int, int], None]
+"""(latents after the step, steps done, total): rank 0's look at the denoising latents
+(``runtime.preview``); it must return at once and must not change them."""
 EXPERTS = ("transformer", "transformer_2")
 
 
@@ -232,7 +237,8 @@ class Engine:
     # ------------------------------------------------------------ generation
 
     def generate(self, req: Request, *, on_step: StepHook | None = None,
-                 on_stage: StageHook | None = None) -> Output:
+                 on_stage: StageHook | None = None,
+                 on_latents: LatentHook | None = None) -> Output:
         import torch
 
         timings: dict[str, float] = {}
@@ -273,7 +279,11 @@ class Engine:
                 on_stage(Stage.DENOISE)
             cancelled_by: list[str] = []
 
+            look = on_latents if self.plan.rank == 0 else None
+
             def step_end(pl: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+                if look is not None:
+                    look(kwargs.get("latents"), i + 1, req.steps)
                 by = on_step(i + 1, req.steps) if on_step else None
                 if distributed.agree_on_cancel(self.plan, by is not None, device=self.device):
                     cancelled_by.append(by or "user")

@@ -5,10 +5,15 @@ process exit code (``domain.jobs.ExitCode``), the ``failed`` event's ``code`` an
 whether the control plane should retry it; ``classify`` maps any other exception
 (torch's out-of-memory error included) onto one of them, so the command line has a
 single place that turns an exception into an event and an exit code.
+
+A full disk (``ENOSPC``, or ``EDQUOT`` under a quota) anywhere in an exception's chain is
+``DiskFull``, whatever wrapped it: ``classify`` is what a pool worker calls too, so a task
+that filled the disk fails as ``disk_full`` (retryable) and the worker lives on.
 """
 
 from __future__ import annotations
 
+import errno
 import re
 
 from vidmaas.domain.jobs import OUT_OF_MEMORY_CODE, ExitCode, exit_code_retryable
@@ -68,6 +73,13 @@ class UploadFailed(JobError):
     code = "upload_failed"
 
 
+class DiskFull(JobError):
+    """The work directory's filesystem is full: retried on a fresh work directory."""
+
+    exit_code = ExitCode.DISK_FULL
+    code = "disk_full"
+
+
 class InfraError(JobError):
     """Anything else that went wrong around the job: retried."""
 
@@ -77,6 +89,17 @@ class CollectiveTimeout(InfraError):
     deadlocked (retried: the next attempt starts every rank afresh)."""
 
     code = "collective_timeout"
+
+    @classmethod
+    def of(cls, cause: BaseException, *, rank: int, world_size: int,
+           timeout_s: float) -> CollectiveTimeout:
+        return cls(f"rank {rank} of {world_size} waited in a collective for longer than the "
+                   f"collective timeout of {timeout_s:.0f}s: another rank stopped or "
+                   f"deadlocked ({str(cause)[:300]})")
+class Terminated(InfraError):
+    """SIGTERM arrived: the executor is stopping the job (or the pool worker)."""
+
+    code = "terminated"
 
 
 class Cancelled(Exception):
@@ -102,10 +125,30 @@ _COLLECTIVE_TIMEOUT = re.compile(
 def is_collective_timeout(exc: BaseException) -> bool:
     """gloo's "Timed out waiting …ms for recv operation" or NCCL's watchdog timeout."""
     return _COLLECTIVE_TIMEOUT.search(str(exc)) is not None
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An ``OSError`` with ``ENOSPC``/``EDQUOT``, or one wrapped by what was raised (its
+    ``__cause__``/``__context__`` chain; FFmpeg's "No space left on device" included)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
+            return True
+        if "no space left on device" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def classify(exc: BaseException) -> JobError:
     """The ``JobError`` an exception stands for (unknown ones are infrastructure errors)."""
+    if isinstance(exc, DiskFull):
+        return exc
+    if is_disk_full(exc):
+        return DiskFull(f"no space left in the work directory: {str(exc)[:500]}")
     if isinstance(exc, JobError):
         return exc
     if is_out_of_memory(exc):

@@ -10,7 +10,9 @@ Guarantees:
   checkpoint's own defaults (guidance 5, its scheduler's shift, no negative prompt).
 - ``WorkDir`` names every file the steps hand to each other (the fetched input, the
   generated frames and facts, the reporter's small state); each is written
-  atomically, so a reader never sees half a file.
+  atomically, so a reader never sees half a file. ``discard_outputs`` frees what a
+  failed task wrote (inputs, frames, video, partial files) and keeps the small state
+  (the terminal-event marker, the exit code) that the job's other processes read.
 """
 
 from __future__ import annotations
@@ -32,9 +34,13 @@ from vidmaas.domain.jobs import (
     ENV_COLLECTIVE_TIMEOUT_S,
     ENV_HEARTBEAT_INTERVAL_S,
     ENV_MODEL_DIR,
+    ENV_PREVIEW_INTERVAL_S,
+    ENV_PREVIEW_MAX,
     ENV_REDIS_URL,
     ENV_S3_ENDPOINT_URL,
     ENV_S3_REGION,
+    ENV_STORAGE_RETRY_ATTEMPTS,
+    ENV_STORAGE_RETRY_TOTAL_S,
     ENV_STORAGE_URL,
     ENV_TASK_ID,
     ENV_WATERMARK_TEXT,
@@ -55,6 +61,10 @@ collective; ``hang_attempt=1``: only in attempt 1)."""
 DEFAULT_WATERMARK = "AI generated"
 DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
 DEFAULT_PROGRESS_INTERVAL_S = 0.5
+DEFAULT_STORAGE_RETRY_ATTEMPTS = 8
+DEFAULT_STORAGE_RETRY_TOTAL_S = 120.0
+DEFAULT_PREVIEW_INTERVAL_S = 2.0
+DEFAULT_PREVIEW_MAX = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +112,17 @@ class JobEnv:
     collective_timeout_s: float
     """How long a collective waits for its peers before it fails (``init_process_group``)."""
     attempt: int
+    storage_retry_attempts: int
+    """Calls at most for one fetch or upload while the store is down."""
+    storage_retry_total_s: float
+    """No new fetch or upload attempt starts later than this after the first."""
     fault: Mapping[str, str]
     dist: Dist
     host: str
+    preview_interval_s: float = DEFAULT_PREVIEW_INTERVAL_S
+    """Least seconds between two live previews (``VIDMAAS_PREVIEW_INTERVAL_S``)."""
+    preview_max: int = DEFAULT_PREVIEW_MAX
+    """Most live previews per task; 0: none (``VIDMAAS_PREVIEW_MAX``)."""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> JobEnv:
@@ -160,9 +178,14 @@ class JobEnv:
             collective_timeout_s=num(ENV_COLLECTIVE_TIMEOUT_S, DEFAULT_COLLECTIVE_TIMEOUT_S)
             or DEFAULT_COLLECTIVE_TIMEOUT_S,
             attempt=integer(ENV_ATTEMPT, 1),
+            storage_retry_attempts=max(1, integer(ENV_STORAGE_RETRY_ATTEMPTS,
+                                                  DEFAULT_STORAGE_RETRY_ATTEMPTS)),
+            storage_retry_total_s=num(ENV_STORAGE_RETRY_TOTAL_S, DEFAULT_STORAGE_RETRY_TOTAL_S),
             fault=fault,
             dist=dist,
             host=socket.gethostname(),
+            preview_interval_s=num(ENV_PREVIEW_INTERVAL_S, DEFAULT_PREVIEW_INTERVAL_S),
+            preview_max=max(0, integer(ENV_PREVIEW_MAX, DEFAULT_PREVIEW_MAX)),
         )
 
 
@@ -192,6 +215,8 @@ class JobArgs:
     attention_backend: str | None = None
     compile: bool = False
     tf32: bool = False
+    preview_rgb: str | None = None
+    """The model's preview projection as JSON (``runtime.preview.parse_projection``)."""
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> JobArgs:
@@ -218,7 +243,7 @@ class JobArgs:
                    flow_shift=ns.flow_shift, strategy=ns.strategy, vae_tiling=ns.vae_tiling,
                    cpu_offload=ns.cpu_offload, memory_saving=ns.memory_saving,
                    attention_backend=ns.attention_backend or None, compile=ns.compile,
-                   tf32=ns.tf32)
+                   tf32=ns.tf32, preview_rgb=ns.preview_rgb or None)
 
 
 class _FreeText(argparse.Action):
@@ -258,6 +283,12 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt", default=None, action=_FreeText,
                         help="what to steer away from (the executors pass the model's "
                              "default when the task has none)")
+    add_generation_args(parser)
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    """The registry's values that shape a generation (``domain.jobs.model_args``): a job
+    takes them with its task, a pool worker (``serve``) to load its model once."""
     gen = parser.add_argument_group("generation (from the model registry)")
     gen.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
                      help="classifier-free guidance (the high-noise expert's for A14B)")
@@ -280,6 +311,9 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
                      help="torch.compile the transformer's repeated blocks")
     gen.add_argument("--tf32", action=flag, default=False,
                      help="TF32 matmuls and convolutions (the fp32 VAE) on CUDA")
+    gen.add_argument("--preview-rgb", default=None,
+                     help='live previews\' latent-to-RGB map, JSON {"factors": [[r, g, b], '
+                          '...], "bias": [r, g, b]} (default: a normalised projection)')
 
 
 def cli_args(args: JobArgs) -> list[str]:
@@ -306,6 +340,8 @@ def cli_args(args: JobArgs) -> list[str]:
                      ("--tf32", args.tf32)):
         if on:
             out.append(name)
+    if args.preview_rgb:
+        out.append(f"--preview-rgb={args.preview_rgb}")
     return out
 
 
@@ -341,6 +377,14 @@ class WorkDir:
     def state(self) -> Path:
         return self.root / ".vidmaas"
 
+    def discard_outputs(self) -> None:
+        """Remove the fetched input, the frames, the video, the poster and any partial file
+        (after a failure, above all a full disk: the next task needs the space)."""
+        import shutil
+
+        for sub in ("input", "output"):  # every large or partial file lives in these
+            shutil.rmtree(self.root / sub, ignore_errors=True)
+
     def marker(self, name: str) -> Path:
         return self.state / name
 
@@ -352,8 +396,11 @@ class WorkDir:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except OSError:
             return
-        with os.fdopen(fd, "w") as f:
-            f.write(str(code))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(str(code))
+        except OSError:  # a full disk: the empty file reads as no code, as if none
+            path.unlink(missing_ok=True)
 
     def recorded_exit_code(self) -> int | None:
         try:

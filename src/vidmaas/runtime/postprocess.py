@@ -8,8 +8,10 @@ Guarantees:
 - ``encode_mp4`` writes H.264 ``yuv420p`` with ``+faststart`` (the index first, so a
   browser plays while it downloads) at the given fps; odd sides are cropped by one
   pixel, since H.264 4:2:0 needs even ones.
-- ``upload`` puts the video and the poster under ``outputs/{task_id}/``; any store
-  failure is an ``UploadFailed``.
+- ``upload`` puts the video and the poster under ``outputs/{task_id}/`` and returns only
+  once the store holds both whole (``storage.retry.upload_verified``: size and MD5), riding
+  out an outage within the store's retry policy; any store failure left is an
+  ``UploadFailed`` (retryable), so a half-uploaded video is never reported.
 """
 
 from __future__ import annotations
@@ -139,6 +141,14 @@ class StoreConfig:
     region: str = "us-east-1"
     access_key_id: str | None = None
     secret_access_key: str | None = None
+    retry_attempts: int = 8
+    retry_total_s: float = 120.0
+
+    def policy(self) -> Any:
+        """The ``storage.retry.RetryPolicy`` of this job's fetches and uploads."""
+        from vidmaas.storage.retry import RetryPolicy
+
+        return RetryPolicy(attempts=self.retry_attempts, total_s=self.retry_total_s)
 
     def open(self) -> Any:
         from vidmaas.storage import open_store
@@ -152,19 +162,24 @@ def upload(store: StoreConfig, *, task_id: str, video: Path, poster: Path) -> tu
     """Put the video and the poster; their keys. ``UploadFailed`` on any store error."""
     from vidmaas.errors import VidmaasError
     from vidmaas.storage.base import output_key
+    from vidmaas.storage.retry import upload_verified
 
     video_key = output_key(task_id, VIDEO_NAME)
     poster_key = output_key(task_id, POSTER_NAME)
+    policy = store.policy()
 
     async def put() -> None:
         s = store.open()
-        await s.put_file(poster_key, poster, content_type="image/jpeg")
-        await s.put_file(video_key, video, content_type="video/mp4")
+        for key, path, kind in ((poster_key, poster, "image/jpeg"),
+                                (video_key, video, "video/mp4")):
+            await upload_verified(s, key, path, content_type=kind, policy=policy,
+                                  context=f"task_id={task_id}")
 
     try:
         asyncio.run(put())
     except (VidmaasError, OSError) as e:
-        raise UploadFailed(f"upload to {store.url} failed: {e}") from e
+        raise UploadFailed(f"upload to {store.url} failed (retried within {policy.attempts} "
+                           f"attempts, {policy.total_s:g} s): {e}") from e
     except Exception as e:  # boto3's S3UploadFailedError escapes the store's wrapping
         raise UploadFailed(f"upload to {store.url} failed: {type(e).__name__}: {e}") from e
     return video_key, poster_key

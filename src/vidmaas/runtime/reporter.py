@@ -4,9 +4,12 @@ Guarantees:
 - A Redis error never escapes a ``Reporter`` method: a blip cannot kill the job.
   Terminal events (``completed``, ``failed``, ``cancelled``) and ``started`` are
   retried with backoff for ``critical_retry_s``; ``stage`` and ``log`` for a few
-  seconds; ``progress`` and ``heartbeat`` are best-effort (the next one supersedes).
+  seconds; ``progress``, ``heartbeat`` and ``preview`` are best-effort (the next one
+  supersedes).
 - At most one terminal event and one ``started`` per job, across all the steps'
-  processes: each is guarded by a marker file in the work directory.
+  processes: each is guarded by a marker file in the work directory. A full disk
+  never swallows the event: a marker that was created but not written still guards,
+  and one that cannot be created at all is logged and the event sent regardless.
 - ``progress`` is the stage-weighted overall percent (``STAGE_WEIGHTS``), never lower
   than one already sent by any step of this job, throttled to one per
   ``progress_interval_s`` except at a stage's end; each carries an ``eta_s``.
@@ -17,6 +20,11 @@ Guarantees:
   whichever rank fails first tells why, and rank 0, stopped by torchrun because of
   it, does not bury that under its own ``terminated``.
 - Without a Redis URL (a job run by hand) every method is a no-op.
+- A reporter made with a ``fence`` (a pool worker's task, DESIGN §12) writes every event
+  through ``bus.events.publish_fenced_sync``: nothing gets through once the task's fence
+  no longer names this worker and attempt. From then on it is ``superseded`` and
+  ``cancel_requested`` answers ``superseded``, so the stale attempt stops at its next
+  step (what it would send is dropped anyway).
 - ``heartbeats()`` runs a daemon thread that sends ``heartbeat`` every
   ``heartbeat_interval_s`` (0 turns it off) until the block exits.
 """
@@ -49,6 +57,8 @@ STAGE_WEIGHTS: dict[Stage, float] = {
 """Share of the whole job per stage, in percent; they add up to 100."""
 
 _ORDER = list(STAGE_WEIGHTS)
+SUPERSEDED = "superseded"
+"""Who ``cancel_requested`` names once a fenced reporter's attempt was taken over."""
 
 
 def overall_percent(stage: Stage, fraction: float) -> float:
@@ -63,7 +73,9 @@ class Reporter:
     def __init__(self, *, task_id: str, redis_url: str | None, work_dir: WorkDir,
                  reports: bool = True, reports_outcome: bool | None = None,
                  heartbeat_interval_s: float = 5.0,
-                 progress_interval_s: float = 0.5, critical_retry_s: float = 120.0) -> None:
+                 progress_interval_s: float = 0.5, critical_retry_s: float = 120.0,
+                 fence: str | None = None, client: Any = None) -> None:
+        """``client``: a blocking Redis client to share (not closed by ``close``)."""
         self.task_id = task_id
         self.work = work_dir
         connected = bool(redis_url) and bool(task_id)
@@ -73,8 +85,11 @@ class Reporter:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.progress_interval_s = progress_interval_s
         self.critical_retry_s = critical_retry_s
-        self._client: Any = None
-        if (self.reports or self.reports_outcome) and redis_url:
+        self.fence = fence
+        self.superseded = False
+        self._client: Any = client
+        self._owns_client = client is None
+        if client is None and (self.reports or self.reports_outcome) and redis_url:
             from vidmaas.bus.client import connect_sync
 
             self._client = connect_sync(redis_url, socket_timeout_s=5.0)
@@ -90,14 +105,23 @@ class Reporter:
             return False
         from redis.exceptions import RedisError
 
-        from vidmaas.bus.events import publish_sync
+        from vidmaas.bus.events import publish_fenced_sync, publish_sync
 
+        if self.superseded:
+            return False
         deadline = time.monotonic() + retry_s
         delay_s = 0.1
         while True:
             try:
-                publish_sync(self._client, event)
-                return True
+                if self.fence is None:
+                    publish_sync(self._client, event)
+                    return True
+                if publish_fenced_sync(self._client, event, fence=self.fence) is not None:
+                    return True
+                log.warning("task_id=%s the fence no longer names %s: this attempt was taken "
+                            "over; dropping its events", self.task_id, self.fence)
+                self.superseded = True
+                return False
             except RedisError as e:
                 if time.monotonic() + delay_s > deadline:
                     log.warning("task_id=%s dropped %s event: %s", self.task_id,
@@ -113,15 +137,22 @@ class Reporter:
         if not (self.reports or (event.type.terminal and self.reports_outcome)):
             return False
         path = self.work.marker(marker)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:  # O_EXCL: of several processes racing, exactly one creates it
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             log.info("task_id=%s %s already reported; not repeating %s", self.task_id,
                      marker, event.type.value)
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(event.type.value)
+        except OSError as e:  # a full disk: better a possible repeat than no event
+            log.warning("task_id=%s cannot create the %s marker (%s); sending %s anyway",
+                        self.task_id, marker, e, event.type.value)
+            return self.publish(event, retry_s=self.critical_retry_s)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(event.type.value)
+        except OSError as e:  # the marker exists, which is what guards
+            log.warning("task_id=%s cannot write the %s marker: %s", self.task_id, marker, e)
         return self.publish(event, retry_s=self.critical_retry_s)
 
     def already_terminal(self) -> bool:
@@ -129,8 +160,11 @@ class Reporter:
 
     # ---------------------------------------------------------------- events
 
-    def started(self, *, world_size: int, host: str) -> None:
-        self._once("started", ev.started(self.task_id, world_size=world_size, host=host))
+    def started(self, *, world_size: int, host: str, worker: str | None = None) -> None:
+        """``worker``: the pool worker's id (its pid goes with it)."""
+        self._once("started", ev.started(self.task_id, world_size=world_size, host=host,
+                                         worker=worker,
+                                         pid=os.getpid() if worker is not None else None))
 
     def stage(self, stage: Stage) -> None:
         log.info("task_id=%s stage %s", self.task_id, stage.value)
@@ -157,6 +191,11 @@ class Reporter:
         self.publish(ev.progress(self.task_id, step=step, total=total, percent=percent,
                                  eta_s=eta_s, stage_=stage))
 
+    def preview(self, *, key: str, step: int, total: int, width: int, height: int) -> bool:
+        """Announce a preview image just stored at ``key`` (best-effort)."""
+        return self.publish(ev.preview(self.task_id, key=key, step=step, total=total,
+                                       width=width, height=height))
+
     def log(self, level: str, message: str) -> None:
         self.publish(ev.log(self.task_id, level=level, message=message), retry_s=2.0)
 
@@ -175,6 +214,8 @@ class Reporter:
 
     def cancel_requested(self) -> str | None:
         """Who asked to cancel the task, or None (also None when Redis cannot say)."""
+        if self.superseded:
+            return SUPERSEDED
         if self._client is None:
             return None
         from redis.exceptions import RedisError
@@ -217,7 +258,7 @@ class Reporter:
             self._t0 = min(self._t0, t0)
 
     def close(self) -> None:
-        if self._client is not None:
+        if self._client is not None and self._owns_client:
             self._client.close()
 
     # ---------------------------------------------------------------- state

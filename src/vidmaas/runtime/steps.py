@@ -4,7 +4,9 @@ Guarantees:
 - ``fetch_input`` leaves the input image at ``WorkDir.input_image(key)`` only if it
   is a readable image (written atomically, so concurrent ranks may all fetch); a
   missing or unreadable object is ``BadInput``; it does nothing when the file is
-  already there (the initContainer fetched it).
+  already there (the initContainer fetched it). A store outage is retried within the
+  store's retry policy, then is a retryable ``InfraError`` (``storage_unavailable``);
+  a full disk is ``DiskFull``.
 - ``generate`` checks the model directory and the world size (against ``--strategy``)
   before joining any process group, stops at once if the task was cancelled before it
   started, and leaves the frames and their facts (the real width and height, the plan)
@@ -14,6 +16,8 @@ Guarantees:
   the size, the frames, the plan and its estimated peak, and which is final (never
   retried) when the memory-saving plan was already in use. A collective that waited past
   the collective timeout (a peer stopped) is a ``CollectiveTimeout`` (retried).
+- Rank 0 publishes live previews while it denoises (``previews``, ``runtime.preview``):
+  throttled, off the denoising thread, finished before the frames are saved.
 - ``postprocess`` (rank 0's node only) uploads nothing if the task is cancelled,
   sends ``progress`` 100 only after both uploads succeeded, then ``completed``.
 - ``run`` chains the steps: in-process when it is itself under ``torchrun`` or the
@@ -23,18 +27,19 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from vidmaas.domain.events import Stage
 from vidmaas.domain.jobs import ENV_HEARTBEAT_INTERVAL_S, ExitCode
-from vidmaas.domain.models import Strategy
-from vidmaas.runtime import distributed, postprocess
+from vidmaas.runtime import distributed, faults, postprocess, preview
 from vidmaas.runtime.engine import (
     Engine,
     Options,
@@ -48,13 +53,15 @@ from vidmaas.runtime.errors import (
     BadInput,
     Cancelled,
     CollectiveTimeout,
+    DiskFull,
     InfraError,
     JobError,
     ModelError,
-    OutOfMemory,
     is_collective_timeout,
+    is_disk_full,
     is_out_of_memory,
 )
+from vidmaas.runtime.failures import out_of_memory
 from vidmaas.runtime.job import JobArgs, JobEnv, WorkDir
 from vidmaas.runtime.reporter import Reporter
 
@@ -87,7 +94,9 @@ class Context:
         return postprocess.StoreConfig(
             url=self.env.storage_url, endpoint_url=self.env.s3_endpoint_url,
             region=self.env.s3_region, access_key_id=self.env.access_key_id,
-            secret_access_key=self.env.secret_access_key)
+            secret_access_key=self.env.secret_access_key,
+            retry_attempts=self.env.storage_retry_attempts,
+            retry_total_s=self.env.storage_retry_total_s)
 
     def add_timings(self, timings: dict[str, float]) -> None:
         path = self.work.marker("timings.json")
@@ -127,7 +136,7 @@ def fetch_input(ctx: Context) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _download(store, key, tmp)
+        _download(store, key, tmp, task_id=ctx.env.task_id)
         _check_image(tmp)
         os.replace(tmp, path)
     finally:
@@ -136,17 +145,31 @@ def fetch_input(ctx: Context) -> None:
     ctx.reporter.progress(Stage.FETCH_INPUT, 1, 1)
 
 
-def _download(store: postprocess.StoreConfig, key: str, path: Any) -> None:
+def _download(store: postprocess.StoreConfig, key: str, path: Any, *, task_id: str) -> None:
     import asyncio
 
-    from vidmaas.errors import InvalidRequest, NotFound, VidmaasError
+    from vidmaas.errors import InvalidRequest, NotFound, StorageUnavailable, VidmaasError
+    from vidmaas.storage.retry import retrying
+
+    policy = store.policy()
+
+    async def fetch() -> None:
+        s = store.open()
+        await retrying(f"download of {key[:200]}", lambda: s.download(key, path),
+                       policy=policy, context=f"task_id={task_id}")
 
     try:
-        asyncio.run(store.open().download(key, path))
+        asyncio.run(fetch())
     except (NotFound, InvalidRequest) as e:
         raise BadInput(f"the input image {key[:200]} is not in the store",
                        code="input_missing") from e
     except (VidmaasError, OSError) as e:
+        if is_disk_full(e):
+            raise DiskFull(f"no space left to fetch the input image: {e}") from e
+        if isinstance(e, StorageUnavailable):
+            raise InfraError(f"the object store stayed unavailable ({policy.attempts} "
+                             f"attempts, {policy.total_s:g} s at most): {e}",
+                             code="storage_unavailable") from e
         raise InfraError(f"cannot fetch the input image: {e}", code="storage_error") from e
 
 
@@ -162,35 +185,6 @@ def _check_image(path: Any) -> None:
 
 # ---------------------------------------------------------------- generate
 
-HANG_S = 300.0
-"""How long a rank told to hang (``hang_at_step``) sleeps: longer than any test waits."""
-
-
-def _fault_hook(ctx: Context) -> Any:
-    fault = ctx.env.fault
-    oom_at = int(fault["oom_at_step"]) if "oom_at_step" in fault else None
-    delay_s = float(fault.get("step_delay_s", "0") or 0)
-    hang_at = int(fault["hang_at_step"]) if "hang_at_step" in fault else None
-    hangs = hang_at is not None and ctx.env.dist.rank == int(fault.get("hang_rank", "1")) \
-        and ctx.env.attempt == int(fault.get("hang_attempt", str(ctx.env.attempt)))
-
-    def hook(step: int) -> None:
-        if delay_s:
-            time.sleep(delay_s)
-        if hangs and hang_at is not None and step >= hang_at:
-            # Never joins the next collective: its peers wait there, as in a deadlock.
-            log.warning("task_id=%s rank %d hangs at step %d (VIDMAAS_TEST_FAULT)",
-                        ctx.env.task_id, ctx.env.dist.rank, step)
-            time.sleep(HANG_S)
-        if oom_at is not None and step >= oom_at:
-            import torch
-
-            raise torch.OutOfMemoryError(
-                f"CUDA out of memory (injected by VIDMAAS_TEST_FAULT at step {step})")
-
-    return hook
-
-
 def generate(ctx: Context) -> None:
     env, args, reporter = ctx.env, ctx.args, ctx.reporter
     if env.model_dir is None:
@@ -203,10 +197,7 @@ def generate(ctx: Context) -> None:
     import torch
 
     cuda = torch.cuda.is_available()
-    guidance = max(args.guidance_scale, args.guidance_scale_2 or 0.0) > 1.0
-    p = distributed.plan(world_size=env.dist.world_size, rank=env.dist.rank, cuda=cuda,
-                         guidance=guidance, num_heads=num_attention_heads(env.model_dir),
-                         model=args.model, strategy=args.strategy)
+    p = plan_for(env, args, cuda=cuda)
     import_libraries()
     imports_s = time.perf_counter() - t
     distributed.init_process_group(p, cuda=cuda, local_rank=env.dist.local_rank,
@@ -214,11 +205,38 @@ def generate(ctx: Context) -> None:
     engine: Engine | None = None
     try:
         t = time.perf_counter()
-        engine = Engine.load(env.model_dir, plan=p, local_rank=env.dist.local_rank,
-                             options=options_of(args))
+        try:
+            engine = Engine.load(env.model_dir, plan=p, local_rank=env.dist.local_rank,
+                                 options=options_of(args))
+        except Exception as e:
+            if is_out_of_memory(e):
+                raise out_of_memory(ctx.env, ctx.args, engine=None, world_size=p.world_size,
+                                    strategy=p.strategy, cause=e) from e
+            raise
         load_model_s = time.perf_counter() - t
         reporter.progress(Stage.LOAD_MODEL, 1, 1)
-        fault = _fault_hook(ctx)
+        generate_with(ctx, engine, timings={"imports_s": imports_s,
+                                            "load_model_s": load_model_s})
+    finally:
+        distributed.destroy_process_group()
+
+
+def plan_for(env: JobEnv, args: JobArgs, *, cuda: bool) -> distributed.Plan:
+    """How this job's ranks share the work (``distributed.plan``), from its arguments."""
+    assert env.model_dir is not None
+    guidance = max(args.guidance_scale, args.guidance_scale_2 or 0.0) > 1.0
+    return distributed.plan(world_size=env.dist.world_size, rank=env.dist.rank, cuda=cuda,
+                            guidance=guidance, num_heads=num_attention_heads(env.model_dir),
+                            model=args.model, strategy=args.strategy)
+
+
+def generate_with(ctx: Context, engine: Engine, *, timings: dict[str, float]) -> None:
+    """One generation on a loaded ``engine`` (every rank); rank 0 leaves the frames and
+    their facts in the work directory. Used by ``generate`` and by a pool worker."""
+    args, reporter = ctx.args, ctx.reporter
+    p = engine.plan
+    try:
+        fault = faults.step_hook(ctx.env)
 
         def on_step(step: int, total: int) -> str | None:
             fault(step)
@@ -232,15 +250,12 @@ def generate(ctx: Context) -> None:
                       image=ctx.work.input_image(args.image) if args.image else None,
                       guidance_scale=args.guidance_scale,
                       guidance_scale_2=args.guidance_scale_2)
-        out = engine.generate(req, on_step=on_step, on_stage=reporter.stage)
+        with previews(ctx, rank=p.rank) as previewer:
+            out = engine.generate(req, on_step=on_step, on_stage=reporter.stage,
+                                  on_latents=previewer.offer if previewer else None)
         if p.rank == 0:
-            import numpy as np
-
             reporter.progress(Stage.DECODE, 1, 1)
-            ctx.work.frames.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ctx.work.frames.with_name(".frames.tmp.npy")
-            np.save(tmp, out.frames)
-            os.replace(tmp, ctx.work.frames)
+            save_frames(ctx.work.frames, out.frames)
             ctx.work.write_json(ctx.work.result, {
                 "width": int(out.frames.shape[2]), "height": int(out.frames.shape[1]),
                 "num_frames": int(out.frames.shape[0]), "seed": args.seed,
@@ -248,20 +263,62 @@ def generate(ctx: Context) -> None:
                 "plan": engine.placement.describe(),
                 "transformer_evaluations": out.transformer_evaluations,
                 "moves": [list(m) for m in out.moves]})
-            ctx.add_timings({"imports_s": imports_s, "load_model_s": load_model_s,
-                             **out.timings})
+            ctx.add_timings({**timings, **out.timings})
     except Exception as e:
         if is_out_of_memory(e):
-            raise out_of_memory(ctx, engine=engine, world_size=p.world_size,
+            raise out_of_memory(ctx.env, ctx.args, engine=engine, world_size=p.world_size,
                                 strategy=p.strategy, cause=e) from e
         if is_collective_timeout(e):
-            raise CollectiveTimeout(
-                f"rank {p.rank} of {p.world_size} waited in a collective for longer than the "
-                f"collective timeout of {env.collective_timeout_s:.0f}s: another rank stopped "
-                f"or deadlocked ({str(e)[:300]})") from e
+            raise CollectiveTimeout.of(e, rank=p.rank, world_size=p.world_size,
+                                       timeout_s=ctx.env.collective_timeout_s) from e
         raise
+
+
+class _Stream:
+    """A file numpy cannot see through: ``np.save`` then writes it in chunks through
+    Python (a failed write keeps its ``errno``, so a full disk reads as one) instead of
+    C's ``fwrite``, which reports only "problem writing element N"."""
+
+    def __init__(self, f: Any) -> None:
+        self.write = f.write
+
+
+def save_frames(path: Any, frames: Any) -> None:
+    """``frames`` as ``.npy`` at ``path``, atomically."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".frames.tmp.npy")
+    with tmp.open("wb") as f:
+        np.save(_Stream(f), frames)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def previews(ctx: Context, *, rank: int) -> Iterator[preview.Previewer | None]:
+    """Live previews of this generation (``runtime.preview``), or None where there are
+    none: not rank 0, none wanted (``VIDMAAS_PREVIEW_MAX=0``), or nowhere to put or
+    announce them. The previews' thread is finished when the block ends."""
+    env, reporter = ctx.env, ctx.reporter
+    if rank != 0 or env.preview_max <= 0 or not env.storage_url or not env.task_id \
+            or not reporter.reports:
+        yield None
+        return
+    try:
+        projection = preview.parse_projection(ctx.args.preview_rgb)
+    except ValueError as e:
+        log.warning("task_id=%s bad --preview-rgb, using the default projection: %s",
+                    env.task_id, e)
+        projection = None
+    previewer = preview.Previewer(
+        throttle=preview.Throttle(interval_s=env.preview_interval_s,
+                                  max_count=env.preview_max),
+        sink=preview.store_sink(task_id=env.task_id, store=ctx.store(), announcer=reporter),
+        projection=projection, name=f"preview-{env.task_id}")
+    try:
+        yield previewer
     finally:
-        distributed.destroy_process_group()
+        previewer.close()
 
 
 def options_of(args: JobArgs) -> Options:
@@ -269,49 +326,6 @@ def options_of(args: JobArgs) -> Options:
                    flow_shift=args.flow_shift, memory_saving=args.memory_saving,
                    attention_backend=args.attention_backend, compile=args.compile,
                    tf32=args.tf32)
-
-
-def out_of_memory(ctx: Context, *, engine: Engine | None, world_size: int,
-                  strategy: Strategy, cause: BaseException) -> OutOfMemory:
-    """The failure of a generation that ran out of memory, saying what was asked of what."""
-    from vidmaas.runtime import memory, plan
-
-    args = ctx.args
-    where = _device_memory(ctx.env.dist.local_rank)
-    if engine is not None:
-        placement = engine.placement
-    else:
-        placement = plan.placement(strategy=strategy,
-                                   world_size=world_size, memory_saving=args.memory_saving,
-                                   cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling)
-    estimate = ""
-    try:
-        from vidmaas.runtime.architectures import from_model_dir
-
-        assert ctx.env.model_dir is not None
-        est = memory.estimate(from_model_dir(ctx.env.model_dir), placement, width=args.width,
-                            height=args.height, frames=args.frame_num,
-                            image=bool(args.image),
-                            nproc_per_node=ctx.env.dist.nproc_per_node)
-        estimate = f"; the plan's estimated peak is {plan.gib(est.gpu_peak_bytes)} per GPU"
-    except Exception as e:  # the estimate is a courtesy; the failure is the message
-        log.debug("task_id=%s no memory estimate: %s", ctx.env.task_id, e)
-    then = ("already under the memory-saving plan: the same model at this size fails the "
-            "same way, so it is not retried" if args.memory_saving else
-            "retried once with the memory-saving plan (--memory-saving)")
-    return OutOfMemory(
-        f"out of memory{where}: model {args.model or '?'} at {args.width}*{args.height}, "
-        f"{args.frame_num} frames, {args.sample_steps} steps, plan {placement.describe()}"
-        f"{estimate}; {then} ({str(cause)[:300]})", final=args.memory_saving)
-
-
-def _device_memory(local_rank: int) -> str:
-    import torch
-
-    if not torch.cuda.is_available():
-        return " (host)"
-    total = torch.cuda.get_device_properties(local_rank).total_memory
-    return f" on cuda:{local_rank} ({total / 2**30:.1f} GiB)"
 
 
 # ---------------------------------------------------------------- postprocess
@@ -379,6 +393,11 @@ def torchrun_command(env: JobEnv, args: JobArgs) -> list[str]:
     """``torchrun … vidmaas.runtime.cli generate ARGS`` for this node."""
     from vidmaas.runtime.job import cli_args
 
+    return [*torchrun_prefix(env), "-m", "vidmaas.runtime.cli", "generate", *cli_args(args)]
+
+
+def torchrun_prefix(env: JobEnv) -> list[str]:
+    """``torchrun`` with this node's share of the job (then the program to run)."""
     d = env.dist
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(d.nnodes),
            "--nproc-per-node", str(d.nproc_per_node)]
@@ -388,7 +407,7 @@ def torchrun_command(env: JobEnv, args: JobArgs) -> list[str]:
                 "--master-port", os.environ.get("MASTER_PORT", "29500")]
     else:
         cmd += ["--standalone"]
-    return [*cmd, "-m", "vidmaas.runtime.cli", "generate", *cli_args(args)]
+    return cmd
 
 
 def _torchrun_generate(ctx: Context) -> None:

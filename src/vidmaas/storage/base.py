@@ -1,13 +1,15 @@
 """The object store interface and its two implementations.
 
 Guarantees:
-- Keys are server-made (``input_key``, ``output_key``); ``check_key`` refuses any
+- Keys are server-made (``input_key``, ``output_key``, ``preview_key``); ``check_key`` refuses any
   key that could escape its prefix (``..``, absolute, backslashes, control chars).
 - Every method is async; blocking SDK calls run in worker threads.
 - Writes are all-or-nothing: the local store writes to a temporary file and renames
   it; S3 puts are atomic by nature.
 - Errors from the backend are raised as ``StorageError`` (``from`` the cause);
   a missing object is ``NotFound``.
+- ``head`` gives a stored object's size and ETag (what ``storage.retry.upload_verified``
+  checks an upload against); a missing object is ``NotFound``.
 - ``presign_get`` gives a time-limited URL, or None where the store cannot make one
   (the local directory): the API then streams the bytes itself.
 """
@@ -19,6 +21,7 @@ import os
 import re
 import tempfile
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -42,6 +45,25 @@ def output_key(task_id: str, filename: str) -> str:
     return check_key(f"outputs/{task_id}/{filename}")
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What the store says about a stored object."""
+
+    size: int
+    etag: str = ""
+    """As the store gives it (S3: the MD5 of a single-part, unencrypted upload)."""
+    encryption: str | None = None
+    """S3's ``ServerSideEncryption`` (``aws:kms`` makes the ETag no MD5)."""
+
+
+PREVIEW_FILENAME = "preview.jpg"
+
+
+def preview_key(task_id: str) -> str:
+    """The task's latest live preview image (JPEG), overwritten by each new one."""
+    return output_key(task_id, PREVIEW_FILENAME)
+
+
 class ObjectStore(Protocol):
     """What every store offers."""
 
@@ -53,6 +75,7 @@ class ObjectStore(Protocol):
     async def download(self, key: str, path: Path) -> None: ...
     async def exists(self, key: str) -> bool: ...
     async def size(self, key: str) -> int: ...
+    async def head(self, key: str) -> ObjectInfo: ...
     async def delete(self, key: str) -> None: ...
     async def delete_prefix(self, prefix: str) -> int: ...
     async def presign_get(self, key: str, *, ttl_s: int, filename: str | None = None,
@@ -118,6 +141,9 @@ class LocalStore:
             return (await asyncio.to_thread(self.path(key).stat)).st_size
         except FileNotFoundError as e:
             raise NotFound(f"no object {key}") from e
+
+    async def head(self, key: str) -> ObjectInfo:
+        return ObjectInfo(size=await self.size(key))
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self.path(key).unlink, missing_ok=True)

@@ -2,7 +2,9 @@
 
 Guarantees: see ``storage.base``. Keys live under the URL's prefix; presigned URLs are
 signed for the public endpoint when one is configured (browsers reach the store
-through it) and expire after ``ttl_s``.
+through it) and expire after ``ttl_s``. A failure that is an outage (no connection, a
+timeout, a 5xx, a throttling answer; also when boto3 wraps one) is raised as
+``StorageUnavailable``, any other as ``StorageError``.
 """
 
 from __future__ import annotations
@@ -13,14 +15,44 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-from boto3.exceptions import Boto3Error
+from boto3.exceptions import Boto3Error, RetriesExceededError
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    ResponseStreamingError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from vidmaas.errors import NotFound, StorageError
-from vidmaas.storage.base import CHUNK_BYTES, check_key
+from vidmaas.errors import NotFound, StorageError, StorageUnavailable
+from vidmaas.storage.base import CHUNK_BYTES, ObjectInfo, check_key
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                    "ServiceUnavailable", "InternalError", "RequestTimeoutException"}
+_TRANSIENT_ERRORS = (BotoConnectionError, HTTPClientError, IncompleteReadError,
+                     ResponseStreamingError, ConnectionError, TimeoutError)
+
+
+def _outage(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what it wraps: boto3 re-raises a ClientError as
+    ``S3UploadFailedError``, a failed read as ``RetriesExceededError``) is an outage."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ClientError):
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            return status >= 500 or status in (408, 429) or code in _TRANSIENT_CODES
+        if isinstance(exc, _TRANSIENT_ERRORS):
+            return True
+        if isinstance(exc, RetriesExceededError):
+            exc = getattr(exc, "last_exception", None)
+        else:
+            exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 class S3Store:
@@ -51,9 +83,11 @@ class S3Store:
             code = str(e.response.get("Error", {}).get("Code", ""))
             if code in _MISSING:
                 raise NotFound(f"no object {kwargs.get('Key', '')}") from e
-            raise StorageError(f"S3 {what} failed: {code or e}") from e
+            error = StorageUnavailable if _outage(e) else StorageError
+            raise error(f"S3 {what} failed: {code or e}") from e
         except (BotoCoreError, Boto3Error) as e:  # S3UploadFailedError is a Boto3Error
-            raise StorageError(f"S3 {what} failed: {e}") from e
+            error = StorageUnavailable if _outage(e) else StorageError
+            raise error(f"S3 {what} failed: {e}") from e
 
     async def ensure_ready(self) -> None:
         try:
@@ -91,6 +125,12 @@ class S3Store:
         head = await self._call("head", self._client.head_object, Bucket=self.bucket,
                                 Key=self._k(key))
         return int(head["ContentLength"])
+
+    async def head(self, key: str) -> ObjectInfo:
+        head = await self._call("head", self._client.head_object, Bucket=self.bucket,
+                                Key=self._k(key))
+        return ObjectInfo(size=int(head["ContentLength"]), etag=str(head.get("ETag", "")),
+                          encryption=head.get("ServerSideEncryption"))
 
     async def delete(self, key: str) -> None:
         await self._call("delete", self._client.delete_object, Bucket=self.bucket,

@@ -1,8 +1,10 @@
 """Liveness, readiness, and the stream-token endpoint browsers use.
 
 Guarantees: ``/healthz`` answers 200 while the process serves requests; ``/readyz``
-answers 200 only when the database, Redis and the object store all answer, and 503
-naming the ones that do not. (``/v1/me`` lives in ``routes.usage``.)
+answers 200 only when the database, Redis and the object store all answer and the
+event outbox is below ``outbox.max_pending`` (at the bound, status changes commit
+without their events), and 503 naming what is not. (``/v1/me`` lives in
+``routes.usage``.)
 """
 
 from __future__ import annotations
@@ -27,12 +29,17 @@ _UNAUTHENTICATED: dict[int | str, dict[str, Any]] = {
                                              "(Retry-After)"}}
 
 
+class OutboxFull(Exception):
+    """The outbox reached ``outbox.max_pending`` (readiness only; never leaves here)."""
+
+
 @router.get("/healthz", summary="Liveness")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: database, Redis and object store reachable",
+@router.get("/readyz", summary="Readiness: database, Redis and object store reachable, "
+                               "event outbox below its bound",
             responses={503: {"description": "a backing service does not answer; the body "
                                             "names which"}})
 async def readyz(request: Request) -> JSONResponse:
@@ -47,11 +54,19 @@ async def readyz(request: Request) -> JSONResponse:
     async def store() -> None:
         await svc.store.ensure_ready()
 
+    async def events() -> None:
+        pending = await svc.lifecycle.outbox_pending()
+        if pending >= svc.settings.outbox.max_pending:
+            raise OutboxFull(f"{pending} events waiting")
+
     checks: dict[str, Any] = {}
-    for name, fn in (("database", db), ("redis", redis), ("storage", store)):
+    for name, fn in (("database", db), ("redis", redis), ("storage", store),
+                     ("outbox", events)):
         try:
             await asyncio.wait_for(fn(), CHECK_TIMEOUT_S)
             checks[name] = "ok"
+        except OutboxFull as e:
+            checks[name] = f"full: {e}"
         except Exception as e:
             checks[name] = f"error: {type(e).__name__}"
     ok = all(v == "ok" for v in checks.values())

@@ -2,7 +2,7 @@
 
 Guarantees: every answered request is counted by method, route template (never the
 raw path) and status; a scrape refreshes the snapshot gauges — queue depth per user
-and in total, GPUs in use and capacity, tasks by status — from Redis and the
+and in total, GPUs in use and capacity, tasks by status, outbox rows waiting — from Redis and the
 database, so any api replica reports the current picture; a backing service that is
 down leaves its gauges as they were and never fails the scrape.
 """
@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request, Response
 
 from vidmaas.api.deps import services_of
 from vidmaas.bus.queue import TaskQueue
+from vidmaas.db import outbox
 from vidmaas.db import tasks as repo
 from vidmaas.metrics import CONTENT_TYPE, Metrics, render
 
@@ -41,6 +42,7 @@ async def _refresh(request: Request, metrics: Metrics) -> None:
     try:
         async with svc.sessions() as s:
             metrics.set_task_counts(await repo.count_by_status(session=s))
+            metrics.set_outbox_pending(await outbox.count(s))
     except Exception as e:
         log.warning("metrics: database unavailable (%s)", type(e).__name__)
 

@@ -4,10 +4,11 @@ Guarantees: a caller sees, cancels and downloads only their own tasks (an admin 
 someone else's task answers exactly like a missing one (404 ``task_not_found``);
 the list is newest first with an opaque cursor; downloads redirect to a presigned
 URL when the store can make one, and stream the file (with Range support) otherwise
-(a store that is down is 503 ``storage_error``). A create's body, JSON or form, is
-read by ``api.body``; a form takes exactly the JSON body's fields plus ``image`` (any
-other field is refused, as in JSON). A cancel that the database recorded stands even
-if Redis then fails.
+(a store that is down is 503 ``storage_error``). The latest live preview of a task
+is served as bytes, never cached (``no-store``); 404 ``no_preview`` while there is none.
+A create's body, JSON or form, is read by ``api.body``; a form takes exactly the JSON
+body's fields plus ``image`` (any other field is refused, as in JSON). A cancel that the
+database recorded stands even if Redis then fails.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from vidmaas.db.models import Task
 from vidmaas.domain.ids import is_task_id
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import Conflict, InvalidRequest, NotFound
-from vidmaas.storage.base import LocalStore
+from vidmaas.storage.base import LocalStore, preview_key
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
@@ -219,3 +220,16 @@ async def get_video(request: Request, task_id: str, caller: CallerOrTokenDep) ->
             response_class=Response, summary="Download the poster image")
 async def get_poster(request: Request, task_id: str, caller: CallerOrTokenDep) -> Response:
     return await _download(request, task_id=task_id, scope=caller.scope, which="poster")
+
+
+@router.get("/{task_id}/preview", responses={**_ERRORS, 200: {"content": {"image/jpeg": {}}}},
+            response_class=Response, summary="The latest live preview image")
+async def get_preview(request: Request, task_id: str, caller: CallerDep) -> Response:
+    """A small JPEG of the denoising latents, replaced a few times while the task runs
+    (announced by ``preview`` events); 404 ``no_preview`` before the first one."""
+    task = await load_own(request, task_id=task_id, scope=caller.scope)
+    try:
+        data = await services_of(request).store.get_bytes(preview_key(task.id))
+    except NotFound as e:
+        raise NotFound("the task has no preview", code="no_preview") from e
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})

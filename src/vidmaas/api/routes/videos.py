@@ -50,6 +50,7 @@ from vidmaas.domain.ids import is_task_id
 from vidmaas.domain.models import ModelSpec, parse_size
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import InvalidRequest, NotFound, ServiceUnavailable, VidmaasError
+from vidmaas.storage.base import preview_key
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +394,7 @@ async def delete_video(request: Request, video_id: str, caller: CallerDep) -> Vi
         if status is not TaskStatus.CANCELLING:
             await cancel(request, task, by=caller.name, scope=caller.scope)
     else:
-        for key in (task.video_key, task.poster_key):
+        for key in (task.video_key, task.poster_key, preview_key(task.id)):
             if key is not None:
                 await svc.store.delete(key)
         if task.video_key is not None or task.poster_key is not None:

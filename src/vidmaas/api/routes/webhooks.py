@@ -18,15 +18,13 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel
 
 from vidmaas.api.deps import CallerDep, SessionDep
 from vidmaas.api.routes.tasks import load_own
-from vidmaas.api.schemas import ErrorBody
+from vidmaas.api.schemas import DeliveryList, ErrorBody, delivery_out
 from vidmaas.db import webhooks as deliveries
 from vidmaas.domain import webhooks as policy
 from vidmaas.errors import InvalidRequest
@@ -34,29 +32,6 @@ from vidmaas.errors import InvalidRequest
 router = APIRouter(prefix="/v1/tasks", tags=["webhooks"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404)}
-
-
-class DeliveryOut(BaseModel):
-    """One webhook delivery: one event to one target URL."""
-
-    id: str
-    """The ``webhook-id`` header the receiver saw (stable across retries)."""
-    url: str
-    event_id: str
-    event_type: str
-    status: str
-    """pending, delivered, failed (gave up) or refused (target not allowed)."""
-    attempts: int
-    last_status_code: int | None
-    last_error: str | None
-    next_attempt_at: datetime | None
-    created_at: datetime
-    delivered_at: datetime | None
-
-
-class DeliveryList(BaseModel):
-    object: str = "list"
-    data: list[DeliveryOut]
 
 
 async def _resolve(host: str, port: int) -> list[str]:
@@ -86,11 +61,7 @@ async def list_deliveries(request: Request, task_id: str, caller: CallerDep,
     rows = await deliveries.list_for_task(
         session=session, task_id=task.id,
         url=None if caller.is_admin else (task.webhook_url or ""), limit=500)
-    return DeliveryList(data=[DeliveryOut(
-        id=r.delivery_id, url=r.url, event_id=r.event_id, event_type=r.event_type,
-        status=r.status, attempts=r.attempts, last_status_code=r.last_status_code,
-        last_error=r.last_error, next_attempt_at=r.next_attempt_at, created_at=r.created_at,
-        delivered_at=r.delivered_at) for r in rows])
+    return DeliveryList(data=[delivery_out(r) for r in rows])
 
 
 def install(app: FastAPI) -> None:

@@ -8,6 +8,9 @@
 // /v1/tasks/{id} every 2 s), and a browser without WebSocket support only polls.
 // Progress never goes backwards and a terminal state is final. A reload starts from
 // GET /v1/tasks (the database is the source of truth).
+// While a task denoises, each "preview" event makes its card fetch the latest preview
+// image (GET /v1/tasks/{id}/preview with the API key, shown from a blob: URL); the
+// newest step wins, and the preview goes once the video is there or the task ends.
 // An admin also gets the admin page (admin.js, loaded only for admins).
 
 import { $, fmtDuration, h, parseTime } from "./dom.js";
@@ -402,11 +405,13 @@ function cardOf(id) {
   const startsIn = h("span", { class: "starts-in muted", "data-testid": "starts-in" });
   const progressRow = h("div", { class: "progress-row" }, bar, h("div", { class: "progress-text" }, position, startsIn, stage, percent, eta));
   const error = h("p", { class: "task-error", "data-testid": "error", role: "status" });
+  const preview = h("img", { class: "preview", "data-testid": "preview", alt: state.t("preview"), hidden: true });
   const media = h("div", { class: "media" });
   const cancel = h("button", { type: "button", class: "ghost danger", "data-testid": "cancel", onclick: () => cancelTask(id) });
   const actions = h("div", { class: "actions" }, cancel);
-  card.append(h("div", { class: "task-head" }, badge, h("time", { class: "muted", "data-testid": "created" })), prompt, meta, progressRow, error, media, actions);
-  card.parts = { badge, meta, bar, percent, stage, eta, position, startsIn, progressRow, error, media, cancel, actions };
+  card.append(h("div", { class: "task-head" }, badge, h("time", { class: "muted", "data-testid": "created" })), prompt, meta, progressRow, error, preview, media, actions);
+  card.parts = { badge, meta, bar, percent, stage, eta, position, startsIn, progressRow, error, preview, media, cancel, actions };
+  card.previewState = { step: 0, seq: 0, url: null };
   cards.set(id, card);
   return card;
 }
@@ -457,7 +462,47 @@ function renderTask(id) {
   p.cancel.textContent = "";
   p.cancel.append(icon("x"), document.createTextNode(tr("cancel")));
   p.cancel.hidden = TERMINAL.has(t.status) || t.status === "cancelling";
+  p.preview.alt = tr("preview");
+  // The preview stays until the video replaces it, or the task ends without one.
+  if (TERMINAL.has(t.status) && (t.status !== "completed" || t.video_url)) clearPreview(card);
   renderMedia(id, t, p);
+}
+
+function clearPreview(card) {
+  const ps = card.previewState;
+  ps.seq += 1; // a fetch still in flight is dropped
+  ps.step = 0;
+  if (ps.url) URL.revokeObjectURL(ps.url);
+  ps.url = null;
+  card.parts.preview.hidden = true;
+  card.parts.preview.removeAttribute("src");
+  delete card.parts.preview.dataset.step;
+}
+
+async function loadPreview(id, step) {
+  // The task's latest preview image, fetched with the API key and shown from a blob: URL.
+  const card = cards.get(id);
+  if (!card || !state.apiKey) return;
+  const ps = card.previewState;
+  if (step && step <= ps.step) return; // an older preview than the one shown
+  ps.seq += 1;
+  const seq = ps.seq;
+  let blob;
+  try {
+    const resp = await fetch(`/v1/tasks/${id}/preview`, { headers: { Authorization: `Bearer ${state.apiKey}` }, cache: "no-store" });
+    if (!resp.ok) return; // none yet (404 no_preview), or not now: the next event retries
+    blob = await resp.blob();
+  } catch (e) {
+    return;
+  }
+  const t = state.tasks.get(id);
+  if (seq !== ps.seq || !t || TERMINAL.has(t.status)) return;
+  if (ps.url) URL.revokeObjectURL(ps.url);
+  ps.url = URL.createObjectURL(blob);
+  ps.step = step || ps.step;
+  card.parts.preview.src = ps.url;
+  card.parts.preview.dataset.step = String(ps.step);
+  card.parts.preview.hidden = false;
 }
 
 function renderMedia(id, t, p) {
@@ -600,7 +645,7 @@ function applyEvent(t, msg) {
       t.status = "cancelled";
       break;
     default:
-      break; // heartbeat, log, and types this page does not know yet
+      break; // heartbeat, log, preview (handled after rendering), and types this page does not know yet
   }
 }
 
@@ -615,8 +660,11 @@ function applyStreamMessage(id, msg) {
   if (TERMINAL.has(t.status)) return; // a terminal state is final
   if (msg.type === "snapshot") mergeTask(t, snapshotState(msg));
   else applyEvent(t, msg);
+  if (msg.type === "queued" && msg.id) clearPreview(cardOf(id)); // a new attempt starts over
   renderTask(id);
   if (TERMINAL.has(t.status)) settleTask(id);
+  else if (msg.type === "preview") loadPreview(id, Number((msg.data || {}).step) || 0);
+  else if (msg.type === "snapshot" && t.status === "running") loadPreview(id, 0); // a reload mid-run
 }
 
 async function adoptTask(id, msg) {

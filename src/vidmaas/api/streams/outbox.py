@@ -3,8 +3,8 @@
 Guarantees:
 - Nothing is dropped while fewer than ``limit`` messages wait: a client that keeps up
   gets every event.
-- Past ``limit``, droppable messages go first (``progress``, ``heartbeat``, ``log``
-  and queue-position pushes): the oldest one that a newer message of the same kind
+- Past ``limit``, droppable messages go first (``progress``, ``heartbeat``, ``log``,
+  ``preview`` and queue-position pushes): the oldest one that a newer message of the same kind
   and task supersedes first (so progress coalesces to the latest), else the oldest
   droppable one. Other messages (snapshots, state and terminal events, ``end``) are
   never dropped; with no droppable one left, ``overflowed`` is set.
@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from vidmaas.domain.events import ClientMessage, Event, EventType
 
 DROPPABLE: frozenset[EventType] = frozenset(
-    {EventType.PROGRESS, EventType.HEARTBEAT, EventType.LOG})
+    {EventType.PROGRESS, EventType.HEARTBEAT, EventType.LOG, EventType.PREVIEW})
 """Events a full outbox may drop; every other event reaches the client."""
 
 _COALESCED: dict[EventType, str] = {EventType.PROGRESS: "progress",
-                                    EventType.HEARTBEAT: "heartbeat"}
+                                    EventType.HEARTBEAT: "heartbeat",
+                                    EventType.PREVIEW: "preview"}
 """Events of which only the newest per task matters once the buffer is full."""
 
 Key = tuple[str, str]

@@ -1,4 +1,4 @@
-"""Names the rendered PyTorchJobs and the executor that watches them must agree on.
+"""Names the rendered manifests (PyTorchJobs, pool LeaderWorkerSets) and the executor agree on.
 
 Guarantees: one definition of the API group/version/kind, the main container's name,
 and every label key vidmaas sets on a job or reads from its pods; the renderer, the
@@ -38,3 +38,20 @@ POD_REPLICA_LABEL: Final = "training.kubeflow.org/replica-type"
 POD_REPLICA_INDEX_LABEL: Final = "training.kubeflow.org/replica-index"
 """Set by the Training Operator: the pod's index among its replica type's pods (a
 Worker's node rank is its index + 1)."""
+
+# Warm pools (DESIGN §12): one LeaderWorkerSet per pool worker (see ``pools``).
+LWS_API_VERSION: Final = "leaderworkerset.x-k8s.io/v1"
+LWS_KIND: Final = "LeaderWorkerSet"
+LWS_GROUP: Final = LWS_API_VERSION.split("/")[0]
+LWS_VERSION: Final = LWS_API_VERSION.split("/")[1]
+LWS_PLURAL: Final = "leaderworkersets"
+SERVE_CONTAINER: Final = "serve"
+"""The main container of a pool worker's pods (``vidmaas-job serve``)."""
+LABEL_WORKER_ID: Final = "vidmaas.io/worker-id"
+"""On a worker's LeaderWorkerSet and its pods: the dispatcher's worker id."""
+LABEL_POOL: Final = "vidmaas.io/pool"
+"""On a worker's LeaderWorkerSet and its pods: the pooled model."""
+ANNOTATION_EXIT_CODE: Final = "vidmaas.io/exit-code"
+"""Set, with ``spec.replicas: 0``, once a worker's process has ended."""
+LWS_WORKER_INDEX_LABEL: Final = "leaderworkerset.sigs.k8s.io/worker-index"
+"""Set by the LeaderWorkerSet controller: the pod's index in its group (0: the leader)."""

@@ -1,4 +1,5 @@
-"""The Kubernetes executor: one Kubeflow PyTorchJob per task (DESIGN §7).
+"""The Kubernetes executor: one Kubeflow PyTorchJob per task (DESIGN §7), and the warm-pool
+workers of ``pools`` (one LeaderWorkerSet each, DESIGN §12).
 
 Guarantees, on top of the executor protocol's:
 - ``launch`` renders the job with ``render_pytorchjob`` (injection-proof, CRD-checked)
@@ -22,6 +23,8 @@ Guarantees, on top of the executor protocol's:
 - ``cancel`` deletes the job with foreground propagation; its pods get SIGTERM and are
   killed after ``terminationGracePeriodSeconds`` (the cancel grace, set by the template).
   A job that is already gone is success.
+- ``updates`` also follows the pool workers' LeaderWorkerSets (when pools are configured)
+  and their pods, and reports a worker's end or stuck pods under its worker id.
 - Every Kubernetes call is listed in ``KUBE_API_CALLS`` (for the RBAC Role), and every
   client error is raised as ``ExecutorError``.
 
@@ -39,20 +42,27 @@ import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any, Final, TypeVar
 
-import aiohttp
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 
 from vidmaas.config import Settings
 from vidmaas.dispatcher.executors.base import JobState, JobStatus
+from vidmaas.dispatcher.executors.kubernetes.api import CLIENT_ERRORS as _CLIENT_ERRORS
+from vidmaas.dispatcher.executors.kubernetes.api import REQUEST_TIMEOUT_S
+from vidmaas.dispatcher.executors.kubernetes.api import api_error as _api_error
+from vidmaas.dispatcher.executors.kubernetes.api import status_code as _status_code
 from vidmaas.dispatcher.executors.kubernetes.constants import (
     GROUP,
     LABEL_ATTEMPT,
+    LWS_GROUP,
+    LWS_PLURAL,
+    LWS_VERSION,
     OWNED_SELECTOR,
     PLURAL,
     POD_JOB_LABEL,
     VERSION,
 )
+from vidmaas.dispatcher.executors.kubernetes.pools import POOL_API_CALLS, PoolMixin, worker_of
 from vidmaas.dispatcher.executors.kubernetes.render import render_pytorchjob
 from vidmaas.dispatcher.executors.kubernetes.status import (
     is_attempt,
@@ -78,10 +88,10 @@ KUBE_API_CALLS: Final[tuple[tuple[str, str, str], ...]] = (
     (GROUP, PLURAL, "delete"),
     ("", "pods", "list"),
     ("", "pods", "watch"),
+    *POOL_API_CALLS,
 )
 """Every (apiGroup, resource, verb) this executor uses: what its Role must grant."""
 
-REQUEST_TIMEOUT_S: Final = 30.0
 WATCH_TIMEOUT_S: Final = 290
 """Server-side length of one watch request; the watch then resumes."""
 STALE_JOB_EXTRA_WAIT_S: Final = 15.0
@@ -97,30 +107,12 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _api_error(what: str, e: BaseException) -> ExecutorError:
-    if isinstance(e, k8s.ApiException):
-        detail = f"{e.status} {e.reason}"
-        body = e.body.decode("utf-8", "replace") if isinstance(e.body, bytes) else e.body
-        if isinstance(body, str):
-            with contextlib.suppress(ValueError):
-                detail += f": {json.loads(body).get('message', '')}"[:300]
-        return ExecutorError(f"Kubernetes {what} failed: {detail}")
-    return ExecutorError(f"Kubernetes {what} failed: {type(e).__name__}: {str(e)[:300]}")
-
-
-def _status_code(e: BaseException) -> int | None:
-    return int(e.status) if isinstance(e, k8s.ApiException) and e.status else None
-
-
-_CLIENT_ERRORS: Final = (k8s.ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError,
-                         ValueError)
-
-
 # ---------------------------------------------------------------- the executor
 
 
-class KubernetesExecutor:
-    """Runs each task as a PyTorchJob in ``settings.kube.namespace``."""
+class KubernetesExecutor(PoolMixin):
+    """Runs each task as a PyTorchJob, each pool worker as a LeaderWorkerSet, in
+    ``settings.kube.namespace``."""
 
     name = "kubernetes"
 
@@ -291,9 +283,13 @@ class KubernetesExecutor:
     async def updates(self) -> AsyncIterator[JobStatus]:
         last: dict[str, JobStatus] = {}
         sources = [self._events("pytorchjobs"), self._events("pods")]
+        if self.watches_pools:
+            sources.append(self._events(LWS_PLURAL))
         async with contextlib.aclosing(_merge(sources)) as events:
             async for kind, event_type, obj in events:
-                if kind == "pytorchjobs":
+                if worker_of(obj) is not None:
+                    status = await self._pool_event_status(kind, event_type, obj, last)
+                elif kind == "pytorchjobs":
                     status = await self._job_event_status(event_type, obj)
                 else:
                     status = pod_event_status(
@@ -363,8 +359,9 @@ class KubernetesExecutor:
         if plural == "pods":
             resp = await (await self._core()).list_namespaced_pod(self._namespace, **kwargs)
         else:
+            group, version = (LWS_GROUP, LWS_VERSION) if plural == LWS_PLURAL else (GROUP, VERSION)
             resp = await (await self._custom()).list_namespaced_custom_object(
-                GROUP, VERSION, self._namespace, PLURAL, **kwargs)
+                group, version, self._namespace, plural, **kwargs)
         self._watches.add(resp)
         try:
             if resp.status == 410:
