@@ -225,7 +225,8 @@ class Worker:
                              model=ns.model, strategy=ns.strategy)
         import_libraries()
         if self.engine is None:
-            distributed.init_process_group(p, cuda=cuda, local_rank=env.dist.local_rank)
+            distributed.init_process_group(p, cuda=cuda, local_rank=env.dist.local_rank,
+                                           timeout_s=env.collective_timeout_s)
         self.engine = None
         self._release()
         self.engine = Engine.load(env.model_dir, plan=p, local_rank=env.dist.local_rank,
