@@ -25,8 +25,6 @@ from vidmaas.config.groups import (
     KubeSettings,
     LocalExecutorSettings,
     OutboxSettings,
-    PoolModelSettings,
-    PoolSettings,
     QuotaSettings,
     RedisSettings,
     RelaySettings,
@@ -34,6 +32,7 @@ from vidmaas.config.groups import (
     StorageSettings,
     WebhookSettings,
 )
+from vidmaas.config.pools import PoolModelSettings, PoolSettings
 
 __all__ = [
     "ApiSettings",

@@ -38,7 +38,6 @@ from typing import Any
 
 from vidmaas.domain.events import Stage
 from vidmaas.domain.jobs import ENV_HEARTBEAT_INTERVAL_S, ExitCode
-from vidmaas.domain.models import Strategy
 from vidmaas.runtime import distributed, postprocess, preview
 from vidmaas.runtime.engine import (
     Engine,
@@ -56,11 +55,11 @@ from vidmaas.runtime.errors import (
     InfraError,
     JobError,
     ModelError,
-    OutOfMemory,
     is_disk_full,
     is_out_of_memory,
 )
 from vidmaas.runtime.job import JobArgs, JobEnv, WorkDir
+from vidmaas.runtime.oom import out_of_memory
 from vidmaas.runtime.reporter import Reporter
 
 log = logging.getLogger(__name__)
@@ -224,7 +223,7 @@ def generate(ctx: Context) -> None:
                                  options=options_of(args))
         except Exception as e:
             if is_out_of_memory(e):
-                raise out_of_memory(ctx, engine=None, world_size=p.world_size,
+                raise out_of_memory(ctx.env, ctx.args, engine=None, world_size=p.world_size,
                                     strategy=p.strategy, cause=e) from e
             raise
         load_model_s = time.perf_counter() - t
@@ -280,7 +279,7 @@ def generate_with(ctx: Context, engine: Engine, *, timings: dict[str, float]) ->
             ctx.add_timings({**timings, **out.timings})
     except Exception as e:
         if is_out_of_memory(e):
-            raise out_of_memory(ctx, engine=engine, world_size=p.world_size,
+            raise out_of_memory(ctx.env, ctx.args, engine=engine, world_size=p.world_size,
                                 strategy=p.strategy, cause=e) from e
         raise
 
@@ -337,49 +336,6 @@ def options_of(args: JobArgs) -> Options:
                    flow_shift=args.flow_shift, memory_saving=args.memory_saving,
                    attention_backend=args.attention_backend, compile=args.compile,
                    tf32=args.tf32)
-
-
-def out_of_memory(ctx: Context, *, engine: Engine | None, world_size: int,
-                  strategy: Strategy, cause: BaseException) -> OutOfMemory:
-    """The failure of a generation that ran out of memory, saying what was asked of what."""
-    from vidmaas.runtime import memory, plan
-
-    args = ctx.args
-    where = _device_memory(ctx.env.dist.local_rank)
-    if engine is not None:
-        placement = engine.placement
-    else:
-        placement = plan.placement(strategy=strategy,
-                                   world_size=world_size, memory_saving=args.memory_saving,
-                                   cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling)
-    estimate = ""
-    try:
-        from vidmaas.runtime.architectures import from_model_dir
-
-        assert ctx.env.model_dir is not None
-        est = memory.estimate(from_model_dir(ctx.env.model_dir), placement, width=args.width,
-                            height=args.height, frames=args.frame_num,
-                            image=bool(args.image),
-                            nproc_per_node=ctx.env.dist.nproc_per_node)
-        estimate = f"; the plan's estimated peak is {plan.gib(est.gpu_peak_bytes)} per GPU"
-    except Exception as e:  # the estimate is a courtesy; the failure is the message
-        log.debug("task_id=%s no memory estimate: %s", ctx.env.task_id, e)
-    then = ("already under the memory-saving plan: the same model at this size fails the "
-            "same way, so it is not retried" if args.memory_saving else
-            "retried once with the memory-saving plan (--memory-saving)")
-    return OutOfMemory(
-        f"out of memory{where}: model {args.model or '?'} at {args.width}*{args.height}, "
-        f"{args.frame_num} frames, {args.sample_steps} steps, plan {placement.describe()}"
-        f"{estimate}; {then} ({str(cause)[:300]})", final=args.memory_saving)
-
-
-def _device_memory(local_rank: int) -> str:
-    import torch
-
-    if not torch.cuda.is_available():
-        return " (host)"
-    total = torch.cuda.get_device_properties(local_rank).total_memory
-    return f" on cuda:{local_rank} ({total / 2**30:.1f} GiB)"
 
 
 # ---------------------------------------------------------------- postprocess
