@@ -197,6 +197,21 @@ async def _stop_jobs(roles: Roles) -> None:
     if isinstance(executor, PoolExecutor):
         stops += [executor.stop_worker(w, grace_s=JOB_STOP_GRACE_S) for w in workers]
     await asyncio.gather(*stops, return_exceptions=True)
+    # Wait until they are gone (the executor kills what outlives the grace), so that
+    # nothing is still exiting when ``vidmaas up`` itself returns.
+    deadline = time.monotonic() + JOB_STOP_GRACE_S + 2.0
+    while time.monotonic() < deadline:
+        try:
+            left = await executor.list_jobs()
+            if isinstance(executor, PoolExecutor):
+                left += await executor.list_workers()
+        except Exception:
+            log.exception("could not list jobs to stop")
+            return
+        if not left:
+            return
+        await asyncio.sleep(0.1)
+    log.warning("jobs or workers still running at exit: %s", left)
 
 
 def run_up(*, data_dir: Path, host: str, port: int, base: Settings) -> int:

@@ -25,15 +25,14 @@ from vidmaas.config.groups import (
     KubeSettings,
     LocalExecutorSettings,
     OutboxSettings,
-    PoolModelSettings,
-    PoolSettings,
     QuotaSettings,
     RedisSettings,
     RelaySettings,
+    RuntimeSettings,
     StorageSettings,
     WebhookSettings,
 )
-from vidmaas.config.runtime import RuntimeSettings
+from vidmaas.config.pools import PoolModelSettings, PoolSettings
 
 __all__ = [
     "ApiSettings",

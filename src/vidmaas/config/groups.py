@@ -361,6 +361,31 @@ class KubeSettings(BaseModel):
     None: the runtime's default."""
 
 
+class RuntimeSettings(BaseModel):
+    """Postprocess and reporting settings passed to the job runtime."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    watermark_text: str = "AI generated · vidmaas"
+    """Text watermark drawn on every frame; empty disables it."""
+    watermark_logo_path: Path | None = None
+    """A PNG logo watermark instead of (or besides) the text."""
+    heartbeat_interval_s: float = 5.0
+    """Period of heartbeat events while a job lives."""
+    progress_min_interval_s: float = 0.2
+    """Progress events closer together than this are coalesced."""
+    collective_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest a collective (``all_gather``, ``broadcast``) of a job's ranks waits for its
+    peers before it fails the job (600 s by default; ``VIDMAAS_COLLECTIVE_TIMEOUT_S``): a
+    rank that stopped or deadlocked ends the job within this, and the task is retried.
+    Keep it above the longest one rank may wait for another (the slowest step, the skew of
+    loading the model on different ranks)."""
+    preview_interval_s: float = Field(default=2.0, ge=0)
+    """Least seconds between two live preview images of a denoising task."""
+    preview_max: int = Field(default=8, ge=0, le=1000)
+    """Most live preview images per task; 0 turns previews off."""
+
+
 class WebhookSettings(BaseModel):
     """Outgoing webhooks."""
 
@@ -406,43 +431,3 @@ class RelaySettings(BaseModel):
     """Consumers idle this long with nothing pending are removed from the group."""
     send_webhooks: bool = True
     """Run the webhook sender in the relay process (one sender per relay)."""
-
-
-class PoolModelSettings(BaseModel):
-    """One model's warm pool."""
-
-    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
-
-    min_workers: int = Field(default=0, ge=0)
-    """Workers kept even when idle (0: the pool scales to zero)."""
-    max_workers: int = Field(default=1, ge=0)
-    """Most workers the pool grows to while tasks wait."""
-    idle_s: float = Field(default=300.0, ge=0)
-    """A worker idle this long is stopped while the pool is above its minimum."""
-
-
-class PoolSettings(BaseModel):
-    """Warm pools (DESIGN §12): long-lived workers that load a model once."""
-
-    model_config = ConfigDict(use_attribute_docstrings=True)
-
-    enabled: bool = True
-    """Run pooled models' tasks on warm workers; false: every task gets a job of its own."""
-    models: dict[str, PoolModelSettings] = Field(default_factory=dict)
-    """Pooled models, as JSON: ``{"wan2.2-ti2v-5b": {"min_workers": 0, "max_workers": 2,
-    "idle_s": 600}}``. A model not named here runs one job per task."""
-    worker_lease_s: float = 30.0
-    """A worker whose heartbeat has not renewed its lease for this long is lost: its task
-    is retried elsewhere and it is replaced."""
-    start_timeout_s: float = 900.0
-    """How long a new worker may take to load its model before it is given up."""
-    manage_interval_s: float = 1.0
-    """Period of the pool manager's pass (it also wakes on queue changes)."""
-    max_tasks_per_worker: int = 0
-    """A worker exits (and is replaced) after this many tasks; 0: never for that."""
-    max_failures: int = 3
-    """A worker exits after this many failed tasks in a row."""
-    max_rss_mib: int = 0
-    """A worker exits after a task that left its resident memory above this; 0: no limit."""
-    stop_grace_s: float = 30.0
-    """Time a worker has to exit by itself when stopped, before it is killed."""

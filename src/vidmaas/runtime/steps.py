@@ -61,8 +61,8 @@ from vidmaas.runtime.errors import (
     is_disk_full,
     is_out_of_memory,
 )
-from vidmaas.runtime.failures import out_of_memory
 from vidmaas.runtime.job import JobArgs, JobEnv, WorkDir
+from vidmaas.runtime.oom import out_of_memory
 from vidmaas.runtime.reporter import Reporter
 
 log = logging.getLogger(__name__)

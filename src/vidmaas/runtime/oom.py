@@ -1,10 +1,9 @@
-"""How a generation's failures are told: what ran out of memory, and on what.
+"""The message of a generation that ran out of memory.
 
-Guarantees: ``out_of_memory`` turns an out-of-memory during loading or generating into
-an ``OutOfMemory`` whose message names the device and its memory, the model, the size,
-the frames, the steps, the plan and its estimated peak, and what happens next (retried
-once with the memory-saving plan, or, already under it, final); the estimate is a
-courtesy that never hides the failure.
+Guarantees: ``out_of_memory`` says what was asked (model, size, frames, steps), of what
+(the device and its memory, the memory plan, the plan's estimated peak when it can be
+computed) and what happens next (retried once under the memory-saving plan, or final
+when already under it); it never raises while building that message.
 """
 
 from __future__ import annotations
@@ -12,11 +11,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from vidmaas.domain.models import Strategy
 from vidmaas.runtime.errors import OutOfMemory
 from vidmaas.runtime.job import JobArgs, JobEnv
 
 if TYPE_CHECKING:
+    from vidmaas.domain.models import Strategy
     from vidmaas.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -40,8 +39,9 @@ def out_of_memory(env: JobEnv, args: JobArgs, *, engine: Engine | None, world_si
 
         assert env.model_dir is not None
         est = memory.estimate(from_model_dir(env.model_dir), placement, width=args.width,
-                              height=args.height, frames=args.frame_num,
-                              image=bool(args.image), nproc_per_node=env.dist.nproc_per_node)
+                            height=args.height, frames=args.frame_num,
+                            image=bool(args.image),
+                            nproc_per_node=env.dist.nproc_per_node)
         estimate = f"; the plan's estimated peak is {plan.gib(est.gpu_peak_bytes)} per GPU"
     except Exception as e:  # the estimate is a courtesy; the failure is the message
         log.debug("task_id=%s no memory estimate: %s", env.task_id, e)
