@@ -65,6 +65,7 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("GET", "/v1/tasks"): Kind.USER,
     ("GET", "/v1/tasks/{id}"): Kind.TASK,
     ("POST", "/v1/tasks/{id}/cancel"): Kind.TASK,
+    ("GET", "/v1/tasks/{id}/preview"): Kind.TASK,
     ("GET", "/v1/tasks/{id}/webhooks"): Kind.TASK,
     ("GET", "/v1/tasks/{id}/video"): Kind.TASK_MEDIA,
     ("GET", "/v1/tasks/{id}/poster"): Kind.TASK_MEDIA,
@@ -151,7 +152,7 @@ class World:
     queued: str
     """alice's queued task."""
     completed: str
-    """alice's completed task, with a video and a poster."""
+    """alice's completed task, with a video, a poster and its last live preview."""
     tokens: dict[str, str]
     video: str | None
     """alice's OpenAI video id, when /v1/videos is served."""
@@ -169,6 +170,7 @@ async def _create(client: httpx.AsyncClient, api: LiveApi, user: str = "alice") 
 
 async def _complete(settings: Settings, task_id: str) -> None:
     from tests.api.test_tasks_api import jpeg_bytes
+    from vidmaas.storage.base import preview_key
 
     svc = Services.open(settings)
     try:
@@ -176,6 +178,7 @@ async def _complete(settings: Settings, task_id: str) -> None:
                                   content_type="video/mp4")
         await svc.store.put_bytes(f"outputs/{task_id}/poster.jpg", jpeg_bytes(),
                                   content_type="image/jpeg")
+        await svc.store.put_bytes(preview_key(task_id), jpeg_bytes(), content_type="image/jpeg")
         lc = svc.lifecycle
         await lc.transition(task_id=task_id, to=TaskStatus.DISPATCHING,
                             expected=TaskStatus.QUEUED)
