@@ -58,10 +58,9 @@ from vidmaas.dispatcher.executors.kubernetes.constants import (
 )
 from vidmaas.dispatcher.executors.kubernetes.placement import job_placement
 from vidmaas.dispatcher.executors.kubernetes.render import (
-    WORK_DIR,
     _environment,
-    _model_dir,
     manifest_yaml,
+    pod_context,
 )
 from vidmaas.domain import jobs
 from vidmaas.domain.ids import WORKER_ID_PREFIX, is_worker_id, new_worker_id
@@ -124,10 +123,6 @@ def pool_template_context(*, settings: Settings, spec: WorkerSpec,
     labels = pool_labels(settings=settings, spec=spec)
     # The same pods, GPUs per pod and memory as the model's jobs (one node by default).
     place = job_placement(kube, model)
-    limits: dict[str, int | str] = {kube.gpu_resource_name: place.nproc_per_node,
-                                    "memory": place.pod_memory}
-    if kube.gpu_memory_resource_name is not None:
-        limits[kube.gpu_memory_resource_name] = place.gpu_memory_mib
     return {
         "name": name,
         "worker_id": spec.worker_id,
@@ -148,28 +143,7 @@ def pool_template_context(*, settings: Settings, spec: WorkerSpec,
         # what the LeaderWorkerSet controller also injects as LWS_LEADER_ADDRESS.
         "master_addr": f"{name}-0.{name}.{kube.namespace}" if place.spans_nodes else None,
         "master_port": MASTER_PORT,
-        "image": model.runtime_image or kube.image,
-        "image_pull_policy": kube.image_pull_policy,
-        "service_account": kube.service_account,
-        "gpu_resource_name": kube.gpu_resource_name,
-        "requests": {"cpu": kube.cpu_request, "memory": place.pod_memory},
-        "limits": limits,
-        "shm_size_limit": kube.shm_size_limit,
-        "model_volume": kube.model_volume,
-        "model_host_path": kube.model_host_path,
-        "model_pvc_name": kube.model_pvc_name,
-        "model_mount_path": kube.model_mount_path,
-        "model_dir": _model_dir(model.model_dir, kube.model_mount_path),
-        "work_dir": WORK_DIR,
-        "storage_url": settings.storage.url,
-        "s3_endpoint_url": settings.storage.s3_endpoint_url,
-        "s3_region": settings.storage.s3_region,
-        "s3_secret_name": kube.s3_secret_name,
-        "redis_secret_name": kube.redis_secret_name,
-        "watermark_text": settings.runtime.watermark_text,
-        "heartbeat_interval_s": settings.runtime.heartbeat_interval_s,
-        "preview_interval_s": settings.runtime.preview_interval_s,
-        "preview_max": settings.runtime.preview_max,
+        **pod_context(settings, model, place),
         "termination_grace_s": math.ceil(settings.pools.stop_grace_s),
     }
 

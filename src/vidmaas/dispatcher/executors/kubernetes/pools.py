@@ -74,7 +74,12 @@ from vidmaas.dispatcher.executors.kubernetes.constants import (
     SERVE_CONTAINER,
 )
 from vidmaas.dispatcher.executors.kubernetes.pool_render import render_pool, worker_lws_name
-from vidmaas.dispatcher.executors.kubernetes.status import owned, parse_time, stuck_pod
+from vidmaas.dispatcher.executors.kubernetes.status import (
+    container_exit_code,
+    owned,
+    parse_time,
+    stuck_pod,
+)
 from vidmaas.domain.jobs import exit_code_retryable
 from vidmaas.errors import ExecutorError
 
@@ -100,24 +105,10 @@ def worker_of(obj: Mapping[str, Any]) -> str | None:
 def worker_exit_code(pods: Sequence[Mapping[str, Any]]) -> int | None:
     """The exit code of a ``serve`` container that terminated (now or before a restart):
     the leader's first, a failure before a success; None while none has."""
-    def order(pod: Mapping[str, Any]) -> int:
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        return 0 if str(labels.get(LWS_WORKER_INDEX_LABEL, "0")) == "0" else 1
+    def is_leader(labels: Mapping[str, Any]) -> bool:
+        return str(labels.get(LWS_WORKER_INDEX_LABEL, "0")) == "0"
 
-    codes: list[int] = []
-    for pod in sorted(pods, key=order):
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            if cs.get("name") != SERVE_CONTAINER:
-                continue
-            for state in (cs.get("state") or {}, cs.get("lastState") or {}):
-                code = (state.get("terminated") or {}).get("exitCode")
-                if isinstance(code, int):
-                    codes.append(code)
-                    break
-    failures = [c for c in codes if c != 0]
-    if failures:
-        return failures[0]
-    return codes[0] if codes else None
+    return container_exit_code(pods, container=SERVE_CONTAINER, is_leader=is_leader)
 
 
 def ended_status(worker_id: str, code: int | None) -> JobStatus:

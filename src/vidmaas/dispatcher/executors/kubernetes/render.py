@@ -63,7 +63,7 @@ from vidmaas.dispatcher.executors.kubernetes.placement import Placement, job_pla
 from vidmaas.domain.ids import is_task_id, new_task_id
 from vidmaas.domain.ids import job_name as job_name_of
 from vidmaas.domain.jobs import JobSpec, job_args
-from vidmaas.domain.models import ModelRegistry
+from vidmaas.domain.models import ModelRegistry, ModelSpec
 from vidmaas.errors import ExecutorError, InvalidRequest
 
 WORK_DIR: Final = "/work"
@@ -246,6 +246,45 @@ def _replicas(place: Placement, args: list[str]) -> list[dict[str, Any]]:
     return replicas
 
 
+def pod_context(settings: Settings, model: ModelSpec, place: Placement) -> dict[str, Any]:
+    """What a task's job pods and a pool worker's pods share: the image, GPUs and memory
+    of the placement, the model directory, the work directory, the store and Redis (by
+    Secret), and the runtime's environment."""
+    kube, storage, runtime = settings.kube, settings.storage, settings.runtime
+    limits: dict[str, int | str] = {kube.gpu_resource_name: place.nproc_per_node,
+                                    "memory": place.pod_memory}
+    if kube.gpu_memory_resource_name is not None:
+        limits[kube.gpu_memory_resource_name] = place.gpu_memory_mib
+    if kube.rdma_resource_name is not None and place.spans_nodes:
+        limits[kube.rdma_resource_name] = kube.rdma_per_pod
+    return {
+        "image": model.runtime_image or kube.image,
+        "image_pull_policy": kube.image_pull_policy,
+        "service_account": kube.service_account,
+        "gpu_resource_name": kube.gpu_resource_name,
+        "requests": {"cpu": kube.cpu_request, "memory": place.pod_memory},
+        "limits": limits,
+        "shm_size_limit": kube.shm_size_limit,
+        "model_volume": kube.model_volume,
+        "model_host_path": kube.model_host_path,
+        "model_pvc_name": kube.model_pvc_name,
+        "model_mount_path": kube.model_mount_path,
+        "model_dir": _model_dir(model.model_dir, kube.model_mount_path),
+        "work_dir": WORK_DIR,
+        "storage_url": storage.url,
+        "s3_endpoint_url": storage.s3_endpoint_url,
+        "s3_region": storage.s3_region,
+        "storage_retry_attempts": storage.retry_attempts,
+        "storage_retry_total_s": storage.retry_total_s,
+        "s3_secret_name": kube.s3_secret_name,
+        "redis_secret_name": kube.redis_secret_name,
+        "watermark_text": runtime.watermark_text,
+        "heartbeat_interval_s": runtime.heartbeat_interval_s,
+        "preview_interval_s": runtime.preview_interval_s,
+        "preview_max": runtime.preview_max,
+    }
+
+
 def template_context(
     *, settings: Settings, spec: JobSpec, command: list[str] | None = None,
 ) -> dict[str, Any]:
@@ -255,13 +294,7 @@ def template_context(
     labels = _labels(settings=settings, spec=spec)
     pod_labels = {k: labels[k] for k in (LABEL_MANAGED_BY, LABEL_TASK_ID, LABEL_JOB_NAME,
                                           LABEL_MODEL)}
-    limits: dict[str, int | str] = {kube.gpu_resource_name: place.nproc_per_node,
-                                    "memory": place.pod_memory}
-    if kube.gpu_memory_resource_name is not None:
-        limits[kube.gpu_memory_resource_name] = place.gpu_memory_mib
     rdma = kube.rdma_resource_name if place.spans_nodes else None
-    if rdma is not None:
-        limits[rdma] = kube.rdma_per_pod
     args = job_args(spec)
     replicas = _replicas(place, args)
     logo = settings.runtime.watermark_logo_path
@@ -294,40 +327,16 @@ def template_context(
         "nproc_per_node": place.nproc_per_node,
         "spans_nodes": place.spans_nodes,
         "replicas": replicas,
-        "image": model.runtime_image or kube.image,
-        "image_pull_policy": kube.image_pull_policy,
-        "service_account": kube.service_account,
-        "gpu_resource_name": kube.gpu_resource_name,
+        **pod_context(settings, model, place),
         "node_selector": ({GPU_PRODUCT_LABEL: kube.gpu_product}
                           if kube.gpu_product is not None else {}),
-        "requests": {"cpu": kube.cpu_request, "memory": place.pod_memory},
-        "limits": limits,
         "rdma_resource_name": rdma,
-        "shm_size_limit": kube.shm_size_limit,
         # NCCL and torch.distributed
         "nccl_socket_ifname": kube.nccl_socket_ifname if place.spans_nodes else None,
         "nccl_ib_hca": kube.nccl_ib_hca if place.spans_nodes else None,
         "hami_nccl_workaround": kube.hami_nccl_workaround,
         "collective_timeout_s": kube.collective_timeout_s,
-        # storage, secrets, runtime environment
-        "model_volume": kube.model_volume,
-        "model_host_path": kube.model_host_path,
-        "model_pvc_name": kube.model_pvc_name,
-        "model_mount_path": kube.model_mount_path,
-        "model_dir": _model_dir(model.model_dir, kube.model_mount_path),
-        "work_dir": WORK_DIR,
-        "storage_url": settings.storage.url,
-        "s3_endpoint_url": settings.storage.s3_endpoint_url,
-        "s3_region": settings.storage.s3_region,
-        "storage_retry_attempts": settings.storage.retry_attempts,
-        "storage_retry_total_s": settings.storage.retry_total_s,
-        "s3_secret_name": kube.s3_secret_name,
-        "redis_secret_name": kube.redis_secret_name,
-        "watermark_text": settings.runtime.watermark_text,
         "watermark_logo": str(logo) if logo is not None else None,
-        "heartbeat_interval_s": settings.runtime.heartbeat_interval_s,
-        "preview_interval_s": settings.runtime.preview_interval_s,
-        "preview_max": settings.runtime.preview_max,
         # runPolicy
         "clean_pod_policy": kube.clean_pod_policy,
         "ttl_seconds_after_finished": kube.ttl_seconds_after_finished,

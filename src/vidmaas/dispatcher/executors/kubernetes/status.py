@@ -17,7 +17,7 @@ Guarantees:
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from vidmaas.dispatcher.executors.base import JobState, JobStatus
@@ -82,14 +82,24 @@ def job_state_from_conditions(job: Mapping[str, Any]) -> tuple[JobState, str | N
 
 def pod_exit_code(pods: Sequence[Mapping[str, Any]]) -> int | None:
     """The main container's exit code, the Master's first, a failure before a success."""
+    def is_master(labels: Mapping[str, Any]) -> bool:
+        return str(labels.get(POD_REPLICA_LABEL, "")).lower() == "master"
+
+    return container_exit_code(pods, container=MAIN_CONTAINER, is_leader=is_master)
+
+
+def container_exit_code(pods: Sequence[Mapping[str, Any]], *, container: str,
+                        is_leader: Callable[[Mapping[str, Any]], bool]) -> int | None:
+    """The exit code of ``container`` where it terminated (now or before a restart), in
+    the pods whose labels ``is_leader`` first; a failure before a success; None while
+    none has."""
     def order(pod: Mapping[str, Any]) -> int:
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        return 0 if str(labels.get(POD_REPLICA_LABEL, "")).lower() == "master" else 1
+        return 0 if is_leader((pod.get("metadata") or {}).get("labels") or {}) else 1
 
     codes: list[int] = []
     for pod in sorted(pods, key=order):
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            if cs.get("name") != MAIN_CONTAINER:
+            if cs.get("name") != container:
                 continue
             for state in (cs.get("state") or {}, cs.get("lastState") or {}):
                 code = (state.get("terminated") or {}).get("exitCode")
