@@ -157,7 +157,8 @@ def test_a_worker_pod_gets_the_same_image_resources_volumes_and_secrets_as_a_job
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "VIDMAAS_REDIS_URL",
                  "VIDMAAS_STORAGE_URL", "VIDMAAS_STORAGE_S3_REGION", "VIDMAAS_MODEL_DIR",
                  "VIDMAAS_WORK_DIR", "VIDMAAS_WATERMARK_TEXT", "VIDMAAS_HEARTBEAT_INTERVAL_S",
-                 "VIDMAAS_PREVIEW_INTERVAL_S", "VIDMAAS_PREVIEW_MAX"):
+                 "VIDMAAS_PREVIEW_INTERVAL_S", "VIDMAAS_PREVIEW_MAX",
+                 "VIDMAAS_STORAGE_RETRY_ATTEMPTS", "VIDMAAS_STORAGE_RETRY_TOTAL_S"):
         assert pool_env[name] == job_env[name], name
 
 
