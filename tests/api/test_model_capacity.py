@@ -77,3 +77,17 @@ async def test_an_openai_create_of_a_model_too_large_for_the_capacity_is_refused
         ("model_unavailable", "model", "invalid_request_error")
     assert "needs 8 GPUs per job" in error["message"]
     assert await _task_count(two_gpus) == 0
+
+
+async def test_a_capacity_of_zero_pauses_admission_and_refuses_no_model(
+        sqlite_url: str, redis_url: str, local_storage: StorageSettings) -> None:
+    settings = api_settings(db_url=sqlite_url, redis_url=redis_url, storage=local_storage,
+                            gpu_capacity=0)
+    async for api in start_api(settings, sqlite_url):
+        models = (await api.client.get("/v1/models")).json()["data"]
+        assert models and all(m["available"] for m in models)
+        r = await api.client.post("/v1/tasks", json={"prompt": "wait for the GPUs",
+                                                     "model": "wan2.2-t2v-a14b"},
+                                  headers=api.auth("alice"))
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "queued"

@@ -48,7 +48,7 @@ from vidmaas.domain import events as ev
 from vidmaas.domain.ids import is_worker_id
 from vidmaas.domain.ids import job_name as job_name_of
 from vidmaas.domain.jobs import JobSpec, memory_saving_after
-from vidmaas.domain.models import MODEL_UNAVAILABLE, unavailable_message
+from vidmaas.domain.models import MODEL_UNAVAILABLE, never_fits, unavailable_message
 from vidmaas.domain.pools import Need
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import VidmaasError
@@ -154,7 +154,7 @@ class Admission:
         if task_id is None:
             return False
         gpus = int(await self.ctx.redis.hget(keys.QUEUE_GPUS, task_id) or 1)
-        if gpus <= self.ctx.settings.gpu_capacity:
+        if not never_fits(gpus, gpu_capacity=self.ctx.settings.gpu_capacity):
             return False
         task = await self.ctx.get(task_id)
         if task is None or task.status is not TaskStatus.QUEUED:

@@ -37,6 +37,7 @@ from vidmaas.dispatcher.context import DispatcherContext, age_s
 from vidmaas.dispatcher.outcomes import Outcomes
 from vidmaas.domain.ids import job_name as job_name_of
 from vidmaas.domain.ids import task_id_from_job_name
+from vidmaas.domain.models import never_fits
 from vidmaas.domain.status import TaskStatus
 from vidmaas.logs import TaskLog
 
@@ -98,7 +99,7 @@ class Reconciler:
         ctx = self.ctx
         now = datetime.now(UTC)
         for task in await ctx.with_status(TaskStatus.QUEUED):
-            if task.gpus > ctx.settings.gpu_capacity \
+            if never_fits(task.gpus, gpu_capacity=ctx.settings.gpu_capacity) \
                     and await ctx.queue.is_queued(user_id=task.user_id, task_id=task.id):
                 await self.admission.fail_too_large(task, gpus=task.gpus)
                 continue

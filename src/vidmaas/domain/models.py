@@ -11,7 +11,7 @@ Guarantees:
 - ``gpus_per_job`` (processes per node × nodes) is the capacity a job of the model holds;
   a model whose ``gpus_per_job`` exceeds the platform's GPU capacity is unavailable
   (``unavailable_reason``, error code ``model_unavailable``): none of its jobs could
-  ever start.
+  ever start. A capacity of 0 pauses admission instead (``never_fits``).
 - Every value that shapes a generation (guidance, scheduler shift, default negative
   prompt, distribution strategy, VAE tiling, CPU offload, attention backend, compile,
   TF32) and the memory a job needs (``gpu_memory_gib`` per GPU, ``pod_memory_gib`` per
@@ -64,6 +64,13 @@ def format_size(width: int, height: int) -> str:
 
 MODEL_UNAVAILABLE = "model_unavailable"
 """The error code of a task whose model needs more GPUs per job than the platform has."""
+
+
+def never_fits(gpus: int, *, gpu_capacity: int) -> bool:
+    """A job of ``gpus`` GPUs can never start on ``gpu_capacity`` GPUs in all. A capacity
+    of 0 means admission is paused (an operator draining the platform), not that
+    nothing fits: tasks are still accepted and wait."""
+    return gpu_capacity > 0 and gpus > gpu_capacity
 
 
 def unavailable_message(model_id: str, *, gpus: int, gpu_capacity: int) -> str:
@@ -191,7 +198,7 @@ class ModelSpec(BaseModel):
     def unavailable_reason(self, *, gpu_capacity: int) -> str | None:
         """Why no job of this model can ever start on ``gpu_capacity`` GPUs in all, or None
         when one can (a job never holds fewer GPUs than ``gpus_per_job``)."""
-        if self.gpus_per_job <= gpu_capacity:
+        if not never_fits(self.gpus_per_job, gpu_capacity=gpu_capacity):
             return None
         return unavailable_message(self.id, gpus=self.gpus_per_job, gpu_capacity=gpu_capacity)
 
