@@ -32,7 +32,6 @@ from typing import Any, Final
 
 import jinja2
 import jsonschema
-import yaml
 
 from vidmaas.config import Settings
 from vidmaas.dispatcher.executors.base import WorkerSpec
@@ -61,6 +60,7 @@ from vidmaas.dispatcher.executors.kubernetes.render import (
     _environment,
     manifest_yaml,
     pod_context,
+    render_one,
 )
 from vidmaas.domain import jobs
 from vidmaas.domain.ids import WORKER_ID_PREFIX, is_worker_id, new_worker_id
@@ -245,18 +245,7 @@ def render_pool(*, settings: Settings, spec: WorkerSpec, crd_path: Path | None =
     """
     template = _compile(_template_source(template_path or settings.kube.pool_template_path))
     context = pool_template_context(settings=settings, spec=spec, command=command)
-    try:
-        text = template.render(context)
-    except jinja2.TemplateError as e:
-        raise ExecutorError(f"cannot render the LeaderWorkerSet template: {e}") from e
-    try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        raise ExecutorError(
-            f"the rendered LeaderWorkerSet is not valid YAML: {str(e)[:300]}") from e
-    if len(documents) != 1:
-        raise ExecutorError(f"the rendered template holds {len(documents)} documents, not one")
-    manifest: dict[str, Any] = documents[0]
+    manifest, text = render_one(template, context, kind="LeaderWorkerSet")
     check_pool_manifest(manifest, settings=settings, spec=spec, text=text)
     manifest.setdefault("metadata", {})["namespace"] = settings.kube.namespace
     crd = crd_path or settings.kube.pool_crd_schema_path

@@ -370,23 +370,31 @@ def render_pytorchjob(
     check_values(spec)
     template = _compile(_template_source(template_path or settings.kube.template_path))
     context = template_context(settings=settings, spec=spec, command=command)
-    try:
-        text = template.render(context)
-    except jinja2.TemplateError as e:
-        raise ExecutorError(f"cannot render the PyTorchJob template: {e}") from e
-    try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        raise ExecutorError(f"the rendered PyTorchJob is not valid YAML: {str(e)[:300]}") from e
-    if len(documents) != 1:
-        raise ExecutorError(f"the rendered template holds {len(documents)} documents, not one")
-    manifest: dict[str, Any] = documents[0]
+    manifest, text = render_one(template, context, kind="PyTorchJob")
     check_manifest(manifest, settings=settings, spec=spec, text=text)
     manifest.setdefault("metadata", {})["namespace"] = settings.kube.namespace
     crd = crd_path or settings.kube.crd_schema_path
     if crd is not None:
         validate_manifest(manifest, crd_path=crd)
     return manifest
+
+
+def render_one(template: jinja2.Template, context: Mapping[str, Any], *, kind: str,
+               ) -> tuple[dict[str, Any], str]:
+    """Render ``template`` and parse it as exactly one YAML document: (manifest, text).
+    Any failure is an ``ExecutorError`` naming ``kind``."""
+    try:
+        text = template.render(context)
+    except jinja2.TemplateError as e:
+        raise ExecutorError(f"cannot render the {kind} template: {e}") from e
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise ExecutorError(f"the rendered {kind} is not valid YAML: {str(e)[:300]}") from e
+    if len(documents) != 1:
+        raise ExecutorError(f"the rendered template holds {len(documents)} documents, not one")
+    manifest: dict[str, Any] = documents[0]
+    return manifest, text
 
 
 def manifest_yaml(manifest: Mapping[str, Any]) -> str:
