@@ -147,9 +147,9 @@ async def test_a_pooled_task_cancelled_mid_run_or_failing_ends_so_and_the_worker
         await world.lifecycle.cancel(await world.get(long.id), by="alice")
         await _reaches(world, long, TaskStatus.CANCELLED, timeout_s=15)
         bad = await world.submit("alice", params={"size": "63*64", "width": 63})  # H.264: odd
-        await _reaches(world, bad, TaskStatus.FAILED, timeout_s=30)
+        await _reaches(world, bad, TaskStatus.FAILED, timeout_s=90)
         after = await world.submit("alice")
-        await _reaches(world, after, TaskStatus.COMPLETED, timeout_s=30)
+        await _reaches(world, after, TaskStatus.COMPLETED, timeout_s=90)
     failed = [e.data for e in await _of(world, bad.id, EventType.FAILED)]
     assert [(f["code"], f["retryable"]) for f in failed] == [("bad_input", False)]
     assert (await world.get(bad.id)).attempts == 1
