@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Final
+import math
+from typing import Any, Final
 
 import aiohttp
 from kubernetes_asyncio import client as k8s
@@ -38,3 +39,19 @@ def api_error(what: str, e: BaseException) -> ExecutorError:
 def status_code(e: BaseException) -> int | None:
     """The HTTP status of an API error (404, 409…), None for other errors."""
     return int(e.status) if isinstance(e, k8s.ApiException) and e.status else None
+
+
+async def delete_foreground(api: Any, *, group: str, version: str, namespace: str,
+                            plural: str, name: str, grace_s: float) -> bool:
+    """Delete a custom object and, before it, its pods (foreground), giving them
+    ``grace_s`` to exit. False when it was already gone; other failures raise
+    ``ExecutorError``."""
+    try:
+        await api.delete_namespaced_custom_object(
+            group, version, namespace, plural, name, propagation_policy="Foreground",
+            grace_period_seconds=math.ceil(grace_s), _request_timeout=REQUEST_TIMEOUT_S)
+    except CLIENT_ERRORS as e:
+        if status_code(e) == 404:
+            return False
+        raise api_error(f"delete of {name}", e) from e
+    return True

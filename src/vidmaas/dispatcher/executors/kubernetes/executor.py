@@ -38,7 +38,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any, Final, TypeVar
 
@@ -48,7 +47,7 @@ from kubernetes_asyncio import config as k8s_config
 from vidmaas.config import Settings
 from vidmaas.dispatcher.executors.base import JobState, JobStatus
 from vidmaas.dispatcher.executors.kubernetes.api import CLIENT_ERRORS as _CLIENT_ERRORS
-from vidmaas.dispatcher.executors.kubernetes.api import REQUEST_TIMEOUT_S
+from vidmaas.dispatcher.executors.kubernetes.api import REQUEST_TIMEOUT_S, delete_foreground
 from vidmaas.dispatcher.executors.kubernetes.api import api_error as _api_error
 from vidmaas.dispatcher.executors.kubernetes.api import status_code as _status_code
 from vidmaas.dispatcher.executors.kubernetes.constants import (
@@ -255,16 +254,10 @@ class KubernetesExecutor(PoolMixin):
         return await self._status_of(job, read_pods=True)
 
     async def cancel(self, job_name: str, *, grace_s: float) -> None:
-        api = await self._custom()
-        try:
-            await api.delete_namespaced_custom_object(
-                GROUP, VERSION, self._namespace, PLURAL, job_name,
-                propagation_policy="Foreground", grace_period_seconds=math.ceil(grace_s),
-                _request_timeout=REQUEST_TIMEOUT_S)
-        except _CLIENT_ERRORS as e:
-            if _status_code(e) == 404:
-                return
-            raise _api_error(f"delete of {job_name}", e) from e
+        if not await delete_foreground(await self._custom(), group=GROUP, version=VERSION,
+                                       namespace=self._namespace, plural=PLURAL,
+                                       name=job_name, grace_s=grace_s):
+            return
         tlog.info(task_id_from_job_name(job_name), "job %s deleted (cancel, grace %.0f s)",
                   job_name, grace_s)
 

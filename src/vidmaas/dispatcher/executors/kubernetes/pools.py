@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
@@ -61,6 +60,7 @@ from vidmaas.dispatcher.executors.kubernetes.api import (
     CLIENT_ERRORS,
     REQUEST_TIMEOUT_S,
     api_error,
+    delete_foreground,
     status_code,
 )
 from vidmaas.dispatcher.executors.kubernetes.constants import (
@@ -204,21 +204,15 @@ class PoolMixin:
                                     f"or is being deleted; not starting {spec.worker_id}") from e
             log.info("pool worker %s: LeaderWorkerSet %s already exists", spec.worker_id, name)
             return
-        log.info("pool worker %s: LeaderWorkerSet %s created (%d pod(s) of %d GPUs)",
-                 spec.worker_id, name, spec.model.nnodes, spec.model.nproc_per_node)
+        log.info("pool worker %s: LeaderWorkerSet %s created (%d GPUs)",
+                 spec.worker_id, name, spec.model.gpus_per_job)
 
     async def stop_worker(self, worker_id: str, *, grace_s: float) -> None:
         name = worker_lws_name(worker_id)
-        api = await self._custom()
-        try:
-            await api.delete_namespaced_custom_object(
-                LWS_GROUP, LWS_VERSION, self._namespace, LWS_PLURAL, name,
-                propagation_policy="Foreground", grace_period_seconds=math.ceil(grace_s),
-                _request_timeout=REQUEST_TIMEOUT_S)
-        except CLIENT_ERRORS as e:
-            if status_code(e) == 404:
-                return
-            raise api_error(f"delete of {name}", e) from e
+        if not await delete_foreground(await self._custom(), group=LWS_GROUP,
+                                       version=LWS_VERSION, namespace=self._namespace,
+                                       plural=LWS_PLURAL, name=name, grace_s=grace_s):
+            return
         log.info("pool worker %s: LeaderWorkerSet %s deleted (stop, grace %.0f s)", worker_id,
                  name, grace_s)
 
