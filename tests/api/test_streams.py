@@ -306,6 +306,32 @@ async def test_an_sse_stream_starts_with_a_snapshot_then_every_event_and_ends_af
     assert [d["data"]["step"] for _, e, d in got if e == "progress"] == [20, 40, 60, 80, 100]
 
 
+async def test_a_fresh_stream_on_a_row_behind_its_stream_delivers_the_progress_the_row_lacks(
+        server: Server) -> None:
+    # The relay writes progress to the row a moment after the event is streamed: a
+    # client attaching in between gets the row's older progress in its snapshot, and so
+    # must get the newer progress event after it (a reload mid-run once showed 40 % for
+    # good while the task was at 65 %).
+    from vidmaas.db import tasks as repo
+
+    task_id = await new_task(server)
+    await start_running(server, task_id)
+    applied = await progress(server, task_id, 40)
+    async with server.svc.sessions() as s:
+        await repo.update_progress(session=s, task_id=task_id, values={
+            "progress": 40.0, "last_event_id": applied})
+    pending = await progress(server, task_id, 65)  # streamed, not yet in the row
+    for path in (f"/v1/tasks/{task_id}/events", "/v1/events"):
+        ws = await ws_open(server, path)
+        got = await ws_messages(ws, n=2)
+        await ws.close()
+        snap, nxt = got
+        assert snap["type"] == "snapshot" and snap["data"]["progress"] == 40.0
+        assert snap["id"] == applied and snap["data"]["last_event_id"] == pending
+        assert nxt["type"] == "progress" and nxt["id"] == pending
+        assert nxt["data"]["step"] == 65
+
+
 async def test_a_websocket_client_resuming_with_after_mid_run_gets_no_gap_and_no_duplicate(
         server: Server) -> None:
     task_id = await new_task(server)

@@ -4,11 +4,14 @@ outbox, and the order of what it sends.
 Guarantees:
 
 - The first message for a task is its snapshot (status, progress, stage, eta, queue
-  position, last event id). The snapshot's ``last_event_id`` is read *before* the row, so
-  every event after it is delivered, and the row already reflects every status change up
-  to it (status changes commit before their event is published).
+  position, last event id, resume point). The stream's last id is read *before* the row,
+  so the row already reflects every status change up to it (status changes commit
+  before their event is published). Without ``after`` the resume point of an unfinished
+  task is the older of that id and the row's own ``last_event_id`` (where the relay has
+  recorded one): progress the relay has not written to the row yet is delivered after
+  the snapshot, never skipped.
 - After the snapshot, every event after the resume point (``after``, or the snapshot's
-  last event id) is delivered in stream order with no gap and no duplicate: the hub
+  resume point) is delivered in stream order with no gap and no duplicate: the hub
   delivers every entry after its own cursor for the task; a connection that joins a task
   the hub already reads behind its cursor back-fills the difference with ``XRANGE``
   while holding the hub's deliveries; and each connection drops anything at or before
@@ -50,6 +53,7 @@ from vidmaas.api.streams.outbox import DROPPABLE, Outbox
 from vidmaas.api.streams.protocols import HubView
 from vidmaas.bus.events import id_key
 from vidmaas.db import tasks as repo
+from vidmaas.db.models import Task
 from vidmaas.domain import events as ev
 from vidmaas.domain.events import Event, EventType
 
@@ -77,6 +81,27 @@ class _Watch:
     next_check: float | None = None
     check_interval_s: float = _ROW_CHECK_FIRST_INTERVAL_S
     ended: bool = False
+
+
+def _fresh_start(task: Task, last_id: str | None) -> str:
+    """Where a fresh attach (no resume point) starts: the stream's last id, unless the row
+    of an unfinished task has not caught up with it yet.
+
+    Status changes commit before their event is published, but progress, stage and eta
+    reach the row only when the relay applies their events, a moment after they are
+    streamed. Starting at the stream's last id would pair a row of an older progress
+    with a cursor past the newer one, and the client would never see it. So an
+    unfinished task starts at the row's own ``last_event_id`` (the last event applied
+    to it) when that is older: the events it has not applied yet follow the snapshot.
+    A row the relay has applied nothing to yet has no progress to lag behind, and a
+    terminal row is final: both start at the stream's end.
+    """
+    if last_id is None:
+        return "0-0"
+    row_id = task.last_event_id
+    if task.status.terminal or row_id is None:
+        return last_id
+    return row_id if id_key(row_id) < id_key(last_id) else last_id
 
 
 def open_connection(hub: HubView, *, user_id: str, scope: str | None,
@@ -205,7 +230,7 @@ class Connection:
         position = await position_of(svc, task)
         if self.closed or task_id in self.watches:
             return self.closed is False  # gone meanwhile, or attached by a racing call
-        start = after if after is not None else (last_id or "0-0")
+        start = after if after is not None else _fresh_start(task, last_id)
         self.outbox.put(snapshot_of(task, resume_id=start, last_event_id=last_id,
                                     position=position,
                                     starts_in_s=self.hub.starts_in_s(task_id)), force=True)
