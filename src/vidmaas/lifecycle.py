@@ -41,6 +41,7 @@ and an outbox event republished late may follow them on the stream.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -195,11 +196,12 @@ class Lifecycle:
         q = self.queue
         priority = Priority(task.priority) if task.priority in tuple(Priority) \
             else Priority.NORMAL
-        await q.enqueue(user_id=task.user_id, task_id=task.id, gpus=task.gpus, front=front,
-                        model=task.model, priority=priority, share=share)
-        position = await q.position(user_id=task.user_id, task_id=task.id)
-        await self.publish(ev.queued(task.id, position=position or 0))
-        await q.announce_move()
+        position = await q.enqueue_with_position(
+            user_id=task.user_id, task_id=task.id, gpus=task.gpus, front=front,
+            model=task.model, priority=priority, share=share)
+        # The event and the announcement do not depend on each other: one round trip.
+        await asyncio.gather(self.publish(ev.queued(task.id, position=position or 0)),
+                             q.announce_move())
         return position
 
     async def admit_new(self, task: Task, *, share: Share | None = None) -> int | None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -104,17 +105,38 @@ class TaskQueue:
 
         ``share`` refreshes the user's weight and GPU quota; None keeps the stored one.
         """
+        return bool(await self._r.eval(ENQUEUE_LUA, *self._enqueue_args(
+            user_id=user_id, task_id=task_id, gpus=gpus, front=front, model=model,
+            priority=priority, share=share)))
+
+    async def enqueue_with_position(self, *, user_id: str, task_id: str, gpus: int,
+                                    front: bool = False, model: str = "",
+                                    priority: Priority = Priority.NORMAL,
+                                    share: Share | None = None) -> int | None:
+        """``enqueue`` and then ``position`` in one round trip (a pipeline: the scripts
+        run one after the other, so the position is the new task's)."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.eval(ENQUEUE_LUA, *self._enqueue_args(
+                user_id=user_id, task_id=task_id, gpus=gpus, front=front, model=model,
+                priority=priority, share=share))
+            pipe.eval(POSITIONS_LUA, 2, keys.QUEUE_USERS, keys.USER_SHARES,
+                      keys.USER_QUEUE_PREFIX, user_id, task_id)
+            _, res = await pipe.execute()
+        p = int(res[0])
+        return None if p < 0 else p
+
+    def _enqueue_args(self, *, user_id: str, task_id: str, gpus: int, front: bool,
+                      model: str, priority: Priority, share: Share | None) -> list[Any]:
+        """The key count, keys and arguments of ``ENQUEUE_LUA``."""
         key = order_key_ms(enqueued_ms=now_ms(), priority=priority,
                            priority_step_s=self.priority_step_s)
-        added = await self._r.eval(
-            ENQUEUE_LUA, 12, keys.QUEUE_USERS, keys.QUEUE_CLAIMS, keys.QUEUE_GPUS,
-            keys.QUEUE_SIGNAL, keys.QUEUE_VTIME, keys.QUEUE_VNOW, keys.QUEUE_SEQ,
-            keys.USER_SHARES, keys.QUEUE_COST, keys.QUEUE_MODEL, keys.MODEL_RUN_S,
-            keys.MODEL_QUEUED,
-            user_id, task_id, gpus, "1" if front else "0", SIGNAL_KEEP, key, model,
-            repr(float(self.default_run_s)), "" if share is None else share.encode(),
-            keys.USER_QUEUE_PREFIX)
-        return bool(added)
+        return [12, keys.QUEUE_USERS, keys.QUEUE_CLAIMS, keys.QUEUE_GPUS,
+                keys.QUEUE_SIGNAL, keys.QUEUE_VTIME, keys.QUEUE_VNOW, keys.QUEUE_SEQ,
+                keys.USER_SHARES, keys.QUEUE_COST, keys.QUEUE_MODEL, keys.MODEL_RUN_S,
+                keys.MODEL_QUEUED,
+                user_id, task_id, gpus, "1" if front else "0", SIGNAL_KEEP, key, model,
+                repr(float(self.default_run_s)), "" if share is None else share.encode(),
+                keys.USER_QUEUE_PREFIX]
 
     async def set_share(self, user_id: str, share: Share) -> None:
         """Change a user's weight and GPU quota now (an admin changed them)."""

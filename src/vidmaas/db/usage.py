@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -86,18 +86,32 @@ async def note_dispatch(session: AsyncSession, *, task: Task, now: datetime) -> 
                queue_wait_s=wait)
 
 
-def _usage_columns(user_id: str, now: datetime) -> tuple[Any, Any, Any]:
-    today, month = day_start(now), month_start(now)
+def _usage_columns() -> tuple[Any, Any, Any]:
+    """The three counts of ``usage_now``, on the bound ``user_id``, ``today`` and
+    ``month``. Built once (below): a create runs them, and building them each time cost
+    more CPU than the database spent on them."""
+    user_id = bindparam("user_id", type_=Task.user_id.type)
     queued = (select(func.count()).select_from(Task)
               .where(Task.user_id == user_id, Task.status == TaskStatus.QUEUED)
               .scalar_subquery())
     day_sum = (select(func.coalesce(func.sum(UsageDaily.gpu_seconds), 0.0))
-               .where(UsageDaily.user_id == user_id, UsageDaily.day == today)
+               .where(UsageDaily.user_id == user_id,
+                      UsageDaily.day == bindparam("today", type_=UsageDaily.day.type))
                .scalar_subquery())
     month_sum = (select(func.coalesce(func.sum(UsageDaily.gpu_seconds), 0.0))
-                 .where(UsageDaily.user_id == user_id, UsageDaily.day >= month)
+                 .where(UsageDaily.user_id == user_id,
+                        UsageDaily.day >= bindparam("month", type_=UsageDaily.day.type))
                  .scalar_subquery())
     return queued, day_sum, month_sum
+
+
+_USAGE_NOW = select(*_usage_columns())
+_STANDING = (select(User, *_usage_columns()).where(User.id == bindparam("user_id"))
+             .with_for_update(of=User).execution_options(populate_existing=True))
+
+
+def _usage_params(user_id: str, now: datetime) -> dict[str, Any]:
+    return {"user_id": user_id, "today": day_start(now), "month": month_start(now)}
 
 
 def _usage(values: Any) -> Usage:
@@ -107,7 +121,7 @@ def _usage(values: Any) -> Usage:
 
 async def usage_now(session: AsyncSession, *, user_id: str, now: datetime) -> Usage:
     """Tasks waiting, GPU-seconds today and this month, for one user (one statement)."""
-    row = (await session.execute(select(*_usage_columns(user_id, now)))).one()
+    row = (await session.execute(_USAGE_NOW, _usage_params(user_id, now))).one()
     return _usage(row)
 
 
@@ -118,9 +132,7 @@ async def standing(session: AsyncSession, *, user_id: str, now: datetime,
     After waiting for the lock the counts may predate the other transaction's commit:
     an insert that must not exceed a count re-checks it (``db.tasks.create_task``'s
     ``queued_limit``). None if the user does not exist."""
-    stmt = (select(User, *_usage_columns(user_id, now)).where(User.id == user_id)
-            .with_for_update(of=User).execution_options(populate_existing=True))
-    row = (await session.execute(stmt)).one_or_none()
+    row = (await session.execute(_STANDING, _usage_params(user_id, now))).one_or_none()
     if row is None:
         return None
     return row[0], _usage(row[1:])

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vidmaas.api.deps import services_of
 from vidmaas.bus.queue import TaskQueue
@@ -22,12 +22,6 @@ from vidmaas.db import tasks as repo
 from vidmaas.metrics import CONTENT_TYPE, Metrics, render
 
 log = logging.getLogger(__name__)
-
-
-def _route_of(request: Request) -> str:
-    """The matched route's template; the router records it in the shared scope."""
-    route = request.scope.get("route")
-    return str(getattr(route, "path", "unmatched")) if route is not None else "unmatched"
 
 
 async def _refresh(request: Request, metrics: Metrics) -> None:
@@ -47,22 +41,43 @@ async def _refresh(request: Request, metrics: Metrics) -> None:
         log.warning("metrics: database unavailable (%s)", type(e).__name__)
 
 
+class _CountRequests:
+    """Pure ASGI middleware that counts each answered HTTP request (no task or stream
+    per request, unlike ``@app.middleware``, whose wrapping cost a create a fifth of its
+    CPU time)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            route = scope.get("route")
+            self.metrics.observe_http(
+                method=str(scope.get("method", "")),
+                route=str(getattr(route, "path", "unmatched")) if route is not None
+                else "unmatched",
+                status=status, duration_s=time.perf_counter() - started)
+
+
 def install(app: FastAPI) -> None:
     metrics = Metrics(role="api")
     app.state.metrics = metrics
-
-    @app.middleware("http")
-    async def _count(request: Request,
-                     call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.observe_http(method=request.method, route=_route_of(request),
-                                 status=status, duration_s=time.perf_counter() - started)
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
     async def _metrics(request: Request) -> Response:
