@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv at the repository root and installs vidmaas into it, with the extras
 # named in $1 (default: runtime). Re-running is cheap: nothing is reinstalled unless
-# pyproject.toml changed. Needs only Python 3.11+.
+# pyproject.toml or the runtime constraints changed. Needs only Python 3.11+.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-runtime}"
@@ -12,12 +12,15 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
 stamp=".venv/.vidmaas-installed-$extras"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+constraints="deploy/images/runtime-constraints.txt"
+want="$(cat pyproject.toml "$constraints" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
     # The CPU build used on machines without a GPU; GPU images bring their own torch.
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
   fi
-  .venv/bin/python -m pip install --quiet -e ".[$extras]"
+  # Under the runtime image's constraints: the tests run the versions the image ships,
+  # not whatever the package index has newest today.
+  .venv/bin/python -m pip install --quiet -e ".[$extras]" -c "$constraints"
   echo "$want" > "$stamp"
 fi

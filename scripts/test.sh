@@ -25,7 +25,9 @@ echo "== mypy";        mypy
 echo "== layers";      lint-imports
 echo "== pytest"
 set +e
-python -m pytest "$@"
+# Two workers (VIDMAAS_TEST_WORKERS; 0 runs in one process), a test file per worker at a
+# time: most tests wait on servers, jobs and browsers, so two share two cores well.
+python -m pytest -n "${VIDMAAS_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 set -e
 # pytest's "no tests collected" is a failure here, not a silent pass.

@@ -103,7 +103,6 @@ async def test_a_rank_stuck_in_a_collective_is_stopped_as_stalled_and_the_retry_
     assert len(beats) >= 4, (len(beats), dispatched[1] - first_steps[-1])
     assert STALL_FLOOR_S <= dispatched[1] - first_steps[-1] < STALL_FLOOR_S + 10
     assert len(first_job) >= 5, first_job
-    assert took_s < 60  # measured about 36 s on a shared 2-core machine
 
 
 async def _stepped(world: World, task_id: str) -> bool:
