@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,7 @@ def test_the_spritesheet_is_a_five_column_grid_of_25_evenly_spaced_scaled_frames
         expected = np.asarray(Image.fromarray(frames[index]).resize((160, 45))).astype(int)
         assert np.abs(tile - expected).mean() < 4, index
     means = [tile[..., 0].mean() for tile in tiles]  # real frames, in order, none blank
-    assert all(b - a > 3 for a, b in zip(means, means[1:], strict=False)), means
+    assert all(b - a > 3 for a, b in itertools.pairwise(means)), means
 
 
 def test_a_short_video_has_one_tile_per_frame_never_enlarged_and_cropped_as_encoded(
