@@ -78,7 +78,24 @@ def client(server: Server, user: str = "alice") -> openai.AsyncOpenAI:
                               max_retries=0, timeout=30)
 
 
-async def finish_with_files(server: Server, task_id: str, video: bytes) -> None:
+def spritesheet_bytes(frames: int = 9) -> tuple[bytes, dict[str, int]]:
+    """The runtime's spritesheet of ``mp4_bytes``' frames, and its layout."""
+    import tempfile
+    from pathlib import Path
+
+    from vidmaas.runtime.postprocess import write_spritesheet
+
+    shades = np.arange(frames, dtype=np.uint8)[:, None, None, None] * 20
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.jpg"
+        layout = write_spritesheet(np.broadcast_to(shades, (frames, 64, 64, 3)), path)
+        return path.read_bytes(), layout
+
+
+async def finish_with_files(server: Server, task_id: str, video: bytes, *,
+                            spritesheet: bool = True) -> None:
+    """Complete with the files the runtime uploads (no spritesheet when not
+    ``spritesheet``: a result made before spritesheets)."""
     svc = server.svc
     await start_running(server, task_id)
     async with svc.sessions() as s:
@@ -86,13 +103,19 @@ async def finish_with_files(server: Server, task_id: str, video: bytes) -> None:
     vkey, pkey = output_key(task_id, "video.mp4"), output_key(task_id, "poster.jpg")
     await svc.store.put_bytes(vkey, video, content_type="video/mp4")
     await svc.store.put_bytes(pkey, jpeg_bytes(), content_type="image/jpeg")
+    result: dict[str, object] = {
+        "video_key": vkey, "poster_key": pkey, "width": 64, "height": 64,
+        "num_frames": 9, "fps": 8, "duration_s": 1.125, "seed": 1, "timings": {}}
+    if spritesheet:
+        skey = output_key(task_id, "spritesheet.jpg")
+        sheet, layout = spritesheet_bytes()
+        await svc.store.put_bytes(skey, sheet, content_type="image/jpeg")
+        result |= {"spritesheet_key": skey, "spritesheet": layout}
     await asyncio.sleep(0.3)  # let a poll see it in progress
     await svc.lifecycle.finish(
         task_id=task_id, to=TaskStatus.COMPLETED, expected=TaskStatus.RUNNING,
-        fields={"progress": 100.0, "video_key": vkey, "poster_key": pkey},
-        event=ev.Event(task_id, ev.EventType.COMPLETED, {
-            "video_key": vkey, "poster_key": pkey, "width": 64, "height": 64,
-            "num_frames": 9, "fps": 8, "duration_s": 1.125, "seed": 1, "timings": {}}))
+        fields={"progress": 100.0, "video_key": vkey, "poster_key": pkey, "result": result},
+        event=ev.Event(task_id, ev.EventType.COMPLETED, result))
 
 
 async def test_the_openai_client_creates_a_video_polls_it_to_completion_and_downloads_it(
@@ -128,6 +151,30 @@ async def test_the_openai_client_creates_a_video_polls_it_to_completion_and_down
         assert c.streams.video[0].codec_context.name == "h264"
     thumb = await oa.videos.download_content(video.id, variant="thumbnail")
     assert thumb.content[:3] == b"\xff\xd8\xff"
+    # The sync client too (in a thread: this server runs on the test's event loop).
+    with openai.OpenAI(api_key=server.keys["alice"], base_url=server.base_url + "/v1",
+                       max_retries=0, timeout=30) as sync:
+        sprite = await asyncio.to_thread(sync.videos.download_content, video.id,
+                                         variant="spritesheet")
+    sheet = Image.open(io.BytesIO(sprite.content))
+    assert (sheet.format, sheet.size) == ("JPEG", (5 * 64, 2 * 64))  # 9 tiles, 5 a row
+    pixels = np.asarray(sheet.convert("L")).astype(int)
+    assert pixels[:64, :64].mean() < 10 and pixels[64:, 192:256].mean() > 150  # frames 0, 8
+    await oa.close()
+
+
+async def test_a_video_completed_without_a_spritesheet_answers_404_for_that_variant(
+        server: Server) -> None:
+    oa = client(server)
+    video = await oa.videos.create(prompt="an older result")
+    await finish_with_files(server, video.id, mp4_bytes(), spritesheet=False)
+    assert (await oa.videos.download_content(video.id, variant="thumbnail")).content
+    with pytest.raises(openai.NotFoundError) as nf:
+        await oa.videos.download_content(video.id, variant="spritesheet")
+    assert nf.value.code == "no_spritesheet"
+    r = await server.http.get(f"/v1/videos/{video.id}/content",
+                              params={"variant": "storyboard"}, headers=server.auth("alice"))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_variant"
     await oa.close()
 
 
@@ -212,12 +259,14 @@ async def test_deleting_cancels_an_unfinished_video_and_removes_a_finished_ones_
     await server.svc.store.put_bytes(preview_key(finished.id), jpeg_bytes(),
                                      content_type="image/jpeg")
     assert (await oa.videos.download_content(finished.id)).content
+    assert await server.svc.store.exists(output_key(finished.id, "spritesheet.jpg"))
     await oa.videos.delete(finished.id)
     with pytest.raises(openai.NotFoundError):
         await oa.videos.retrieve(finished.id)
     with pytest.raises(openai.NotFoundError):
         await oa.videos.download_content(finished.id)
-    assert not await server.svc.store.exists(output_key(finished.id, "video.mp4"))
+    for name in ("video.mp4", "poster.jpg", "spritesheet.jpg"):
+        assert not await server.svc.store.exists(output_key(finished.id, name)), name
     assert not await server.svc.store.exists(preview_key(finished.id))
     assert [v.id async for v in oa.videos.list()] == [queued.id]
     await oa.close()

@@ -87,7 +87,7 @@ async def test_another_users_task_is_indistinguishable_from_a_missing_one(api: A
     task = (await create(api, user="alice")).json()
     missing = "t" + "0" * 25
     for suffix, method in (("", "GET"), ("/cancel", "POST"), ("/video", "GET"),
-                           ("/poster", "GET"), ("/preview", "GET")):
+                           ("/poster", "GET"), ("/spritesheet", "GET"), ("/preview", "GET")):
         theirs = await api.client.request(method, f"/v1/tasks/{task['id']}{suffix}",
                                           headers=api.auth("bob"))
         gone = await api.client.request(method, f"/v1/tasks/{missing}{suffix}",
@@ -287,19 +287,29 @@ async def test_a_failed_enqueue_after_the_insert_leaves_the_task_queued_not_lost
         assert got.json()["status"] == "queued"
 
 
-async def _complete(api: Api, task_id: str) -> None:
+SPRITE = {"columns": 5, "rows": 2, "count": 9, "tile_width": 64, "tile_height": 64}
+
+
+async def _complete(api: Api, task_id: str, *, spritesheet: bool = True) -> None:
+    """Complete with a video, a poster and (unless not ``spritesheet``: a result made
+    before spritesheets) a spritesheet."""
     svc = api.app.state.services
     await svc.store.put_bytes(f"outputs/{task_id}/video.mp4", b"\x00\x00\x00\x18ftypmp42fake",
                               content_type="video/mp4")
     await svc.store.put_bytes(f"outputs/{task_id}/poster.jpg", jpeg_bytes(),
                               content_type="image/jpeg")
+    result: dict[str, object] = {"width": 64, "height": 64}
+    if spritesheet:
+        key = f"outputs/{task_id}/spritesheet.jpg"
+        await svc.store.put_bytes(key, jpeg_bytes(5 * 64, 2 * 64), content_type="image/jpeg")
+        result |= {"spritesheet_key": key, "spritesheet": SPRITE}
     lc = svc.lifecycle
     await lc.transition(task_id=task_id, to=TaskStatus.DISPATCHING, expected=TaskStatus.QUEUED)
     await lc.transition(task_id=task_id, to=TaskStatus.RUNNING, expected=TaskStatus.DISPATCHING)
     await lc.finish(task_id=task_id, to=TaskStatus.COMPLETED, expected=TaskStatus.RUNNING,
                     fields={"video_key": f"outputs/{task_id}/video.mp4",
                             "poster_key": f"outputs/{task_id}/poster.jpg", "progress": 100.0,
-                            "result": {"width": 64, "height": 64}})
+                            "result": result})
 
 
 async def test_the_video_of_an_unfinished_task_is_409(api: Api) -> None:
@@ -334,6 +344,46 @@ async def test_a_completed_tasks_video_and_poster_download(api_any_store: Api) -
         async with httpx.AsyncClient() as plain:
             poster = await plain.get(poster.headers["location"])
     assert poster.status_code == 200 and poster.content[:3] == b"\xff\xd8\xff"
+
+
+async def _follow(r: httpx.Response) -> httpx.Response:
+    if r.status_code == 307:
+        async with httpx.AsyncClient() as plain:
+            return await plain.get(r.headers["location"])
+    return r
+
+
+async def test_a_completed_tasks_spritesheet_downloads_by_key_or_token_as_its_layout_says(
+        api_any_store: Api) -> None:
+    api = api_any_store
+    task = (await create(api)).json()
+    assert task["spritesheet_url"] is None and task["spritesheet"] is None
+    r = await api.client.get(f"/v1/tasks/{task['id']}/spritesheet", headers=api.auth("alice"))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "spritesheet_not_ready"
+    await _complete(api, task["id"])
+    got = (await api.client.get(f"/v1/tasks/{task['id']}", headers=api.auth("alice"))).json()
+    assert got["spritesheet_url"] == f"/v1/tasks/{task['id']}/spritesheet"
+    assert got["spritesheet"] == SPRITE
+    token = (await api.client.post("/v1/auth/stream-token",
+                                   headers=api.auth("alice"))).json()["token"]
+    by_key = api.client.get(got["spritesheet_url"], headers=api.auth("alice"))
+    by_token = api.client.get(got["spritesheet_url"], params={"token": token})
+    for asked in (by_key, by_token):
+        r = await _follow(await asked)
+        assert r.status_code == 200, r.text
+        sheet = Image.open(io.BytesIO(r.content))
+        assert (sheet.format, sheet.size) == ("JPEG", (5 * 64, 2 * 64))
+
+
+async def test_a_task_completed_without_a_spritesheet_has_none_and_its_route_is_404(
+        api: Api) -> None:
+    task = (await create(api)).json()
+    await _complete(api, task["id"], spritesheet=False)
+    got = (await api.client.get(f"/v1/tasks/{task['id']}", headers=api.auth("alice"))).json()
+    assert got["status"] == "completed" and got["poster_url"] is not None
+    assert got["spritesheet_url"] is None and got["spritesheet"] is None
+    r = await api.client.get(f"/v1/tasks/{task['id']}/spritesheet", headers=api.auth("alice"))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "no_spritesheet"
 
 
 async def test_a_stream_token_authenticates_media_urls_but_not_the_rest_of_the_api(

@@ -4,7 +4,7 @@
 SQLite, a local object store) and stops it at the end, so no asyncio task leaks.
 ``Driver`` moves tasks through their life the way the dispatcher, the job runtime and
 the relay would (status by ``Lifecycle``, events by ``publish``, progress written to
-the row as the relay does, a real H.264 MP4 and poster in the store). It stands in
+the row as the relay does, a real H.264 MP4, poster and spritesheet in the store). It stands in
 for them until ``vidmaas up`` runs the real ones in these tests.
 """
 
@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -36,26 +37,44 @@ from vidmaas.domain.status import TaskStatus
 from vidmaas.services import Services
 
 
+def make_frames(*, width: int = 64, height: int = 64, frames: int = 16) -> Any:
+    """The frames of ``make_mp4`` (uint8 F×H×W×3): red rises frame by frame."""
+    import numpy as np
+
+    out = np.zeros((frames, height, width, 3), dtype=np.uint8)
+    for i in range(frames):
+        out[i, ..., 0] = (i * 255) // max(1, frames - 1)
+        out[i, :, : width // 2, 1] = 180
+        out[i, height // 2:, :, 2] = 200
+    return out
+
+
 def make_mp4(*, width: int = 64, height: int = 64, frames: int = 16, fps: int = 8) -> bytes:
     """A small real H.264 MP4 (yuv420p, +faststart) that browsers can play."""
     import av
-    import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "v.mp4"
         with av.open(str(path), "w", options={"movflags": "+faststart"}) as out:
             stream = out.add_stream("libx264", rate=fps)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            for i in range(frames):
-                img = np.zeros((height, width, 3), dtype=np.uint8)
-                img[..., 0] = (i * 255) // max(1, frames - 1)
-                img[:, : width // 2, 1] = 180
-                img[height // 2:, :, 2] = 200
+            for img in make_frames(width=width, height=height, frames=frames):
                 for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                     out.mux(packet)
             for packet in stream.encode():
                 out.mux(packet)
         return path.read_bytes()
+
+
+def make_spritesheet(*, width: int = 64, height: int = 64, frames: int = 16,
+                     ) -> tuple[bytes, dict[str, int]]:
+    """The runtime's spritesheet of ``make_mp4``'s frames, and its layout."""
+    from vidmaas.runtime.postprocess import write_spritesheet
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.jpg"
+        layout = write_spritesheet(make_frames(width=width, height=height, frames=frames), path)
+        return path.read_bytes(), layout
 
 
 def jpeg(width: int = 64, height: int = 64, color: tuple[int, int, int] = (40, 90, 200)) -> bytes:
@@ -113,7 +132,7 @@ class Driver:
         return data
 
     async def complete(self, task_id: str, *, recorded_after_s: float | None = None) -> None:
-        """Upload a real video and poster and complete the task.
+        """Upload a real video, poster and spritesheet and complete the task.
 
         ``recorded_after_s``: publish ``completed`` first and record it in the row only
         that much later, as when the runtime's event reaches clients before the relay
@@ -123,8 +142,12 @@ class Driver:
         video_key, poster_key = f"outputs/{task_id}/video.mp4", f"outputs/{task_id}/poster.jpg"
         await store.put_bytes(video_key, make_mp4(), content_type="video/mp4")
         await store.put_bytes(poster_key, jpeg(), content_type="image/jpeg")
+        sheet_key = f"outputs/{task_id}/spritesheet.jpg"
+        sheet, layout = make_spritesheet()
+        await store.put_bytes(sheet_key, sheet, content_type="image/jpeg")
         result = {"video_key": video_key, "poster_key": poster_key, "width": 64, "height": 64,
-                  "num_frames": 16, "fps": 8, "duration_s": 2.0, "seed": 1, "timings": {}}
+                  "num_frames": 16, "fps": 8, "duration_s": 2.0, "seed": 1, "timings": {},
+                  "spritesheet_key": sheet_key, "spritesheet": layout}
         event = ev.Event(task_id, ev.EventType.COMPLETED, result)
         if recorded_after_s is not None:
             await self.svc.lifecycle.publish(event)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.client.live import LiveServer, live_server
 from vidmaas.client import AsyncClient, Client, ClientError
@@ -100,9 +102,17 @@ async def test_both_clients_follow_a_task_from_its_snapshot_to_completion(
     await asyncio.wait_for(watch, 30)
     assert kinds_of(seen) == ["snapshot:queued", "dispatched", "started", "stage", "progress",
                               "completed"]
-    assert (await c.call("wait", task["id"]))["status"] == "completed"
+    done = await c.call("wait", task["id"])
+    assert done["status"] == "completed"
     path = await c.call("download", task["id"], tmp_path / "fox.mp4")
     assert path.read_bytes()[4:8] == b"ftyp"
+    # The driver's spritesheet: the 16 frames of its video, 5 to a row.
+    assert done["spritesheet"] == {"columns": 5, "rows": 4, "count": 16, "tile_width": 64,
+                                   "tile_height": 64}
+    async with httpx.AsyncClient(base_url=live.url) as raw:
+        r = await raw.get(done["spritesheet_url"],
+                          headers={"Authorization": f"Bearer {live.keys['alice']}"})
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (320, 256)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -112,3 +112,33 @@ def test_position_pushes_ends_and_pings_have_their_documented_shapes() -> None:
 def test_not_found_and_the_clients_resume_request_have_their_documented_shapes() -> None:
     assert ev.not_found(TID) == {"v": 1, "type": "not_found", "task_id": TID, "data": {}}
     assert ev.resume_request({TID: "5-0"}) == {"type": "resume", "after": {TID: "5-0"}}
+
+
+_DONE = {"video_key": "outputs/t/video.mp4", "poster_key": "outputs/t/poster.jpg",
+         "width": 64, "height": 64, "num_frames": 9, "fps": 8, "duration_s": 1.125, "seed": 1,
+         "timings": {}}
+_SPRITE = {"columns": 5, "rows": 2, "count": 9, "tile_width": 64, "tile_height": 64}
+
+
+def test_completed_may_carry_a_spritesheet_and_results_without_one_stay_valid() -> None:
+    tid = new_task_id()
+    with_sheet = {**_DONE, "spritesheet_key": "outputs/t/spritesheet.jpg",
+                  "spritesheet": _SPRITE}
+    for data in (_DONE, with_sheet):
+        event = ev.Event(tid, ev.EventType.COMPLETED, data)
+        assert ev.decode(ev.encode(event)) == event
+    assert ev.spritesheet_of(with_sheet) == ("outputs/t/spritesheet.jpg", _SPRITE)
+    assert ev.spritesheet_of(_DONE) is None and ev.spritesheet_of(None) is None
+
+
+@pytest.mark.parametrize("bad", [
+    {"spritesheet_key": "outputs/t/spritesheet.jpg"},
+    {"spritesheet": _SPRITE},
+    {"spritesheet_key": "", "spritesheet": _SPRITE},
+    {"spritesheet_key": "k", "spritesheet": {**_SPRITE, "rows": 0}},
+    {"spritesheet_key": "k", "spritesheet": {**_SPRITE, "count": True}},
+    {"spritesheet_key": "k", "spritesheet": {"columns": 5}},
+])
+def test_a_half_or_malformed_spritesheet_in_completed_is_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(ev.MalformedEvent, match="spritesheet"):
+        ev.encode(ev.Event(new_task_id(), ev.EventType.COMPLETED, {**_DONE, **bad}))

@@ -39,7 +39,10 @@ PARAMS = {"size": "64*64", "width": 64, "height": 64, "num_frames": 5, "steps": 
           "fps": 8}
 COMPLETED_DATA = {"video_key": "outputs/x/video.mp4", "poster_key": "outputs/x/poster.jpg",
                   "width": 64, "height": 64, "num_frames": 5, "fps": 8, "duration_s": 0.6,
-                  "seed": 7, "timings": {"denoise_s": 1.0}}
+                  "seed": 7, "timings": {"denoise_s": 1.0},
+                  "spritesheet_key": "outputs/x/spritesheet.jpg",
+                  "spritesheet": {"columns": 5, "rows": 1, "count": 5, "tile_width": 64,
+                                  "tile_height": 64}}
 FAST = RelaySettings(block_ms=50, claim_idle_ms=200, claim_interval_s=0.1,
                     retry_backoff_max_s=0.2)
 

@@ -95,6 +95,7 @@ async def test_a_webhook_is_signed_so_an_independent_implementation_can_verify_i
         "completed", task.id, COMPLETED_DATA["video_key"])
     assert body["task"]["status"] == "completed"
     assert body["task"]["video_url"] == f"/v1/tasks/{task.id}/video"
+    assert body["task"]["spritesheet_url"] == f"/v1/tasks/{task.id}/spritesheet"
 
 
 def test_a_signature_over_another_body_or_secret_does_not_verify() -> None:

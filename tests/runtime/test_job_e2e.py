@@ -62,6 +62,15 @@ def test_run_uploads_a_watermarked_h264_video_and_reports_completed(job: Job) ->
     poster = Image.open(io.BytesIO(job.get_object(done["poster_key"])))
     assert (poster.format, poster.size) == ("JPEG", (64, 64))
 
+    # Nine 64×64 frames: one tile each, five to a row, from the watermarked video.
+    assert done["spritesheet_key"] == f"outputs/{job.task_id}/spritesheet.jpg"
+    assert done["spritesheet"] == {"columns": 5, "rows": 2, "count": 9, "tile_width": 64,
+                                   "tile_height": 64}
+    sheet = Image.open(io.BytesIO(job.get_object(done["spritesheet_key"])))
+    assert (sheet.format, sheet.size) == ("JPEG", (5 * 64, 2 * 64))
+    last = np.asarray(sheet.convert("RGB"))[64:128, 192:256].astype(int)
+    assert np.abs(last - video.frames[8].astype(int)).mean() < 8
+
 
 @pytest.mark.parametrize(("layout", "model", "image", "size", "expected"), [
     # The size is an area; the image decides the aspect ratio, rounded to the VAE × patch
@@ -146,6 +155,7 @@ def test_run_launches_torchrun_itself_when_the_job_has_two_processes_per_node(jo
     assert types.count(EventType.STARTED) == 1 and types.count(EventType.COMPLETED) == 1
     assert job.events()[0].data["world_size"] == 2
     assert job.object_keys() == [f"outputs/{job.task_id}/poster.jpg",
+                                 f"outputs/{job.task_id}/spritesheet.jpg",
                                  f"outputs/{job.task_id}/video.mp4"]
 
 

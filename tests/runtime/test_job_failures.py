@@ -157,6 +157,7 @@ def test_a_redis_blip_mid_run_does_not_kill_the_job(
     percents = [e.data["percent"] for e in events if e.type is EventType.PROGRESS]
     assert percents == sorted(percents) and percents[-1] == 100
     assert job.object_keys() == [f"outputs/{job.task_id}/poster.jpg",
+                                 f"outputs/{job.task_id}/spritesheet.jpg",
                                  f"outputs/{job.task_id}/video.mp4"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,58 @@ def test_the_poster_is_the_middle_frame_as_jpeg(tmp_path: Path) -> None:
     img = Image.open(path)
     assert (img.format, img.size) == ("JPEG", (96, 64))
     assert np.abs(np.asarray(img).astype(int) - frames[4].astype(int)).mean() < 4
+
+
+def _distinct_frames(count: int, height: int, width: int) -> np.ndarray:
+    """Frames that differ from each other: frame i is a gradient at brightness 8·i."""
+    ramp = np.linspace(0, 40, width, dtype=np.float32)[None, None, :, None]
+    level = np.arange(count, dtype=np.float32)[:, None, None, None] * 8
+    frames = np.broadcast_to(ramp + level, (count, height, width, 3)).copy()
+    frames[..., 2] = 255 - frames[..., 2]
+    return frames.clip(0, 255).astype(np.uint8)
+
+
+def _tiles(sheet: Image.Image, layout: dict[str, int]) -> list[np.ndarray]:
+    tw, th, columns = layout["tile_width"], layout["tile_height"], layout["columns"]
+    pixels = np.asarray(sheet).astype(int)
+    return [pixels[(i // columns) * th:(i // columns + 1) * th,
+                   (i % columns) * tw:(i % columns + 1) * tw] for i in range(layout["count"])]
+
+
+def test_the_spritesheet_is_a_five_column_grid_of_25_evenly_spaced_scaled_frames(
+        tmp_path: Path) -> None:
+    frames = _distinct_frames(30, 90, 320)
+    path = tmp_path / "s.jpg"
+    layout = postprocess.write_spritesheet(frames, path)
+    assert layout == {"columns": 5, "rows": 5, "count": 25, "tile_width": 160,
+                      "tile_height": 45}
+    sheet = Image.open(path)
+    assert sheet.format == "JPEG"
+    assert sheet.size == (layout["columns"] * layout["tile_width"],
+                          layout["rows"] * layout["tile_height"])
+    tiles = _tiles(sheet.convert("RGB"), layout)
+    picks = np.linspace(0, 29, 25).round().astype(int)
+    assert picks[0] == 0 and picks[-1] == 29
+    for tile, index in zip(tiles, picks, strict=True):
+        expected = np.asarray(Image.fromarray(frames[index]).resize((160, 45))).astype(int)
+        assert np.abs(tile - expected).mean() < 4, index
+    means = [tile[..., 0].mean() for tile in tiles]  # real frames, in order, none blank
+    assert all(b - a > 3 for a, b in itertools.pairwise(means)), means
+
+
+def test_a_short_video_has_one_tile_per_frame_never_enlarged_and_cropped_as_encoded(
+        tmp_path: Path) -> None:
+    frames = _distinct_frames(7, 49, 65)  # odd sides: the video is 64×48
+    path = tmp_path / "s.jpg"
+    layout = postprocess.write_spritesheet(frames, path)
+    assert layout == {"columns": 5, "rows": 2, "count": 7, "tile_width": 64,
+                      "tile_height": 48}
+    sheet = Image.open(path).convert("RGB")
+    assert sheet.size == (5 * 64, 2 * 48)
+    tiles = _tiles(sheet, layout)
+    for i, tile in enumerate(tiles):
+        assert np.abs(tile - frames[i, :48, :64].astype(int)).mean() < 4, i
+    assert len({round(float(t.mean())) for t in tiles}) == 7
+    assert postprocess.sprite_layout(2, width=64, height=64)["columns"] == 2
+    assert postprocess.sprite_layout(9, width=480, height=832) == {
+        "columns": 5, "rows": 2, "count": 9, "tile_width": 92, "tile_height": 160}

@@ -92,6 +92,7 @@ def test_a_two_rank_worker_runs_a_task_cfg_parallel_and_exits_cleanly_when_drain
              and e.data["stage"] == "denoise" and e.data["step"] > 0]
     assert steps == [1, 2, 3]  # rank 0 alone reports
     assert job.object_keys() == [f"outputs/{job.task_id}/poster.jpg",
+                                 f"outputs/{job.task_id}/spritesheet.jpg",
                                  f"outputs/{job.task_id}/video.mp4"]
 
     _until(lambda: state() is WorkerState.IDLE, timeout_s=30, what="not idle after its task")

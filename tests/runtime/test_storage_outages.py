@@ -102,7 +102,8 @@ def _assert_completed_with_whole_objects(job: Job) -> None:
     terminal = _terminal(job)
     assert [e.type for e in terminal] == [EventType.COMPLETED], terminal
     done = terminal[0].data
-    assert job.object_keys() == sorted([done["video_key"], done["poster_key"]])
+    assert job.object_keys() == sorted([done["video_key"], done["poster_key"],
+                                        done["spritesheet_key"]])
     video = job.get_object(done["video_key"])
     local = (job.work_dir / "output" / "video.mp4").read_bytes()
     assert hashlib.md5(video).hexdigest() == hashlib.md5(local).hexdigest()

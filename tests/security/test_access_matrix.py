@@ -69,6 +69,7 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("GET", "/v1/tasks/{id}/webhooks"): Kind.TASK,
     ("GET", "/v1/tasks/{id}/video"): Kind.TASK_MEDIA,
     ("GET", "/v1/tasks/{id}/poster"): Kind.TASK_MEDIA,
+    ("GET", "/v1/tasks/{id}/spritesheet"): Kind.TASK_MEDIA,
     ("GET", "/v1/tasks/{id}/events"): Kind.TASK_MEDIA,
     ("WS", "/v1/tasks/{id}/events"): Kind.WS_TASK,
     ("WS", "/v1/events"): Kind.WS_USER,
@@ -179,6 +180,8 @@ async def _complete(settings: Settings, task_id: str) -> None:
         await svc.store.put_bytes(f"outputs/{task_id}/poster.jpg", jpeg_bytes(),
                                   content_type="image/jpeg")
         await svc.store.put_bytes(preview_key(task_id), jpeg_bytes(), content_type="image/jpeg")
+        await svc.store.put_bytes(f"outputs/{task_id}/spritesheet.jpg", jpeg_bytes(),
+                                  content_type="image/jpeg")
         lc = svc.lifecycle
         await lc.transition(task_id=task_id, to=TaskStatus.DISPATCHING,
                             expected=TaskStatus.QUEUED)
@@ -187,7 +190,11 @@ async def _complete(settings: Settings, task_id: str) -> None:
         await lc.finish(task_id=task_id, to=TaskStatus.COMPLETED, expected=TaskStatus.RUNNING,
                         fields={"video_key": f"outputs/{task_id}/video.mp4",
                                 "poster_key": f"outputs/{task_id}/poster.jpg",
-                                "progress": 100.0, "result": {"width": 64, "height": 64}})
+                                "progress": 100.0, "result": {
+                                    "width": 64, "height": 64,
+                                    "spritesheet_key": f"outputs/{task_id}/spritesheet.jpg",
+                                    "spritesheet": {"columns": 1, "rows": 1, "count": 1,
+                                                    "tile_width": 64, "tile_height": 64}}})
     finally:
         await svc.close()
 
@@ -307,7 +314,7 @@ async def test_the_owner_and_an_admin_reach_every_task_route(world: World) -> No
         # The admin sees alice's tasks in the list; alice sees her own; media by token too.
         listing = await c.get("/v1/tasks", headers=api.auth("root"))
         assert world.queued in {t["id"] for t in listing.json()["data"]}
-        for which in ("video", "poster"):
+        for which in ("video", "poster", "spritesheet"):
             r = await c.get(f"/v1/tasks/{world.completed}/{which}?token={world.tokens['alice']}")
             assert r.status_code in (200, 307)
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from vidmaas.db.models import Task, WebhookDelivery, WebhookEndpoint
-from vidmaas.domain.events import shown_error
+from vidmaas.domain.events import shown_error, spritesheet_of
 from vidmaas.domain.status import TaskStatus
 
 WebhookEvent = Literal["started", "progress", "completed", "failed", "cancelled"]
@@ -79,6 +79,12 @@ class TaskOut(BaseModel):
     result: dict[str, Any] | None
     video_url: str | None
     poster_url: str | None
+    spritesheet_url: str | None = Field(default=None, description=(
+        "A JPEG grid of evenly spaced frames of the video; null before completion and for "
+        "videos made without one"))
+    spritesheet: dict[str, int] | None = Field(default=None, description=(
+        "The spritesheet's layout: columns, rows, count (tiles used, row by row), "
+        "tile_width, tile_height"))
     created_at: datetime
     dispatched_at: datetime | None
     started_at: datetime | None
@@ -127,6 +133,7 @@ def task_out(task: Task, *, position: int | None, base_path: str = "/v1/tasks") 
     shown = shown_error(status=task.status, code=task.error_code, message=task.error_message)
     error = ErrorInfo(**shown) if shown is not None else None
     p = task.params
+    sprite = spritesheet_of(task.result) if completed and task.video_key else None
     return TaskOut(
         id=task.id, status=task.status, model=task.model, prompt=task.prompt,
         negative_prompt=task.negative_prompt,
@@ -138,6 +145,8 @@ def task_out(task: Task, *, position: int | None, base_path: str = "/v1/tasks") 
         result=task.result if completed else None,
         video_url=f"{base_path}/{task.id}/video" if completed and task.video_key else None,
         poster_url=f"{base_path}/{task.id}/poster" if completed and task.poster_key else None,
+        spritesheet_url=f"{base_path}/{task.id}/spritesheet" if sprite else None,
+        spritesheet=sprite[1] if sprite else None,
         created_at=task.created_at, dispatched_at=task.dispatched_at,
         started_at=task.started_at, finished_at=task.finished_at, updated_at=task.updated_at)
 

@@ -11,6 +11,13 @@ Guarantees:
   image's object key, the same for every preview of a task), ``step``, ``total``,
   ``width``, ``height`` (non-negative integers). It changes no task row; clients fetch
   the bytes from ``GET /v1/tasks/{id}/preview``.
+- ``completed`` (runtime, rank 0) carries, besides its required fields, two optional ones
+  (results made before them lack both, and every reader takes that as "no spritesheet"):
+  ``spritesheet_key`` (the object key of ``spritesheet.jpg``, a JPEG grid of evenly spaced
+  frames of the delivered video) and ``spritesheet``, its layout: ``columns``, ``rows``,
+  ``count`` (tiles used, filled row by row), ``tile_width``, ``tile_height`` (positive
+  integers; the image is ``columns·tile_width`` × ``rows·tile_height``). ``spritesheet_of``
+  reads them from a result.
 - The stream entry id is the event id; it is not part of the fields.
 - The client messages that are not events (``snapshot``, ``queued`` position pushes,
   ``end``, ``not_found``, ``ping``) are built only by the constructors of the last
@@ -92,6 +99,7 @@ STATUS_OF_EVENT: dict[EventType, TaskStatus] = {
 }
 
 MAX_LOG_MESSAGE_CHARS = 2000
+SPRITESHEET_FIELDS = ("columns", "rows", "count", "tile_width", "tile_height")
 
 
 class MalformedEvent(ValueError):
@@ -170,6 +178,25 @@ def validate_data(type_: EventType, data: Mapping[str, Any]) -> None:
             value = data[name]
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise MalformedEvent(f"preview.{name} must be a non-negative integer")
+    if type_ is EventType.COMPLETED and ("spritesheet_key" in data or "spritesheet" in data) \
+            and spritesheet_of(data) is None:
+        raise MalformedEvent("completed.spritesheet_key must be an object key and "
+                             f"completed.spritesheet {{{', '.join(SPRITESHEET_FIELDS)}}} "
+                             "positive integers")
+
+
+def spritesheet_of(result: Mapping[str, Any] | None) -> tuple[str, dict[str, int]] | None:
+    """The spritesheet's key and layout in a ``completed`` result, or None (none made)."""
+    if not result:
+        return None
+    key, layout = result.get("spritesheet_key"), result.get("spritesheet")
+    if not isinstance(key, str) or not key or not isinstance(layout, Mapping):
+        return None
+    out = {name: layout.get(name) for name in SPRITESHEET_FIELDS}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+               for v in out.values()):
+        return None
+    return key, {k: int(v) for k, v in out.items() if v is not None}
 
 
 def _s(value: str | bytes) -> str:

@@ -42,7 +42,8 @@ log = logging.getLogger("vidmaas.runtime")
 COMMANDS: dict[str, str] = {
     "fetch-input": "download the input image (--image KEY) into VIDMAAS_WORK_DIR",
     "generate": "generate the frames (run under torchrun; rank 0 reports progress)",
-    "postprocess": "watermark, encode H.264, poster, upload, report completed (node rank 0)",
+    "postprocess": "watermark, encode H.264, poster, spritesheet, upload, report completed "
+                   "(node rank 0)",
     "run": "fetch-input, then generate (under torchrun if the job has several processes), "
            "then postprocess",
 }

@@ -374,12 +374,17 @@ class WorkDir:
         return self.root / "output" / "poster.jpg"
 
     @property
+    def spritesheet(self) -> Path:
+        return self.root / "output" / "spritesheet.jpg"
+
+    @property
     def state(self) -> Path:
         return self.root / ".vidmaas"
 
     def discard_outputs(self) -> None:
-        """Remove the fetched input, the frames, the video, the poster and any partial file
-        (after a failure, above all a full disk: the next task needs the space)."""
+        """Remove the fetched input, the frames, the video, the poster, the spritesheet and
+        any partial file (after a failure, above all a full disk: the next task needs the
+        space)."""
         import shutil
 
         for sub in ("input", "output"):  # every large or partial file lives in these

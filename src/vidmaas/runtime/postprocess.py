@@ -1,4 +1,4 @@
-"""From frames to a delivered video: watermark, H.264 MP4, JPEG poster, upload.
+"""From frames to a delivered video: watermark, H.264 MP4, JPEG poster and sprite, upload.
 
 Guarantees:
 - ``watermark`` draws the same mark on every frame and only inside
@@ -8,10 +8,16 @@ Guarantees:
 - ``encode_mp4`` writes H.264 ``yuv420p`` with ``+faststart`` (the index first, so a
   browser plays while it downloads) at the given fps; odd sides are cropped by one
   pixel, since H.264 4:2:0 needs even ones.
-- ``upload`` puts the video and the poster under ``outputs/{task_id}/`` and returns only
-  once the store holds both whole (``storage.retry.upload_verified``: size and MD5), riding
-  out an outage within the store's retry policy; any store failure left is an
-  ``UploadFailed`` (retryable), so a half-uploaded video is never reported.
+- ``write_spritesheet`` writes one JPEG grid of up to ``SPRITE_TILES`` evenly spaced frames
+  (the first and the last among them), ``SPRITE_COLUMNS`` to a row (fewer when there are
+  fewer frames), rows as needed, each tile the frame scaled so its longer side is at most
+  ``SPRITE_TILE_SIDE`` (aspect kept, never enlarged); the image is exactly
+  ``columns·tile_width`` × ``rows·tile_height``, unused tiles of the last row black. It
+  returns that layout (``columns``, ``rows``, ``count``, ``tile_width``, ``tile_height``).
+- ``upload`` puts the video, the poster and the spritesheet under ``outputs/{task_id}/``
+  and returns only once the store holds all of them whole (``storage.retry.upload_verified``:
+  size and MD5), riding out an outage within the store's retry policy; any store failure
+  left is an ``UploadFailed`` (retryable), so a half-uploaded video is never reported.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ from vidmaas.runtime.errors import InfraError, UploadFailed
 
 VIDEO_NAME = "video.mp4"
 POSTER_NAME = "poster.jpg"
+SPRITESHEET_NAME = "spritesheet.jpg"
+SPRITE_TILES = 25
+SPRITE_COLUMNS = 5
+SPRITE_TILE_SIDE = 160
 _BADGE_ALPHA = 150
 
 
@@ -134,6 +144,37 @@ def write_poster(frames: Any, path: Path) -> None:
     Image.fromarray(frames[len(frames) // 2], "RGB").save(path, "JPEG", quality=88)
 
 
+def sprite_layout(count: int, *, width: int, height: int) -> dict[str, int]:
+    """The spritesheet grid of a ``count``-frame ``width``×``height`` video."""
+    tiles = max(1, min(SPRITE_TILES, count))
+    columns = min(SPRITE_COLUMNS, tiles)
+    scale = min(1.0, SPRITE_TILE_SIDE / max(width, height, 1))
+    return {"columns": columns, "rows": -(-tiles // columns), "count": tiles,
+            "tile_width": max(1, round(width * scale)),
+            "tile_height": max(1, round(height * scale))}
+
+
+def write_spritesheet(frames: Any, path: Path) -> dict[str, int]:
+    """A JPEG grid of evenly spaced ``frames`` (as the video shows them); its layout."""
+    import numpy as np
+    from PIL import Image
+
+    count, height, width, _ = frames.shape
+    frames = frames[:, : height - height % 2, : width - width % 2]  # the video's crop
+    layout = sprite_layout(count, width=frames.shape[2], height=frames.shape[1])
+    tw, th, columns = layout["tile_width"], layout["tile_height"], layout["columns"]
+    sheet = Image.new("RGB", (columns * tw, layout["rows"] * th))
+    picks = np.linspace(0, count - 1, layout["count"]).round().astype(int)
+    for i, index in enumerate(picks):
+        tile = Image.fromarray(np.ascontiguousarray(frames[index]), "RGB")
+        if tile.size != (tw, th):
+            tile = tile.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        sheet.paste(tile, ((i % columns) * tw, (i // columns) * th))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, "JPEG", quality=85)
+    return layout
+
+
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     url: str
@@ -158,20 +199,25 @@ class StoreConfig:
                           secret_access_key=self.secret_access_key)
 
 
-def upload(store: StoreConfig, *, task_id: str, video: Path, poster: Path) -> tuple[str, str]:
-    """Put the video and the poster; their keys. ``UploadFailed`` on any store error."""
+def upload(store: StoreConfig, *, task_id: str, video: Path, poster: Path,
+           spritesheet: Path) -> dict[str, str]:
+    """Put the video, the poster and the spritesheet; their keys (``video_key``,
+    ``poster_key``, ``spritesheet_key``). ``UploadFailed`` on any store error."""
     from vidmaas.errors import VidmaasError
     from vidmaas.storage.base import output_key
     from vidmaas.storage.retry import upload_verified
 
-    video_key = output_key(task_id, VIDEO_NAME)
-    poster_key = output_key(task_id, POSTER_NAME)
+    keys = {"poster_key": output_key(task_id, POSTER_NAME),
+            "spritesheet_key": output_key(task_id, SPRITESHEET_NAME),
+            "video_key": output_key(task_id, VIDEO_NAME)}
+    files = ((keys["poster_key"], poster, "image/jpeg"),
+             (keys["spritesheet_key"], spritesheet, "image/jpeg"),
+             (keys["video_key"], video, "video/mp4"))  # the video last
     policy = store.policy()
 
     async def put() -> None:
         s = store.open()
-        for key, path, kind in ((poster_key, poster, "image/jpeg"),
-                                (video_key, video, "video/mp4")):
+        for key, path, kind in files:
             await upload_verified(s, key, path, content_type=kind, policy=policy,
                                   context=f"task_id={task_id}")
 
@@ -182,4 +228,4 @@ def upload(store: StoreConfig, *, task_id: str, video: Path, poster: Path) -> tu
                            f"attempts, {policy.total_s:g} s): {e}") from e
     except Exception as e:  # boto3's S3UploadFailedError escapes the store's wrapping
         raise UploadFailed(f"upload to {store.url} failed: {type(e).__name__}: {e}") from e
-    return video_key, poster_key
+    return keys

@@ -19,7 +19,7 @@ Guarantees:
 - Rank 0 publishes live previews while it denoises (``previews``, ``runtime.preview``):
   throttled, off the denoising thread, finished before the frames are saved.
 - ``postprocess`` (rank 0's node only) uploads nothing if the task is cancelled,
-  sends ``progress`` 100 only after both uploads succeeded, then ``completed``.
+  sends ``progress`` 100 only after every upload succeeded, then ``completed``.
 - ``run`` chains the steps: in-process when it is itself under ``torchrun`` or the
   job has one process; otherwise ``torchrun … generate`` as a child, whose exit code
   it passes on (publishing ``failed`` only if the child could not).
@@ -347,6 +347,7 @@ def postprocess_step(ctx: Context) -> None:
     marked = postprocess.watermark(frames, text=env.watermark_text, logo=env.watermark_logo)
     postprocess.encode_mp4(marked, ctx.work.video, fps=fps)
     postprocess.write_poster(marked, ctx.work.poster)
+    sprite = postprocess.write_spritesheet(marked, ctx.work.spritesheet)
     postprocess_s = time.perf_counter() - t
     reporter.progress(Stage.POSTPROCESS, 1, 1)
 
@@ -360,13 +361,13 @@ def postprocess_step(ctx: Context) -> None:
         raise InfraError("VIDMAAS_TASK_ID is not set", code="config_error")
     reporter.stage(Stage.UPLOAD)
     t = time.perf_counter()
-    video_key, poster_key = postprocess.upload(ctx.store(), task_id=env.task_id,
-                                               video=ctx.work.video, poster=ctx.work.poster)
+    keys = postprocess.upload(ctx.store(), task_id=env.task_id, video=ctx.work.video,
+                              poster=ctx.work.poster, spritesheet=ctx.work.spritesheet)
     ctx.add_timings({"postprocess_s": postprocess_s, "upload_s": time.perf_counter() - t})
     reporter.progress(Stage.UPLOAD, 1, 1)
     height, width = marked.shape[1] - marked.shape[1] % 2, marked.shape[2] - marked.shape[2] % 2
     reporter.completed({
-        "video_key": video_key, "poster_key": poster_key, "width": width, "height": height,
+        **keys, "spritesheet": sprite, "width": width, "height": height,
         "num_frames": int(marked.shape[0]), "fps": fps,
         "duration_s": round(int(marked.shape[0]) / fps, 3), "seed": int(facts["seed"]),
         "timings": ctx.timings()})

@@ -6,6 +6,9 @@ the list is newest first with an opaque cursor; downloads redirect to a presigne
 URL when the store can make one, and stream the file (with Range support) otherwise
 (a store that is down is 503 ``storage_error``). The latest live preview of a task
 is served as bytes, never cached (``no-store``); 404 ``no_preview`` while there is none.
+A completed task's spritesheet (``completed`` data, ``spritesheet_of``) is downloaded as
+its video and poster are; one completed without a spritesheet answers 404
+``no_spritesheet``.
 A create's body, JSON or form, is read by ``api.body``; a form takes exactly the JSON
 body's fields plus ``image`` (any other field is refused, as in JSON). A cancel that the
 database recorded stands even if Redis then fails.
@@ -26,6 +29,7 @@ from vidmaas.api.schemas import ErrorBody, TaskCreate, TaskList, TaskOut, task_o
 from vidmaas.bus import client as bus_client
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
+from vidmaas.domain.events import spritesheet_of
 from vidmaas.domain.ids import is_task_id
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import Conflict, InvalidRequest, NotFound
@@ -180,16 +184,29 @@ async def cancel(request: Request, task: Task, *, by: str, scope: str | None) ->
         return fresh
 
 
+def _key_of(task: Task, which: str) -> str | None:
+    if which == "video":
+        return task.video_key
+    if which == "poster":
+        return task.poster_key
+    sprite = spritesheet_of(task.result) if task.video_key is not None else None
+    return sprite[0] if sprite else None
+
+
 async def _download(request: Request, *, task_id: str, scope: str | None, which: str,
                     ) -> Response:
     task = await load_own(request, task_id=task_id, scope=scope)
-    key = task.video_key if which == "video" else task.poster_key
+    key = _key_of(task, which)
     if task.status != TaskStatus.COMPLETED.value or key is None:
+        if which == "spritesheet" and task.status == TaskStatus.COMPLETED.value \
+                and task.video_key is not None:  # an older result, made before spritesheets
+            raise NotFound("the video was made without a spritesheet", code="no_spritesheet")
         raise Conflict(f"the task is {task.status}; its {which} is not ready",
                        code=f"{which}_not_ready")
     svc = services_of(request)
     media = "video/mp4" if which == "video" else "image/jpeg"
-    filename = f"{task.id}.mp4" if which == "video" else f"{task.id}.jpg"
+    filename = {"video": f"{task.id}.mp4", "poster": f"{task.id}.jpg"}.get(
+        which, f"{task.id}-{which}.jpg")
     store = svc.store
     if svc.settings.storage.redirect_downloads:
         url = await store.presign_get(key, ttl_s=svc.settings.storage.presign_ttl_s,
@@ -220,6 +237,16 @@ async def get_video(request: Request, task_id: str, caller: CallerOrTokenDep) ->
             response_class=Response, summary="Download the poster image")
 async def get_poster(request: Request, task_id: str, caller: CallerOrTokenDep) -> Response:
     return await _download(request, task_id=task_id, scope=caller.scope, which="poster")
+
+
+@router.get("/{task_id}/spritesheet", responses={
+    **_ERRORS, 307: {"description": "presigned URL"}, 200: {"content": {"image/jpeg": {}}}},
+            response_class=Response, summary="Download the spritesheet (a grid of frames)")
+async def get_spritesheet(request: Request, task_id: str, caller: CallerOrTokenDep,
+                          ) -> Response:
+    """A JPEG grid of evenly spaced frames of the video, laid out as the task's
+    ``spritesheet`` says; 404 ``no_spritesheet`` for a video completed without one."""
+    return await _download(request, task_id=task_id, scope=caller.scope, which="spritesheet")
 
 
 @router.get("/{task_id}/preview", responses={**_ERRORS, 200: {"content": {"image/jpeg": {}}}},

@@ -20,8 +20,10 @@ Guarantees:
   ``Retry-After``).
 - A form's unknown text fields are ignored, as OpenAI's are; a file under any name but
   ``input_reference`` is refused, and so is an empty one (``empty_image``).
-- ``DELETE`` cancels an unfinished video and removes a finished one's files; a deleted
-  completed video answers 404 afterwards.
+- ``DELETE`` cancels an unfinished video and removes a finished one's files (video,
+  thumbnail, spritesheet, last preview); a deleted completed video answers 404 afterwards.
+- ``content`` serves also ``variant=spritesheet`` (a JPEG grid of frames); a video completed
+  without one (made before spritesheets) answers 404 ``no_spritesheet``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from vidmaas.api.errors import as_ours, retry_headers, status_of_any
 from vidmaas.api.routes.tasks import _download, cancel
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
+from vidmaas.domain.events import spritesheet_of
 from vidmaas.domain.ids import is_task_id
 from vidmaas.domain.models import ModelSpec, parse_size
 from vidmaas.domain.status import TaskStatus
@@ -394,7 +397,9 @@ async def delete_video(request: Request, video_id: str, caller: CallerDep) -> Vi
         if status is not TaskStatus.CANCELLING:
             await cancel(request, task, by=caller.name, scope=caller.scope)
     else:
-        for key in (task.video_key, task.poster_key, preview_key(task.id)):
+        sprite = spritesheet_of(task.result)
+        for key in (task.video_key, task.poster_key, sprite[0] if sprite else None,
+                    preview_key(task.id)):
             if key is not None:
                 await svc.store.delete(key)
         if task.video_key is not None or task.poster_key is not None:
@@ -412,12 +417,12 @@ async def video_content(
     request: Request, video_id: str, caller: CallerOrTokenDep,
     variant: Annotated[str, Query(max_length=16)] = "video",
 ) -> Response:
-    if variant not in ("video", "thumbnail"):
-        raise InvalidRequest(f"variant must be video or thumbnail; not {variant[:16]!r}",
-                             field="variant", code="unsupported_variant")
+    which = {"video": "video", "thumbnail": "poster", "spritesheet": "spritesheet"}.get(variant)
+    if which is None:
+        raise InvalidRequest("variant must be video, thumbnail or spritesheet; not "
+                             f"{variant[:16]!r}", field="variant", code="unsupported_variant")
     task = await load_video(request, video_id=video_id, scope=caller.scope)
-    return await _download(request, task_id=task.id, scope=caller.scope,
-                           which="video" if variant == "video" else "poster")
+    return await _download(request, task_id=task.id, scope=caller.scope, which=which)
 
 
 def install(app: FastAPI) -> None:
