@@ -8,6 +8,7 @@ from pathlib import Path
 
 import av
 import pytest
+from PIL import Image
 
 from tests.client.live import LiveServer, png
 from vidmaas.client import AsyncClient, Client, ClientError
@@ -126,6 +127,11 @@ async def test_watch_follows_a_task_to_completion_and_download_saves_a_playable_
         with client(live) as c:
             for msg in c.watch(task["id"], poll_interval_s=0.2):
                 seen.append(msg)
+            sheet = c.download(task["id"], tmp_path / "fox-sheet.jpg", which="spritesheet")
+            with Image.open(sheet) as im:
+                assert im.format == "JPEG" and im.width > 0
+            with pytest.raises(ValueError):
+                c.download(task["id"], tmp_path / "x", which="../admin")
             return c.download(task["id"], tmp_path / "fox.mp4")
 
     watcher = asyncio.create_task(asyncio.to_thread(watch), name="watch")

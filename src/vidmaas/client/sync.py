@@ -180,7 +180,8 @@ class Client:
         return self._call(wire.admin_queue(limit=limit))
 
     def download(self, task_id: str, path: Path | str, *, which: str = "video") -> Path:
-        """Save the finished task's video (or ``which="poster"``) to ``path``.
+        """Save the finished task's video (or ``which="poster"`` / ``"spritesheet"``) to
+        ``path``.
 
         Written to a temporary name first, so ``path`` never holds half a file.
         """

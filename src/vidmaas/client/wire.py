@@ -140,8 +140,14 @@ def events(task_id: str, *, after: str | None, read_timeout_s: float) -> Call:
                 timeout=httpx.Timeout(CONNECT_TIMEOUT_S, read=read_timeout_s))
 
 
+DOWNLOADS = ("video", "poster", "spritesheet")
+
+
 def download(task_id: str, *, which: str) -> Call:
-    """The video (or ``which="poster"``), following a redirect to a presigned URL."""
+    """The video (or ``which="poster"`` / ``"spritesheet"``), following a redirect to a
+    presigned URL. ``ValueError`` for any other ``which``."""
+    if which not in DOWNLOADS:
+        raise ValueError(f"which must be one of {', '.join(DOWNLOADS)}; not {which!r}")
     return Call("GET", f"/v1/tasks/{task_id}/{which}", follow_redirects=True)
 
 
