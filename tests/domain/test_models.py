@@ -128,3 +128,43 @@ def test_a_new_field_that_is_missing_or_inconsistent_is_refused(changes: dict[st
                                                                  why: str) -> None:
     with pytest.raises(InvalidRequest, match=why):
         ModelRegistry.parse(_registry(**changes))
+
+
+def test_a_registry_gives_each_model_its_name_and_description_per_language() -> None:
+    display = {"en": {"name": "Fox", "description": "Runs in snow."},
+               "zh": {"name": "狐狸", "description": "在雪中奔跑。"}}
+    m = ModelRegistry.parse(_registry(display_name=None, display=display))["m"]
+    assert (m.display["en"].name, m.display["zh"].name, m.display["zh"].description) == \
+        ("Fox", "狐狸", "在雪中奔跑。")
+    # The English texts are also the fields API clients have always read.
+    assert (m.display_name, m.description) == ("Fox", "Runs in snow.")
+    assert m.public()["display"] == display
+
+
+def test_a_registry_of_the_older_shape_loads_its_texts_as_english() -> None:
+    m = ModelRegistry.parse(_registry(description="Runs in snow."))["m"]
+    assert (m.display_name, m.description) == ("M", "Runs in snow.")
+    assert m.public()["display"] == {"en": {"name": "M", "description": "Runs in snow."}}
+    bare = ModelRegistry.parse(_registry())["m"]
+    assert bare.display["en"].description == ""
+
+
+@pytest.mark.parametrize(("changes", "why"), [
+    ({"display": {"en": {"name": "Fox"}}}, "not both"),
+    ({"display_name": None, "display": {"zh": {"name": "狐狸"}}}, "display needs en"),
+    ({"display_name": None, "display": {"en": {"name": ""}}}, "name"),
+    ({"display_name": None, "display": {"en": {"name": "Fox"}, "fr": {"name": "Renard"}}},
+     "display.fr"),
+    ({"display_name": None, "display": {"en": {"name": "Fox", "title": "x"}}}, "title"),
+])
+def test_display_texts_without_english_or_in_both_shapes_are_refused(
+        changes: dict[str, object], why: str) -> None:
+    with pytest.raises(InvalidRequest, match=why):
+        ModelRegistry.parse(_registry(**changes))
+
+
+def test_every_shipped_model_has_its_own_chinese_name_and_description() -> None:
+    for m in ModelRegistry.load().values():
+        zh = m.display["zh"]
+        assert zh.name != m.display_name and zh.description != m.description, m.id
+        assert any("\u4e00" <= ch <= "\u9fff" for ch in zh.name + zh.description), m.id

@@ -414,3 +414,24 @@ async def test_older_tasks_load_on_demand_newest_first(pages: Pages, live: LiveS
     await expect(prompts).to_have_count(22)
     await expect(prompts.last).to_have_text("task 00")
     await expect(page.get_by_test_id("more")).to_be_hidden()
+
+
+async def test_model_names_and_descriptions_follow_the_pages_language(pages: Pages) -> None:
+    page = await pages.open("alice")
+    model = page.get_by_test_id("model")
+    await model.select_option("tiny-ti2v")
+    chosen = model.locator("option:checked")
+    await expect(chosen).to_have_text("Tiny TI2V (random weights, CPU, optional image)")
+    await expect(page.get_by_test_id("model-description")).to_have_text(
+        "A tiny random-weight Wan2.2 TI2V-layout checkpoint generated locally.")
+    await page.get_by_test_id("lang").click()
+    await expect(chosen).to_have_text("微型 TI2V（随机权重，CPU，图片可选）")
+    await expect(page.get_by_test_id("model-description")).to_have_text(
+        "在本地生成的随机权重微型检查点，结构与 Wan2.2 TI2V 相同。")
+    assert await model.input_value() == "tiny-ti2v"  # the choice stays
+    t2v = model.locator('option[value="tiny-t2v"]')
+    await expect(t2v).to_have_text("微型 T2V（随机权重，CPU）")
+    await page.reload()  # the language is remembered, and the list comes back in it
+    await expect(t2v).to_have_text("微型 T2V（随机权重，CPU）")
+    await page.get_by_test_id("lang").click()
+    await expect(t2v).to_have_text("Tiny T2V (random weights, CPU)")

@@ -98,10 +98,17 @@ class TaskList(BaseModel):
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page")
 
 
+class ModelText(BaseModel):
+    name: str
+    description: str
+
+
 class ModelOut(BaseModel):
     id: str
-    display_name: str
-    description: str
+    display_name: str = Field(description="The English name (display.en.name)")
+    description: str = Field(description="The English description")
+    display: dict[str, ModelText] = Field(description=(
+        "Name and description per language code: en always, zh where the registry has it"))
     pipeline: str
     sizes: list[str]
     default_size: str

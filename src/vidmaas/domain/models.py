@@ -19,6 +19,11 @@ Guarantees:
   GPU, ``cfg_parallel`` on exactly two with guidance above 1, ``ulysses`` on two or more.
   The job receives them as arguments (``domain.jobs.model_args``), never from a copy of
   this file.
+- A model's name and description come per language (``display: {en: {name,
+  description}, zh: {...}}``), English always; a registry of the older shape
+  (``display_name``, ``description``) still loads, as English only. Either way
+  ``display_name``/``description`` are the English texts; a client shows English for a
+  language the registry lacks.
 """
 
 from __future__ import annotations
@@ -43,6 +48,17 @@ that each compute one branch of classifier-free guidance; or Ulysses context par
 (the sequence split over the ranks, CUDA only)."""
 STRATEGIES: tuple[Strategy, ...] = ("single", "cfg_parallel", "ulysses")
 MAX_SEED = 2**32 - 1
+Language = Literal["en", "zh"]
+"""The languages a model's display texts come in; English is the fallback."""
+
+
+class DisplayText(BaseModel):
+    """A model's name and description in one language."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=2000)
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -87,7 +103,11 @@ class ModelSpec(BaseModel):
 
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-]{0,62}$")
     display_name: str
+    """The English name (``display.en.name``)."""
     description: str = ""
+    """The English description (``display.en.description``)."""
+    display: dict[Language, DisplayText]
+    """The name and description per language; ``en`` is always there."""
     pipeline: Pipeline
     layout: Layout
     """Checkpoint layout: which diffusers components the model directory holds."""
@@ -143,6 +163,30 @@ class ModelSpec(BaseModel):
     """A random-weight test model that the project generates itself."""
     runtime_image: str | None = None
     """Container image override for this model's jobs."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _display_texts(cls, data: Any) -> Any:
+        """``display`` per language, or the older ``display_name``/``description`` (as
+        English): one of the two shapes, and the English texts in both fields."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        display = data.get("display")
+        if display is None:
+            if "display_name" in data:  # the older shape: English only
+                data["display"] = {"en": {"name": data["display_name"],
+                                          "description": data.get("description", "")}}
+            return data  # without either, the error names display_name
+        if "display_name" in data or "description" in data:
+            raise ValueError("give display (per language) or display_name and description, "
+                             "not both")
+        english = display.get("en") if isinstance(display, dict) else None
+        if not isinstance(english, dict):
+            raise ValueError("display needs en, the language the others fall back to")
+        data["display_name"] = english.get("name")
+        data["description"] = english.get("description", "")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -254,6 +298,7 @@ class ModelSpec(BaseModel):
             "default_steps": self.default_steps, "max_steps": self.max_steps, "fps": self.fps,
             "image": self.image, "gpus_per_job": self.gpus_per_job, "nnodes": self.nnodes,
             "nproc_per_node": self.nproc_per_node, "tiny": self.tiny,
+            "display": {lang: text.model_dump() for lang, text in self.display.items()},
         }
 
 

@@ -11,11 +11,18 @@
 // While a task denoises, each "preview" event makes its card fetch the latest preview
 // image (GET /v1/tasks/{id}/preview with the API key, shown from a blob: URL); the
 // newest step wins, and the preview goes once the video is there or the task ends.
+// A finished video's card shows its thumbnail (thumbs.js: the poster, scrubbed through
+// the spritesheet under the pointer; a click plays the video from that moment), and
+// every finished card can be remixed: run again with a new prompt (remix.js).
+// Model names and descriptions follow the page's language (the registry's display
+// texts, English where a language is missing).
 // An admin also gets the admin page (admin.js, loaded only for admins).
 
 import { $, fmtDuration, h, parseTime } from "./dom.js";
 import { initialLanguage, saveLanguage, translator } from "./i18n.js";
 import { LiveStream } from "./live.js";
+import { mountRemix } from "./remix.js";
+import { Thumb, sheetOf } from "./thumbs.js";
 
 const KEY_STORAGE = "vidmaas.apiKey";
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
@@ -46,6 +53,7 @@ state.t = translator(state.lang);
 const ICONS = {
   x: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M6 6l12 12M18 6L6 18"/></svg>',
   down: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M12 4v12m0 0l-5-5m5 5l5-5M4 20h16"/></svg>',
+  remix: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M4 12a8 8 0 0113.7-5.6L20 8.7M20 4v4.7h-4.7M20 12a8 8 0 01-13.7 5.6L4 15.3M4 20v-4.7h4.7"/></svg>',
   alert: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M12 8v5m0 3.5v.5M10.3 3.9L2.4 18a2 2 0 001.7 3h15.8a2 2 0 001.7-3L13.7 3.9a2 2 0 00-3.4 0z"/></svg>',
 };
 
@@ -125,6 +133,7 @@ function applyLanguage() {
   const toggle = $("#lang-toggle");
   toggle.textContent = t("switchTo");
   toggle.setAttribute("aria-label", t("switchLabel"));
+  renderModelOptions();
   updateImageField();
   for (const id of state.order) renderTask(id);
   updateConnection();
@@ -180,6 +189,7 @@ async function signIn(key) {
 }
 
 function signOut(message) {
+  remix.close();
   if (state.admin) state.admin.unmount();
   state.admin = null;
   localStorage.removeItem(KEY_STORAGE);
@@ -204,14 +214,38 @@ async function loadModels() {
   const data = await api("/v1/models");
   state.models = data.data;
   state.defaultModel = data.default;
-  const select = $("#f-model");
-  // A model too large for the platform's GPUs is listed but cannot be chosen.
-  select.replaceChildren(...state.models.map((m) => h("option", {
-    value: m.id, disabled: m.available === false, title: m.unavailable_reason,
-    text: m.available === false ? `${m.display_name} (${state.t("modelUnavailable")})` : m.display_name })));
+  renderModelOptions();
   const usable = state.models.filter((m) => m.available !== false);
-  select.value = usable.some((m) => m.id === data.default) ? data.default : usable[0]?.id;
+  $("#f-model").value = usable.some((m) => m.id === data.default) ? data.default : usable[0]?.id;
   onModelChange();
+}
+
+function modelText(m) {
+  // The model's name and description in the page's language; English (or the fields of
+  // a server without display texts) where the registry has none in it.
+  const d = m.display || {};
+  const text = d[state.lang] || d.en || {};
+  return { name: text.name || m.display_name || m.id, description: text.description ?? m.description ?? "" };
+}
+
+function modelName(id) {
+  const m = state.models.find((x) => x.id === id);
+  return m ? modelText(m).name : id;
+}
+
+function renderModelOptions() {
+  // A model too large for the platform's GPUs is listed but cannot be chosen.
+  const select = $("#f-model");
+  const chosen = select.value;
+  select.replaceChildren(...state.models.map((m) => {
+    const { name } = modelText(m);
+    return h("option", {
+      value: m.id, disabled: m.available === false, title: m.unavailable_reason,
+      text: m.available === false ? `${name} (${state.t("modelUnavailable")})` : name });
+  }));
+  if (chosen && state.models.some((m) => m.id === chosen)) select.value = chosen;
+  const m = currentModel();
+  $("#model-desc").textContent = m ? modelText(m).description : "";
 }
 
 function currentModel() {
@@ -221,7 +255,7 @@ function currentModel() {
 function onModelChange() {
   const m = currentModel();
   if (!m) return;
-  $("#model-desc").textContent = m.description || "";
+  $("#model-desc").textContent = modelText(m).description;
   const size = $("#f-size");
   size.replaceChildren(...m.sizes.map((s) => h("option", { value: s, text: s.replace("*", " × ") })));
   size.value = m.default_size;
@@ -318,7 +352,7 @@ async function onSubmit(ev) {
   button.textContent = state.t("submitting");
   try {
     const task = await api("/v1/tasks", { method: "POST", body: form });
-    upsertTask(task, { front: true });
+    showCreated(task);
     $("#f-prompt").value = "";
     setImage(null);
   } catch (e) {
@@ -328,6 +362,15 @@ async function onSubmit(ev) {
     button.textContent = state.t("generate");
   }
 }
+
+function showCreated(task) {
+  // A task this page created (the form, or a remix): its card goes to the top.
+  upsertTask(task, { front: true });
+  const card = cards.get(task.id);
+  if (card) card.scrollIntoView({ block: "nearest" });
+}
+
+const remix = mountRemix({ api, t: (...a) => state.t(...a), create: showCreated, modelName });
 
 // ------------------------------------------------------------------ tasks
 
@@ -396,6 +439,8 @@ function cardOf(id) {
   const badge = h("span", { class: "badge", "data-testid": "status" });
   const prompt = h("p", { class: "prompt", "data-testid": "task-prompt", text: t.prompt });
   const meta = h("p", { class: "meta muted", "data-testid": "task-meta" });
+  const thumb = new Thumb({ token: streamToken, dropToken: () => { state.token = null; }, mediaUrl,
+    onPick: (fraction) => playFrom(id, fraction) });
   const bar = h("div", { class: "bar", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100", "data-testid": "progress" },
     h("div", { class: "fill" }));
   const percent = h("span", { class: "percent", "data-testid": "percent" });
@@ -408,9 +453,13 @@ function cardOf(id) {
   const preview = h("img", { class: "preview", "data-testid": "preview", alt: state.t("preview"), hidden: true });
   const media = h("div", { class: "media" });
   const cancel = h("button", { type: "button", class: "ghost danger", "data-testid": "cancel", onclick: () => cancelTask(id) });
-  const actions = h("div", { class: "actions" }, cancel);
-  card.append(h("div", { class: "task-head" }, badge, h("time", { class: "muted", "data-testid": "created" })), prompt, meta, progressRow, error, preview, media, actions);
-  card.parts = { badge, meta, bar, percent, stage, eta, position, startsIn, progressRow, error, preview, media, cancel, actions };
+  const remixButton = h("button", { type: "button", class: "ghost", "data-testid": "remix", "aria-haspopup": "dialog",
+    onclick: () => { const task = state.tasks.get(id); if (task) remix.open(task); } });
+  const mediaActions = h("span", { class: "media-actions" }); // the download, once there is a video
+  const actions = h("div", { class: "actions" }, mediaActions, remixButton, cancel);
+  card.append(h("div", { class: "task-head" }, badge, h("time", { class: "muted", "data-testid": "created" })),
+    h("div", { class: "task-main" }, thumb.el, h("div", { class: "task-text" }, prompt, meta)), progressRow, error, preview, media, actions);
+  card.parts = { badge, meta, bar, percent, stage, eta, position, startsIn, progressRow, error, preview, media, mediaActions, cancel, remix: remixButton, actions, thumb };
   card.previewState = { step: 0, seq: 0, url: null };
   cards.set(id, card);
   return card;
@@ -462,6 +511,9 @@ function renderTask(id) {
   p.cancel.textContent = "";
   p.cancel.append(icon("x"), document.createTextNode(tr("cancel")));
   p.cancel.hidden = TERMINAL.has(t.status) || t.status === "cancelling";
+  p.remix.replaceChildren(icon("remix"), document.createTextNode(tr("remix")));
+  p.remix.hidden = !TERMINAL.has(t.status);
+  p.thumb.update(t, tr(sheetOf(t) ? "playFrom" : "playVideo", { prompt: t.prompt.slice(0, 120) }));
   p.preview.alt = tr("preview");
   // The preview stays until the video replaces it, or the task ends without one.
   if (TERMINAL.has(t.status) && (t.status !== "completed" || t.video_url)) clearPreview(card);
@@ -508,17 +560,20 @@ async function loadPreview(id, step) {
 function renderMedia(id, t, p) {
   if (t.status !== "completed" || !t.video_url) {
     if (p.media.firstChild) p.media.replaceChildren();
+    if (p.mediaActions.firstChild) p.mediaActions.replaceChildren();
+    delete p.media.dataset.ready;
     return;
   }
   if (p.media.dataset.ready === "1") {
-    const dl = p.media.querySelector('[data-testid="download"]');
+    const dl = p.mediaActions.querySelector('[data-testid="download"]');
     dl.lastChild.textContent = state.t("download");
     return;
   }
   p.media.dataset.ready = "1";
   const video = h("video", { controls: true, playsinline: true, preload: "metadata", "data-testid": "video", "aria-label": t.prompt.slice(0, 120) });
   const download = h("a", { class: "button ghost", "data-testid": "download", download: `${id}.mp4`, href: "#" }, icon("down"), document.createTextNode(state.t("download")));
-  p.media.append(video, h("div", { class: "actions" }, download));
+  p.media.append(video);
+  p.mediaActions.append(download);
   let retried = false;
   const setSources = async () => {
     const token = await streamToken();
@@ -536,6 +591,20 @@ function renderMedia(id, t, p) {
   });
   download.addEventListener("pointerdown", () => streamToken().then((tok) => { download.href = mediaUrl(t.video_url, tok); }).catch(() => {}));
   setSources().catch(() => {});
+}
+
+function playFrom(id, fraction) {
+  // The thumbnail's chosen moment (0 to 1 of the video) in the card's player.
+  const card = cards.get(id);
+  const video = card && card.parts.media.querySelector("video");
+  if (!video) return;
+  const go = () => {
+    if (Number.isFinite(video.duration) && video.duration > 0) video.currentTime = fraction * video.duration;
+    video.play().catch(() => {});
+  };
+  if (video.readyState >= 1) go();
+  else video.addEventListener("loadedmetadata", go, { once: true });
+  video.scrollIntoView({ block: "nearest" });
 }
 
 async function cancelTask(id) {
