@@ -22,7 +22,10 @@ model. Its life in Redis (keys in ``bus.keys``, the shared ones under the queue'
   (a limit reached): draining with no task, so nothing is retried. ``drain`` asks a worker to exit
   (scale-down, reclaim, replacement) and stops new assignments to it at once;
   ``retire`` forgets a worker that has ended (or whose lease ran out), frees its
-  GPUs and returns the task it was busy with, if any, for a retry.
+  GPUs and returns the task it was busy with, if any, for a retry; in the same script
+  it clears that task's fence if the fence names the worker, so a worker that lingers
+  can publish nothing more for it. ``fence_out`` does the same for one attempt when
+  the dispatcher takes a task back from a worker it has not retired (yet).
 
 Every state change that may let a dispatcher make progress pushes the queue's
 wake-up signal.
@@ -204,9 +207,16 @@ return 1
 """
 
 _RETIRE_LUA = _LIB + """
--- KEYS: 1 workers, 2 alive, 3 idle prefix, 4 leases, 5 signal, 6 inbox
--- ARGV: 1 worker, 2 lease member, 3 keep
+-- KEYS: 1 workers, 2 alive, 3 idle prefix, 4 leases, 5 signal, 6 inbox, 7 fence of the
+--       task the caller read from the record
+-- ARGV: 1 worker, 2 lease member, 3 keep, 4 that task ('' for none)
 local f = rec(KEYS[1], ARGV[1])
+if f and f[5] ~= ARGV[4] then return {'', '', 'moved'} end  -- read again, then retry
+if f and f[5] ~= '' then
+  -- Fenced out at once: whatever this worker publishes for the task is dropped now.
+  local v = redis.call('GET', KEYS[7])
+  if v and string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then redis.call('DEL', KEYS[7]) end
+end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[6])
 local freed = redis.call('HDEL', KEYS[4], ARGV[2])
@@ -218,6 +228,12 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3] .. f[1], ARGV[1])
 signal(KEYS[5], ARGV[3])
 return {f[5], f[6]}
+"""
+
+_FENCE_OUT_LUA = """
+-- KEYS: 1 fence; ARGV: 1 the fence value to clear
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 
@@ -296,15 +312,31 @@ class PoolRegistry:
         return bool(ok)
 
     async def retire(self, worker_id: str) -> tuple[str | None, int | None]:
-        """Forget an ended worker and free its GPUs; (task, attempt) it was busy with."""
-        res = await self._r.eval(
-            _RETIRE_LUA, 6, keys.POOL_WORKERS, keys.POOL_ALIVE, keys.POOL_IDLE_PREFIX,
-            keys.CAPACITY_LEASES, keys.QUEUE_SIGNAL, keys.worker_inbox(worker_id),
-            worker_id, lease_member(worker_id), SIGNAL_KEEP)
-        parts = [text(p) for p in res]
+        """Forget an ended worker and free its GPUs; (task, attempt) it was busy with.
+        In the same script the task's fence is cleared if it names this worker, so the
+        worker (if it lingers) can publish nothing more for it."""
+        parts: list[str] = []
+        for _ in range(10):  # the record's task changes under us only on a race
+            raw = await self._r.hget(keys.POOL_WORKERS, worker_id)
+            task = _parse(worker_id, text(raw), None).task_id if raw is not None else None
+            res = await self._r.eval(
+                _RETIRE_LUA, 7, keys.POOL_WORKERS, keys.POOL_ALIVE, keys.POOL_IDLE_PREFIX,
+                keys.CAPACITY_LEASES, keys.QUEUE_SIGNAL, keys.worker_inbox(worker_id),
+                keys.task_fence(task or "-"), worker_id, lease_member(worker_id), SIGNAL_KEEP,
+                task or "")
+            parts = [text(p) for p in res]
+            if len(parts) < 3:
+                break
         if len(parts) < 2 or not parts[0]:
             return None, None
         return parts[0], int(parts[1]) if parts[1] else None
+
+    async def fence_out(self, *, task_id: str, worker_id: str, attempt: int) -> bool:
+        """Take ``task_id``'s attempt back from ``worker_id``: its fence is cleared if it
+        still names that worker and attempt, so the worker's next publish is refused.
+        True if it did."""
+        return bool(await self._r.eval(_FENCE_OUT_LUA, 1, keys.task_fence(task_id),
+                                       fence_value(worker_id, attempt)))
 
     async def fence_of(self, task_id: str) -> str | None:
         value = await self._r.get(keys.task_fence(task_id))
