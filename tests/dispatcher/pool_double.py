@@ -2,9 +2,10 @@
 
 It speaks the worker's side of ``bus.pools`` (lease heartbeats, ready, fenced
 assignments and events) and runs each assignment by its prompt: ``ok`` (started,
-completed), ``slow`` (started, one second, completed), ``sleep`` (started, heartbeats
-until the cancel flag is set, then cancelled), ``stubborn`` (started, never stops),
-``die-once`` (the process kills itself on attempt 1, completes on later attempts).
+completed), ``slow`` (started, ``TEST_POOL_SLOW_S`` or one second, completed), ``sleep``
+(started, heartbeats until the cancel flag is set, then cancelled), ``stubborn``
+(started, never stops), ``die-once`` (the process kills itself on attempt 1, completes
+on later attempts).
 Run without ``serve`` it is a task's own job instead (started, completed). Every start
 and every run is appended to ``TEST_POOL_LOG``: ``start <worker> <pid>``,
 ``run <worker> <task> <attempt>`` and ``job <task> <attempt>``.
@@ -59,7 +60,7 @@ def main() -> int:
     args, _ = parser.parse_known_args()
     worker_id = os.environ["VIDMAAS_WORKER_ID"]
     redis = connect_sync(os.environ["VIDMAAS_REDIS_URL"])
-    link = WorkerLink(redis, worker_id=worker_id, lease_s=args.lease_s)
+    link = WorkerLink(redis, worker_id=worker_id, lease_s=args.lease_s, model=args.model)
     _log(f"start {worker_id} {os.getpid()}")
 
     def beat() -> None:
@@ -92,7 +93,7 @@ def main() -> int:
             publish_fenced_sync(redis, ev.cancelled(task, by="user"), fence=fence)
         else:
             if prompt == "slow":
-                time.sleep(1.0)
+                time.sleep(float(os.environ.get("TEST_POOL_SLOW_S", "1.0")))
             publish_fenced_sync(redis, _completed(task), fence=fence)
         done += 1
         if args.max_tasks and done >= args.max_tasks:

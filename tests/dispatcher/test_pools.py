@@ -264,26 +264,37 @@ async def test_workers_outlive_a_dispatcher_restart_and_stay_warm(
     assert len(_log(tmp_path, "start")) == 1
 
 
-async def test_a_worker_left_over_from_before_a_redis_restart_exits_and_is_replaced(
+async def test_a_live_worker_registers_again_after_redis_lost_its_data_and_nothing_runs_twice(
         tmp_path: Path, sqlite_url: str, redis: aioredis.Redis, redis_url: str) -> None:
-    settings = _settings(tmp_path, db_url=sqlite_url, redis_url=redis_url)
-    executor = _executor(settings, tmp_path)
+    settings = _settings(tmp_path, db_url=sqlite_url, redis_url=redis_url, capacity=1)
+    executor = LocalExecutor(settings=settings, program=[sys.executable, pool_double.__file__],
+                             extra_env={"TEST_POOL_LOG": str(tmp_path / "pool.log"),
+                                        "TEST_POOL_SLOW_S": "3"})
+    pools, queue = PoolRegistry(redis), TaskQueue(redis)
     async with database(sqlite_url) as sessions:
         world = World(settings=settings, sessions=sessions, redis=redis)
         async with _system(world, executor):
             first = await world.submit("alice", prompt="ok")
             await eventually(lambda: _done(world, first.id), timeout_s=30)
-            old = await executor.list_workers()
-            await redis.flushdb()  # a restart without persistence: every key is gone
+            busy = await world.submit("alice", prompt="slow")
+            await eventually(lambda: _is(world, busy.id, TaskStatus.RUNNING), timeout_s=10)
+            await redis.flushall()  # a restart without persistence: every key is gone
 
-            async def old_gone() -> bool:
-                return not set(old) & set(await executor.list_workers())
+            async def registered_again() -> bool:
+                workers = await pools.workers()
+                return [(w.state.value, w.task_id) for w in workers] == [("busy", busy.id)] \
+                    and await queue.gpus_in_use() == 1
 
-            await eventually(old_gone, timeout_s=15)
-            second = await world.submit("alice", prompt="ok")
-            await eventually(lambda: _done(world, second.id), timeout_s=30)
+            await eventually(registered_again, timeout_s=15)
+            await eventually(lambda: _done(world, busy.id), timeout_s=30)
+            after = await world.submit("alice", prompt="ok")
+            await eventually(lambda: _done(world, after.id), timeout_s=30)
         await _stop_workers(_executor(settings, tmp_path))
-    assert len(_log(tmp_path, "start")) == 2
+    starts = _log(tmp_path, "start")
+    runs = _log(tmp_path, "run")
+    assert [r[1:] for r in runs] == [[first.id, "1"], [busy.id, "1"], [after.id, "1"]]
+    assert len(starts) == 1 and {r[0] for r in runs} == {starts[0][0]}  # warm all along
+    assert (await world.get(busy.id)).attempts == 1
 
 
 async def _assigned_to_an_in_process_worker(

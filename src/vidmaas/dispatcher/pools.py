@@ -12,7 +12,10 @@ Guarantees (with any number of dispatcher replicas; the shared state is in Redis
   whose process ended, or that the executor reports stuck, is retired — its GPUs
   freed, its process killed if it lingers, and the task it was busy with (if that
   attempt is still its) retried; a worker a claim marked busy but that never got the
-  assignment goes back to idle; processes with no registration are stopped. Then
+  assignment goes back to idle; processes with no registration for a whole
+  ``pools.worker_lease_s`` are stopped (a live worker registers again after Redis
+  lost its data, ``bus.pools``). The pass does nothing while Redis has lost its data
+  and its leases are not rebuilt yet (``dispatcher.recovery``). Then
   ``domain.pools.plan_pools`` decides what to start (its GPUs reserved before the
   process starts, so capacity is never overcommitted) and which idle workers to drain
   (they exit by themselves).
@@ -38,6 +41,7 @@ import logging
 import time
 from collections.abc import Mapping
 
+from vidmaas.bus import recovery as state
 from vidmaas.bus.control import cancel_requested
 from vidmaas.bus.pools import PoolRegistry, Worker, WorkerState
 from vidmaas.bus.queue import Claim
@@ -87,6 +91,8 @@ class Pools:
         self._failed_starts: dict[str, int] = {}
         self._hold_until: dict[str, float] = {}
         """Model → when (monotonic) it may start a worker again after failed starts."""
+        self._unregistered_since: dict[str, float] = {}
+        """Worker process → when (monotonic) this replica first saw it unregistered."""
 
     @property
     def limits(self) -> WorkerLimits:
@@ -165,6 +171,8 @@ class Pools:
         ctx = self.ctx
         if self.executor is None:
             return PoolPlan()
+        if await state.epoch(ctx.redis) != await state.server_run_id(ctx.redis):
+            return PoolPlan()  # Redis lost its data: admission rebuilds it first
         workers = await self.registry.workers()
         processes = set(await self.executor.list_workers())
         now_ms = int(time.time() * 1000)
@@ -179,7 +187,17 @@ class Pools:
             elif w.state is WorkerState.BUSY and w.attempt is None and w.task_id:
                 await self._unclaim_if_abandoned(w)
         known = {w.id for w in workers}
+        seen = time.monotonic()
+        for wid in list(self._unregistered_since):
+            if wid not in processes or wid in known:
+                del self._unregistered_since[wid]
         for orphan in processes - known:
+            # A live worker registers again within a quarter of its lease (Redis lost
+            # its data): only one unregistered for a whole lease is stopped.
+            since = self._unregistered_since.setdefault(orphan, seen)
+            if seen - since < ctx.settings.pools.worker_lease_s:
+                continue
+            del self._unregistered_since[orphan]
             log.warning("pools: worker process %s has no registration; stopping it", orphan)
             await self.executor.stop_worker(orphan, grace_s=ctx.settings.pools.stop_grace_s)
         workers = [w for w in await self.registry.workers() if w.alive]

@@ -11,7 +11,9 @@ attempt, plus ``VIDMAAS_WORKER_ID``), under ``torchrun`` when it has several pro
 - Rank 0 alone talks to Redis (``bus.pools.WorkerLink``): a daemon thread renews the
   lease every quarter of ``--lease-s`` from the start, through model loading and
   generation; it says ``ready`` once the model is loaded and after every task; a worker
-  the dispatcher retired (its lease lost, Redis emptied) exits at once.
+  the dispatcher retired (its lease lost) exits at once. After Redis lost its data the
+  heartbeat registers the worker again, once a dispatcher has given it its GPUs back
+  (``bus.pools``), so it is used again without reloading.
 - Tasks run one at a time. Rank 0 takes the assignment (only one whose fence is this
   worker's), publishes ``started`` (with the worker id and pid), checks the cancel flag
   and fetches the input, then hands the assignment to the other ranks
@@ -165,7 +167,8 @@ class Worker:
 
         assert self.env.redis_url is not None
         self.client = connect_sync(self.env.redis_url)
-        self.link = WorkerLink(self.client, worker_id=self.worker_id, lease_s=self.limits.lease_s)
+        self.link = WorkerLink(self.client, worker_id=self.worker_id, lease_s=self.limits.lease_s,
+                               model=self.ns.model, gpus=max(1, self.env.dist.job_world_size))
         threading.Thread(target=self._beat, name=f"lease-{self.worker_id}", daemon=True).start()
 
     def _beat(self) -> None:
