@@ -25,6 +25,7 @@ from vidmaas.db.models import Task
 from vidmaas.dispatcher.executors.base import JobState, JobStatus
 from vidmaas.dispatcher.executors.local import LocalExecutor
 from vidmaas.dispatcher.service import Dispatcher
+from vidmaas.domain import events as ev
 from vidmaas.domain.events import EventType
 from vidmaas.domain.ids import new_worker_id
 from vidmaas.domain.status import TaskStatus
@@ -311,6 +312,11 @@ async def _assigned_to_an_in_process_worker(
     a = link.next_assignment(timeout_s=5)
     assert a is not None and (a.task_id, a.attempt) == (task.id, 1)
     assert link.owns(task.id, 1)
+    publish_fenced_sync(link._r, ev.started(task.id, world_size=1, host="w"),
+                        fence=fence_value(worker_id, 1))
+    # What the relay does with that ``started`` (no relay runs yet).
+    await world.lifecycle.transition(task_id=task.id, to=TaskStatus.RUNNING,
+                                     expected=TaskStatus.DISPATCHING)
     return link, await world.get(task.id)
 
 
