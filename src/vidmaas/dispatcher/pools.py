@@ -14,10 +14,11 @@ Guarantees (with any number of dispatcher replicas; the shared state is in Redis
   whose process ended, or that the executor reports stuck, is retired — its GPUs
   freed, its process killed if it lingers, and the task it was busy with (if that
   attempt is still its) retried; a worker a claim marked busy but that never got the
-  assignment goes back to idle; processes with no registration for a whole
-  ``pools.worker_lease_s`` are stopped (a live worker registers again after Redis
-  lost its data, ``bus.pools``). The pass does nothing while Redis has lost its data
-  and its leases are not rebuilt yet (``dispatcher.recovery``). Then
+  assignment goes back to idle; a process with no registration is stopped (deleted)
+  once it has ended or stayed so for a whole ``pools.worker_lease_s`` (a live worker
+  registers again after Redis lost its data, ``bus.pools``). The pass does nothing
+  while Redis has lost its data and its leases are not rebuilt yet
+  (``dispatcher.recovery``). Then
   ``domain.pools.plan_pools`` decides what to start (its GPUs reserved before the
   process starts, so capacity is never overcommitted) and which idle workers to drain
   (they exit by themselves).
@@ -194,9 +195,10 @@ class Pools:
                 del self._unregistered_since[wid]
         for orphan in processes - known:
             # A live worker registers again within a quarter of its lease (Redis lost
-            # its data): only one unregistered for a whole lease is stopped.
+            # its data): only one ended, or unregistered for a whole lease, is stopped.
             since = self._unregistered_since.setdefault(orphan, seen)
-            if seen - since < ctx.settings.pools.worker_lease_s:
+            if seen - since < ctx.settings.pools.worker_lease_s \
+                    and not (await self.executor.worker_status(orphan)).state.finished:
                 continue
             del self._unregistered_since[orphan]
             log.warning("pools: worker process %s has no registration; stopping it", orphan)
