@@ -314,10 +314,9 @@ async def _assigned_to_an_in_process_worker(
     assert link.owns(task.id, 1)
     publish_fenced_sync(link._r, ev.started(task.id, world_size=1, host="w"),
                         fence=fence_value(worker_id, 1))
-    # What the relay does with that ``started`` (no relay runs yet).
-    await world.lifecycle.transition(task_id=task.id, to=TaskStatus.RUNNING,
-                                     expected=TaskStatus.DISPATCHING)
-    return link, await world.get(task.id)
+    task = await world.get(task.id)
+    assert task.status is TaskStatus.RUNNING
+    return link, task
 
 
 async def _stale_publish_is_refused(world: World, link: WorkerLink, task: Task) -> None:

@@ -6,10 +6,8 @@ Guarantees (with any number of dispatcher replicas; the shared state is in Redis
   and the executor can run workers; every other model keeps one job per task.
 - ``assign`` hands a task that admission claimed onto an idle worker to that worker,
   fenced by the task's attempt: the task is ``dispatching`` with the worker as its
-  job, and the worker's ``started`` event makes it ``running`` (the dispatcher writes
-  nothing more on this path; a worker that never starts it is the watchdog's
-  dispatching rule, then its heartbeat rule). A worker that died in between makes the
-  task retry (``worker_lost``) within the attempt limit.
+  job, then ``running`` once the assignment is sent. A worker that died in between
+  makes the task retry (``worker_lost``) within the attempt limit.
 - ``manage`` (every ``pools.manage_interval_s``): a worker whose lease ran out, or
   whose process ended, or that the executor reports stuck, is retired — its GPUs
   freed, its process killed if it lingers, and the task it was busy with (if that
@@ -106,9 +104,8 @@ class Pools:
     # ------------------------------------------------------------------ assigning
 
     async def assign(self, claim: Claim, task: Task, spec: JobSpec) -> bool:
-        """Send a ``dispatching`` task's attempt to the worker its claim chose (its
-        ``started`` makes it ``running``). False (and the task retried) if the worker is
-        gone."""
+        """Send a ``dispatching`` task's attempt to the worker its claim chose; then it is
+        ``running``. False (and the task retried) if the worker is gone."""
         ctx = self.ctx
         worker_id = claim.worker_id
         assert worker_id is not None
@@ -125,9 +122,11 @@ class Pools:
                   task.attempts, ", warm" if warm else "")
         if ctx.metrics is not None:
             ctx.metrics.observe_assignment(model=task.model, warm=warm)
-        # No ``running`` write here: the worker's ``started`` moves the task a few
-        # milliseconds later (the relay), which keeps one write per task off the
-        # database's single writer on the warm path.
+        try:
+            await ctx.lifecycle.transition(task_id=task.id, to=TaskStatus.RUNNING,
+                                           expected=TaskStatus.DISPATCHING)
+        except VidmaasError as e:
+            tlog.info(task.id, "not moved to running (%s)", e)
         return True
 
     async def reassign(self, task: Task, spec: JobSpec) -> None:
