@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 
 from vidmaas.bus import keys, recovery
 from vidmaas.bus.client import connect_sync
-from vidmaas.bus.events import publish_fenced_sync, read_task_events
+from vidmaas.bus.events import FenceLost, publish_fenced_sync, read_task_events
 from vidmaas.bus.pools import PoolRegistry, WorkerLink, WorkerState, fence_value
 from vidmaas.bus.queue import TaskQueue
 from vidmaas.domain import events as ev
@@ -198,3 +199,21 @@ async def test_a_retired_worker_is_told_so_on_a_rebuilt_redis_and_never_register
     await pools.retire("w1")
     assert link.heartbeat() is None
     assert await pools.get("w1") is None
+
+
+async def test_a_fence_lost_with_redis_data_is_told_apart_from_one_taken_back(
+        redis: aioredis.Redis, redis_url: str) -> None:
+    pools, sync = PoolRegistry(redis), connect_sync(redis_url)
+    lost, taken = new_task_id(), new_task_id()
+    for tid in (lost, taken):
+        assert await pools.restore_fence(task_id=tid, worker_id="w1", attempt=1)
+    assert await pools.fence_out(task_id=taken, worker_id="w1", attempt=1)
+    await redis.delete(keys.task_fence(lost))  # what an emptied Redis looks like
+    with pytest.raises(FenceLost):  # a Redis error: the reporter retries it
+        publish_fenced_sync(sync, ev.heartbeat(lost), fence=fence_value("w1", 1))
+    assert publish_fenced_sync(sync, ev.heartbeat(taken), fence=fence_value("w1", 1)) is None
+    # The rebuild gives the lost fence back, never the taken-back one.
+    assert await pools.restore_fence(task_id=lost, worker_id="w1", attempt=1)
+    assert not await pools.restore_fence(task_id=taken, worker_id="w1", attempt=1)
+    assert publish_fenced_sync(sync, ev.heartbeat(lost), fence=fence_value("w1", 1))
+    assert publish_fenced_sync(sync, ev.heartbeat(taken), fence=fence_value("w1", 1)) is None

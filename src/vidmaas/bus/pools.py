@@ -10,28 +10,25 @@ model. Its life in Redis (keys in ``bus.keys``, the shared ones under the queue'
   dispatchers) and the worker is registered ``starting`` with a lease that covers
   its start-up.
 - The worker renews its lease with every ``heartbeat``; once its model is loaded it
-  says ``ready`` (it enters its model's idle set). After Redis lost its data (a
-  restart without persistence), a live worker's registration is gone: a dispatcher
-  rebuilding Redis gives every live worker process its GPU lease back
-  (``restore_worker``, before admission resumes), and the worker's next heartbeat
-  registers it again as it knows itself to be (idle, busy with its attempt, …). A
-  worker whose registration and lease are both gone on a Redis that was rebuilt was
-  retired: its heartbeat says so and it exits. ``TaskQueue.claim_next`` takes a
-  pooled task only onto a live idle worker, atomically marking it ``busy``.
+  says ``ready`` (it enters its model's idle set). ``TaskQueue.claim_next`` takes a
+  pooled task only onto a live idle worker, atomically marking it ``busy``. After
+  Redis lost its data, a dispatcher's rebuild gives each live worker process its GPU
+  lease back (``restore_worker``), and the worker's next heartbeat registers it again
+  as it knows itself to be; with neither on a rebuilt Redis, it was retired and exits.
 - The dispatcher then ``assign``s: it writes the task's *fence* (``worker|attempt``)
   and pushes the assignment to the worker's inbox. The worker only works on an
   assignment whose fence is its own, and every event it publishes for the task is
-  dropped unless the fence still names it (``bus.events.publish_sync(fence=…)``):
+  dropped unless the fence still names it (``bus.events.publish_fenced_sync``):
   a worker that lost its lease, or a stale assignment of an earlier attempt, can
   never publish for a newer attempt.
 - After a task the worker says ``ready`` again, or ``leave``s when it exits by itself
-  (a limit reached): draining with no task, so nothing is retried. ``drain`` asks a worker to exit
-  (scale-down, reclaim, replacement) and stops new assignments to it at once;
+  (a limit reached): draining with no task, so nothing is retried. ``drain`` asks a
+  worker to exit (scale-down, reclaim, replacement) and stops new assignments to it;
   ``retire`` forgets a worker that has ended (or whose lease ran out), frees its
   GPUs and returns the task it was busy with, if any, for a retry; in the same script
-  it clears that task's fence if the fence names the worker, so a worker that lingers
-  can publish nothing more for it. ``fence_out`` does the same for one attempt when
-  the dispatcher takes a task back from a worker it has not retired (yet).
+  it sets that task's fence to ``-`` if the fence names the worker, so a worker that
+  lingers can publish nothing more for it (and no rebuild gives it back); ``fence_out``
+  does the same for one attempt the dispatcher takes back from a worker.
 
 Every state change that may let a dispatcher make progress pushes the queue's
 wake-up signal.
@@ -237,7 +234,9 @@ if f and f[5] ~= ARGV[4] then return {'', '', 'moved'} end  -- read again, then 
 if f and f[5] ~= '' then
   -- Fenced out at once: whatever this worker publishes for the task is dropped now.
   local v = redis.call('GET', KEYS[7])
-  if v and string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then redis.call('DEL', KEYS[7]) end
+  if v and string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
+    redis.call('SET', KEYS[7], '-', 'KEEPTTL')
+  end
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[6])
@@ -253,9 +252,10 @@ return {f[5], f[6]}
 """
 
 _FENCE_OUT_LUA = """
--- KEYS: 1 fence; ARGV: 1 the fence value to clear
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+-- KEYS: 1 fence; ARGV: 1 its value to clear: set to '-' (a missing one was lost, restored)
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], '-', 'KEEPTTL')
+return 1
 """
 
 
