@@ -230,3 +230,21 @@ async def test_a_pooled_model_whose_workers_never_load_fails_its_queued_tasks_un
         assert "unavailable" in str(row.error_message)
     assert broken_starts == 2  # failed after the second start, not one more
     assert (await world.get(later.id)).attempts == 1
+
+
+async def test_a_worker_busy_when_redis_loses_its_data_finishes_its_task_and_stays_warm(
+        world: World) -> None:
+    executor = _executor(world.settings, STEP_DELAY)
+    async with _system(world, executor):
+        task = await world.submit("alice", params={"steps": 12})
+        await _denoising(world, task)
+        (worker,) = await executor.list_workers()
+        await world.redis.flushall()  # a restart without persistence: every key is gone
+        await _reaches(world, task, TaskStatus.COMPLETED, timeout_s=60)
+        after = await world.submit("alice")
+        await _reaches(world, after, TaskStatus.COMPLETED, timeout_s=30)
+        assert await executor.list_workers() == [worker]
+    assert (await world.get(task.id)).attempts == 1
+    assert (await _of(world, after.id, EventType.STARTED))[0].data["worker"] == worker
+    assert _model_loads(world, worker) == 1
+    assert len([d for d in world.settings.local.work_root.iterdir() if d.is_dir()]) == 1
