@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("runtime_overhead", "preview", "dispatch", "events", "relay", "submit", "scale",
-         "eta", "warm")
+         "eta", "warm", "assign")
 
 
 def scripts() -> list[str]:

@@ -10,20 +10,25 @@ in this process, after a warm-up, same size, frames and steps) is timed, so the
 per-task overhead of each path is its latency minus the bare call.
 
 Prints per-task p50/p99 latency, throughput (tasks per minute), the first pooled task
-(it starts the worker) apart, and the ratio warm p50 / cold p50.
+(it starts the worker) apart, the ratio warm p50 / cold p50, and where a warm task's
+time goes (p50 of each phase, from the task's own timestamps: submit → row created →
+dispatched → started on the worker → finished → the API answering ``completed``).
 
-    python bench/warm.py [--tasks 6] [--steps 4] [--short]
+    python bench/warm.py [--tasks 6] [--steps 4] [--short] [--pooled-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -36,13 +41,39 @@ from bench import machine, pct
 TASK_TIMEOUT_S = 120.0
 
 
-def run_tasks(url: str, auth: dict[str, str], *, n: int, steps: int) -> tuple[list[float], float]:
-    """(submit→completed seconds of each task, wall seconds of them all)."""
+PHASES = ("submit→created", "created→dispatched", "dispatched→started", "started→finished",
+          "finished→answered")
+"""Where a task's latency goes, from the row's timestamps (same clock as the client)."""
+
+
+def _stamp(value: str | None) -> float:
+    if value is None:
+        return math.nan  # not recorded (a move the row skipped)
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def p50_ms(values: list[float]) -> str:
+    known = [v for v in values if not math.isnan(v)]
+    return f"{pct(known, 50) * 1000:.0f} ms" if known else "n/a"
+
+
+def phases_of(task: dict[str, str | None], *, submitted: float, answered: float) -> list[float]:
+    """Seconds of each of ``PHASES`` for one completed task."""
+    marks = [submitted, *(_stamp(task[k]) for k in ("created_at", "dispatched_at",
+                                                     "started_at", "finished_at")), answered]
+    return [b - a for a, b in itertools.pairwise(marks)]
+
+
+def run_tasks(url: str, auth: dict[str, str], *, n: int, steps: int,
+              phases: list[list[float]] | None = None) -> tuple[list[float], float]:
+    """(submit→completed seconds of each task, wall seconds of them all); each task's
+    ``PHASES`` appended to ``phases``."""
     latencies: list[float] = []
     started = time.perf_counter()
     with httpx.Client(timeout=30) as client:
         for i in range(n):
             t = time.perf_counter()
+            submitted = time.time()
             r = client.post(f"{url}/v1/tasks", headers=auth,
                             json={"prompt": f"a paper boat, take {i}", "model": "tiny-t2v",
                                   "steps": steps})
@@ -50,8 +81,12 @@ def run_tasks(url: str, auth: dict[str, str], *, n: int, steps: int) -> tuple[li
             task_id = r.json()["id"]
             deadline = t + TASK_TIMEOUT_S
             while True:
-                status = client.get(f"{url}/v1/tasks/{task_id}", headers=auth).json()["status"]
+                body = client.get(f"{url}/v1/tasks/{task_id}", headers=auth).json()
+                status = body["status"]
                 if status == "completed":
+                    if phases is not None:
+                        phases.append(phases_of(body, submitted=submitted,
+                                                answered=time.time()))
                     break
                 if status in ("failed", "cancelled") or time.perf_counter() > deadline:
                     raise SystemExit(f"task {task_id} ended {status}")
@@ -61,14 +96,15 @@ def run_tasks(url: str, auth: dict[str, str], *, n: int, steps: int) -> tuple[li
 
 
 def one_instance(tmp: Path, models: Path, name: str, env: dict[str, str], *, n: int,
-                 steps: int) -> tuple[list[float], float]:
+                 steps: int, phases: list[list[float]] | None = None,
+                 ) -> tuple[list[float], float]:
     from tests.support.embedded import start_up, stop_up
 
     data_dir = tmp / name
     shutil.copytree(models, data_dir / "models")
     up = start_up(data_dir, env_extra=env)
     try:
-        return run_tasks(up.url, up.auth, n=n, steps=steps)
+        return run_tasks(up.url, up.auth, n=n, steps=steps, phases=phases)
     finally:
         stop_up(up)
 
@@ -102,6 +138,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=6, help="tasks per configuration")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per task")
     parser.add_argument("--short", action="store_true", help="3 tasks per configuration")
+    parser.add_argument("--pooled-only", action="store_true",
+                        help="skip the job-per-task configuration (the warm path alone)")
     opts = parser.parse_args()
     if opts.short:
         opts.tasks = min(opts.tasks, 3)
@@ -114,12 +152,13 @@ def main() -> None:
         make_tiny(models / "tiny-t2v", "t2v")
         make_tiny(models / "tiny-ti2v", "ti2v")
         base = {"VIDMAAS_GPU_CAPACITY": "1"}
+        phases: list[list[float]] = []
         warm, warm_wall = one_instance(tmp, models, "pooled", {**base, "VIDMAAS_POOLS_ENABLED":
                                                               "true"}, n=opts.tasks,
-                                       steps=opts.steps)
-        cold, cold_wall = one_instance(tmp, models, "jobs", {**base, "VIDMAAS_POOLS_ENABLED":
-                                                            "false"}, n=opts.tasks,
-                                       steps=opts.steps)
+                                       steps=opts.steps, phases=phases)
+        cold, cold_wall = ([math.nan], 1.0) if opts.pooled_only else one_instance(
+            tmp, models, "jobs", {**base, "VIDMAAS_POOLS_ENABLED": "false"}, n=opts.tasks,
+            steps=opts.steps)
         bare_s = bare_call_s(models / "tiny-t2v", steps=opts.steps)
 
     print(machine())
@@ -130,6 +169,9 @@ def main() -> None:
     show("warm pool, all tasks", warm, warm_wall, bare_s)
     show("warm pool, after the first", warm[1:], warm_wall - warm[0], bare_s)
     print(f"first pooled task (starts the worker)    {warm[0]:6.2f} s")
+    print("warm tasks after the first, p50 of each phase: " + ", ".join(
+        f"{name} {p50_ms([p[i] for p in phases[1:]])}"
+        for i, name in enumerate(PHASES)))
     print(f"warm p50 / cold p50: {pct(warm, 50) / pct(cold, 50):.3f}  (goal <= 0.25); "
           f"warm overhead p50: {pct(warm[1:], 50) - bare_s:.2f} s (goal <= 0.5 s)")
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 
-from vidmaas.bus import keys
+from vidmaas.bus import keys, recovery
 from vidmaas.bus.client import connect_sync
-from vidmaas.bus.events import publish_fenced_sync, read_task_events
+from vidmaas.bus.events import FenceLost, publish_fenced_sync, read_task_events
 from vidmaas.bus.pools import PoolRegistry, WorkerLink, WorkerState, fence_value
 from vidmaas.bus.queue import TaskQueue
 from vidmaas.domain import events as ev
@@ -125,6 +126,7 @@ async def test_drain_stops_assignments_and_tells_the_worker_to_exit(
     assert got is not None and got.exit
     assert not w1.ready()  # a draining worker does not come back
     assert await pools.retire("w1") == (None, None)
+    await recovery.set_epoch(redis, await recovery.server_run_id(redis))  # not data loss
     assert w1.heartbeat() is None
     assert await q.gpus_in_use() == 0
 
@@ -162,3 +164,56 @@ async def test_a_worker_that_leaves_after_its_task_gets_no_more_and_retires_with
     assert not w1.ready()
     assert await pools.retire("w1") == (None, None)
     assert not w1.leave()
+
+
+async def test_after_redis_lost_its_data_a_live_worker_waits_for_its_lease_then_registers_again(
+        redis: aioredis.Redis, redis_url: str) -> None:
+    q, pools = TaskQueue(redis), PoolRegistry(redis)
+    assert await pools.reserve(worker_id="w1", model="m", gpus=2, capacity=8, start_lease_s=60)
+    link = WorkerLink(connect_sync(redis_url), worker_id="w1", lease_s=30, model="m", gpus=2)
+    assert link.ready()
+    await redis.flushall()
+    # No dispatcher has rebuilt this Redis yet: the worker keeps its own state and waits.
+    assert link.heartbeat() is WorkerState.IDLE
+    assert await pools.get("w1") is None
+    # A dispatcher gave the live process its GPUs back: the next heartbeat registers it.
+    assert await pools.restore_worker(worker_id="w1", gpus=2)
+    assert not await pools.restore_worker(worker_id="w1", gpus=2)  # once
+    await recovery.set_epoch(redis, await recovery.server_run_id(redis))
+    assert link.heartbeat() is WorkerState.IDLE
+    worker = await pools.get("w1")
+    assert worker is not None and (worker.model, worker.gpus, worker.state, worker.alive) == \
+        ("m", 2, WorkerState.IDLE, True)
+    await q.enqueue(user_id="u", task_id="t", gpus=2, model="m")
+    assert await _claim(q) == ("t", "w1")  # idle again, and used
+    assert await q.gpus_in_use() == 2
+
+
+async def test_a_retired_worker_is_told_so_on_a_rebuilt_redis_and_never_registers_again(
+        redis: aioredis.Redis, redis_url: str) -> None:
+    pools = PoolRegistry(redis)
+    assert await pools.reserve(worker_id="w1", model="m", gpus=1, capacity=8, start_lease_s=60)
+    link = WorkerLink(connect_sync(redis_url), worker_id="w1", lease_s=30, model="m")
+    assert link.ready()
+    await recovery.set_epoch(redis, await recovery.server_run_id(redis))
+    await pools.retire("w1")
+    assert link.heartbeat() is None
+    assert await pools.get("w1") is None
+
+
+async def test_a_fence_lost_with_redis_data_is_told_apart_from_one_taken_back(
+        redis: aioredis.Redis, redis_url: str) -> None:
+    pools, sync = PoolRegistry(redis), connect_sync(redis_url)
+    lost, taken = new_task_id(), new_task_id()
+    for tid in (lost, taken):
+        assert await pools.restore_fence(task_id=tid, worker_id="w1", attempt=1)
+    assert await pools.fence_out(task_id=taken, worker_id="w1", attempt=1)
+    await redis.delete(keys.task_fence(lost))  # what an emptied Redis looks like
+    with pytest.raises(FenceLost):  # a Redis error: the reporter retries it
+        publish_fenced_sync(sync, ev.heartbeat(lost), fence=fence_value("w1", 1))
+    assert publish_fenced_sync(sync, ev.heartbeat(taken), fence=fence_value("w1", 1)) is None
+    # The rebuild gives the lost fence back, never the taken-back one.
+    assert await pools.restore_fence(task_id=lost, worker_id="w1", attempt=1)
+    assert not await pools.restore_fence(task_id=taken, worker_id="w1", attempt=1)
+    assert publish_fenced_sync(sync, ev.heartbeat(lost), fence=fence_value("w1", 1))
+    assert publish_fenced_sync(sync, ev.heartbeat(taken), fence=fence_value("w1", 1)) is None

@@ -2,9 +2,10 @@
 
 It speaks the worker's side of ``bus.pools`` (lease heartbeats, ready, fenced
 assignments and events) and runs each assignment by its prompt: ``ok`` (started,
-completed), ``slow`` (started, one second, completed), ``sleep`` (started, heartbeats
-until the cancel flag is set, then cancelled), ``stubborn`` (started, never stops),
-``die-once`` (the process kills itself on attempt 1, completes on later attempts).
+completed), ``slow`` (started, ``TEST_POOL_SLOW_S`` or one second, completed), ``sleep``
+(started, heartbeats until the cancel flag is set, then cancelled), ``stubborn``
+(started, never stops), ``die-once`` (the process kills itself on attempt 1, completes
+on later attempts).
 Run without ``serve`` it is a task's own job instead (started, completed). Every start
 and every run is appended to ``TEST_POOL_LOG``: ``start <worker> <pid>``,
 ``run <worker> <task> <attempt>`` and ``job <task> <attempt>``.
@@ -18,10 +19,11 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 from vidmaas.bus.client import connect_sync
 from vidmaas.bus.control import cancel_requested_sync
-from vidmaas.bus.events import publish_fenced_sync, publish_sync
+from vidmaas.bus.events import FenceLost, publish_fenced_sync, publish_sync
 from vidmaas.bus.pools import WorkerLink, fence_value
 from vidmaas.domain import events as ev
 
@@ -48,6 +50,16 @@ def _completed(task: str) -> ev.Event:
         "timings": {}})
 
 
+def _publish(client: Any, event: ev.Event, *, fence: str) -> None:
+    """Fenced, retried while Redis lost the fence (as the runtime's reporter does)."""
+    for _ in range(100):
+        try:
+            publish_fenced_sync(client, event, fence=fence)
+            return
+        except FenceLost:
+            time.sleep(0.1)
+
+
 def main() -> int:
     if sys.argv[1:2] != ["serve"]:
         return job()
@@ -59,7 +71,7 @@ def main() -> int:
     args, _ = parser.parse_known_args()
     worker_id = os.environ["VIDMAAS_WORKER_ID"]
     redis = connect_sync(os.environ["VIDMAAS_REDIS_URL"])
-    link = WorkerLink(redis, worker_id=worker_id, lease_s=args.lease_s)
+    link = WorkerLink(redis, worker_id=worker_id, lease_s=args.lease_s, model=args.model)
     _log(f"start {worker_id} {os.getpid()}")
 
     def beat() -> None:
@@ -82,18 +94,18 @@ def main() -> int:
         prompt = next(x.split("=", 1)[1] for x in a.args if x.startswith("--prompt="))
         task, fence = a.task_id, fence_value(worker_id, a.attempt)
         _log(f"run {worker_id} {task} {a.attempt}")
-        publish_fenced_sync(redis, ev.started(task, world_size=1, host=worker_id), fence=fence)
+        _publish(redis, ev.started(task, world_size=1, host=worker_id), fence=fence)
         if prompt == "die-once" and a.attempt == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         if prompt in ("sleep", "stubborn"):
             while prompt == "stubborn" or cancel_requested_sync(redis, task) is None:
-                publish_fenced_sync(redis, ev.heartbeat(task), fence=fence)
+                _publish(redis, ev.heartbeat(task), fence=fence)
                 time.sleep(0.05)
-            publish_fenced_sync(redis, ev.cancelled(task, by="user"), fence=fence)
+            _publish(redis, ev.cancelled(task, by="user"), fence=fence)
         else:
             if prompt == "slow":
-                time.sleep(1.0)
-            publish_fenced_sync(redis, _completed(task), fence=fence)
+                time.sleep(float(os.environ.get("TEST_POOL_SLOW_S", "1.0")))
+            _publish(redis, _completed(task), fence=fence)
         done += 1
         if args.max_tasks and done >= args.max_tasks:
             return 0

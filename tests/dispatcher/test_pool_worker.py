@@ -203,3 +203,48 @@ async def test_a_worker_that_cannot_load_its_model_is_restarted_with_a_growing_d
     assert status is TaskStatus.QUEUED  # it waits for a worker; nothing is lost
     assert all("does not exist" in (d / "job.log").read_text() for d in starts
                if (d / "job.log").exists())
+
+
+async def test_a_pooled_model_whose_workers_never_load_fails_its_queued_tasks_until_one_loads(
+        world: World, tmp_path: Path, tiny_model_root: Path) -> None:
+    world.settings.pools.max_failed_starts = 2
+    world.settings.model_root = tmp_path / "no-models"  # every worker fails to load
+    executor = _executor(world.settings)
+    async with _system(world, executor) as dispatcher:
+        waiting = [await world.submit(user) for user in ("alice", "bob")]
+        for t in waiting:
+            await _reaches(world, t, TaskStatus.FAILED, timeout_s=60)
+        assert dispatcher.pools.unavailable("tiny-t2v")
+        broken_starts = len([d for d in world.settings.local.work_root.iterdir() if d.is_dir()])
+        world.settings.model_root = tiny_model_root  # the operator fixed the checkpoint
+        later = await world.submit("alice")
+        await _reaches(world, later, TaskStatus.COMPLETED, timeout_s=120)
+        after = await world.submit("bob")
+        await _reaches(world, after, TaskStatus.COMPLETED, timeout_s=30)
+        assert not dispatcher.pools.unavailable("tiny-t2v")
+    for t in waiting:
+        row = await world.get(t.id)
+        assert (row.error_code, row.attempts) == ("model_unavailable", 0)
+        failed = [e.data for e in await _of(world, t.id, EventType.FAILED)]
+        assert [(f["code"], f["retryable"]) for f in failed] == [("model_unavailable", False)]
+        assert "unavailable" in str(row.error_message)
+    assert broken_starts == 2  # failed after the second start, not one more
+    assert (await world.get(later.id)).attempts == 1
+
+
+async def test_a_worker_busy_when_redis_loses_its_data_finishes_its_task_and_stays_warm(
+        world: World) -> None:
+    executor = _executor(world.settings, STEP_DELAY)
+    async with _system(world, executor):
+        task = await world.submit("alice", params={"steps": 12})
+        await _denoising(world, task)
+        (worker,) = await executor.list_workers()
+        await world.redis.flushall()  # a restart without persistence: every key is gone
+        await _reaches(world, task, TaskStatus.COMPLETED, timeout_s=60)
+        after = await world.submit("alice")
+        await _reaches(world, after, TaskStatus.COMPLETED, timeout_s=30)
+        assert await executor.list_workers() == [worker]
+    assert (await world.get(task.id)).attempts == 1
+    assert (await _of(world, after.id, EventType.STARTED))[0].data["worker"] == worker
+    assert _model_loads(world, worker) == 1
+    assert len([d for d in world.settings.local.work_root.iterdir() if d.is_dir()]) == 1

@@ -15,11 +15,19 @@ import redis.asyncio as aioredis
 
 from tests.dispatcher import pool_double
 from tests.dispatcher.dispatch_support import World, database, eventually, make_settings
-from vidmaas.bus.pools import PoolRegistry
+from vidmaas.bus import keys
+from vidmaas.bus.client import connect_sync
+from vidmaas.bus.events import parse_entries, publish_fenced_sync
+from vidmaas.bus.pools import PoolRegistry, WorkerLink, fence_value
 from vidmaas.bus.queue import TaskQueue
 from vidmaas.config import PoolModelSettings, PoolSettings, Settings
+from vidmaas.db.models import Task
+from vidmaas.dispatcher.executors.base import JobState, JobStatus
 from vidmaas.dispatcher.executors.local import LocalExecutor
 from vidmaas.dispatcher.service import Dispatcher
+from vidmaas.domain import events as ev
+from vidmaas.domain.events import EventType
+from vidmaas.domain.ids import new_worker_id
 from vidmaas.domain.status import TaskStatus
 from vidmaas.relay.service import Relay
 
@@ -257,23 +265,106 @@ async def test_workers_outlive_a_dispatcher_restart_and_stay_warm(
     assert len(_log(tmp_path, "start")) == 1
 
 
-async def test_a_worker_left_over_from_before_a_redis_restart_exits_and_is_replaced(
+async def test_a_live_worker_registers_again_after_redis_lost_its_data_and_nothing_runs_twice(
         tmp_path: Path, sqlite_url: str, redis: aioredis.Redis, redis_url: str) -> None:
-    settings = _settings(tmp_path, db_url=sqlite_url, redis_url=redis_url)
-    executor = _executor(settings, tmp_path)
+    settings = _settings(tmp_path, db_url=sqlite_url, redis_url=redis_url, capacity=1)
+    executor = LocalExecutor(settings=settings, program=[sys.executable, pool_double.__file__],
+                             extra_env={"TEST_POOL_LOG": str(tmp_path / "pool.log"),
+                                        "TEST_POOL_SLOW_S": "3"})
+    pools, queue = PoolRegistry(redis), TaskQueue(redis)
     async with database(sqlite_url) as sessions:
         world = World(settings=settings, sessions=sessions, redis=redis)
         async with _system(world, executor):
             first = await world.submit("alice", prompt="ok")
             await eventually(lambda: _done(world, first.id), timeout_s=30)
-            old = await executor.list_workers()
-            await redis.flushdb()  # a restart without persistence: every key is gone
+            busy = await world.submit("alice", prompt="slow")
+            await eventually(lambda: _is(world, busy.id, TaskStatus.RUNNING), timeout_s=10)
+            await redis.flushall()  # a restart without persistence: every key is gone
 
-            async def old_gone() -> bool:
-                return not set(old) & set(await executor.list_workers())
+            async def registered_again() -> bool:
+                workers = await pools.workers()
+                return [(w.state.value, w.task_id) for w in workers] == [("busy", busy.id)] \
+                    and await queue.gpus_in_use() == 1
 
-            await eventually(old_gone, timeout_s=15)
-            second = await world.submit("alice", prompt="ok")
-            await eventually(lambda: _done(world, second.id), timeout_s=30)
+            await eventually(registered_again, timeout_s=15)
+            await eventually(lambda: _done(world, busy.id), timeout_s=30)
+            after = await world.submit("alice", prompt="ok")
+            await eventually(lambda: _done(world, after.id), timeout_s=30)
         await _stop_workers(_executor(settings, tmp_path))
-    assert len(_log(tmp_path, "start")) == 2
+    starts = _log(tmp_path, "start")
+    runs = _log(tmp_path, "run")
+    assert [r[1:] for r in runs] == [[first.id, "1"], [busy.id, "1"], [after.id, "1"]]
+    assert len(starts) == 1 and {r[0] for r in runs} == {starts[0][0]}  # warm all along
+    assert (await world.get(busy.id)).attempts == 1
+
+
+async def _assigned_to_an_in_process_worker(
+        world: World, dispatcher: Dispatcher) -> tuple[WorkerLink, Task]:
+    """A worker registered and ready (no process: the test plays it), and a task the
+    dispatcher assigned to it."""
+    worker_id = new_worker_id("tiny-t2v")
+    assert await PoolRegistry(world.redis).reserve(worker_id=worker_id, model="tiny-t2v", gpus=1,
+                                                   capacity=2, start_lease_s=30)
+    link = WorkerLink(connect_sync(world.settings.redis.url), worker_id=worker_id, lease_s=30)
+    assert link.ready()
+    task = await world.submit("alice", prompt="ok")
+    assert await dispatcher.admit() == 1
+    a = link.next_assignment(timeout_s=5)
+    assert a is not None and (a.task_id, a.attempt) == (task.id, 1)
+    assert link.owns(task.id, 1)
+    publish_fenced_sync(link._r, ev.started(task.id, world_size=1, host="w"),
+                        fence=fence_value(worker_id, 1))
+    task = await world.get(task.id)
+    assert task.status is TaskStatus.RUNNING
+    return link, task
+
+
+async def _stale_publish_is_refused(world: World, link: WorkerLink, task: Task) -> None:
+    """The worker, which does not know it lost the task, reports it done."""
+    fence = fence_value(link.worker_id, 1)
+    assert publish_fenced_sync(link._r, pool_double._completed(task.id), fence=fence) is None
+    assert not link.owns(task.id, 1)
+    relay = Relay(world.services(), consumer_name="test-relay")
+    running = asyncio.create_task(relay.run(), name="test-relay")
+    await asyncio.sleep(1.0)
+    relay.stop()
+    await running
+    row = await world.get(task.id)
+    assert (row.status, row.attempts) == (TaskStatus.QUEUED, 1)
+    types = [e.type for _, e in parse_entries(
+        await world.redis.xrange(keys.task_events(task.id)))]  # type: ignore[arg-type]
+    assert EventType.COMPLETED not in types
+
+
+async def test_a_retired_worker_is_fenced_out_of_its_task_at_once(
+        tmp_path: Path, sqlite_url: str, redis: aioredis.Redis, redis_url: str) -> None:
+    settings = _settings(tmp_path, db_url=sqlite_url, redis_url=redis_url)
+    async with database(sqlite_url) as sessions:
+        world = World(settings=settings, sessions=sessions, redis=redis)
+        executor = _executor(settings, tmp_path)
+        dispatcher = world.dispatcher(executor)
+        link, task = await _assigned_to_an_in_process_worker(world, dispatcher)
+        # The executor reports the worker's process ended; it lingers (a stale pod).
+        await dispatcher.pools.on_worker_status(JobStatus(link.worker_id, JobState.FAILED,
+                                                          exit_code=137))
+        assert (await world.get(task.id)).status is TaskStatus.QUEUED  # retried
+        await _stale_publish_is_refused(world, link, task)
+        await executor.close()
+
+
+async def test_a_task_the_watchdog_takes_back_from_a_silent_worker_is_fenced_out_of_it_at_once(
+        tmp_path: Path, sqlite_url: str, redis: aioredis.Redis, redis_url: str) -> None:
+    settings = _settings(tmp_path, db_url=sqlite_url, redis_url=redis_url)
+    settings.dispatcher.heartbeat_timeout_s = 0.5
+    async with database(sqlite_url) as sessions:
+        world = World(settings=settings, sessions=sessions, redis=redis)
+        executor = _executor(settings, tmp_path)
+        dispatcher = world.dispatcher(executor)
+        link, task = await _assigned_to_an_in_process_worker(world, dispatcher)
+        await asyncio.sleep(0.8)  # no heartbeat of the task: it went silent
+        await dispatcher.watchdog()  # it finds no process of the worker: retried
+        row = await world.get(task.id)
+        assert (row.status, row.error_code) == (TaskStatus.QUEUED, "job_vanished")
+        assert await PoolRegistry(redis).get(link.worker_id) is not None  # not retired
+        await _stale_publish_is_refused(world, link, task)
+        await executor.close()

@@ -10,7 +10,8 @@ Guarantees:
   their last event; the global stream is capped too.
 - ``publish_sync`` is the same for the job runtime, which uses a blocking client
   from its worker threads; ``publish_fenced_sync`` (pool workers) writes only while
-  the task's fence names the writer, in the same script.
+  the task's fence names the writer, in the same script, and raises ``FenceLost`` (a
+  Redis error, retried like one) when the fence is gone with Redis's data.
 - The readers here are the only place that reads a task's stream: ``read_task_events``
   and ``read_range`` return events strictly after a given id, in order; ``last_entry``
   the newest; ``attempt_result`` the terminal event of the task's current attempt;
@@ -36,7 +37,11 @@ log = logging.getLogger(__name__)
 _PUBLISH_LUA = """
 -- KEYS: 1 task stream, 2 global stream[, 3 fence]; ARGV: 1 task maxlen, 2 global maxlen,
 --       3 task ttl, 4 n fields, fields…[, expected fence]
-if #KEYS == 3 and redis.call('GET', KEYS[3]) ~= ARGV[#ARGV] then return false end
+if #KEYS == 3 then
+  local fence = redis.call('GET', KEYS[3])
+  if not fence then return 0 end  -- no fence at all: Redis lost it (a taken-back one is '-')
+  if fence ~= ARGV[#ARGV] then return false end
+end
 local n = tonumber(ARGV[4])
 local fields = {}
 for i = 5, 4 + 2 * n do fields[#fields + 1] = ARGV[i] end
@@ -121,15 +126,27 @@ def publish_fenced_sync(client: redis.Redis, event: Event, *, fence: str,
                         limits: StreamLimits = StreamLimits()) -> str | None:
     """``publish_sync`` for a pool worker: written only while the task's fence
     (``keys.task_fence``) equals ``fence`` — checked in the same script on a single
-    Redis, just before on Redis Cluster. None when the event was dropped."""
+    Redis, just before on Redis Cluster. None when the event was dropped (the fence
+    names another worker or attempt); ``FenceLost`` when there is no fence at all
+    (Redis lost its data: a dispatcher gives it back, so the caller may retry)."""
     fence_key = keys.task_fence(event.task_id)
     if limits.cluster:
-        if _s(client.get(fence_key) or "") != fence:
+        current = client.get(fence_key)
+        if current is None:
+            raise FenceLost(f"task {event.task_id} has no fence")
+        if _s(current) != fence:
             return None
         return publish_sync(client, event, limits)
     key_list, argv = _args(event, limits)
     result = client.eval(_PUBLISH_LUA, 3, *key_list, fence_key, *argv, fence)
+    if result == 0:
+        raise FenceLost(f"task {event.task_id} has no fence")
     return None if result is None else _s(result)
+
+
+class FenceLost(redis.exceptions.RedisError):
+    """A fenced publish found no fence at all: Redis lost its data, and the dispatcher's
+    rebuild gives the fence back. A Redis error, so callers that retry those retry it."""
 
 
 def parse_entries(entries: list[tuple[str | bytes, dict[str | bytes, str | bytes]]],

@@ -11,18 +11,24 @@ model. Its life in Redis (keys in ``bus.keys``, the shared ones under the queue'
   its start-up.
 - The worker renews its lease with every ``heartbeat``; once its model is loaded it
   says ``ready`` (it enters its model's idle set). ``TaskQueue.claim_next`` takes a
-  pooled task only onto a live idle worker, atomically marking it ``busy``.
+  pooled task only onto a live idle worker, atomically marking it ``busy``. After
+  Redis lost its data, a dispatcher's rebuild gives each live worker process its GPU
+  lease back (``restore_worker``), and the worker's next heartbeat registers it again
+  as it knows itself to be; with neither on a rebuilt Redis, it was retired and exits.
 - The dispatcher then ``assign``s: it writes the task's *fence* (``worker|attempt``)
   and pushes the assignment to the worker's inbox. The worker only works on an
   assignment whose fence is its own, and every event it publishes for the task is
-  dropped unless the fence still names it (``bus.events.publish_sync(fence=…)``):
+  dropped unless the fence still names it (``bus.events.publish_fenced_sync``):
   a worker that lost its lease, or a stale assignment of an earlier attempt, can
   never publish for a newer attempt.
 - After a task the worker says ``ready`` again, or ``leave``s when it exits by itself
-  (a limit reached): draining with no task, so nothing is retried. ``drain`` asks a worker to exit
-  (scale-down, reclaim, replacement) and stops new assignments to it at once;
+  (a limit reached): draining with no task, so nothing is retried. ``drain`` asks a
+  worker to exit (scale-down, reclaim, replacement) and stops new assignments to it;
   ``retire`` forgets a worker that has ended (or whose lease ran out), frees its
-  GPUs and returns the task it was busy with, if any, for a retry.
+  GPUs and returns the task it was busy with, if any, for a retry; in the same script
+  it sets that task's fence to ``-`` if the fence names the worker, so a worker that
+  lingers can publish nothing more for it (and no rebuild gives it back); ``fence_out``
+  does the same for one attempt the dispatcher takes back from a worker.
 
 Every state change that may let a dispatcher make progress pushes the queue's
 wake-up signal.
@@ -129,9 +135,25 @@ return 1
 """
 
 _HEARTBEAT_LUA = _LIB + """
--- KEYS: 1 workers, 2 alive; ARGV: 1 worker, 2 lease expiry ms
+-- KEYS: 1 workers, 2 alive, 3 leases, 4 epoch, 5 idle prefix, 6 signal
+-- ARGV: 1 worker, 2 lease expiry ms, 3 lease member, 4 now ms, 5 keep, then what the
+--       worker knows of itself: 6 model, 7 gpus, 8 state, 9 task, 10 attempt, 11 done
 local f = rec(KEYS[1], ARGV[1])
-if not f then return '' end
+if not f then
+  if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then  -- Redis lost its data, and a
+    -- dispatcher gave this live worker its GPUs back: register again, as it says it is
+    put(KEYS[1], ARGV[1], {ARGV[6], ARGV[7], ARGV[8], ARGV[4], ARGV[9], ARGV[10], ARGV[11]})
+    redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+    if ARGV[8] == 'idle' then redis.call('ZADD', KEYS[5] .. ARGV[6], ARGV[4], ARGV[1]) end
+    signal(KEYS[6], ARGV[5])
+    return ARGV[8]
+  end
+  if redis.call('GET', KEYS[4]) ~=
+      string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') then
+    return '?'  -- Redis lost its data and no dispatcher has rebuilt it yet: wait
+  end
+  return ''  -- retired
+end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return f[3]
 """
@@ -204,9 +226,18 @@ return 1
 """
 
 _RETIRE_LUA = _LIB + """
--- KEYS: 1 workers, 2 alive, 3 idle prefix, 4 leases, 5 signal, 6 inbox
--- ARGV: 1 worker, 2 lease member, 3 keep
+-- KEYS: 1 workers, 2 alive, 3 idle prefix, 4 leases, 5 signal, 6 inbox, 7 fence of the
+--       task the caller read from the record
+-- ARGV: 1 worker, 2 lease member, 3 keep, 4 that task ('' for none)
 local f = rec(KEYS[1], ARGV[1])
+if f and f[5] ~= ARGV[4] then return {'', '', 'moved'} end  -- read again, then retry
+if f and f[5] ~= '' then
+  -- Fenced out at once: whatever this worker publishes for the task is dropped now.
+  local v = redis.call('GET', KEYS[7])
+  if v and string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
+    redis.call('SET', KEYS[7], '-', 'KEEPTTL')
+  end
+end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[6])
 local freed = redis.call('HDEL', KEYS[4], ARGV[2])
@@ -218,6 +249,13 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3] .. f[1], ARGV[1])
 signal(KEYS[5], ARGV[3])
 return {f[5], f[6]}
+"""
+
+_FENCE_OUT_LUA = """
+-- KEYS: 1 fence; ARGV: 1 its value to clear: set to '-' (a missing one was lost, restored)
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], '-', 'KEEPTTL')
+return 1
 """
 
 
@@ -296,15 +334,44 @@ class PoolRegistry:
         return bool(ok)
 
     async def retire(self, worker_id: str) -> tuple[str | None, int | None]:
-        """Forget an ended worker and free its GPUs; (task, attempt) it was busy with."""
-        res = await self._r.eval(
-            _RETIRE_LUA, 6, keys.POOL_WORKERS, keys.POOL_ALIVE, keys.POOL_IDLE_PREFIX,
-            keys.CAPACITY_LEASES, keys.QUEUE_SIGNAL, keys.worker_inbox(worker_id),
-            worker_id, lease_member(worker_id), SIGNAL_KEEP)
-        parts = [text(p) for p in res]
+        """Forget an ended worker and free its GPUs; (task, attempt) it was busy with.
+        In the same script the task's fence is cleared if it names this worker, so the
+        worker (if it lingers) can publish nothing more for it."""
+        parts: list[str] = []
+        for _ in range(10):  # the record's task changes under us only on a race
+            raw = await self._r.hget(keys.POOL_WORKERS, worker_id)
+            task = _parse(worker_id, text(raw), None).task_id if raw is not None else None
+            res = await self._r.eval(
+                _RETIRE_LUA, 7, keys.POOL_WORKERS, keys.POOL_ALIVE, keys.POOL_IDLE_PREFIX,
+                keys.CAPACITY_LEASES, keys.QUEUE_SIGNAL, keys.worker_inbox(worker_id),
+                keys.task_fence(task or "-"), worker_id, lease_member(worker_id), SIGNAL_KEEP,
+                task or "")
+            parts = [text(p) for p in res]
+            if len(parts) < 3:
+                break
         if len(parts) < 2 or not parts[0]:
             return None, None
         return parts[0], int(parts[1]) if parts[1] else None
+
+    async def fence_out(self, *, task_id: str, worker_id: str, attempt: int) -> bool:
+        """Take ``task_id``'s attempt back from ``worker_id``: its fence is cleared if it
+        still names that worker and attempt, so the worker's next publish is refused.
+        True if it did."""
+        return bool(await self._r.eval(_FENCE_OUT_LUA, 1, keys.task_fence(task_id),
+                                       fence_value(worker_id, attempt)))
+
+    async def restore_worker(self, *, worker_id: str, gpus: int) -> bool:
+        """Lease ``gpus`` again to a live worker process whose lease Redis lost (it then
+        registers itself again); True if it had to."""
+        return bool(await self._r.hsetnx(keys.CAPACITY_LEASES, lease_member(worker_id),
+                                         gpus))
+
+    async def restore_fence(self, *, task_id: str, worker_id: str, attempt: int) -> bool:
+        """Give an active pooled task's attempt its fence back after Redis lost it (the
+        database says which worker and attempt); never replaces a fence that exists."""
+        return bool(await self._r.set(keys.task_fence(task_id),
+                                      fence_value(worker_id, attempt), nx=True,
+                                      ex=FENCE_TTL_S))
 
     async def fence_of(self, task_id: str) -> str | None:
         value = await self._r.get(keys.task_fence(task_id))
@@ -314,15 +381,32 @@ class PoolRegistry:
 class WorkerLink:
     """The worker's side (rank 0 of ``vidmaas-job serve``), over a blocking client."""
 
-    def __init__(self, client: redis.Redis, *, worker_id: str, lease_s: float) -> None:
+    def __init__(self, client: redis.Redis, *, worker_id: str, lease_s: float,
+                 model: str = "", gpus: int = 1) -> None:
         self._r = client
         self.worker_id = worker_id
         self.lease_s = lease_s
+        self.model = model
+        """The model and GPUs the worker re-registers with after Redis lost its data."""
+        self.gpus = gpus
+        self._state = WorkerState.STARTING
+        self._task: tuple[str, int] | None = None
+        self._done = 0
 
     def heartbeat(self) -> WorkerState | None:
-        """Renew the lease; the current state, or None if the worker was retired."""
-        state = text(self._r.eval(_HEARTBEAT_LUA, 2, keys.POOL_WORKERS, keys.POOL_ALIVE,
-                                  self.worker_id, now_ms() + int(self.lease_s * 1000)))
+        """Renew the lease; the current state, or None if the worker was retired. After
+        Redis lost its data, the worker registers again (as it knows itself to be) once
+        a dispatcher has given it its GPUs back, and is told its own state until then."""
+        task, attempt = self._task or ("", 0)
+        now = now_ms()
+        state = text(self._r.eval(
+            _HEARTBEAT_LUA, 6, keys.POOL_WORKERS, keys.POOL_ALIVE, keys.CAPACITY_LEASES,
+            keys.QUEUE_EPOCH, keys.POOL_IDLE_PREFIX, keys.QUEUE_SIGNAL, self.worker_id,
+            now + int(self.lease_s * 1000), lease_member(self.worker_id), now, SIGNAL_KEEP,
+            self.model, self.gpus, self._state.value, task, attempt if task else "",
+            self._done))
+        if state == "?":
+            return self._state
         return WorkerState(state) if state else None
 
     def ready(self, *, finished_task: bool = False) -> bool:
@@ -331,6 +415,8 @@ class WorkerLink:
         ok = self._r.eval(_READY_LUA, 4, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX,
                           keys.QUEUE_SIGNAL, keys.POOL_ALIVE, self.worker_id, now, SIGNAL_KEEP,
                           now + int(self.lease_s * 1000), "1" if finished_task else "0")
+        self._done += 1 if finished_task else 0
+        self._state, self._task = (WorkerState.IDLE if ok else WorkerState.DRAINING), None
         return bool(ok)
 
     def leave(self, *, finished_task: bool = False) -> bool:
@@ -338,6 +424,8 @@ class WorkerLink:
         ``draining`` with no task; False if the worker was already retired."""
         ok = self._r.eval(_LEAVE_LUA, 2, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX,
                           self.worker_id, now_ms(), "1" if finished_task else "0")
+        self._done += 1 if finished_task else 0
+        self._state, self._task = WorkerState.DRAINING, None
         return bool(ok)
 
     def next_assignment(self, *, timeout_s: float) -> Assignment | None:
@@ -349,7 +437,10 @@ class WorkerLink:
             if got is None:
                 return None
             a = Assignment.decode(text(got[1]))
-            if a.exit or (a.task_id is not None and self.owns(a.task_id, a.attempt)):
+            if a.exit:
+                return a
+            if a.task_id is not None and self.owns(a.task_id, a.attempt):
+                self._state, self._task = WorkerState.BUSY, (a.task_id, a.attempt)
                 return a
         return None
 

@@ -39,6 +39,11 @@ class PoolSettings(BaseModel):
     is retried elsewhere and it is replaced."""
     start_timeout_s: float = 900.0
     """How long a new worker may take to load its model before it is given up."""
+    max_failed_starts: int = Field(default=3, ge=0)
+    """After this many workers of a model in a row end before they are ready (a broken
+    checkpoint, a missing model directory), the model is unavailable: its queued tasks
+    fail (``model_unavailable``) instead of waiting for ever. A worker that becomes ready
+    clears it; 0: never."""
     manage_interval_s: float = 1.0
     """Period of the pool manager's pass (it also wakes on queue changes)."""
     max_tasks_per_worker: int = 0

@@ -7,7 +7,9 @@ Guarantees:
 - ``fail_or_retry`` is ``Lifecycle.fail_or_retry``, the one retry rule, re-read and
   tried again while the task only moved between ``dispatching`` and ``running``
   meanwhile (a job that ends while its launch is being recorded); it answers None,
-  and changes nothing, once the task has left those states.
+  and changes nothing, once the task has left those states. Taking a pooled task back
+  from its worker first clears the attempt's fence, so the worker's next event for it
+  is refused (``PoolRegistry.fence_out``).
 - ``pause`` sleeps but returns at once on stop; ``until_next_sweep`` also on
   ``reconcile_soon``; ``wait_ready`` returns once the first reconcile pass has run, or
   on stop.
@@ -26,10 +28,12 @@ from datetime import datetime
 
 from vidmaas.aio import pause
 from vidmaas.bus import keys
+from vidmaas.bus.pools import PoolRegistry
 from vidmaas.bus.queue import TaskQueue
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.dispatcher.executors.base import Executor
+from vidmaas.domain.ids import is_worker_id
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import VidmaasError
 from vidmaas.logs import TaskLog
@@ -98,7 +102,11 @@ class DispatcherContext:
     async def fail_or_retry(self, task: Task, *, code: str, message: str,
                             retryable: bool) -> Task | None:
         """``Lifecycle.fail_or_retry``, re-read and tried again while the task only moved
-        between dispatching and running meanwhile; None when the task left those states."""
+        between dispatching and running meanwhile; None when the task left those states.
+        A pooled task's worker is fenced out of the attempt first (``bus.pools``)."""
+        if task.job_name is not None and is_worker_id(task.job_name):
+            await PoolRegistry(self.redis).fence_out(task_id=task.id, worker_id=task.job_name,
+                                                     attempt=task.attempts)
         for _ in range(5):
             try:
                 return await self.lifecycle.fail_or_retry(task, code=code, message=message,

@@ -12,14 +12,22 @@ Guarantees (with any number of dispatcher replicas; the shared state is in Redis
   whose process ended, or that the executor reports stuck, is retired — its GPUs
   freed, its process killed if it lingers, and the task it was busy with (if that
   attempt is still its) retried; a worker a claim marked busy but that never got the
-  assignment goes back to idle; processes with no registration are stopped. Then
+  assignment goes back to idle; a process with no registration is stopped (deleted)
+  once it has ended or stayed so for a whole ``pools.worker_lease_s`` (a live worker
+  registers again after Redis lost its data, ``bus.pools``). The pass does nothing
+  while Redis has lost its data and its leases are not rebuilt yet
+  (``dispatcher.recovery``). Then
   ``domain.pools.plan_pools`` decides what to start (its GPUs reserved before the
   process starts, so capacity is never overcommitted) and which idle workers to drain
   (they exit by themselves).
 - A model whose workers end before they are ready (a missing model directory, a
   crash while loading) is not restarted in a tight loop: each such end in a row holds
   its next start back longer (1 s, doubling, at most ``START_BACKOFF_MAX_S``), until
-  one of its workers is ready again. The hold is this replica's own.
+  one of its workers is ready again. The hold is this replica's own. After
+  ``pools.max_failed_starts`` such ends in a row the model is *unavailable*: its
+  queued tasks fail (``model_unavailable``, not retried), and so do those queued
+  when a later start fails too, instead of waiting for ever; a worker that becomes
+  ready clears it.
 - ``cancel`` of a pooled task relies on the cancel flag the worker checks between
   steps; a worker still on the task ``dispatcher.cancel_grace_s`` later is killed and
   replaced.
@@ -34,6 +42,7 @@ import logging
 import time
 from collections.abc import Mapping
 
+from vidmaas.bus import recovery as state
 from vidmaas.bus.control import cancel_requested
 from vidmaas.bus.pools import PoolRegistry, Worker, WorkerState
 from vidmaas.bus.queue import Claim
@@ -43,6 +52,7 @@ from vidmaas.dispatcher.executors.base import JobStatus, PoolExecutor, WorkerSpe
 from vidmaas.domain import events as ev
 from vidmaas.domain.ids import is_worker_id, new_worker_id
 from vidmaas.domain.jobs import JobSpec, job_args
+from vidmaas.domain.models import MODEL_UNAVAILABLE
 from vidmaas.domain.pools import Need, PoolConfig, PoolPlan, WorkerView, plan_pools
 from vidmaas.domain.status import TaskStatus
 from vidmaas.domain.workers import WorkerLimits, worker_args
@@ -82,6 +92,8 @@ class Pools:
         self._failed_starts: dict[str, int] = {}
         self._hold_until: dict[str, float] = {}
         """Model → when (monotonic) it may start a worker again after failed starts."""
+        self._unregistered_since: dict[str, float] = {}
+        """Worker process → when (monotonic) this replica first saw it unregistered."""
 
     @property
     def limits(self) -> WorkerLimits:
@@ -160,6 +172,8 @@ class Pools:
         ctx = self.ctx
         if self.executor is None:
             return PoolPlan()
+        if await state.epoch(ctx.redis) != await state.server_run_id(ctx.redis):
+            return PoolPlan()  # Redis lost its data: admission rebuilds it first
         workers = await self.registry.workers()
         processes = set(await self.executor.list_workers())
         now_ms = int(time.time() * 1000)
@@ -174,7 +188,18 @@ class Pools:
             elif w.state is WorkerState.BUSY and w.attempt is None and w.task_id:
                 await self._unclaim_if_abandoned(w)
         known = {w.id for w in workers}
+        seen = time.monotonic()
+        for wid in list(self._unregistered_since):
+            if wid not in processes or wid in known:
+                del self._unregistered_since[wid]
         for orphan in processes - known:
+            # A live worker registers again within a quarter of its lease (Redis lost
+            # its data): only one ended, or unregistered for a whole lease, is stopped.
+            since = self._unregistered_since.setdefault(orphan, seen)
+            if seen - since < ctx.settings.pools.worker_lease_s \
+                    and not (await self.executor.worker_status(orphan)).state.finished:
+                continue
+            del self._unregistered_since[orphan]
             log.warning("pools: worker process %s has no registration; stopping it", orphan)
             await self.executor.stop_worker(orphan, grace_s=ctx.settings.pools.stop_grace_s)
         workers = [w for w in await self.registry.workers() if w.alive]
@@ -217,26 +242,63 @@ class Pools:
         except Exception as e:
             log.warning("pools: starting %s for %s failed: %s", worker_id, model_id, e)
             await self.registry.retire(worker_id)
-            self._start_failed(model_id)
+            await self._start_failed(model_id)
             return
         log.info("pools: started %s for %s (%d GPUs): %s", worker_id, model_id,
                  model.gpus_per_job, why)
         if ctx.metrics is not None:
             ctx.metrics.observe_scaling(action="start")
 
-    def _start_failed(self, model_id: str) -> None:
+    async def _start_failed(self, model_id: str) -> None:
         n = self._failed_starts.get(model_id, 0) + 1
         self._failed_starts[model_id] = n
         hold_s = min(START_BACKOFF_MAX_S, START_BACKOFF_S * 2 ** (n - 1))
         self._hold_until[model_id] = time.monotonic() + hold_s
         log.warning("pools: %d %s worker(s) in a row ended before they were ready; the next "
                     "start waits %.0fs", n, model_id, hold_s)
+        limit = self.ctx.settings.pools.max_failed_starts
+        if limit and n >= limit:
+            await self._fail_queued(model_id, failed_starts=n)
+
+    def unavailable(self, model_id: str) -> bool:
+        """Has ``model_id`` had ``pools.max_failed_starts`` workers in a row end before
+        they were ready (on this replica), with none ready since?"""
+        limit = self.ctx.settings.pools.max_failed_starts
+        return bool(limit) and self._failed_starts.get(model_id, 0) >= limit
+
+    async def _fail_queued(self, model_id: str, *, failed_starts: int) -> None:
+        """The model is unavailable: fail its queued tasks (``model_unavailable``, not
+        retried) rather than let them wait for a worker that never loads."""
+        ctx = self.ctx
+        message = (f"model {model_id} is unavailable: its last {failed_starts} pool workers "
+                   "ended before they had loaded it (see the dispatcher's log); try again "
+                   "later or ask the operator")
+        failed = 0
+        for task in await ctx.with_status(TaskStatus.QUEUED):
+            if task.model != model_id:
+                continue
+            await ctx.queue.remove(user_id=task.user_id, task_id=task.id)
+            try:
+                await ctx.lifecycle.finish(
+                    task_id=task.id, to=TaskStatus.FAILED, expected=TaskStatus.QUEUED,
+                    fields={"error_code": MODEL_UNAVAILABLE, "error_message": message},
+                    event=ev.failed(task.id, code=MODEL_UNAVAILABLE, message=message,
+                                    retryable=False))
+                tlog.warning(task.id, "failed (%s): %d %s workers in a row never loaded",
+                             MODEL_UNAVAILABLE, failed_starts, model_id)
+                failed += 1
+            except VidmaasError as e:  # cancelled or claimed meanwhile
+                tlog.info(task.id, "%s not applied (%s)", MODEL_UNAVAILABLE, e)
+        log.warning("pools: %s is unavailable after %d failed starts in a row; %d queued "
+                    "task(s) failed", model_id, failed_starts, failed)
+        if failed:
+            await ctx.queue.announce_move()
 
     async def _retire(self, worker_id: str, *, why: str) -> None:
         ctx = self.ctx
         before = await self.registry.get(worker_id)
         if before is not None and before.state is WorkerState.STARTING:
-            self._start_failed(before.model)
+            await self._start_failed(before.model)
         task_id, attempt = await self.registry.retire(worker_id)
         log.info("pools: retired %s: %s", worker_id, why)
         if ctx.metrics is not None:

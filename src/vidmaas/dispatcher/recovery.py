@@ -16,7 +16,11 @@ any number of replicas at once):
   reconciler's ``queued`` step and ``Lifecycle.sweep_outbox``.
 
 Pool workers' GPUs are leased by the workers themselves (``bus.pools``); a pooled task
-gets no lease of its own here.
+gets no lease of its own here. Instead, before the epoch is set, every live worker
+process of a pooled model (as the executor lists them) gets its GPU lease back, so
+admission never hands its GPUs to anyone else, and it registers itself again at its
+next heartbeat; an active pooled task on such a worker gets its attempt's fence back
+(from the database's worker and attempt), so the worker's events for it still count.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import logging
 
 from vidmaas.bus import control
 from vidmaas.bus import recovery as state
+from vidmaas.bus.pools import PoolRegistry
 from vidmaas.dispatcher.context import DispatcherContext
-from vidmaas.domain.ids import is_worker_id
+from vidmaas.dispatcher.executors.base import PoolExecutor
+from vidmaas.domain.ids import is_worker_id, model_slug, worker_model_slug
 from vidmaas.domain.status import ACTIVE, TaskStatus
 from vidmaas.logs import TaskLog
 
@@ -39,6 +45,7 @@ class Recovery:
 
     def __init__(self, ctx: DispatcherContext) -> None:
         self.ctx = ctx
+        self.registry = PoolRegistry(ctx.redis)
 
     async def ensure_leases(self) -> int | None:
         """Rebuild leases if this Redis server has not had them rebuilt yet; the number
@@ -48,8 +55,13 @@ class Recovery:
         if await state.epoch(ctx.redis) == run_id:
             return None
         restored = 0
+        workers = await self._restore_workers()
         for task in await ctx.with_status(*ACTIVE):
             if task.job_name is not None and is_worker_id(task.job_name):
+                if task.job_name in workers and await self.registry.restore_fence(
+                        task_id=task.id, worker_id=task.job_name, attempt=task.attempts):
+                    tlog.warning(task.id, "fence of attempt %d on %s restored", task.attempts,
+                                 task.job_name)
                 continue
             start = task.dispatched_at or task.updated_at
             if await state.restore_lease(ctx.redis, task_id=task.id, user_id=task.user_id,
@@ -62,6 +74,25 @@ class Recovery:
         log.warning("dispatcher %s: Redis server %s had no rebuilt leases; %d restored",
                     ctx.id, run_id, restored)
         return restored
+
+    async def _restore_workers(self) -> set[str]:
+        """Give every live pool worker process of a pooled model its GPU lease back (it
+        registers itself again at its next heartbeat); their ids."""
+        ctx = self.ctx
+        executor = ctx.executor
+        if not isinstance(executor, PoolExecutor) or not ctx.settings.pools.enabled:
+            return set()
+        slugs = {model_slug(m): m for m in ctx.settings.pools.models}
+        live: set[str] = set()
+        for worker_id in await executor.list_workers():
+            model = ctx.registry.get(slugs.get(worker_model_slug(worker_id), ""))
+            if model is None:
+                continue
+            live.add(worker_id)
+            if await self.registry.restore_worker(worker_id=worker_id, gpus=model.gpus_per_job):
+                log.warning("pools: %s is alive without a GPU lease; lease of %d GPU(s) "
+                            "restored", worker_id, model.gpus_per_job)
+        return live
 
     async def restore_cancel_flags(self) -> int:
         """Set the cancel flag of every ``cancelling`` task that lost it; how many."""

@@ -68,6 +68,13 @@ def is_worker_id(value: str) -> bool:
     return bool(WORKER_ID_RE.match(value))
 
 
+def worker_model_slug(worker_id: str) -> str:
+    """The ``model_slug`` a worker id was made from (``""`` if it is not a worker id)."""
+    if not is_worker_id(worker_id):
+        return ""
+    return worker_id[len(WORKER_ID_PREFIX):-9]
+
+
 def new_user_id() -> str:
     return "u" + _b32(int(time.time() * 1000), 10) + _b32(secrets.randbits(50), 10)
 

@@ -24,7 +24,9 @@ Guarantees:
   through ``bus.events.publish_fenced_sync``: nothing gets through once the task's fence
   no longer names this worker and attempt. From then on it is ``superseded`` and
   ``cancel_requested`` answers ``superseded``, so the stale attempt stops at its next
-  step (what it would send is dropped anyway).
+  step (what it would send is dropped anyway). A fence that is gone altogether (Redis
+  lost its data; the dispatcher's rebuild gives it back) is a Redis error like any
+  other: retried for the event's retry time, never taken for a takeover.
 - ``heartbeats()`` runs a daemon thread that sends ``heartbeat`` every
   ``heartbeat_interval_s`` (0 turns it off) until the block exits.
 """
