@@ -10,6 +10,7 @@ import pytest
 from tests.api.conftest import Api
 from tests.api.test_tasks_api import _complete, jpeg_bytes
 from vidmaas.db import tasks as repo
+from vidmaas.db.models import Task
 from vidmaas.domain import events as ev
 from vidmaas.domain.status import TaskStatus
 
@@ -49,7 +50,7 @@ async def test_a_rerun_without_a_body_repeats_the_task_with_its_seed_and_names_t
     assert queued is not None
 
 
-async def _row(api: Api, task_id: str) -> repo.Task:
+async def _row(api: Api, task_id: str) -> Task:
     async with api.app.state.services.sessions() as s:
         task = await repo.get_task(session=s, task_id=task_id)
     assert task is not None
