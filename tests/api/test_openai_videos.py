@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import av
 import httpx
@@ -305,3 +307,202 @@ async def test_an_input_reference_upload_or_data_url_becomes_the_tasks_input_ima
         r = await h.get("/v1/videos")
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     await oa.close()
+
+
+# ------------------------------------------------------------------ polling, remix, pages
+
+def sync_client(server: Server, user: str = "alice") -> openai.OpenAI:
+    return openai.OpenAI(api_key=server.keys[user], base_url=server.base_url + "/v1",
+                         max_retries=0, timeout=30)
+
+
+async def _only_video_id(server: Server, oa: openai.AsyncOpenAI) -> str:
+    for _ in range(200):
+        page = await oa.videos.list()
+        if page.data:
+            return page.data[0].id
+        await asyncio.sleep(0.02)
+    raise AssertionError("no video was created")
+
+
+async def test_the_async_clients_create_and_poll_completes_paced_by_the_poll_after_header(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    oa = client(server)
+    waits: list[float] = []
+    slept = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        slept.set()
+        await asyncio.sleep(0.02)
+
+    monkeypatch.setattr(oa.videos, "_sleep", sleep)
+    polling = asyncio.create_task(oa.videos.create_and_poll(
+        prompt="a paced fox", size="64x64", seconds="1"))  # type: ignore[arg-type]
+    await asyncio.wait_for(slept.wait(), 10)
+    video_id = await _only_video_id(server, oa)
+    await finish_with_files(server, video_id, mp4_bytes())
+    done = await asyncio.wait_for(polling, 10)
+    assert done.id == video_id and done.status == "completed" and done.progress == 100
+    # Queued first in line: 2000 ms, read from the header once and used for every wait.
+    assert len(waits) >= 2 and set(waits) == {2.0}
+    await oa.close()
+
+
+def test_the_poll_after_header_follows_the_state_and_finished_videos_have_none() -> None:
+    from vidmaas.api.pacing import poll_after_ms
+
+    assert [poll_after_ms(TaskStatus.QUEUED, p) for p in (None, 1, 3, 50)] == [
+        2000, 2000, 6000, 10000]
+    assert poll_after_ms(TaskStatus.DISPATCHING, None) == 2000
+    assert poll_after_ms(TaskStatus.RUNNING, None) == 1000
+    assert poll_after_ms(TaskStatus.CANCELLING, None) == 1000
+    for done in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED):
+        assert poll_after_ms(done, None) is None
+
+
+async def test_the_sync_clients_create_and_poll_and_downloads_of_video_and_thumbnail(
+        server_sqlite: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = server_sqlite
+    oa = sync_client(server)
+    loop = asyncio.get_running_loop()
+    waits: list[float] = []
+    slept = asyncio.Event()
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        loop.call_soon_threadsafe(slept.set)
+        time.sleep(0.02)
+
+    monkeypatch.setattr(oa.videos, "_sleep", sleep)
+    # The server runs on this loop: the sync client runs in a thread.
+    polling = asyncio.ensure_future(asyncio.to_thread(
+        oa.videos.create_and_poll, prompt="a sync fox", size="64x64", seconds="1"))
+    await asyncio.wait_for(slept.wait(), 10)
+    aoa = client(server)
+    video_id = await _only_video_id(server, aoa)
+    mp4 = mp4_bytes()
+    await finish_with_files(server, video_id, mp4)
+    done = await asyncio.wait_for(polling, 10)
+    assert done.status == "completed" and done.completed_at is not None
+    assert len(waits) >= 2 and set(waits) == {2.0}
+    video = await asyncio.to_thread(oa.videos.download_content, video_id)
+    assert video.content == mp4
+    thumb = await asyncio.to_thread(oa.videos.download_content, video_id, variant="thumbnail")
+    assert thumb.content[:3] == b"\xff\xd8\xff"
+    raw = await asyncio.to_thread(oa.videos.with_raw_response.retrieve, video_id)
+    assert "openai-poll-after-ms" not in raw.headers  # finished: no pacing
+    await asyncio.gather(asyncio.to_thread(oa.close), aoa.close())
+
+
+async def test_the_header_is_on_create_and_retrieve_of_an_unfinished_video(
+        server: Server) -> None:
+    oa = client(server)
+    created = await oa.videos.with_raw_response.create(prompt="first")
+    assert created.headers["openai-poll-after-ms"] == "2000"
+    second = await oa.videos.with_raw_response.create(prompt="second")
+    assert second.headers["openai-poll-after-ms"] == "4000"  # second in line
+    first_id = created.parse().id
+    await start_running(server, first_id)
+    running = await oa.videos.with_raw_response.retrieve(first_id)
+    assert running.headers["openai-poll-after-ms"] == "1000"
+    assert running.parse().status == "in_progress"
+    await oa.close()
+
+
+async def test_a_failed_video_has_openais_error_object_and_timestamps(server: Server) -> None:
+    oa = client(server)
+    v = await oa.videos.create(prompt="doomed")
+    lc = server.svc.lifecycle
+    await lc.transition(task_id=v.id, to=TaskStatus.DISPATCHING, expected=TaskStatus.QUEUED)
+    await lc.finish(task_id=v.id, to=TaskStatus.FAILED, expected=TaskStatus.DISPATCHING,
+                    fields={"error_code": "job_failed", "error_message": "out of memory"},
+                    event=ev.Event(v.id, ev.EventType.FAILED, {"code": "job_failed",
+                                                              "message": "out of memory"}))
+    raw = await oa.videos.with_raw_response.retrieve(v.id)
+    failed = raw.parse()
+    assert "openai-poll-after-ms" not in raw.headers
+    assert failed.status == "failed" and failed.error is not None
+    assert (failed.error.code, failed.error.message) == ("job_failed", "out of memory")
+    assert failed.completed_at is not None and failed.expires_at is None
+    body = raw.http_response.json()
+    assert set(body["error"]) == {"code", "message"} and body["remixed_from_video_id"] is None
+    assert isinstance(body["seconds"], str) and isinstance(body["progress"], int)
+    await oa.close()
+
+
+async def test_a_remix_is_a_new_video_like_the_completed_source_with_a_new_prompt(
+        server: Server) -> None:
+    oa = client(server)
+    src = await oa.videos.create(prompt="a fox in snow", size="96x64",  # type: ignore[arg-type]
+                                 seconds="2")
+    with pytest.raises(openai.ConflictError) as early:
+        await oa.videos.remix(src.id, prompt="too soon")
+    assert early.value.code == "video_not_completed" and early.value.param == "video_id"
+    await finish_with_files(server, src.id, mp4_bytes())
+    raw = await oa.videos.with_raw_response.remix(src.id, prompt="a fox in rain")
+    remix = raw.parse()
+    # Queued: 2000 ms a place (the test moved the source without a dispatcher, so its
+    # queue entry may still stand ahead).
+    assert raw.headers["openai-poll-after-ms"] in ("2000", "4000")
+    assert remix.id != src.id and remix.remixed_from_video_id == src.id
+    assert remix.status == "queued" and remix.prompt == "a fox in rain"
+    assert (remix.size, remix.seconds, remix.model) == ("96x64", "2", src.model)
+    a, b = await _row(server, src.id), await _row(server, remix.id)
+    assert b.params == a.params and b.source == "openai" and b.rerun_of == src.id
+    assert (await oa.videos.retrieve(remix.id)).remixed_from_video_id == src.id
+    # Someone else's video is a missing one; a retried remix with a key is made once.
+    bob = client(server, "bob")
+    for vid in (src.id, "video_" + "0" * 24):
+        with pytest.raises(openai.NotFoundError) as nf:
+            await bob.videos.remix(vid, prompt="mine")
+        assert nf.value.code == "video_not_found"
+    key = {"Idempotency-Key": "remix-1"}
+    once = await oa.videos.remix(src.id, prompt="again", extra_headers=key)
+    twice = await oa.videos.remix(src.id, prompt="again", extra_headers=key)
+    assert once.id == twice.id
+    with pytest.raises(openai.BadRequestError) as empty:
+        await oa.videos.remix(src.id, prompt="")
+    assert empty.value.param == "prompt"
+    # A deleted source cannot be remixed; its remixes stay.
+    await oa.videos.delete(src.id)
+    with pytest.raises(openai.NotFoundError):
+        await oa.videos.remix(src.id, prompt="after")
+    assert (await oa.videos.retrieve(remix.id)).status == "queued"
+    await asyncio.gather(oa.close(), bob.close())
+
+
+async def test_a_remix_keeps_its_own_copy_of_the_sources_input_image(
+        server_sqlite: Server, tmp_path: Path) -> None:
+    server = server_sqlite
+    oa = client(server)
+    path = tmp_path / "cat.png"
+    path.write_bytes(png_bytes())
+    with path.open("rb") as f:  # a file object, as the SDK's docs show it
+        src = await oa.videos.create(prompt="animate", model="tiny-ti2v", input_reference=f)
+    await finish_with_files(server, src.id, mp4_bytes())
+    remix = await oa.videos.remix(src.id, prompt="animate it more")
+    a, b = await _row(server, src.id), await _row(server, remix.id)
+    assert a.input_key and b.input_key and a.input_key != b.input_key
+    store = server.svc.store
+    assert await store.get_bytes(b.input_key) == await store.get_bytes(a.input_key)
+    await store.delete(a.input_key)
+    assert await store.exists(b.input_key)
+    await oa.close()
+
+
+async def test_the_sync_client_pages_with_after_over_several_videos(
+        server_sqlite: Server) -> None:
+    server = server_sqlite
+    oa = sync_client(server)
+    ids = [(await asyncio.to_thread(oa.videos.create, prompt=f"page {i}")).id
+           for i in range(5)]
+    page = await asyncio.to_thread(oa.videos.list, limit=2, after=ids[4])
+    assert [v.id for v in page.data] == [ids[3], ids[2]] and page.has_more
+    last = await asyncio.to_thread(oa.videos.list, limit=2, after=ids[1])
+    assert [v.id for v in last.data] == [ids[0]] and not last.has_more
+    walked = await asyncio.to_thread(lambda: [v.id for v in oa.videos.list(limit=2)])
+    assert walked == ids[::-1]
+    up = await asyncio.to_thread(lambda: [v.id for v in oa.videos.list(limit=2, order="asc")])
+    assert up == ids
+    await asyncio.to_thread(oa.close)

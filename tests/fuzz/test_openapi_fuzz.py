@@ -70,7 +70,8 @@ def fuzz_api(sqlite_url: str, redis_url: str, local_storage: StorageSettings,
 def test_the_document_lists_the_native_operations() -> None:
     ops = set(_operations())
     for needed in ("POST /v1/tasks", "GET /v1/tasks", "GET /v1/tasks/{task_id}",
-                   "POST /v1/tasks/{task_id}/cancel", "GET /v1/models", "GET /v1/me",
+                   "POST /v1/tasks/{task_id}/cancel", "POST /v1/tasks/{task_id}/rerun",
+                   "GET /v1/models", "GET /v1/me",
                    "POST /v1/webhook-endpoints", "GET /v1/webhook-endpoints",
                    "GET /v1/webhook-endpoints/{endpoint_id}",
                    "PATCH /v1/webhook-endpoints/{endpoint_id}",

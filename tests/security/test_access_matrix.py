@@ -65,6 +65,7 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("GET", "/v1/tasks"): Kind.USER,
     ("GET", "/v1/tasks/{id}"): Kind.TASK,
     ("POST", "/v1/tasks/{id}/cancel"): Kind.TASK,
+    ("POST", "/v1/tasks/{id}/rerun"): Kind.TASK,
     ("GET", "/v1/tasks/{id}/preview"): Kind.TASK,
     ("GET", "/v1/tasks/{id}/webhooks"): Kind.TASK,
     ("GET", "/v1/tasks/{id}/video"): Kind.TASK_MEDIA,
@@ -79,6 +80,7 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("GET", "/v1/videos/{id}"): Kind.VIDEO,
     ("GET", "/v1/videos/{id}/content"): Kind.VIDEO_MEDIA,
     ("DELETE", "/v1/videos/{id}"): Kind.VIDEO,
+    ("POST", "/v1/videos/{id}/remix"): Kind.VIDEO,
     # Webhook endpoints: a user's own, nobody else's.
     ("POST", "/v1/webhook-endpoints"): Kind.USER,
     ("GET", "/v1/webhook-endpoints"): Kind.USER,
@@ -310,7 +312,8 @@ async def test_the_owner_and_an_admin_reach_every_task_route(world: World) -> No
                 if path.endswith("/events"):
                     headers = {**headers, "Accept": "text/event-stream"}
                 r = await c.request(method, _url(path, ident), headers=headers, timeout=30)
-                assert r.status_code in (200, 307), (user, method, path, r.status_code, r.text)
+                ok = (202,) if path.endswith("/rerun") else (200, 307)  # a rerun is a create
+                assert r.status_code in ok, (user, method, path, r.status_code, r.text)
         # The admin sees alice's tasks in the list; alice sees her own; media by token too.
         listing = await c.get("/v1/tasks", headers=api.auth("root"))
         assert world.queued in {t["id"] for t in listing.json()["data"]}
@@ -466,8 +469,10 @@ async def test_the_owner_and_an_admin_reach_every_video_route(world: World) -> N
         for user in ("alice", "root"):
             # DELETE last: it cancels the video.
             for method, path in sorted(routes, key=lambda r: r[0] == "DELETE"):
-                r = await c.request(method, _url(path, world.video), headers=api.auth(user))
-                if path.endswith("/content"):
+                body = {"prompt": "remixed"} if path.endswith("/remix") else None
+                r = await c.request(method, _url(path, world.video), headers=api.auth(user),
+                                    json=body)
+                if path.endswith(("/content", "/remix")):
                     assert r.status_code == 409, (user, path, r.text)  # not ready, but found
                 else:
                     assert r.status_code == 200, (user, method, path, r.text)

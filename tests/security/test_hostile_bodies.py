@@ -79,3 +79,48 @@ def test_no_route_answers_a_server_error_to_any_hostile_body(
     assert not failures, "\n".join(failures[:20])
     unhandled = [rec.getMessage() for rec in caplog.records if "unhandled" in rec.getMessage()]
     assert not unhandled
+
+
+RERUN_VALID = {"json-empty", "json-whitespace"}
+"""No body is a rerun's documented way to say "the same again"."""
+
+
+def _answers(api: LiveApi, path: str, entries: list[Hostile]) -> dict[str, tuple[int, str]]:
+    with httpx.Client(base_url=api.base_url, timeout=30) as client:
+        out = {}
+        for h in entries:
+            r = client.post(path, content=h.body,
+                            headers={**api.auth("alice"), "Content-Type": h.content_type})
+            out[h.name] = (r.status_code, str(r.json()["error"]["code"]))
+    return out
+
+
+def _made(api: LiveApi, path: str, body: dict[str, str]) -> str:
+    r = httpx.post(api.base_url + path, json=body, headers=api.auth("alice"), timeout=30)
+    assert r.status_code < 300, r.text
+    return str(r.json()["id"])
+
+
+def test_every_hostile_body_on_a_rerun_or_a_remix_is_a_4xx_and_creates_nothing(
+        live: LiveApi) -> None:
+    task = _made(live, "/v1/tasks", {"prompt": "source", "model": "tiny-t2v"})
+    video = _made(live, "/v1/videos", {"prompt": "source", "model": "tiny-t2v"})
+    wrong = []
+    for path, entries, status in (
+            (f"/v1/tasks/{task}/rerun", [h for h in TASKS_CORPUS if h.name not in RERUN_VALID],
+             422),
+            (f"/v1/videos/{video}/remix", VIDEOS_CORPUS, 400)):
+        for h in entries:
+            got = _answers(live, path, [h])[h.name]
+            if h.content_type != "application/json":
+                want = (415, "unsupported_content_type")  # JSON only
+            elif path.endswith("/remix") and h.code == "model_unavailable":
+                want = (409, "video_not_completed")  # remix ignores model: the source decides
+            else:
+                want = (status, h.code)  # decoded exactly as a create's body
+            if got != want:
+                wrong.append(f"{path} {h.name}: got {got}, want {want}")
+    assert not wrong, "\n".join(wrong)
+    with httpx.Client(base_url=live.base_url, timeout=30) as client:
+        tasks = client.get("/v1/tasks", headers=live.auth("alice")).json()["data"]
+    assert {t["id"] for t in tasks} == {task, video}, "a hostile body created a task"

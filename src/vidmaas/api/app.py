@@ -28,6 +28,7 @@ from vidmaas.api.routes import (
     tasks,
     ui,
     usage,
+    video_remix,
     videos,
     webhook_endpoints,
     webhooks,
@@ -68,6 +69,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
     app.include_router(admin.router)  # /v1/admin/...
     events.install(app)  # the SSE/WebSocket routes and the stream hub's start and stop
     videos.install(app)
+    video_remix.install(app)  # POST /v1/videos/{id}/remix
     webhooks.install(app)
     app.include_router(webhook_endpoints.router)  # /v1/webhook-endpoints
     ui.install(app)

@@ -29,8 +29,8 @@ Guarantees (DESIGN §2 step 1):
   the two race (the unique constraint picks the first; the loser's image is deleted).
   "The same request" is ``request_fingerprint``: the fields as the client sent them
   (an omitted seed stays omitted, not the random one it resolved to), JSON and form
-  alike, and the SHA-256 of the image's bytes. A task stored before fingerprints
-  existed matches any request with its key.
+  alike, the SHA-256 of the image's bytes, and the source task of a rerun or remix. A
+  task stored before fingerprints existed matches any request with its key.
 - A user with ``max_queued_per_user`` tasks waiting gets 429 with ``Retry-After``.
 """
 
@@ -82,6 +82,8 @@ class CreateRequest:
     priority: str | None = None
     """A priority class (``low``, ``normal``, ``high``) up to the caller's maximum."""
     source: str = "native"
+    rerun_of: str | None = None
+    """The task this one is made from (a rerun or a remix), stored on the new task."""
 
 
 def request_fingerprint(req: CreateRequest) -> str:
@@ -94,6 +96,8 @@ def request_fingerprint(req: CreateRequest) -> str:
         "priority": req.priority,
         "image_sha256": None if req.image is None else hashlib.sha256(req.image).hexdigest(),
     }
+    if req.rerun_of is not None:  # absent otherwise: older fingerprints stay valid
+        doc["rerun_of"] = req.rerun_of
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
@@ -198,7 +202,7 @@ async def create_task(*, svc: Services, caller: Caller, req: CreateRequest,
                 gpus=spec.gpus_per_job, input_key=stored_key, idempotency_key=key,
                 idempotency_fingerprint=fingerprint, webhook_url=req.webhook_url,
                 webhook_events=req.webhook_events, source=req.source,
-                priority=adm.priority.value)
+                priority=adm.priority.value, rerun_of=req.rerun_of)
             task, created = await repo.create_task(session=s, new=new,
                                                    queued_limit=adm.queued_limit)
         except BaseException:

@@ -41,6 +41,15 @@ class TaskCreate(BaseModel):
         description="low, normal or high, up to your highest class (default normal)")
 
 
+class TaskRerun(TaskCreate):
+    """JSON body of ``POST /v1/tasks/{id}/rerun``: overrides of the source task's fields,
+    every one optional; a field sent (``null`` too: the create's default) replaces the
+    source's, an unknown one is refused as on create."""
+
+    prompt: str | None = Field(default=None, min_length=1,  # type: ignore[assignment]
+                               max_length=10_000)
+
+
 class ErrorInfo(BaseModel):
     code: str
     message: str
@@ -90,6 +99,8 @@ class TaskOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    rerun_of: str | None = Field(default=None, description=(
+        "The task this one was made from (POST /v1/tasks/{id}/rerun); null otherwise"))
 
 
 class TaskList(BaseModel):
@@ -155,7 +166,8 @@ def task_out(task: Task, *, position: int | None, base_path: str = "/v1/tasks") 
         spritesheet_url=f"{base_path}/{task.id}/spritesheet" if sprite else None,
         spritesheet=sprite[1] if sprite else None,
         created_at=task.created_at, dispatched_at=task.dispatched_at,
-        started_at=task.started_at, finished_at=task.finished_at, updated_at=task.updated_at)
+        started_at=task.started_at, finished_at=task.finished_at, updated_at=task.updated_at,
+        rerun_of=task.rerun_of)
 
 
 # ---------------------------------------------------------------- webhooks

@@ -127,6 +127,9 @@ class Task(Base):
     input_key: Mapped[str | None] = mapped_column(String(512), default=None)
     source: Mapped[str] = mapped_column(String(16), default="native")
     """Which API created it: ``native`` or ``openai``."""
+    rerun_of: Mapped[str | None] = mapped_column(String(32), default=None)
+    """The task this one was made from (``POST /v1/tasks/{id}/rerun`` or an OpenAI remix);
+    no foreign key: it records where the parameters came from, nothing depends on it."""
 
     status: Mapped[TaskStatus] = mapped_column(StatusType())
     progress: Mapped[float] = mapped_column(Float, default=0.0)

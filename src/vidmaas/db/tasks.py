@@ -104,6 +104,7 @@ class NewTask:
     webhook_events: list[str] | None = None
     source: str = "native"
     priority: str = "normal"
+    rerun_of: str | None = None
 
 
 QUEUED_RETRY_AFTER_S = 30
@@ -132,6 +133,7 @@ async def create_task(*, session: AsyncSession, new: NewTask,
         webhook_events=new.webhook_events, source=new.source,
         status=TaskStatus.QUEUED, progress=0.0, attempts=0,
         created_at=now, updated_at=now, queued_at=now, priority=new.priority,
+        rerun_of=new.rerun_of,
     )
     assert tuple(columns) == _INSERT_COLUMNS
     task = Task(**columns)

@@ -1,4 +1,4 @@
-"""Native task API: create, read, list, cancel, download.
+"""Native task API: create, rerun, read, list, cancel, download.
 
 Guarantees: a caller sees, cancels and downloads only their own tasks (an admin all);
 someone else's task answers exactly like a missing one (404 ``task_not_found``);
@@ -11,7 +11,9 @@ its video and poster are; one completed without a spritesheet answers 404
 ``no_spritesheet``.
 A create's body, JSON or form, is read by ``api.body``; a form takes exactly the JSON
 body's fields plus ``image`` (any other field is refused, as in JSON). A cancel that the
-database recorded stands even if Redis then fails.
+database recorded stands even if Redis then fails. A rerun (``api.rerun``) makes a new
+task from any task of the caller's, whatever its status, through the same
+``creation.create_task`` and answers exactly like a create (202, ``Location``).
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 
-from vidmaas.api import creation
+from vidmaas.api import creation, rerun
 from vidmaas.api.body import read_body, validated
 from vidmaas.api.deps import CallerDep, CallerOrTokenDep, SessionDep, services_of
 from vidmaas.api.forms import Form
-from vidmaas.api.schemas import ErrorBody, TaskCreate, TaskList, TaskOut, task_out
+from vidmaas.api.schemas import ErrorBody, TaskCreate, TaskList, TaskOut, TaskRerun, task_out
 from vidmaas.bus import client as bus_client
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
@@ -95,6 +97,31 @@ async def create_task(
     out = task_out(task, position=position)
     return JSONResponse(out.model_dump(mode="json"), status_code=202,
                         headers={"Location": f"/v1/tasks/{task.id}"})
+
+
+_RERUN_BODY = {"requestBody": {"required": False, "content": {
+    "application/json": {"schema": TaskRerun.model_json_schema()}}}}
+
+
+@router.post("/{task_id}/rerun", status_code=202, response_model=TaskOut, responses=_ERRORS,
+             openapi_extra=_RERUN_BODY, summary="Run a task again, with changes")
+async def rerun_task(
+    request: Request, task_id: str, caller: CallerDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    """A new task with the source's parameters (its resolved seed and its input image
+    included) and the body's overrides, any create field; no body: the same again. The
+    source may have any status; the new task's ``rerun_of`` names it."""
+    source = await load_own(request, task_id=task_id, scope=caller.scope)
+    svc = services_of(request)
+    raw = await rerun.read_overrides(request, limit_bytes=svc.settings.api.max_upload_bytes)
+    data = validated(TaskRerun, raw)
+    overrides = {k: getattr(data, k) for k in data.model_fields_set}
+    req = await rerun.request_from(svc, source, overrides=overrides, origin="native")
+    task, _created, position = await creation.create_task(
+        svc=svc, caller=caller, req=req, idempotency_key=idempotency_key)
+    return JSONResponse(task_out(task, position=position).model_dump(mode="json"),
+                        status_code=202, headers={"Location": f"/v1/tasks/{task.id}"})
 
 
 def _from_json(raw: Any) -> creation.CreateRequest:

@@ -2,8 +2,8 @@
 
 Routes: ``POST /v1/videos`` (JSON or multipart), ``GET /v1/videos/{id}``, ``GET /v1/videos``
 (cursor pages: ``after``, ``limit``, ``order``), ``DELETE /v1/videos/{id}``,
-``GET /v1/videos/{id}/content?variant=video|thumbnail``. Mapping and decisions are in
-docs/streams-and-openai.md.
+``GET /v1/videos/{id}/content?variant=video|thumbnail|spritesheet``; the remix is in
+``routes.video_remix``. Mapping and decisions are in docs/streams-and-openai.md.
 
 Guarantees:
 - A video is a task created through this API (``source = "openai"``); its id is the task
@@ -20,6 +20,8 @@ Guarantees:
   ``Retry-After``).
 - A form's unknown text fields are ignored, as OpenAI's are; a file under any name but
   ``input_reference`` is refused, and so is an empty one (``empty_image``).
+- A create and a retrieve of an unfinished video carry ``openai-poll-after-ms``
+  (``api.pacing``), the interval the openai SDK's ``create_and_poll`` then uses.
 - ``DELETE`` cancels an unfinished video and removes a finished one's files (video,
   thumbnail, spritesheet, last preview); a deleted completed video answers 404 afterwards.
 - ``content`` serves also ``variant=spritesheet`` (a JPEG grid of frames); a video completed
@@ -41,7 +43,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
-from vidmaas.api import creation
+from vidmaas.api import creation, pacing
 from vidmaas.api.body import read_body, validated
 from vidmaas.api.deps import CallerDep, CallerOrTokenDep, services_of
 from vidmaas.api.errors import as_ours, retry_headers, status_of_any
@@ -222,7 +224,7 @@ def video_out(task: Task) -> Video:
         completed_at=int(task.finished_at.timestamp()) if task.finished_at else None,
         expires_at=None, model=task.model, prompt=task.prompt,
         size=f"{p['width']}x{p['height']}", seconds=seconds_label(p["num_frames"], p["fps"]),
-        error=error)
+        remixed_from_video_id=task.rerun_of, error=error)
 
 
 def frames_for(spec: ModelSpec, seconds: str | int | float) -> int:
@@ -331,10 +333,11 @@ _CREATE_BODY = {
 }
 
 
-@router.post("", response_model=Video, responses=_ERRORS, openapi_extra=_CREATE_BODY,
+@router.post("", response_model=Video, responses={**_ERRORS, **pacing.RESPONSES},
+             openapi_extra=_CREATE_BODY,
              summary="Create a video (OpenAI-compatible)")
 async def create_video(
-    request: Request, caller: CallerDep,
+    request: Request, caller: CallerDep, response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> Video:
     svc = services_of(request)
@@ -344,8 +347,9 @@ async def create_video(
     frames = None if data.seconds is None else frames_for(spec, data.seconds)
     req = creation.CreateRequest(prompt=data.prompt, model=spec.id, size=size,
                                  num_frames=frames, image=image, source=OPENAI_SOURCE)
-    task, _created, _position = await creation.create_task(
+    task, _created, position = await creation.create_task(
         svc=svc, caller=caller, req=req, idempotency_key=idempotency_key)
+    response.headers.update(pacing.headers(task, position))
     return video_out(task)
 
 
@@ -360,10 +364,14 @@ async def load_video(request: Request, *, video_id: str, scope: str | None) -> T
     return task
 
 
-@router.get("/{video_id}", response_model=Video, responses=_ERRORS,
+@router.get("/{video_id}", response_model=Video, responses={**_ERRORS, **pacing.RESPONSES},
             summary="Retrieve a video")
-async def retrieve_video(request: Request, video_id: str, caller: CallerDep) -> Video:
-    return video_out(await load_video(request, video_id=video_id, scope=caller.scope))
+async def retrieve_video(request: Request, video_id: str, caller: CallerDep,
+                         response: Response) -> Video:
+    task = await load_video(request, video_id=video_id, scope=caller.scope)
+    position = await creation.position_of(services_of(request), task)
+    response.headers.update(pacing.headers(task, position))
+    return video_out(task)
 
 
 @router.get("", response_model=VideoList, responses=_ERRORS, summary="List videos")
