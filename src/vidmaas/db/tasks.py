@@ -36,6 +36,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -135,7 +136,6 @@ async def create_task(*, session: AsyncSession, new: NewTask,
         created_at=now, updated_at=now, queued_at=now, priority=new.priority,
         rerun_of=new.rerun_of,
     )
-    assert tuple(columns) == _INSERT_COLUMNS
     task = Task(**columns)
     try:
         if queued_limit is None:
@@ -155,38 +155,29 @@ async def create_task(*, session: AsyncSession, new: NewTask,
     return task, True
 
 
-_INSERT_COLUMNS = ("id", "user_id", "model", "prompt", "negative_prompt", "params", "gpus",
-                   "input_key", "idempotency_key", "idempotency_fingerprint", "webhook_url",
-                   "webhook_events", "source", "status", "progress", "attempts",
-                   "created_at", "updated_at", "queued_at", "priority")
-"""Every column a create sets: ``create_task`` builds its values from exactly these, for
-both ways of inserting, so neither can leave one out."""
-
-
-def _insert_within_stmt() -> Any:
-    """``INSERT … SELECT`` of one task's bound columns (``v_<column>``) only while its
-    user has fewer than the bound ``queued_limit`` queued. Built once (below): building
-    it per create cost more CPU than the database spent on it."""
+@functools.cache
+def _insert_within_stmt(names: tuple[str, ...]) -> Any:
+    """``INSERT … SELECT`` of one task's bound columns ``names`` (``v_<column>``) only
+    while its user has fewer than the bound ``queued_limit`` queued. Built once per set
+    of columns (there is one): building it per create cost more CPU than the database
+    spent on it."""
     table = cast(Table, Task.__table__)
-    values = [bindparam(f"v_{c}", type_=table.c[c].type).label(c) for c in _INSERT_COLUMNS]
+    values = [bindparam(f"v_{c}", type_=table.c[c].type).label(c) for c in names]
     queued = (select(func.count()).select_from(Task)
               .where(Task.user_id == bindparam("v_user_id", type_=Task.user_id.type),
                      Task.status == TaskStatus.QUEUED)
               .scalar_subquery())
     return insert(table).from_select(
-        list(_INSERT_COLUMNS), select(*values).where(queued < bindparam("queued_limit")))
-
-
-_INSERT_WITHIN = _insert_within_stmt()
+        list(names), select(*values).where(queued < bindparam("queued_limit")))
 
 
 async def _insert_within(session: AsyncSession, columns: dict[str, Any], *,
                          queued_limit: int) -> None:
     """Insert the task's ``columns`` only while its user has fewer than
-    ``queued_limit`` queued (``_INSERT_WITHIN``)."""
-    params = {f"v_{c}": columns[c] for c in _INSERT_COLUMNS}
+    ``queued_limit`` queued (``_insert_within_stmt``)."""
+    params = {f"v_{c}": v for c, v in columns.items()}
     params["queued_limit"] = queued_limit
-    res = await session.execute(_INSERT_WITHIN, params)
+    res = await session.execute(_insert_within_stmt(tuple(columns)), params)
     if res.rowcount != 1:  # type: ignore[attr-defined]
         await session.rollback()
         raise RateLimited(f"you have {queued_limit} tasks waiting; wait for some to start",
