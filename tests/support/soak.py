@@ -542,51 +542,61 @@ def chaos(cluster: Cluster, cfg: SoakConfig, report: SoakReport, rng: random.Ran
                 return
             action = rng.choice(cfg.actions())
         time.sleep(rng.uniform(*cfg.chaos_interval_s))
-        if action == "redis":
-            action = f"redis-{cfg.redis_kill}"
-        if action == "redis-graceful":
-            log("chaos: restarting Redis")
-            cluster.restart_redis()
-            report.kills["redis restart"] += 1
-        elif action == "redis-hard":
-            down = rng.uniform(0.2, 2.0)
-            log(f"chaos: SIGKILL Redis, down {down:.1f} s")
-            cluster.kill_redis(down)
-            report.kills["redis hard kill"] += 1
-        elif action == "pg":
-            done = report.kills["pg restart fast"] + report.kills["pg restart immediate"]
-            mode = "immediate" if done % 2 else "fast"
-            log(f"chaos: pg_ctl restart -m {mode}")
-            t0 = time.monotonic()
-            cluster.restart_postgres(mode)
-            log(f"chaos: PostgreSQL back after {time.monotonic() - t0:.1f} s")
-            report.kills[f"pg restart {mode}"] += 1
-        elif action == "s3":
-            down = rng.uniform(*cfg.s3_outage_s)
-            log(f"chaos: SeaweedFS stopped for {down:.1f} s")
-            t0 = time.monotonic()
-            cluster.s3_outage(down)
-            log(f"chaos: SeaweedFS back after {time.monotonic() - t0:.1f} s")
-            report.kills["s3 outage"] += 1
-        elif action == "job":
-            groups = sorted({(t, g) for t, g, _ in job_processes(cluster.job_root)})
-            if not groups:
-                log("chaos: no job to kill")
-                report.kills["job (none running)"] += 1
-                continue
-            task_id, pgid = rng.choice(groups)
-            log(f"chaos: SIGKILL job group {pgid} of task {task_id}")
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-            report.kills["job"] += 1
-        else:
-            names = [n for n in cluster.role_names() if n.split("-")[0] == action]
-            name = rng.choice(names)
-            log(f"chaos: SIGKILL {name}")
-            cluster.kill_role(name)
-            report.kills[action] += 1
-            time.sleep(rng.uniform(0.2, 2.0))
-            cluster.start_role(name)
+        try:
+            _act(cluster, cfg, report, rng, log, action)
+        except Exception as e:  # a service that would not come back: say so, go on
+            log(f"chaos: {action} failed: {e!r}")
+            report.violate(f"chaos {action}", f"the chaos action {action} failed: {e!r}")
+
+
+def _act(cluster: Cluster, cfg: SoakConfig, report: SoakReport, rng: random.Random,
+         log: Any, action: str) -> None:
+    """One chaos action."""
+    if action == "redis":
+        action = f"redis-{cfg.redis_kill}"
+    if action == "redis-graceful":
+        log("chaos: restarting Redis")
+        cluster.restart_redis()
+        report.kills["redis restart"] += 1
+    elif action == "redis-hard":
+        down = rng.uniform(0.2, 2.0)
+        log(f"chaos: SIGKILL Redis, down {down:.1f} s")
+        cluster.kill_redis(down)
+        report.kills["redis hard kill"] += 1
+    elif action == "pg":
+        done = report.kills["pg restart fast"] + report.kills["pg restart immediate"]
+        mode = "immediate" if done % 2 else "fast"
+        log(f"chaos: pg_ctl restart -m {mode}")
+        t0 = time.monotonic()
+        cluster.restart_postgres(mode)
+        log(f"chaos: PostgreSQL back after {time.monotonic() - t0:.1f} s")
+        report.kills[f"pg restart {mode}"] += 1
+    elif action == "s3":
+        down = rng.uniform(*cfg.s3_outage_s)
+        log(f"chaos: SeaweedFS stopped for {down:.1f} s")
+        t0 = time.monotonic()
+        cluster.s3_outage(down)
+        log(f"chaos: SeaweedFS back after {time.monotonic() - t0:.1f} s")
+        report.kills["s3 outage"] += 1
+    elif action == "job":
+        groups = sorted({(t, g) for t, g, _ in job_processes(cluster.job_root)})
+        if not groups:
+            log("chaos: no job to kill")
+            report.kills["job (none running)"] += 1
+            return
+        task_id, pgid = rng.choice(groups)
+        log(f"chaos: SIGKILL job group {pgid} of task {task_id}")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        report.kills["job"] += 1
+    else:
+        names = [n for n in cluster.role_names() if n.split("-")[0] == action]
+        name = rng.choice(names)
+        log(f"chaos: SIGKILL {name}")
+        cluster.kill_role(name)
+        report.kills[action] += 1
+        time.sleep(rng.uniform(0.2, 2.0))
+        cluster.start_role(name)
 
 
 # ---------------------------------------------------------------- final checks
