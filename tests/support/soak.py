@@ -602,7 +602,7 @@ def _act(cluster: Cluster, cfg: SoakConfig, report: SoakReport, rng: random.Rand
 # ---------------------------------------------------------------- final checks
 
 
-async def _make_users(db_url: str, n: int) -> list[str]:
+async def make_users(db_url: str, n: int) -> list[str]:
     from vidmaas.db import users
     from vidmaas.db.engine import make_engine, make_sessionmaker
 
@@ -632,7 +632,7 @@ async def _all_tasks(db_url: str) -> list[Any]:
         await engine.dispose()
 
 
-async def _outbox_count(db_url: str) -> int:
+async def outbox_count(db_url: str) -> int:
     from vidmaas.db import outbox
     from vidmaas.db.engine import make_engine, make_sessionmaker
 
@@ -644,7 +644,7 @@ async def _outbox_count(db_url: str) -> int:
         await engine.dispose()
 
 
-async def _usage_task_ends(db_url: str) -> dict[str, int]:
+async def usage_task_ends(db_url: str) -> dict[str, int]:
     """user id → task ends the usage table recorded."""
     from sqlalchemy import func, select
 
@@ -667,7 +667,7 @@ def _drain(cluster: Cluster, db_url: str, timeout_s: float, log: Any) -> list[An
     while True:
         tasks = asyncio.run(_all_tasks(db_url))
         open_ = [t for t in tasks if t.status not in TERMINAL]
-        waiting = asyncio.run(_outbox_count(db_url)) if not open_ else 0
+        waiting = asyncio.run(outbox_count(db_url)) if not open_ else 0
         if (not open_ and not waiting) or time.monotonic() > deadline:
             return tasks
         if open_:
@@ -678,7 +678,7 @@ def _drain(cluster: Cluster, db_url: str, timeout_s: float, log: Any) -> list[An
         time.sleep(3)
 
 
-def _check_stream(report: SoakReport, task_id: str, events: list[tuple[str, Any]]) -> None:
+def check_stream(report: SoakReport, task_id: str, events: list[tuple[str, Any]]) -> None:
     """One task stream: no event written or applied twice (DESIGN §4's exactly once)."""
     report.streams_checked += 1
     report.events_checked += len(events)
@@ -750,7 +750,7 @@ def _check(cluster: Cluster, report: SoakReport, tasks: list[Any],
             elif t.status not in TERMINAL:
                 report.violations.append(f"task {t.id} ended the soak {t.status}")
             events = parse_entries(client.xrange(keys.task_events(t.id)))
-            _check_stream(report, t.id, events)
+            check_stream(report, t.id, events)
             kinds = [e.type.value for _, e in events]
             if t.status == "completed":
                 if "completed" not in kinds:
@@ -772,10 +772,10 @@ def _check(cluster: Cluster, report: SoakReport, tasks: list[Any],
                     report.violations.append(f"task {t.id}: no poster ({e})")
     finally:
         client.close()
-    report.outbox_left = asyncio.run(_outbox_count(db_url))
+    report.outbox_left = asyncio.run(outbox_count(db_url))
     if report.outbox_left:
         report.violations.append(f"{report.outbox_left} outbox events never published")
-    ends = asyncio.run(_usage_task_ends(db_url))
+    ends = asyncio.run(usage_task_ends(db_url))
     report.usage_task_ends = sum(ends.values())
     terminal = Counter(t.user_id for t in tasks if t.status in TERMINAL)
     for user in set(ends) | set(terminal):
@@ -815,7 +815,7 @@ def _run(cfg: SoakConfig, *, work: Path, pg_url: str, model_root: Path, log: Any
     rng = random.Random(cfg.seed)
     t0 = time.monotonic()
     upgrade_sync(pg_url)
-    keys = asyncio.run(_make_users(pg_url, cfg.users))
+    keys = asyncio.run(make_users(pg_url, cfg.users))
     cluster = Cluster(work=work, pg_url=pg_url, model_root=model_root, cfg=cfg, pg=pg,
                       weed=weed)
     sampler = Sampler(cluster, report, cfg.capacity)
