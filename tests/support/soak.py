@@ -1,15 +1,21 @@
 """The crash-and-restart soak: the roles as separate processes under a chaos loop.
 
-``run_soak(config, ...)`` starts Redis (append-only), ``vidmaas api``, ``vidmaas
-dispatcher`` ×N and ``vidmaas relay`` ×M on a PostgreSQL database, all on 127.0.0.1,
-with the local executor running the tiny model. Several users submit tasks (each with
-an ``Idempotency-Key``, retried until accepted, so a create lost to a crash is retried
-and never doubled) while a chaos loop SIGKILLs and restarts roles, restarts Redis,
-and SIGKILLs job process groups (found by ``VIDMAAS_TASK_ID`` in their environment).
-A sampler watches, several times a second, the capacity leases in Redis and the job
-processes alive. After the chaos the system is given time to drain, then stopped.
+``run_soak(config, ...)`` starts Redis (append-only, ``appendfsync everysec``, the
+production setting), ``vidmaas api``, ``vidmaas dispatcher`` ×N and ``vidmaas relay`` ×M
+on a PostgreSQL database, all on 127.0.0.1, with the local executor running the tiny
+model. Several users submit tasks (each with an ``Idempotency-Key``, retried until
+accepted, so a create lost to a crash is retried and never doubled) while a chaos loop
+SIGKILLs and restarts roles, stops Redis (SIGTERM, or SIGKILL with ``redis_kill="hard"``)
+and starts it again on its files, and SIGKILLs job process groups (found by
+``VIDMAAS_TASK_ID`` in their environment). With ``pg_restart`` the database is a private
+PostgreSQL cluster, restarted by ``pg_ctl restart -m fast`` and every second time ``-m
+immediate``; with ``s3_outage`` objects live in a private SeaweedFS that is stopped for
+a few seconds and started again. One action runs at a time. A sampler watches, several
+times a second, the capacity leases in Redis and the job processes alive. After the
+chaos the system is given time to drain (every task terminal, the outbox empty), then
+stopped.
 
-The report checks the promises of DESIGN §2:
+The report counts each kind of kill and checks the promises of DESIGN §2 and §4:
 - nothing accepted is lost: every accepted id exists, one task per idempotency key;
 - every task is terminal, or queued and really in the queue;
 - no task ran two jobs at the same time (never two live job process groups for one
@@ -17,7 +23,13 @@ The report checks the promises of DESIGN §2:
 - capacity was never exceeded: the sum of leases never passes it, nor the number of
   live job groups holding a lease plus those that outlived theirs by over 15 s (a job
   exits a moment after its terminal event frees its capacity);
-- every completed task's video decodes with PyAV (all frames) and has a poster.
+- events applied once per task stream: no event id twice, no attempt ``dispatched``
+  twice, at most one final ``completed``/``cancelled``/non-retryable ``failed``, and the
+  usage table records exactly one task end per finished task (a terminal event applied
+  twice would count twice);
+- the outbox drained to zero;
+- every completed task's video is in the store (read back from it, S3 included) and
+  decodes with PyAV (all frames), and its poster is there.
 
 Used by ``tests/soak/test_soak_short.py`` (short) and ``scripts/soak.py`` (long). Every
 stage is bounded in time; the run stops by itself.
