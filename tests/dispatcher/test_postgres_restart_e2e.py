@@ -29,7 +29,8 @@ from tests.support.soak import (
     usage_task_ends,
 )
 
-TASKS = 6
+TASKS = 8
+"""Enough that jobs are still running at the second outage on a fast machine."""
 TASK = {"prompt": "a kite over a hill", "model": "tiny-t2v"}
 
 
