@@ -1,18 +1,34 @@
 """The long crash-and-restart soak (the short one runs in the test suite).
 
 Runs ``vidmaas api``, ``vidmaas dispatcher`` ×2 and ``vidmaas relay`` ×2 as separate
-processes on a fresh PostgreSQL database and an append-only Redis, with the local
-executor and the tiny-t2v model (made with ``vidmaas models make-tiny``), submits a few
-hundred tasks from several users while a chaos loop SIGKILLs and restarts the roles,
-restarts Redis and kills job processes, then checks that nothing was lost, doubled,
-run twice at once or run over capacity, and that every video decodes. Prints the
+processes on a fresh PostgreSQL database and an append-only Redis (``appendfsync
+everysec``), with the local executor and the tiny-t2v model (made with ``vidmaas
+models make-tiny``), submits a few hundred tasks from several users while a chaos loop
+SIGKILLs and restarts the roles, restarts Redis and kills job processes, and, if asked,
+restarts PostgreSQL and stops the object store. Then it checks that nothing was lost,
+doubled, applied twice, run twice at once or run over capacity, that the outbox
+drained, and that every completed task's video is in the store and decodes. Prints the
 counts; exits 1 on any violation. Bounded: chaos stops after ``--chaos-s``, draining
 after ``--drain-s``.
 
     .venv/bin/python scripts/soak.py [--tasks 300] [--users 5] [--capacity 2]
-                                     [--chaos-s 900] [--drain-s 900] [--seed 1]
+                                     [--dispatchers 2] [--relays 2]
+                                     [--chaos-s 900] [--interval-s 4 10]
+                                     [--submit-s 600] [--drain-s 900] [--seed 1]
+                                     [--redis-kill graceful|hard] [--pg-restart]
+                                     [--s3-outage] [--s3] [--keep]
 
-Needs PostgreSQL on 127.0.0.1:5432 (or VIDMAAS_TEST_PG_URL) and redis-server.
+``--redis-kill hard``: the Redis action is a SIGKILL (default ``graceful``: SIGTERM,
+Redis writes its append-only file). ``--pg-restart``: run on a private PostgreSQL
+cluster (``initdb`` in the work directory, a free port, trust authentication) and add
+its restart to the chaos, ``pg_ctl restart -m fast`` and every second time ``-m
+immediate``. ``--s3-outage``: store objects in a private SeaweedFS (``weed mini``) and
+add stopping it for a few seconds to the chaos; ``--s3`` uses that store without the
+outages. ``--keep`` keeps the work directory.
+
+Needs redis-server; PostgreSQL on 127.0.0.1:5432 (or VIDMAAS_TEST_PG_URL) unless
+``--pg-restart`` (then the server binaries, ``initdb`` and ``pg_ctl``); ``weed`` for
+``--s3``/``--s3-outage``.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ from __future__ import annotations
 # A command-line script: its output is its report.
 # ruff: noqa: T201
 import argparse
+import contextlib
 import signal
 import subprocess
 import sys
@@ -53,23 +70,33 @@ def main() -> int:
                         help="submissions are spread over this long")
     parser.add_argument("--drain-s", type=float, default=900.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--redis-kill", choices=("graceful", "hard"), default="graceful",
+                        help="how the chaos stops Redis (SIGTERM or SIGKILL)")
+    parser.add_argument("--pg-restart", action="store_true",
+                        help="run on a private PostgreSQL and restart it in the chaos")
+    parser.add_argument("--s3-outage", action="store_true",
+                        help="store objects in a private SeaweedFS and stop it in the chaos")
+    parser.add_argument("--s3", action="store_true",
+                        help="store objects in a private SeaweedFS (no outages)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
-    if not postgres_reachable():
+    if not args.pg_restart and not postgres_reachable():
         print("PostgreSQL is not reachable on 127.0.0.1:5432", file=sys.stderr)
         return 2
     cfg = SoakConfig(tasks=args.tasks, users=args.users, capacity=args.capacity,
                      dispatchers=args.dispatchers, relays=args.relays,
                      chaos_duration_s=args.chaos_s, chaos_interval_s=tuple(args.interval_s),
                      submit_spread_s=args.submit_s, drain_timeout_s=args.drain_s,
-                     seed=args.seed)
+                     seed=args.seed, redis_kill=args.redis_kill, pg_restart=args.pg_restart,
+                     s3_outage=args.s3_outage, s3=args.s3)
     work = Path(tempfile.mkdtemp(prefix="vidmaas-soak-"))
     models = work / "models"
     vidmaas = Path(sys.executable).parent / "vidmaas"
     subprocess.run([str(vidmaas), "models", "make-tiny", str(models / "tiny-t2v"),
                     "--layout", "t2v"], check=True)
     started = time.monotonic()
-    with fresh_postgres() as pg_url:
+    with contextlib.ExitStack() as stack:
+        pg_url = None if args.pg_restart else stack.enter_context(fresh_postgres())
         report = run_soak(cfg, work=work, pg_url=pg_url, model_root=models,
                           log=lambda m: print(m, flush=True))
     print(f"\nsoak finished in {time.monotonic() - started:.0f} s (work directory {work})")

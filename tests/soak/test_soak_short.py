@@ -1,5 +1,8 @@
-"""The short crash-and-restart soak: every role killed and restarted, Redis restarted, jobs
-killed, while two users submit a dozen tasks; nothing is lost, doubled or over capacity.
+"""The short crash-and-restart soak: every role killed and restarted, Redis restarted and
+SIGKILLed, PostgreSQL restarted (``-m fast`` and ``-m immediate``), the object store
+stopped during uploads, jobs killed, while two users submit eight tasks; nothing is
+lost, doubled, applied twice or run over capacity, the outbox drains, and every video
+is in the store and decodes.
 
 The long version is ``scripts/soak.py``; the harness is ``tests/support/soak.py``.
 """
@@ -10,32 +13,39 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import fresh_postgres, postgres_reachable
+from tests.support.services import private_postgres_unavailable, weed_binary
 from tests.support.soak import SoakConfig, run_soak
 
-SHORT_CHAOS = ["dispatcher", "relay", "job", "api", "dispatcher", "redis", "relay", "job",
-               "api", "dispatcher", "relay", "job"]
+SHORT_CHAOS = ["dispatcher", "job", "redis-hard", "relay", "pg", "api", "s3", "job",
+               "redis-graceful", "dispatcher", "pg", "relay", "job", "api"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_tasks_survive_role_crashes_redis_restarts_and_killed_jobs(
+def test_tasks_survive_role_crashes_redis_kills_database_restarts_and_store_outages(
         tmp_path: Path, tiny_model_root: Path) -> None:
-    if not postgres_reachable():
-        pytest.skip("no PostgreSQL server on 127.0.0.1:5432")
-    cfg = SoakConfig(tasks=12, users=2, capacity=2, chaos=SHORT_CHAOS,
-                     chaos_interval_s=(2.0, 5.0), submit_spread_s=20.0, drain_timeout_s=180.0,
-                     max_attempts=4, seed=7)
+    reason = private_postgres_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    if weed_binary() is None:
+        pytest.skip("no SeaweedFS (weed) binary")
+    cfg = SoakConfig(tasks=8, users=2, capacity=2, chaos=SHORT_CHAOS,
+                     chaos_interval_s=(1.0, 3.0), submit_spread_s=15.0, drain_timeout_s=180.0,
+                     max_attempts=4, seed=7, pg_restart=True, s3_outage=True,
+                     s3_outage_s=(2.0, 4.0))
     lines: list[str] = []
-    with fresh_postgres() as pg_url:
-        report = run_soak(cfg, work=tmp_path, pg_url=pg_url, model_root=tiny_model_root,
-                          log=lines.append)
-    print("\n".join(lines[-40:]))
+    report = run_soak(cfg, work=tmp_path, model_root=tiny_model_root, log=lines.append)
+    print("\n".join(lines[-60:]))
     print(report.summary())
     assert report.ok, report.summary()
     assert report.accepted == cfg.tasks
     assert sum(report.statuses.values()) == cfg.tasks
     assert report.statuses["completed"] >= 1
     assert report.videos_decoded == report.statuses["completed"]
-    for role in ("api", "dispatcher", "relay", "redis restart"):
-        assert report.kills[role] >= 1, role
+    assert report.outbox_left == 0
+    assert report.duplicate_events == 0
+    assert report.usage_task_ends == cfg.tasks
+    assert report.streams_checked == cfg.tasks
+    for kind in ("api", "dispatcher", "relay", "redis restart", "redis hard kill",
+                 "pg restart fast", "pg restart immediate", "s3 outage"):
+        assert report.kills[kind] >= 1, kind

@@ -1,15 +1,21 @@
 """The crash-and-restart soak: the roles as separate processes under a chaos loop.
 
-``run_soak(config, ...)`` starts Redis (append-only), ``vidmaas api``, ``vidmaas
-dispatcher`` ×N and ``vidmaas relay`` ×M on a PostgreSQL database, all on 127.0.0.1,
-with the local executor running the tiny model. Several users submit tasks (each with
-an ``Idempotency-Key``, retried until accepted, so a create lost to a crash is retried
-and never doubled) while a chaos loop SIGKILLs and restarts roles, restarts Redis,
-and SIGKILLs job process groups (found by ``VIDMAAS_TASK_ID`` in their environment).
-A sampler watches, several times a second, the capacity leases in Redis and the job
-processes alive. After the chaos the system is given time to drain, then stopped.
+``run_soak(config, ...)`` starts Redis (append-only, ``appendfsync everysec``, the
+production setting), ``vidmaas api``, ``vidmaas dispatcher`` ×N and ``vidmaas relay`` ×M
+on a PostgreSQL database, all on 127.0.0.1, with the local executor running the tiny
+model. Several users submit tasks (each with an ``Idempotency-Key``, retried until
+accepted, so a create lost to a crash is retried and never doubled) while a chaos loop
+SIGKILLs and restarts roles, stops Redis (SIGTERM, or SIGKILL with ``redis_kill="hard"``)
+and starts it again on its files, and SIGKILLs job process groups (found by
+``VIDMAAS_TASK_ID`` in their environment). With ``pg_restart`` the database is a private
+PostgreSQL cluster, restarted by ``pg_ctl restart -m fast`` and every second time ``-m
+immediate``; with ``s3_outage`` objects live in a private SeaweedFS that is stopped for
+a few seconds and started again. One action runs at a time. A sampler watches, several
+times a second, the capacity leases in Redis and the job processes alive. After the
+chaos the system is given time to drain (every task terminal, the outbox empty), then
+stopped.
 
-The report checks the promises of DESIGN §2:
+The report counts each kind of kill and checks the promises of DESIGN §2 and §4:
 - nothing accepted is lost: every accepted id exists, one task per idempotency key;
 - every task is terminal, or queued and really in the queue;
 - no task ran two jobs at the same time (never two live job process groups for one
@@ -17,7 +23,13 @@ The report checks the promises of DESIGN §2:
 - capacity was never exceeded: the sum of leases never passes it, nor the number of
   live job groups holding a lease plus those that outlived theirs by over 15 s (a job
   exits a moment after its terminal event frees its capacity);
-- every completed task's video decodes with PyAV (all frames) and has a poster.
+- events applied once per task stream: no event id twice, no attempt ``dispatched``
+  twice, at most one final ``completed``/``cancelled``/non-retryable ``failed``, and the
+  usage table records exactly one task end per finished task (a terminal event applied
+  twice would count twice);
+- the outbox drained to zero;
+- every completed task's video is in the store (read back from it, S3 included) and
+  decodes with PyAV (all frames), and its poster is there.
 
 Used by ``tests/soak/test_soak_short.py`` (short) and ``scripts/soak.py`` (long). Every
 stage is bounded in time; the run stops by itself.
@@ -27,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import random
 import signal
@@ -42,13 +55,24 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.support.services import free_port, redis_server_binary, wait_port
+from tests.support.services import (
+    PrivatePostgres,
+    PrivateSeaweedFS,
+    free_port,
+    private_postgres,
+    private_seaweedfs,
+    redis_server_binary,
+    wait_port,
+)
 
 TERMINAL = {"completed", "failed", "cancelled"}
 JOB_ENV = "VIDMAAS_TASK_ID"
 UNLEASED_GRACE_S = 15.0
 """How long a job may outlive its task's lease (exiting after its terminal event)."""
 ROLE_ACTIONS = ("api", "dispatcher", "relay", "redis", "job")
+FAULT_ACTIONS = ("redis-hard", "redis-graceful", "pg", "s3")
+"""Explicit-schedule actions besides ``ROLE_ACTIONS`` (``redis`` follows ``redis_kill``;
+``pg`` needs ``pg_restart``, ``s3`` needs ``s3_outage``)."""
 
 
 @dataclass
@@ -69,6 +93,24 @@ class SoakConfig:
     max_attempts: int = 4
     seed: int = 1
     model: str = "tiny-t2v"
+    redis_kill: str = "graceful"
+    """How the ``redis`` action stops Redis: ``graceful`` (SIGTERM: it writes its
+    append-only file) or ``hard`` (SIGKILL, with ``appendfsync everysec``: the last
+    second of writes may be lost)."""
+    pg_restart: bool = False
+    """Run on a private PostgreSQL cluster and restart it (``pg``): ``pg_ctl restart``
+    with ``-m fast``, every second time ``-m immediate`` (a crash and recovery)."""
+    s3_outage: bool = False
+    """Store objects in a private SeaweedFS and stop it for a few seconds (``s3``)."""
+    s3: bool = False
+    """Store objects in a private SeaweedFS (implied by ``s3_outage``); else a directory."""
+    s3_outage_s: tuple[float, float] = (2.0, 6.0)
+    """How long an S3 outage lasts."""
+
+    def actions(self) -> tuple[str, ...]:
+        """What random chaos draws from."""
+        extra = (("pg",) if self.pg_restart else ()) + (("s3",) if self.s3_outage else ())
+        return ROLE_ACTIONS + extra
 
 
 @dataclass
@@ -86,6 +128,14 @@ class SoakReport:
     samples: int = 0
     attempts: Counter[int] = field(default_factory=Counter)
     legitimately_queued: int = 0
+    streams_checked: int = 0
+    events_checked: int = 0
+    duplicate_events: int = 0
+    """Events found twice in one task stream (a dispatch of one attempt, a completion…)."""
+    outbox_left: int = -1
+    """Outbox rows still waiting when the roles stopped (must be 0; -1: not read)."""
+    usage_task_ends: int = 0
+    """Task ends recorded in the usage table (one per terminal task: applied once)."""
     violations: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     _violation_counts: Counter[str] = field(default_factory=Counter)
@@ -109,6 +159,9 @@ class SoakReport:
                                                sorted(self.attempts.items())),
             "kills/restarts: " + ", ".join(f"{k} {v}" for k, v in sorted(self.kills.items())),
             f"videos decoded: {self.videos_decoded} ({self.frames_decoded} frames)",
+            f"events: {self.events_checked} in {self.streams_checked} task streams, "
+            f"{self.duplicate_events} applied or published twice; usage records "
+            f"{self.usage_task_ends} task ends; outbox left {self.outbox_left}",
             f"capacity: max leases {self.max_leases}, max live job groups "
             f"{self.max_live_jobs} over {self.samples} samples; {self.jobs_seen} job "
             f"process groups seen; longest a job outlived its lease "
@@ -135,9 +188,16 @@ def _bin(name: str) -> str:
 class Cluster:
     """Redis and the roles as child processes that can be killed and started again."""
 
-    def __init__(self, *, work: Path, pg_url: str, model_root: Path, cfg: SoakConfig) -> None:
+    def __init__(self, *, work: Path, pg_url: str, model_root: Path, cfg: SoakConfig,
+                 pg: PrivatePostgres | None = None, weed: PrivateSeaweedFS | None = None,
+                 ) -> None:
         self.work = work
         self.cfg = cfg
+        self.pg = pg
+        """The private PostgreSQL the ``pg`` action restarts (None: a shared server)."""
+        self.weed = weed
+        """The private SeaweedFS holding the objects (None: a directory)."""
+        self.s3_prefix = f"soak-{cfg.seed}"
         self.redis_port = free_port()
         self.api_port = free_port()
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
@@ -171,6 +231,18 @@ class Cluster:
             "VIDMAAS_LOG_LEVEL": "INFO",
             "OMP_NUM_THREADS": "1",
         }
+        if weed is not None:
+            server = weed.server
+            self.env.update({
+                "VIDMAAS_STORAGE_URL": f"s3://{server.bucket}/{self.s3_prefix}",
+                "VIDMAAS_STORAGE_S3_ENDPOINT_URL": server.endpoint_url,
+                "VIDMAAS_STORAGE_S3_ACCESS_KEY_ID": server.access_key,
+                "VIDMAAS_STORAGE_S3_SECRET_ACCESS_KEY": server.secret_key,
+                "VIDMAAS_STORAGE_REDIRECT_DOWNLOADS": "false",
+                # A job outlasts an outage of a few seconds and its restart.
+                "VIDMAAS_STORAGE_RETRY_ATTEMPTS": "12",
+                "VIDMAAS_STORAGE_RETRY_TOTAL_S": "60",
+            })
 
     # -- Redis
 
@@ -183,7 +255,7 @@ class Cluster:
         log = (self.logs / "redis.log").open("ab")
         proc = subprocess.Popen(
             [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data),
+             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data),
              "--protected-mode", "no", "--loglevel", "warning"],
             stdout=log, stderr=subprocess.STDOUT)
         self.procs["redis"] = proc
@@ -200,6 +272,35 @@ class Cluster:
             proc.wait()
         time.sleep(0.5)
         self.start_redis()
+
+    def kill_redis(self, down_s: float) -> None:
+        """SIGKILL Redis (what ``appendfsync everysec`` had not synced is lost), leave it
+        down ``down_s`` and start it on the same port and files."""
+        proc = self.procs["redis"]
+        proc.kill()
+        proc.wait()
+        time.sleep(down_s)
+        self.start_redis()
+
+    def restart_postgres(self, mode: str) -> None:
+        """``pg_ctl restart -m mode`` of the private PostgreSQL (same port and data)."""
+        assert self.pg is not None, "the pg action needs SoakConfig.pg_restart"
+        self.pg.restart(mode=mode)
+
+    def s3_outage(self, down_s: float) -> None:
+        """Stop the private SeaweedFS, leave it down ``down_s``, start it again."""
+        assert self.weed is not None, "the s3 action needs SoakConfig.s3_outage"
+        self.weed.stop()
+        time.sleep(down_s)
+        self.weed.start()
+
+    def read_object(self, key: str) -> bytes:
+        """An object's bytes from the store the roles use (raises if it is missing)."""
+        if self.weed is None:
+            return (self.work / "objects" / key).read_bytes()
+        client: Any = self.weed.server.client()
+        return bytes(client.get_object(Bucket=self.weed.server.bucket,
+                                       Key=f"{self.s3_prefix}/{key}")["Body"].read())
 
     # -- roles
 
@@ -241,7 +342,11 @@ class Cluster:
             proc.wait()
 
     def ensure_running(self) -> None:
-        """Start any role that is not running (after the chaos)."""
+        """Start any service or role that is not running (after the chaos)."""
+        if self.pg is not None and not self.pg.running:
+            self.pg.start()
+        if self.weed is not None and self.weed.proc is None:
+            self.weed.start()
         if self.procs["redis"].poll() is not None:
             self.start_redis()
         for name in self.role_names():
@@ -447,37 +552,69 @@ def chaos(cluster: Cluster, cfg: SoakConfig, report: SoakReport, rng: random.Ran
         else:
             if time.monotonic() - started > cfg.chaos_duration_s:
                 return
-            action = rng.choice(ROLE_ACTIONS)
+            action = rng.choice(cfg.actions())
         time.sleep(rng.uniform(*cfg.chaos_interval_s))
-        if action == "redis":
-            log("chaos: restarting Redis")
-            cluster.restart_redis()
-            report.kills["redis restart"] += 1
-        elif action == "job":
-            groups = sorted({(t, g) for t, g, _ in job_processes(cluster.job_root)})
-            if not groups:
-                log("chaos: no job to kill")
-                report.kills["job (none running)"] += 1
-                continue
-            task_id, pgid = rng.choice(groups)
-            log(f"chaos: SIGKILL job group {pgid} of task {task_id}")
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-            report.kills["job"] += 1
-        else:
-            names = [n for n in cluster.role_names() if n.split("-")[0] == action]
-            name = rng.choice(names)
-            log(f"chaos: SIGKILL {name}")
-            cluster.kill_role(name)
-            report.kills[action] += 1
-            time.sleep(rng.uniform(0.2, 2.0))
-            cluster.start_role(name)
+        try:
+            _act(cluster, cfg, report, rng, log, action)
+        except Exception as e:  # a service that would not come back: say so, go on
+            log(f"chaos: {action} failed: {e!r}")
+            report.violate(f"chaos {action}", f"the chaos action {action} failed: {e!r}")
+
+
+def _act(cluster: Cluster, cfg: SoakConfig, report: SoakReport, rng: random.Random,
+         log: Any, action: str) -> None:
+    """One chaos action."""
+    if action == "redis":
+        action = f"redis-{cfg.redis_kill}"
+    if action == "redis-graceful":
+        log("chaos: restarting Redis")
+        cluster.restart_redis()
+        report.kills["redis restart"] += 1
+    elif action == "redis-hard":
+        down = rng.uniform(0.2, 2.0)
+        log(f"chaos: SIGKILL Redis, down {down:.1f} s")
+        cluster.kill_redis(down)
+        report.kills["redis hard kill"] += 1
+    elif action == "pg":
+        done = report.kills["pg restart fast"] + report.kills["pg restart immediate"]
+        mode = "immediate" if done % 2 else "fast"
+        log(f"chaos: pg_ctl restart -m {mode}")
+        t0 = time.monotonic()
+        cluster.restart_postgres(mode)
+        log(f"chaos: PostgreSQL back after {time.monotonic() - t0:.1f} s")
+        report.kills[f"pg restart {mode}"] += 1
+    elif action == "s3":
+        down = rng.uniform(*cfg.s3_outage_s)
+        log(f"chaos: SeaweedFS stopped for {down:.1f} s")
+        t0 = time.monotonic()
+        cluster.s3_outage(down)
+        log(f"chaos: SeaweedFS back after {time.monotonic() - t0:.1f} s")
+        report.kills["s3 outage"] += 1
+    elif action == "job":
+        groups = sorted({(t, g) for t, g, _ in job_processes(cluster.job_root)})
+        if not groups:
+            log("chaos: no job to kill")
+            report.kills["job (none running)"] += 1
+            return
+        task_id, pgid = rng.choice(groups)
+        log(f"chaos: SIGKILL job group {pgid} of task {task_id}")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        report.kills["job"] += 1
+    else:
+        names = [n for n in cluster.role_names() if n.split("-")[0] == action]
+        name = rng.choice(names)
+        log(f"chaos: SIGKILL {name}")
+        cluster.kill_role(name)
+        report.kills[action] += 1
+        time.sleep(rng.uniform(0.2, 2.0))
+        cluster.start_role(name)
 
 
 # ---------------------------------------------------------------- final checks
 
 
-async def _make_users(db_url: str, n: int) -> list[str]:
+async def make_users(db_url: str, n: int) -> list[str]:
     from vidmaas.db import users
     from vidmaas.db.engine import make_engine, make_sessionmaker
 
@@ -507,20 +644,88 @@ async def _all_tasks(db_url: str) -> list[Any]:
         await engine.dispose()
 
 
+async def outbox_count(db_url: str) -> int:
+    from vidmaas.db import outbox
+    from vidmaas.db.engine import make_engine, make_sessionmaker
+
+    engine = make_engine(db_url)
+    try:
+        async with make_sessionmaker(engine)() as s:
+            return int(await outbox.count(s))
+    finally:
+        await engine.dispose()
+
+
+async def usage_task_ends(db_url: str) -> dict[str, int]:
+    """user id → task ends the usage table recorded."""
+    from sqlalchemy import func, select
+
+    from vidmaas.db.engine import make_engine, make_sessionmaker
+    from vidmaas.db.models import UsageDaily
+
+    engine = make_engine(db_url)
+    try:
+        async with make_sessionmaker(engine)() as s:
+            rows = await s.execute(select(UsageDaily.user_id, func.sum(UsageDaily.tasks))
+                                   .group_by(UsageDaily.user_id))
+            return {user: int(n or 0) for user, n in rows}
+    finally:
+        await engine.dispose()
+
+
 def _drain(cluster: Cluster, db_url: str, timeout_s: float, log: Any) -> list[Any]:
+    """Wait until every task is terminal and the outbox is empty (or the time is up)."""
     deadline = time.monotonic() + timeout_s
     while True:
         tasks = asyncio.run(_all_tasks(db_url))
         open_ = [t for t in tasks if t.status not in TERMINAL]
-        if not open_ or time.monotonic() > deadline:
+        waiting = asyncio.run(outbox_count(db_url)) if not open_ else 0
+        if (not open_ and not waiting) or time.monotonic() > deadline:
             return tasks
-        log(f"draining: {len(open_)} tasks not finished "
-            f"({dict(Counter(t.status for t in open_))})")
+        if open_:
+            log(f"draining: {len(open_)} tasks not finished "
+                f"({dict(Counter(t.status for t in open_))})")
+        else:
+            log(f"draining: {waiting} outbox events not yet published")
         time.sleep(3)
 
 
+def check_stream(report: SoakReport, task_id: str, events: list[tuple[str, Any]]) -> None:
+    """One task stream: no event written or applied twice (DESIGN §4's exactly once)."""
+    report.streams_checked += 1
+    report.events_checked += len(events)
+    ids = [eid for eid, _ in events]
+    if len(set(ids)) != len(ids):
+        report.duplicate_events += len(ids) - len(set(ids))
+        report.violations.append(f"task {task_id}: an event id repeats in its stream")
+    dispatched: Counter[Any] = Counter()
+    ends: Counter[str] = Counter()
+    started = 0
+    for _eid, event in events:
+        kind = event.type.value
+        if kind == "dispatched":
+            started = 0
+            dispatched[event.data.get("attempt")] += 1
+        elif kind == "started":
+            started += 1
+            if started > 1:
+                report.violations.append(f"task {task_id}: two started events in one attempt")
+        elif kind in ("completed", "cancelled") or (
+                kind == "failed" and not event.data.get("retryable")):
+            ends[kind] += 1
+    for attempt, n in dispatched.items():
+        if n > 1:
+            report.duplicate_events += n - 1
+            report.violations.append(f"task {task_id}: attempt {attempt} dispatched {n} "
+                                     "times in its stream (an outbox event published twice)")
+    for kind, n in ends.items():
+        if n > 1:
+            report.duplicate_events += n - 1
+            report.violations.append(f"task {task_id}: {n} final {kind} events")
+
+
 def _check(cluster: Cluster, report: SoakReport, tasks: list[Any],
-           submitter: Submitter) -> None:
+           submitter: Submitter, db_url: str) -> None:
     import av
     import redis
 
@@ -543,7 +748,6 @@ def _check(cluster: Cluster, report: SoakReport, tasks: list[Any],
                                  f"{len(submitter.accepted)} accepted creates")
     report.statuses = Counter(t.status for t in tasks)
     client = redis.Redis.from_url(cluster.redis_url)
-    objects = cluster.work / "objects"
     try:
         for t in tasks:
             report.attempts[int(t.attempts)] += 1
@@ -558,51 +762,74 @@ def _check(cluster: Cluster, report: SoakReport, tasks: list[Any],
             elif t.status not in TERMINAL:
                 report.violations.append(f"task {t.id} ended the soak {t.status}")
             events = parse_entries(client.xrange(keys.task_events(t.id)))
-            started = 0
-            for _eid, event in events:
-                kind = event.type.value
-                if kind == "dispatched":
-                    started = 0
-                elif kind == "started":
-                    started += 1
-                    if started > 1:
-                        report.violations.append(
-                            f"task {t.id}: two started events in one attempt")
+            check_stream(report, t.id, events)
             kinds = [e.type.value for _, e in events]
             if t.status == "completed":
                 if "completed" not in kinds:
                     report.violations.append(f"task {t.id} completed without the event")
-                video = objects / (t.video_key or "missing")
-                poster = objects / (t.poster_key or "missing")
                 try:
-                    with av.open(str(video)) as container:
+                    data = cluster.read_object(t.video_key or "missing")
+                    with av.open(io.BytesIO(data)) as container:
                         frames = sum(1 for _ in container.decode(video=0))
                     if frames < 1:
                         raise ValueError("no frames")
                     report.videos_decoded += 1
                     report.frames_decoded += frames
                 except Exception as e:
-                    report.violations.append(f"task {t.id}: the video does not decode: {e}")
-                if not poster.is_file():
-                    report.violations.append(f"task {t.id}: no poster")
+                    report.violations.append(f"task {t.id}: the video is missing or does "
+                                             f"not decode: {e}")
+                try:
+                    cluster.read_object(t.poster_key or "missing")
+                except Exception as e:
+                    report.violations.append(f"task {t.id}: no poster ({e})")
     finally:
         client.close()
+    report.outbox_left = asyncio.run(outbox_count(db_url))
+    if report.outbox_left:
+        report.violations.append(f"{report.outbox_left} outbox events never published")
+    ends = asyncio.run(usage_task_ends(db_url))
+    report.usage_task_ends = sum(ends.values())
+    terminal = Counter(t.user_id for t in tasks if t.status in TERMINAL)
+    for user in set(ends) | set(terminal):
+        if ends.get(user, 0) != terminal[user]:
+            report.violations.append(
+                f"user {user}: usage recorded {ends.get(user, 0)} task ends for "
+                f"{terminal[user]} finished tasks (an end applied twice, or lost)")
 
 
 # ---------------------------------------------------------------- the run
 
 
-def run_soak(cfg: SoakConfig, *, work: Path, pg_url: str, model_root: Path,
+def run_soak(cfg: SoakConfig, *, work: Path, model_root: Path, pg_url: str | None = None,
              log: Any = print) -> SoakReport:
-    """Run the soak (see the module docstring) and return its report."""
+    """Run the soak (see the module docstring) and return its report.
+
+    ``pg_url`` is the database to use; with ``cfg.pg_restart`` (or no ``pg_url``) the
+    soak starts a private PostgreSQL cluster under ``work`` instead, and with
+    ``cfg.s3``/``cfg.s3_outage`` a private SeaweedFS."""
+    with contextlib.ExitStack() as stack:
+        pg = None
+        if cfg.pg_restart or pg_url is None:
+            pg = stack.enter_context(private_postgres(work / "pg"))
+            pg_url = pg.create_database("soak")
+        weed = None
+        if cfg.s3 or cfg.s3_outage:
+            weed = stack.enter_context(private_seaweedfs(work / "weed"))
+        return _run(cfg, work=work, pg_url=pg_url, model_root=model_root, log=log, pg=pg,
+                    weed=weed)
+
+
+def _run(cfg: SoakConfig, *, work: Path, pg_url: str, model_root: Path, log: Any,
+         pg: PrivatePostgres | None, weed: PrivateSeaweedFS | None) -> SoakReport:
     from vidmaas.db.migrate import upgrade_sync
 
     report = SoakReport(submitted=cfg.tasks)
     rng = random.Random(cfg.seed)
     t0 = time.monotonic()
     upgrade_sync(pg_url)
-    keys = asyncio.run(_make_users(pg_url, cfg.users))
-    cluster = Cluster(work=work, pg_url=pg_url, model_root=model_root, cfg=cfg)
+    keys = asyncio.run(make_users(pg_url, cfg.users))
+    cluster = Cluster(work=work, pg_url=pg_url, model_root=model_root, cfg=cfg, pg=pg,
+                      weed=weed)
     sampler = Sampler(cluster, report, cfg.capacity)
     started = time.monotonic()
 
@@ -633,7 +860,7 @@ def run_soak(cfg: SoakConfig, *, work: Path, pg_url: str, model_root: Path,
     try:
         if cluster.procs["redis"].poll() is not None:
             cluster.start_redis()
-        _check(cluster, report, tasks, submitter)
+        _check(cluster, report, tasks, submitter, pg_url)
     finally:
         cluster.stop_redis()
     report.timings["total"] = time.monotonic() - t0
