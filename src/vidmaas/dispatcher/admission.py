@@ -169,17 +169,9 @@ class Admission:
         ctx = self.ctx
         capacity = ctx.settings.gpu_capacity
         message = unavailable_message(task.model, gpus=gpus, gpu_capacity=capacity)
-        await ctx.queue.remove(user_id=task.user_id, task_id=task.id)
-        try:
-            await ctx.lifecycle.finish(
-                task_id=task.id, to=TaskStatus.FAILED, expected=TaskStatus.QUEUED,
-                fields={"error_code": MODEL_UNAVAILABLE, "error_message": message},
-                event=ev.failed(task.id, code=MODEL_UNAVAILABLE, message=message,
-                                retryable=False))
+        if await ctx.fail_unavailable(task, message=message):
             tlog.warning(task.id, "needs %d GPUs of %d in all; failed (%s)", gpus, capacity,
                          MODEL_UNAVAILABLE)
-        except VidmaasError as e:  # cancelled or taken meanwhile
-            tlog.info(task.id, "%s not applied (%s)", MODEL_UNAVAILABLE, e)
         await ctx.queue.announce_move()
 
     async def _need_of(self, task_id: str | None) -> Need | None:

@@ -33,7 +33,9 @@ from vidmaas.bus.queue import TaskQueue
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
 from vidmaas.dispatcher.executors.base import Executor
+from vidmaas.domain import events as ev
 from vidmaas.domain.ids import is_worker_id
+from vidmaas.domain.models import MODEL_UNAVAILABLE
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import VidmaasError
 from vidmaas.logs import TaskLog
@@ -120,6 +122,21 @@ class DispatcherContext:
                     return None
                 task = fresh
         return None
+
+    async def fail_unavailable(self, task: Task, *, message: str) -> bool:
+        """Take a queued task out of the queue and fail it ``model_unavailable`` (not
+        retried); False if it was cancelled or claimed meanwhile."""
+        await self.queue.remove(user_id=task.user_id, task_id=task.id)
+        try:
+            await self.lifecycle.finish(
+                task_id=task.id, to=TaskStatus.FAILED, expected=TaskStatus.QUEUED,
+                fields={"error_code": MODEL_UNAVAILABLE, "error_message": message},
+                event=ev.failed(task.id, code=MODEL_UNAVAILABLE, message=message,
+                                retryable=False))
+        except VidmaasError as e:
+            tlog.info(task.id, "%s not applied (%s)", MODEL_UNAVAILABLE, e)
+            return False
+        return True
 
     # ------------------------------------------------------------------ waiting
 

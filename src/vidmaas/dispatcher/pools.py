@@ -277,18 +277,10 @@ class Pools:
         for task in await ctx.with_status(TaskStatus.QUEUED):
             if task.model != model_id:
                 continue
-            await ctx.queue.remove(user_id=task.user_id, task_id=task.id)
-            try:
-                await ctx.lifecycle.finish(
-                    task_id=task.id, to=TaskStatus.FAILED, expected=TaskStatus.QUEUED,
-                    fields={"error_code": MODEL_UNAVAILABLE, "error_message": message},
-                    event=ev.failed(task.id, code=MODEL_UNAVAILABLE, message=message,
-                                    retryable=False))
+            if await ctx.fail_unavailable(task, message=message):
                 tlog.warning(task.id, "failed (%s): %d %s workers in a row never loaded",
                              MODEL_UNAVAILABLE, failed_starts, model_id)
                 failed += 1
-            except VidmaasError as e:  # cancelled or claimed meanwhile
-                tlog.info(task.id, "%s not applied (%s)", MODEL_UNAVAILABLE, e)
         log.warning("pools: %s is unavailable after %d failed starts in a row; %d queued "
                     "task(s) failed", model_id, failed_starts, failed)
         if failed:
