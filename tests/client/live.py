@@ -15,6 +15,7 @@ import gc
 import io
 import re
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -225,6 +226,7 @@ async def live_server(*, db_url: str, redis_url: str, storage: StorageSettings,
                             ws="websockets-sansio", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     before = asyncio.all_tasks()
+    threads_before = set(threading.enumerate())
     task = asyncio.create_task(server.serve(), name=f"uvicorn:{port}")
     try:
         for _ in range(400):
@@ -250,5 +252,13 @@ async def live_server(*, db_url: str, redis_url: str, storage: StorageSettings,
             rest = [t for t in asyncio.all_tasks() - before
                     if t is not asyncio.current_task() and not t.done()]
             if not rest:
+                break
+            await asyncio.sleep(0.05)
+        # A database call the shutdown cancelled still runs in aiosqlite's thread and
+        # hands its result to this loop when done: let those threads end (the engine is
+        # disposed) before the test's loop closes under them.
+        for _ in range(100):
+            if not [t for t in set(threading.enumerate()) - threads_before
+                    if t.is_alive() and "_connection_worker_thread" in t.name]:
                 break
             await asyncio.sleep(0.05)
