@@ -17,9 +17,10 @@ import pytest
 from tests.support.services import private_postgres_unavailable, weed_binary
 from tests.support.soak import SoakConfig, run_soak
 
-SHORT_CHAOS = ["dispatcher", "worker", "job", "redis-hard", "relay", "pg", "api", "s3",
-               "worker", "job", "redis-graceful", "dispatcher", "pg", "relay", "job",
-               "worker", "api"]
+SHORT_CHAOS = ["dispatcher", "worker", "job", "worker", "redis-hard", "relay", "worker",
+               "pg", "api", "s3", "job", "redis-graceful", "dispatcher", "pg", "relay",
+               "job", "api"]
+"""The worker kills come early, while tasks still arrive, so one finds a worker busy."""
 
 
 @pytest.mark.slow
@@ -34,7 +35,8 @@ def test_tasks_survive_role_and_worker_crashes_redis_kills_database_restarts_and
     cfg = SoakConfig(tasks=8, users=2, capacity=2, chaos=SHORT_CHAOS,
                      chaos_interval_s=(1.0, 3.0), submit_spread_s=25.0, drain_timeout_s=180.0,
                      max_attempts=4, seed=7, pg_restart=True, s3_outage=True,
-                     s3_outage_s=(2.0, 4.0), pools=True, job_every=2)
+                     s3_outage_s=(2.0, 4.0), pools=True, job_every=2,
+                     target_wait_s=8.0)
     lines: list[str] = []
     report = run_soak(cfg, work=tmp_path, model_root=tiny_model_root, log=lines.append)
     print("\n".join(lines[-60:]))
