@@ -2,21 +2,22 @@
 
 Runs ``vidmaas api``, ``vidmaas dispatcher`` ×2 and ``vidmaas relay`` ×2 as separate
 processes on a fresh PostgreSQL database and an append-only Redis (``appendfsync
-everysec``), with the local executor and the tiny-t2v model (made with ``vidmaas
-models make-tiny``), submits a few hundred tasks from several users while a chaos loop
+everysec``), with the local executor and the tiny models (made with ``vidmaas models
+make-tiny``), submits a few hundred tasks from several users while a chaos loop
 SIGKILLs and restarts the roles, restarts Redis and kills job processes, and, if asked,
-restarts PostgreSQL and stops the object store. Then it checks that nothing was lost,
-doubled, applied twice, run twice at once or run over capacity, that the outbox
-drained, and that every completed task's video is in the store and decodes. Prints the
-counts; exits 1 on any violation. Bounded: chaos stops after ``--chaos-s``, draining
-after ``--drain-s``.
+restarts PostgreSQL, stops the object store and kills warm pool workers. Then it
+checks that nothing was lost, doubled, applied twice, run twice at once or run over
+capacity, that the outbox drained, and that every completed task's video is in the
+store and decodes. Prints the counts; exits 1 on any violation. Bounded: chaos stops
+after ``--chaos-s``, draining after ``--drain-s``.
 
     .venv/bin/python scripts/soak.py [--tasks 300] [--users 5] [--capacity 2]
                                      [--dispatchers 2] [--relays 2]
                                      [--chaos-s 900] [--interval-s 4 10]
                                      [--submit-s 600] [--drain-s 900] [--seed 1]
                                      [--redis-kill graceful|hard] [--pg-restart]
-                                     [--s3-outage] [--s3] [--keep]
+                                     [--s3-outage] [--s3] [--pools on|off]
+                                     [--pool-min 1] [--keep]
 
 ``--redis-kill hard``: the Redis action is a SIGKILL (default ``graceful``: SIGTERM,
 Redis writes its append-only file). ``--pg-restart``: run on a private PostgreSQL
@@ -24,7 +25,12 @@ cluster (``initdb`` in the work directory, a free port, trust authentication) an
 its restart to the chaos, ``pg_ctl restart -m fast`` and every second time ``-m
 immediate``. ``--s3-outage``: store objects in a private SeaweedFS (``weed mini``) and
 add stopping it for a few seconds to the chaos; ``--s3`` uses that store without the
-outages. ``--keep`` keeps the work directory.
+outages. ``--pools on``: tiny-t2v is served by warm pool workers (``vidmaas-job
+serve``, DESIGN §12; between ``--pool-min`` and ``--capacity`` workers, idle ones
+stopped after 20 s) and every third task asks for tiny-ti2v, which keeps one job per
+task, so workers and jobs share the capacity; the chaos also SIGKILLs worker process
+groups (a busy one when there is one), counted as ``worker`` kills (default ``off``:
+every task is a job). ``--keep`` keeps the work directory.
 
 Needs redis-server; PostgreSQL on 127.0.0.1:5432 (or VIDMAAS_TEST_PG_URL) unless
 ``--pg-restart`` (then the server binaries, ``initdb`` and ``pg_ctl``); ``weed`` for
@@ -78,6 +84,10 @@ def main() -> int:
                         help="store objects in a private SeaweedFS and stop it in the chaos")
     parser.add_argument("--s3", action="store_true",
                         help="store objects in a private SeaweedFS (no outages)")
+    parser.add_argument("--pools", choices=("on", "off"), default="off",
+                        help="serve tiny-t2v by warm pool workers and kill them in the chaos")
+    parser.add_argument("--pool-min", type=int, default=1,
+                        help="with --pools on: workers kept even when idle")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     if not args.pg_restart and not postgres_reachable():
@@ -88,12 +98,14 @@ def main() -> int:
                      chaos_duration_s=args.chaos_s, chaos_interval_s=tuple(args.interval_s),
                      submit_spread_s=args.submit_s, drain_timeout_s=args.drain_s,
                      seed=args.seed, redis_kill=args.redis_kill, pg_restart=args.pg_restart,
-                     s3_outage=args.s3_outage, s3=args.s3)
+                     s3_outage=args.s3_outage, s3=args.s3, pools=args.pools == "on",
+                     pool_min_workers=args.pool_min)
     work = Path(tempfile.mkdtemp(prefix="vidmaas-soak-"))
     models = work / "models"
     vidmaas = Path(sys.executable).parent / "vidmaas"
-    subprocess.run([str(vidmaas), "models", "make-tiny", str(models / "tiny-t2v"),
-                    "--layout", "t2v"], check=True)
+    for name, layout in (("tiny-t2v", "t2v"), ("tiny-ti2v", "ti2v")):
+        subprocess.run([str(vidmaas), "models", "make-tiny", str(models / name),
+                        "--layout", layout], check=True)
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         pg_url = None if args.pg_restart else stack.enter_context(fresh_postgres())

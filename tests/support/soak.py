@@ -7,11 +7,16 @@ model. Several users submit tasks (each with an ``Idempotency-Key``, retried unt
 accepted, so a create lost to a crash is retried and never doubled) while a chaos loop
 SIGKILLs and restarts roles, stops Redis (SIGTERM, or SIGKILL with ``redis_kill="hard"``)
 and starts it again on its files, and SIGKILLs job process groups (found by
-``VIDMAAS_TASK_ID`` in their environment). With ``pg_restart`` the database is a private
+``VIDMAAS_TASK_ID`` in their environment). With ``pools`` the soak's model is served by
+warm pool workers (DESIGN §12: ``vidmaas-job serve`` process groups of the local
+executor, between ``pool_min_workers`` and ``capacity`` of them), every third task asks
+for ``job_model`` instead, which keeps one job per task, so workers and jobs share the
+capacity, and the chaos also SIGKILLs worker process groups (found by
+``VIDMAAS_WORKER_ID``; a busy one when there is one). With ``pg_restart`` the database is a private
 PostgreSQL cluster, restarted by ``pg_ctl restart -m fast`` and every second time ``-m
 immediate``; with ``s3_outage`` objects live in a private SeaweedFS that is stopped for
 a few seconds and started again. One action runs at a time. A sampler watches, several
-times a second, the capacity leases in Redis and the job processes alive. After the
+times a second, the capacity leases in Redis and the job and worker processes alive. After the
 chaos the system is given time to drain (every task terminal, the outbox empty), then
 stopped.
 
@@ -21,8 +26,12 @@ The report counts each kind of kill and checks the promises of DESIGN §2 and §
 - no task ran two jobs at the same time (never two live job process groups for one
   task; at most one ``started`` event per ``dispatched`` attempt in its stream);
 - capacity was never exceeded: the sum of leases never passes it, nor the number of
-  live job groups holding a lease plus those that outlived theirs by over 15 s (a job
-  exits a moment after its terminal event frees its capacity);
+  live job and worker groups holding a lease plus the jobs that outlived theirs by over
+  15 s (a job exits a moment after its terminal event frees its capacity) and the
+  workers that did by over ``WORKER_UNLEASED_GRACE_S`` (a retired worker is killed a
+  moment after its GPUs are freed; an unregistered one is stopped after a lease time);
+- with pools, no task is busy on two workers at once, nor on a worker while a job of
+  it holds a lease (the registry in Redis);
 - events applied once per task stream: no event id twice, no attempt ``dispatched``
   twice, at most one final ``completed``/``cancelled``/non-retryable ``failed``, and the
   usage table records exactly one task end per finished task (a terminal event applied
@@ -40,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import os
 import random
 import signal
@@ -67,9 +77,18 @@ from tests.support.services import (
 
 TERMINAL = {"completed", "failed", "cancelled"}
 JOB_ENV = "VIDMAAS_TASK_ID"
+WORKER_ENV = "VIDMAAS_WORKER_ID"
 UNLEASED_GRACE_S = 15.0
 """How long a job may outlive its task's lease (exiting after its terminal event)."""
+POOL_WORKER_LEASE_S = 10.0
+"""The pool workers' lease in the soak (``VIDMAAS_POOLS_WORKER_LEASE_S``)."""
+POOL_STOP_GRACE_S = 3.0
+WORKER_UNLEASED_GRACE_S = POOL_WORKER_LEASE_S + POOL_STOP_GRACE_S + UNLEASED_GRACE_S
+"""How long a worker process may outlive its GPU lease: a process with no registration
+is stopped once it stayed so a whole lease time, then given the stop grace."""
 ROLE_ACTIONS = ("api", "dispatcher", "relay", "redis", "job")
+POOL_ACTIONS = ("worker",)
+"""Actions with ``pools``: SIGKILL a pool worker's process group."""
 FAULT_ACTIONS = ("redis-hard", "redis-graceful", "pg", "s3")
 """Explicit-schedule actions besides ``ROLE_ACTIONS`` (``redis`` follows ``redis_kill``;
 ``pg`` needs ``pg_restart``, ``s3`` needs ``s3_outage``)."""
@@ -106,11 +125,47 @@ class SoakConfig:
     """Store objects in a private SeaweedFS (implied by ``s3_outage``); else a directory."""
     s3_outage_s: tuple[float, float] = (2.0, 6.0)
     """How long an S3 outage lasts."""
+    pools: bool = False
+    """Serve ``model`` by warm pool workers (between ``pool_min_workers`` and ``capacity``)
+    and add killing them (``worker``) to the chaos; off: every task is a job."""
+    pool_min_workers: int = 1
+    pool_idle_s: float = 20.0
+    """An idle worker above the minimum is stopped after this long."""
+    job_model: str | None = "tiny-ti2v"
+    """With ``pools``, every ``job_every``-th task asks for this unpooled model (one job
+    per task), so jobs and workers share the capacity; None: every task asks for
+    ``model``."""
+    job_every: int = 3
+    target_wait_s: float = 5.0
+    """The ``job`` and ``worker`` actions wait up to this long for a job, or a busy
+    worker, to kill (then kill an idle worker, or count the action as ``none running``)."""
 
     def actions(self) -> tuple[str, ...]:
         """What random chaos draws from."""
         extra = (("pg",) if self.pg_restart else ()) + (("s3",) if self.s3_outage else ())
-        return ROLE_ACTIONS + extra
+        return ROLE_ACTIONS + (POOL_ACTIONS if self.pools else ()) + extra
+
+    def task_model(self, i: int) -> str:
+        """The model task ``i`` asks for."""
+        if self.pools and self.job_model is not None and i % self.job_every == \
+                self.job_every - 1:
+            return self.job_model
+        return self.model
+
+    def pool_env(self) -> dict[str, str]:
+        """The roles' pool settings."""
+        if not self.pools:
+            return {"VIDMAAS_POOLS_ENABLED": "false"}
+        return {
+            "VIDMAAS_POOLS_ENABLED": "true",
+            "VIDMAAS_POOLS_MODELS": json.dumps({self.model: {
+                "min_workers": self.pool_min_workers, "max_workers": self.capacity,
+                "idle_s": self.pool_idle_s}}),
+            "VIDMAAS_POOLS_WORKER_LEASE_S": str(POOL_WORKER_LEASE_S),
+            "VIDMAAS_POOLS_STOP_GRACE_S": str(POOL_STOP_GRACE_S),
+            "VIDMAAS_POOLS_START_TIMEOUT_S": "180",
+            "VIDMAAS_POOLS_MANAGE_INTERVAL_S": "1",
+        }
 
 
 @dataclass
@@ -125,6 +180,12 @@ class SoakReport:
     max_live_jobs: int = 0
     max_unleased_s: float = 0.0
     jobs_seen: int = 0
+    workers_seen: int = 0
+    """Pool worker process groups seen (with ``pools``)."""
+    max_live_workers: int = 0
+    max_worker_unleased_s: float = 0.0
+    """Longest a live worker group was seen without its GPU lease."""
+    max_busy_workers: int = 0
     samples: int = 0
     attempts: Counter[int] = field(default_factory=Counter)
     legitimately_queued: int = 0
@@ -166,6 +227,9 @@ class SoakReport:
             f"{self.max_live_jobs} over {self.samples} samples; {self.jobs_seen} job "
             f"process groups seen; longest a job outlived its lease "
             f"{self.max_unleased_s:.1f} s",
+            f"pool workers: {self.workers_seen} process groups seen, at most "
+            f"{self.max_live_workers} live and {self.max_busy_workers} busy at once; "
+            f"longest a worker was seen without its lease {self.max_worker_unleased_s:.1f} s",
             "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()),
         ]
         if self.violations:
@@ -230,6 +294,7 @@ class Cluster:
             "VIDMAAS_RUNTIME_HEARTBEAT_INTERVAL_S": "2",
             "VIDMAAS_LOG_LEVEL": "INFO",
             "OMP_NUM_THREADS": "1",
+            **cfg.pool_env(),
         }
         if weed is not None:
             server = weed.server
@@ -375,7 +440,9 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for pgid in {g for _, g, _ in job_processes(self.job_root)}:
+        groups = {g for _, g, _ in job_processes(self.job_root)} | \
+            {g for _, g in worker_processes(self.job_root)}
+        for pgid in groups:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
 
@@ -397,6 +464,28 @@ class Cluster:
 def job_processes(work_root: Path) -> list[tuple[str, int, str]]:
     """(task id, process group, attempt) of every live job process whose work directory
     is under ``work_root`` (this soak's jobs only, never another run's)."""
+    return _jobs_of(_our_processes(work_root))
+
+
+def worker_processes(work_root: Path) -> list[tuple[str, int]]:
+    """(worker id, process group) of every live pool worker process whose work directory
+    is under ``work_root``."""
+    return _workers_of(_our_processes(work_root))
+
+
+def _jobs_of(procs: list[tuple[int, dict[str, str]]]) -> list[tuple[str, int, str]]:
+    return [(task_id, pgid, env.get("VIDMAAS_ATTEMPT", "?")) for pgid, env in procs
+            if (task_id := env.get(JOB_ENV))]
+
+
+def _workers_of(procs: list[tuple[int, dict[str, str]]]) -> list[tuple[str, int]]:
+    return [(worker_id, pgid) for pgid, env in procs
+            if (worker_id := env.get(WORKER_ENV)) and not env.get(JOB_ENV)]
+
+
+def _our_processes(work_root: Path) -> list[tuple[int, dict[str, str]]]:
+    """(process group, environment) of every live process of ours whose work directory
+    is under ``work_root``."""
     out = []
     me = os.getuid()
     root = str(work_root) + os.sep
@@ -407,9 +496,8 @@ def job_processes(work_root: Path) -> list[tuple[str, int, str]]:
             if proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
             env = proc.environ()
-            task_id = env.get(JOB_ENV)
-            if task_id and env.get("VIDMAAS_WORK_DIR", "").startswith(root):
-                out.append((task_id, os.getpgid(proc.pid), env.get("VIDMAAS_ATTEMPT", "?")))
+            if env.get("VIDMAAS_WORK_DIR", "").startswith(root):
+                out.append((os.getpgid(proc.pid), env))
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue
     return out
@@ -419,7 +507,8 @@ def job_processes(work_root: Path) -> list[tuple[str, int, str]]:
 
 
 class Sampler(threading.Thread):
-    """Samples capacity leases and live job groups until stopped."""
+    """Samples capacity leases, live job and worker groups and the pool registry until
+    stopped."""
 
     def __init__(self, cluster: Cluster, report: SoakReport, capacity: int) -> None:
         super().__init__(name="soak-sampler", daemon=True)
@@ -428,8 +517,11 @@ class Sampler(threading.Thread):
         self.capacity = capacity
         self.stop_event = threading.Event()
         self.groups_seen: set[int] = set()
+        self.worker_groups_seen: set[int] = set()
         self.unleased: dict[tuple[str, int], float] = {}
         """(task, group) of live jobs whose task holds no lease → first seen so."""
+        self.unleased_workers: dict[tuple[str, int], float] = {}
+        """(worker, group) of live workers holding no lease → first seen so."""
         self.lock = threading.Lock()
 
     def run(self) -> None:
@@ -446,13 +538,20 @@ class Sampler(threading.Thread):
             client.close()
 
     def sample(self, client: Any, leases_key: str) -> None:
+        from vidmaas.bus import keys
+
         report = self.report
         try:
             leased = {(k.decode() if isinstance(k, bytes) else k): int(v)
                       for k, v in client.hgetall(leases_key).items()}
+            registry = {(k.decode() if isinstance(k, bytes) else k):
+                        (v.decode() if isinstance(v, bytes) else v)
+                        for k, v in client.hgetall(keys.POOL_WORKERS).items()}
         except Exception:
-            leased = None  # Redis is restarting
-        procs = job_processes(self.cluster.job_root)
+            leased = registry = None  # Redis is restarting
+        ours = _our_processes(self.cluster.job_root)
+        procs = _jobs_of(ours)
+        workers = set(_workers_of(ours))
         by_task: dict[str, set[int]] = defaultdict(set)
         for task_id, pgid, _attempt in procs:
             by_task[task_id].add(pgid)
@@ -461,39 +560,89 @@ class Sampler(threading.Thread):
         with self.lock:
             report.samples += 1
             self.groups_seen |= {g for _, g in groups}
+            self.worker_groups_seen |= {g for _, g in workers}
             report.jobs_seen = len(self.groups_seen)
+            report.workers_seen = len(self.worker_groups_seen)
             report.max_live_jobs = max(report.max_live_jobs, len(groups))
+            report.max_live_workers = max(report.max_live_workers, len(workers))
             if leased is not None:
-                leases = sum(leased.values())
-                report.max_leases = max(report.max_leases, leases)
-                if leases > self.capacity:
-                    report.violate("leases", f"leases sum to {leases} > capacity "
-                                   f"{self.capacity}")
-                # A job whose task holds no lease may be finishing (its terminal event
-                # freed the capacity; the process is exiting). Past a grace period it is
-                # a job running outside capacity.
-                for key in list(self.unleased):
-                    if key not in groups or key[0] in leased:
-                        del self.unleased[key]
-                for key in groups:
-                    if key[0] not in leased:
-                        self.unleased.setdefault(key, now)
-                lingering = [k for k, since in self.unleased.items()
-                             if now - since > UNLEASED_GRACE_S]
-                if self.unleased:
-                    report.max_unleased_s = max(report.max_unleased_s,
-                                                now - min(self.unleased.values()))
-                counted = len([k for k in groups if k[0] in leased]) + len(lingering)
-                if counted > self.capacity:
-                    report.violate("jobs", f"{counted} jobs hold or outlive capacity at once "
-                                   f"> capacity {self.capacity}: {dict(by_task)}")
-                for key in lingering:
-                    report.violate(f"unleased {key}", f"job group {key[1]} of task {key[0]} "
-                                   f"ran over {UNLEASED_GRACE_S:.0f} s without a lease")
+                self._check_capacity(leased, groups, workers, by_task, now)
+            if registry is not None and leased is not None:
+                self._check_registry(registry, leased, by_task)
             for task_id, pgids in by_task.items():
                 if len(pgids) > 1:
                     report.violate(f"twice {task_id}", f"task {task_id} ran {len(pgids)} jobs "
                                    f"at once (process groups {sorted(pgids)})")
+
+    def _check_capacity(self, leased: dict[str, int], groups: set[tuple[str, int]],
+                        workers: set[tuple[str, int]], by_task: dict[str, set[int]],
+                        now: float) -> None:
+        from vidmaas.bus.pools import lease_member
+
+        report = self.report
+        leases = sum(leased.values())
+        report.max_leases = max(report.max_leases, leases)
+        if leases > self.capacity:
+            report.violate("leases", f"leases sum to {leases} > capacity {self.capacity}")
+        # A job whose task holds no lease may be finishing (its terminal event freed the
+        # capacity; the process is exiting); a worker without one is being killed or
+        # stopped. Past a grace period it is a process running outside capacity.
+        lingering = _lingering(self.unleased, groups, lambda k: k[0] in leased, now,
+                               UNLEASED_GRACE_S)
+        lingering_workers = _lingering(self.unleased_workers, workers,
+                                       lambda k: lease_member(k[0]) in leased, now,
+                                       WORKER_UNLEASED_GRACE_S)
+        if self.unleased:
+            report.max_unleased_s = max(report.max_unleased_s,
+                                        now - min(self.unleased.values()))
+        if self.unleased_workers:
+            report.max_worker_unleased_s = max(report.max_worker_unleased_s,
+                                               now - min(self.unleased_workers.values()))
+        counted = (sum(leased[k[0]] for k in groups if k[0] in leased) + len(lingering)
+                   + sum(leased[lease_member(w)] for w, _ in workers
+                         if lease_member(w) in leased) + len(lingering_workers))
+        if counted > self.capacity:
+            report.violate("jobs", f"{counted} GPUs held or outlived by live jobs and workers "
+                           f"> capacity {self.capacity}: jobs {dict(by_task)}, workers "
+                           f"{sorted(workers)}")
+        for key in lingering:
+            report.violate(f"unleased {key}", f"job group {key[1]} of task {key[0]} "
+                           f"ran over {UNLEASED_GRACE_S:.0f} s without a lease")
+        for key in lingering_workers:
+            report.violate(f"unleased worker {key}", f"worker group {key[1]} ({key[0]}) "
+                           f"ran over {WORKER_UNLEASED_GRACE_S:.0f} s without a lease")
+
+    def _check_registry(self, registry: dict[str, str], leased: dict[str, int],
+                        by_task: dict[str, set[int]]) -> None:
+        """No task busy on two workers, nor on a worker and in a leased job."""
+        report = self.report
+        busy: dict[str, list[str]] = defaultdict(list)
+        for worker_id, raw in registry.items():
+            fields = raw.split("|")
+            if len(fields) > 4 and fields[2] == "busy" and fields[4]:
+                busy[fields[4]].append(worker_id)
+        report.max_busy_workers = max(report.max_busy_workers,
+                                      sum(len(v) for v in busy.values()))
+        for task_id, on in busy.items():
+            if len(on) > 1:
+                report.violate(f"twice {task_id}", f"task {task_id} is busy on "
+                               f"{len(on)} workers at once ({sorted(on)})")
+            if task_id in by_task and task_id in leased:
+                report.violate(f"twice {task_id}", f"task {task_id} is busy on worker "
+                               f"{on[0]} while its job holds a lease")
+
+
+def _lingering(since: dict[tuple[str, int], float], live: set[tuple[str, int]],
+               holds: Any, now: float, grace_s: float) -> list[tuple[str, int]]:
+    """Track the live groups that hold no lease in ``since`` (group → first seen so);
+    those past ``grace_s``."""
+    for key in list(since):
+        if key not in live or holds(key):
+            del since[key]
+    for key in live:
+        if not holds(key):
+            since.setdefault(key, now)
+    return [k for k, t in since.items() if now - t > grace_s]
 
 
 class Submitter(threading.Thread):
@@ -521,7 +670,7 @@ class Submitter(threading.Thread):
                     try:
                         r = client.post("/v1/tasks", json={
                             "prompt": f"soak task {i}: a kite over a hill", "model":
-                            self.cfg.model, "seed": i},
+                            self.cfg.task_model(i), "seed": i},
                             headers={"Authorization": f"Bearer {user_key}",
                                      "Idempotency-Key": ikey})
                         if r.status_code == 202:
@@ -591,7 +740,9 @@ def _act(cluster: Cluster, cfg: SoakConfig, report: SoakReport, rng: random.Rand
         log(f"chaos: SeaweedFS back after {time.monotonic() - t0:.1f} s")
         report.kills["s3 outage"] += 1
     elif action == "job":
-        groups = sorted({(t, g) for t, g, _ in job_processes(cluster.job_root)})
+        groups = _wait_for(lambda: sorted({(t, g) for t, g, _ in
+                                           job_processes(cluster.job_root)}),
+                           cfg.target_wait_s)
         if not groups:
             log("chaos: no job to kill")
             report.kills["job (none running)"] += 1
@@ -601,6 +752,8 @@ def _act(cluster: Cluster, cfg: SoakConfig, report: SoakReport, rng: random.Rand
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
         report.kills["job"] += 1
+    elif action == "worker":
+        _kill_worker(cluster, cfg, report, rng, log)
     else:
         names = [n for n in cluster.role_names() if n.split("-")[0] == action]
         name = rng.choice(names)
@@ -609,6 +762,58 @@ def _act(cluster: Cluster, cfg: SoakConfig, report: SoakReport, rng: random.Rand
         report.kills[action] += 1
         time.sleep(rng.uniform(0.2, 2.0))
         cluster.start_role(name)
+
+
+def _wait_for(find: Any, timeout_s: float) -> Any:
+    """``find()`` until it answers something (polled; at most ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := find()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
+def _busy_workers(cluster: Cluster) -> set[str]:
+    """The workers the registry says are busy (empty while Redis is away)."""
+    import redis
+
+    from vidmaas.bus import keys
+
+    with contextlib.suppress(Exception):
+        client = redis.Redis.from_url(cluster.redis_url, socket_timeout=1,
+                                      socket_connect_timeout=1, decode_responses=True)
+        try:
+            return {w for w, raw in client.hgetall(keys.POOL_WORKERS).items()
+                    if raw.split("|")[2:3] == ["busy"]}
+        finally:
+            client.close()
+    return set()
+
+
+def _kill_worker(cluster: Cluster, cfg: SoakConfig, report: SoakReport, rng: random.Random,
+                 log: Any) -> None:
+    """SIGKILL a pool worker's process group: a busy one (mid-task) if one is busy within
+    ``cfg.target_wait_s``, else any."""
+    busy: set[str] = set()
+
+    def busy_groups() -> list[tuple[str, int]]:
+        nonlocal busy
+        busy = _busy_workers(cluster)
+        return [g for g in sorted(set(worker_processes(cluster.job_root))) if g[0] in busy]
+
+    chosen = _wait_for(busy_groups, cfg.target_wait_s) or \
+        sorted(set(worker_processes(cluster.job_root)))
+    if not chosen:
+        log("chaos: no pool worker to kill")
+        report.kills["worker (none running)"] += 1
+        return
+    worker_id, pgid = rng.choice(chosen)
+    state = "busy" if worker_id in busy else "not busy"
+    log(f"chaos: SIGKILL pool worker group {pgid} ({worker_id}, {state})")
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    report.kills["worker"] += 1
+    if worker_id in busy:
+        report.kills["worker (busy)"] += 1
 
 
 # ---------------------------------------------------------------- final checks
