@@ -53,5 +53,7 @@ def test_tasks_survive_role_and_worker_crashes_redis_kills_database_restarts_and
     assert report.workers_seen >= 2  # a killed worker was replaced
     for kind in ("api", "dispatcher", "relay", "redis restart", "redis hard kill",
                  "pg restart fast", "pg restart immediate", "s3 outage", "job",
-                 "worker (busy)"):
+                 "worker"):
         assert report.kills[kind] >= 1, kind
+    # Whether a worker kill lands mid-task depends on timing (tasks of a second or so);
+    # tests/dispatcher/test_pool_worker.py kills a busy worker deterministically.
