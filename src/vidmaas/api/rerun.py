@@ -29,12 +29,13 @@ from starlette.requests import Request
 
 from vidmaas.api.body import JSON_TYPES, content_type, decode_json_object, read_bytes
 from vidmaas.api.creation import CreateRequest
+from vidmaas.api.schemas import TaskCreate
 from vidmaas.db.models import Task
 from vidmaas.errors import Conflict, InvalidRequest, NotFound, UnsupportedMedia
 from vidmaas.services import Services
 
-OVERRIDABLE = frozenset({"prompt", "model", "size", "num_frames", "steps", "seed",
-                         "negative_prompt", "webhook_url", "webhook_events", "priority"})
+OVERRIDABLE = frozenset(TaskCreate.model_fields)
+"""A rerun may change any field a create takes."""
 
 
 async def read_overrides(request: Request, *, limit_bytes: int,

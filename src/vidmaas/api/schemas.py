@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from vidmaas.db.models import Task, WebhookDelivery, WebhookEndpoint
-from vidmaas.domain.events import shown_error, spritesheet_of
+from vidmaas.domain.events import shown_error
 from vidmaas.domain.status import TaskStatus
 
 WebhookEvent = Literal["started", "progress", "completed", "failed", "cancelled"]
@@ -151,7 +151,7 @@ def task_out(task: Task, *, position: int | None, base_path: str = "/v1/tasks") 
     shown = shown_error(status=task.status, code=task.error_code, message=task.error_message)
     error = ErrorInfo(**shown) if shown is not None else None
     p = task.params
-    sprite = spritesheet_of(task.result) if completed and task.video_key else None
+    sprite = task.spritesheet if completed else None
     return TaskOut(
         id=task.id, status=task.status, model=task.model, prompt=task.prompt,
         negative_prompt=task.negative_prompt,

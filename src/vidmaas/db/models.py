@@ -30,6 +30,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from vidmaas.domain.events import spritesheet_of
 from vidmaas.domain.status import TaskStatus
 
 
@@ -178,6 +179,12 @@ class Task(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    @property
+    def spritesheet(self) -> tuple[str, dict[str, int]] | None:
+        """The spritesheet's key and layout while the task's outputs exist (its video is
+        there: not yet deleted), or None (none made, or deleted with the video)."""
+        return spritesheet_of(self.result) if self.video_key is not None else None
 
 
 class WebhookEndpoint(Base):

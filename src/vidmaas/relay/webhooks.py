@@ -54,7 +54,7 @@ from vidmaas.db.engine import Sessions
 from vidmaas.db.models import Task, WebhookDelivery, utcnow
 from vidmaas.db.webhooks import DELIVERED, FAILED, PENDING, REFUSED, SKIPPED
 from vidmaas.domain import webhooks as policy
-from vidmaas.domain.events import Event, EventType, spritesheet_of
+from vidmaas.domain.events import Event, EventType
 from vidmaas.logs import TaskLog
 from vidmaas.metrics import Metrics
 from vidmaas.relay.endpoints import EndpointDeliveries
@@ -106,7 +106,7 @@ def task_summary(task: Task) -> dict[str, Any]:
     if task.video_key is not None:
         out["video_url"] = f"/v1/tasks/{task.id}/video"
         out["poster_url"] = f"/v1/tasks/{task.id}/poster"
-        if spritesheet_of(task.result) is not None:
+        if task.spritesheet is not None:
             out["spritesheet_url"] = f"/v1/tasks/{task.id}/spritesheet"
     return out
 

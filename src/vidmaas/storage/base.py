@@ -41,8 +41,13 @@ def input_key(task_id: str, filename: str) -> str:
     return check_key(f"inputs/{task_id}/{filename}")
 
 
+def outputs_prefix(task_id: str) -> str:
+    """Where every output of the task lives: video, poster, spritesheet, previews."""
+    return check_key(f"outputs/{task_id}") + "/"
+
+
 def output_key(task_id: str, filename: str) -> str:
-    return check_key(f"outputs/{task_id}/{filename}")
+    return check_key(outputs_prefix(task_id) + filename)
 
 
 @dataclass(frozen=True, slots=True)

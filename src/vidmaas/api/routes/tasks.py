@@ -18,6 +18,8 @@ task from any task of the caller's, whatever its status, through the same
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -31,7 +33,6 @@ from vidmaas.api.schemas import ErrorBody, TaskCreate, TaskList, TaskOut, TaskRe
 from vidmaas.bus import client as bus_client
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
-from vidmaas.domain.events import spritesheet_of
 from vidmaas.domain.ids import is_task_id
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import Conflict, InvalidRequest, NotFound
@@ -211,29 +212,40 @@ async def cancel(request: Request, task: Task, *, by: str, scope: str | None) ->
         return fresh
 
 
-def _key_of(task: Task, which: str) -> str | None:
-    if which == "video":
-        return task.video_key
-    if which == "poster":
-        return task.poster_key
-    sprite = spritesheet_of(task.result) if task.video_key is not None else None
+@dataclass(frozen=True, slots=True)
+class _Output:
+    key: Callable[[Task], str | None]
+    media: str
+    suffix: str
+
+
+def _sprite_key(task: Task) -> str | None:
+    sprite = task.spritesheet
     return sprite[0] if sprite else None
+
+
+_OUTPUTS = {
+    "video": _Output(lambda t: t.video_key, "video/mp4", ".mp4"),
+    "poster": _Output(lambda t: t.poster_key, "image/jpeg", ".jpg"),
+    "spritesheet": _Output(_sprite_key, "image/jpeg", "-spritesheet.jpg"),
+}
+"""Each downloadable output: its key in the row, its media type, its file name's end."""
 
 
 async def _download(request: Request, *, task_id: str, scope: str | None, which: str,
                     ) -> Response:
     task = await load_own(request, task_id=task_id, scope=scope)
-    key = _key_of(task, which)
-    if task.status != TaskStatus.COMPLETED.value or key is None:
-        if which == "spritesheet" and task.status == TaskStatus.COMPLETED.value \
-                and task.video_key is not None:  # an older result, made before spritesheets
-            raise NotFound("the video was made without a spritesheet", code="no_spritesheet")
+    out = _OUTPUTS[which]
+    key = out.key(task)
+    if task.status != TaskStatus.COMPLETED.value:
         raise Conflict(f"the task is {task.status}; its {which} is not ready",
                        code=f"{which}_not_ready")
+    if key is None:
+        if task.video_key is not None:  # an output this video was made without
+            raise NotFound(f"the video was made without a {which}", code=f"no_{which}")
+        raise Conflict(f"the task's {which} is not there", code=f"{which}_not_ready")
     svc = services_of(request)
-    media = "video/mp4" if which == "video" else "image/jpeg"
-    filename = {"video": f"{task.id}.mp4", "poster": f"{task.id}.jpg"}.get(
-        which, f"{task.id}-{which}.jpg")
+    media, filename = out.media, f"{task.id}{out.suffix}"
     store = svc.store
     if svc.settings.storage.redirect_downloads:
         url = await store.presign_get(key, ttl_s=svc.settings.storage.presign_ttl_s,

@@ -17,7 +17,7 @@ Guarantees:
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,8 +26,9 @@ from vidmaas.api import creation, pacing, rerun
 from vidmaas.api.body import validated
 from vidmaas.api.deps import CallerDep, services_of
 from vidmaas.api.routes.videos import (
+    _ERRORS,
+    _STATUS,
     OPENAI_SOURCE,
-    OpenAIErrorBody,
     OpenAIRoute,
     Video,
     load_video,
@@ -37,9 +38,6 @@ from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import Conflict
 
 router = APIRouter(prefix="/v1/videos", tags=["openai"], route_class=OpenAIRoute)
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": OpenAIErrorBody} for code in (400, 401, 404, 409, 413, 415, 429, 503)}
 
 
 class VideoRemix(BaseModel):
@@ -68,7 +66,7 @@ async def remix_video(
     data = validated(VideoRemix, raw)
     if source.status is not TaskStatus.COMPLETED:
         raise Conflict(f"only a completed video can be remixed; this one is "
-                       f"{video_out(source).status}", code="video_not_completed",
+                       f"{_STATUS[source.status]}", code="video_not_completed",
                        field="video_id")
     req = await rerun.request_from(svc, source, overrides={"prompt": data.prompt},
                                    origin=OPENAI_SOURCE)

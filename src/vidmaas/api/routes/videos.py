@@ -50,12 +50,11 @@ from vidmaas.api.errors import as_ours, retry_headers, status_of_any
 from vidmaas.api.routes.tasks import _download, cancel
 from vidmaas.db import tasks as repo
 from vidmaas.db.models import Task
-from vidmaas.domain.events import spritesheet_of
 from vidmaas.domain.ids import is_task_id
 from vidmaas.domain.models import ModelSpec, parse_size
 from vidmaas.domain.status import TaskStatus
 from vidmaas.errors import InvalidRequest, NotFound, ServiceUnavailable, VidmaasError
-from vidmaas.storage.base import preview_key
+from vidmaas.storage.base import outputs_prefix
 
 log = logging.getLogger(__name__)
 
@@ -405,11 +404,8 @@ async def delete_video(request: Request, video_id: str, caller: CallerDep) -> Vi
         if status is not TaskStatus.CANCELLING:
             await cancel(request, task, by=caller.name, scope=caller.scope)
     else:
-        sprite = spritesheet_of(task.result)
-        for key in (task.video_key, task.poster_key, sprite[0] if sprite else None,
-                    preview_key(task.id)):
-            if key is not None:
-                await svc.store.delete(key)
+        # Video, thumbnail, spritesheet, last preview: all under the task's outputs.
+        await svc.store.delete_prefix(outputs_prefix(task.id))
         if task.video_key is not None or task.poster_key is not None:
             async with svc.sessions() as s:
                 await repo.update_progress(session=s, task_id=task.id,
