@@ -6,7 +6,8 @@ Guarantees:
 - ``restore_lease`` gives an active task its capacity lease again (GPUs, its user's
   running count and GPUs held) in one script, only if the task holds none: running it
   twice, or for a task whose lease survived, changes nothing.
-- ``set_epoch`` records that this server's leases were rebuilt; ``epoch`` reads it.
+- ``set_epoch`` records that this server's leases were rebuilt; ``epoch_and_run_id``
+  reads it with the server's run id in one round trip.
 """
 
 from __future__ import annotations
@@ -36,9 +37,14 @@ async def server_run_id(client: aioredis.Redis) -> str:
     return str(info["run_id"])
 
 
-async def epoch(client: aioredis.Redis) -> str | None:
-    value = await client.get(keys.QUEUE_EPOCH)
-    return None if value is None else text(value)
+async def epoch_and_run_id(client: aioredis.Redis) -> tuple[str | None, str]:
+    """The stored epoch and ``server_run_id``, in one round trip: the epoch is current when they
+    are equal (this server's leases were rebuilt)."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.get(keys.QUEUE_EPOCH)
+        pipe.info("server")
+        value, info = await pipe.execute()
+    return (None if value is None else text(value)), str(info["run_id"])
 
 
 async def set_epoch(client: aioredis.Redis, run_id: str) -> None:

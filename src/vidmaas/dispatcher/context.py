@@ -105,14 +105,13 @@ class DispatcherContext:
                             retryable: bool) -> Task | None:
         """``Lifecycle.fail_or_retry``, re-read and tried again while the task only moved
         between dispatching and running meanwhile; None when the task left those states.
-        A pooled task's worker is fenced out of the attempt first (``bus.pools``)."""
-        if task.job_name is not None and is_worker_id(task.job_name):
-            await PoolRegistry(self.redis).fence_out(task_id=task.id, worker_id=task.job_name,
-                                                     attempt=task.attempts)
+        A pooled task's worker is fenced out of the attempt once the move is made (not
+        before: a task that was cancelling or ended meanwhile keeps its worker's last
+        events, its ``cancelled`` included)."""
         for _ in range(5):
             try:
-                return await self.lifecycle.fail_or_retry(task, code=code, message=message,
-                                                          retryable=retryable)
+                moved = await self.lifecycle.fail_or_retry(task, code=code, message=message,
+                                                           retryable=retryable)
             except VidmaasError as e:
                 fresh = await self.get(task.id)
                 if fresh is None or fresh.status not in (
@@ -121,6 +120,11 @@ class DispatcherContext:
                     tlog.info(task.id, "%s not applied (%s)", code, e)
                     return None
                 task = fresh
+                continue
+            if task.job_name is not None and is_worker_id(task.job_name):
+                await PoolRegistry(self.redis).fence_out(
+                    task_id=task.id, worker_id=task.job_name, attempt=task.attempts)
+            return moved
         return None
 
     async def fail_unavailable(self, task: Task, *, message: str) -> bool:

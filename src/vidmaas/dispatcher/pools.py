@@ -172,7 +172,8 @@ class Pools:
         ctx = self.ctx
         if self.executor is None:
             return PoolPlan()
-        if await state.epoch(ctx.redis) != await state.server_run_id(ctx.redis):
+        current, run_id = await state.epoch_and_run_id(ctx.redis)
+        if current != run_id:
             return PoolPlan()  # Redis lost its data: admission rebuilds it first
         workers = await self.registry.workers()
         processes = set(await self.executor.list_workers())

@@ -51,8 +51,8 @@ class Recovery:
         """Rebuild leases if this Redis server has not had them rebuilt yet; the number
         restored, or None when the epoch was current (nothing to do)."""
         ctx = self.ctx
-        run_id = await state.server_run_id(ctx.redis)
-        if await state.epoch(ctx.redis) == run_id:
+        current, run_id = await state.epoch_and_run_id(ctx.redis)
+        if current == run_id:
             return None
         restored = 0
         workers = await self._restore_workers()
