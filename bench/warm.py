@@ -156,7 +156,7 @@ def main() -> None:
         warm, warm_wall = one_instance(tmp, models, "pooled", {**base, "VIDMAAS_POOLS_ENABLED":
                                                               "true"}, n=opts.tasks,
                                        steps=opts.steps, phases=phases)
-        cold, cold_wall = ([math.nan], 1.0) if opts.pooled_only else one_instance(
+        cold = None if opts.pooled_only else one_instance(
             tmp, models, "jobs", {**base, "VIDMAAS_POOLS_ENABLED": "false"}, n=opts.tasks,
             steps=opts.steps)
         bare_s = bare_call_s(models / "tiny-t2v", steps=opts.steps)
@@ -165,15 +165,17 @@ def main() -> None:
     print(f"vidmaas up, tiny-t2v 64*64, 9 frames, {opts.steps} steps; {opts.tasks} tasks "
           "back to back per configuration; latency = submit to the API answering completed")
     print(f"bare pipeline call (in process, warm)    {bare_s:6.3f} s")
-    show("job per task (pools off)", cold, cold_wall, bare_s)
+    if cold is not None:
+        show("job per task (pools off)", *cold, bare_s)
     show("warm pool, all tasks", warm, warm_wall, bare_s)
     show("warm pool, after the first", warm[1:], warm_wall - warm[0], bare_s)
     print(f"first pooled task (starts the worker)    {warm[0]:6.2f} s")
     print("warm tasks after the first, p50 of each phase: " + ", ".join(
         f"{name} {p50_ms([p[i] for p in phases[1:]])}"
         for i, name in enumerate(PHASES)))
-    print(f"warm p50 / cold p50: {pct(warm, 50) / pct(cold, 50):.3f}  (goal <= 0.25); "
-          f"warm overhead p50: {pct(warm[1:], 50) - bare_s:.2f} s (goal <= 0.5 s)")
+    if cold is not None:
+        print(f"warm p50 / cold p50: {pct(warm, 50) / pct(cold[0], 50):.3f}  (goal <= 0.25)")
+    print(f"warm overhead p50: {pct(warm[1:], 50) - bare_s:.2f} s (goal <= 0.5 s)")
 
 
 if __name__ == "__main__":

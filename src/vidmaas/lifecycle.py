@@ -199,7 +199,7 @@ class Lifecycle:
         position = await q.enqueue_with_position(
             user_id=task.user_id, task_id=task.id, gpus=task.gpus, front=front,
             model=task.model, priority=priority, share=share)
-        # The event and the announcement do not depend on each other: one round trip.
+        # The event and the announcement do not depend on each other: sent at once.
         await asyncio.gather(self.publish(ev.queued(task.id, position=position or 0)),
                              q.announce_move())
         return position

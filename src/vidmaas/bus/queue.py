@@ -59,6 +59,19 @@ SIGNAL_KEEP = 64
 RUN_S_ALPHA = 0.2
 """Weight of the newest completed task in a model's moving-average run time."""
 
+
+def _positions_args(items: list[tuple[str, str]]) -> list[Any]:
+    """The key count, keys and arguments of ``POSITIONS_LUA`` for (user, task) pairs."""
+    return [2, keys.QUEUE_USERS, keys.USER_SHARES, keys.USER_QUEUE_PREFIX,
+            *(x for pair in items for x in pair)]
+
+
+def _positions_of(items: list[tuple[str, str]], res: Any) -> dict[str, int | None]:
+    """The script's answer as task → 1-based position, None where not queued."""
+    return {task: (None if int(p) < 0 else int(p))
+            for (_, task), p in zip(items, res, strict=True)}
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     task_id: str
@@ -119,11 +132,9 @@ class TaskQueue:
             pipe.eval(ENQUEUE_LUA, *self._enqueue_args(
                 user_id=user_id, task_id=task_id, gpus=gpus, front=front, model=model,
                 priority=priority, share=share))
-            pipe.eval(POSITIONS_LUA, 2, keys.QUEUE_USERS, keys.USER_SHARES,
-                      keys.USER_QUEUE_PREFIX, user_id, task_id)
+            pipe.eval(POSITIONS_LUA, *_positions_args([(user_id, task_id)]))
             _, res = await pipe.execute()
-        p = int(res[0])
-        return None if p < 0 else p
+        return _positions_of([(user_id, task_id)], res)[task_id]
 
     def _enqueue_args(self, *, user_id: str, task_id: str, gpus: int, front: bool,
                       model: str, priority: Priority, share: Share | None) -> list[Any]:
@@ -161,11 +172,8 @@ class TaskQueue:
         """Positions of many (user, task) pairs in one script (a page of a list)."""
         if not items:
             return {}
-        flat = [x for pair in items for x in pair]
-        res = await self._r.eval(POSITIONS_LUA, 2, keys.QUEUE_USERS, keys.USER_SHARES,
-                                 keys.USER_QUEUE_PREFIX, *flat)
-        return {task: (None if int(p) < 0 else int(p))
-                for (_, task), p in zip(items, res, strict=True)}
+        res = await self._r.eval(POSITIONS_LUA, *_positions_args(items))
+        return _positions_of(items, res)
 
     async def order(self, *, limit: int) -> list[Claim]:
         """The first ``limit`` queued tasks in the order admission takes them (capacity

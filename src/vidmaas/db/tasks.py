@@ -219,9 +219,12 @@ async def list_tasks(*, session: AsyncSession, user_id: str | None, limit: int,
 
 
 async def tasks_with_status(*, session: AsyncSession, statuses: Collection[TaskStatus],
-                            limit: int = 10_000) -> list[Task]:
+                            limit: int = 10_000, model: str | None = None) -> list[Task]:
+    """Tasks in ``statuses`` (of ``model`` only, if given), oldest first."""
     stmt = (select(Task).where(Task.status.in_(list(statuses)))
             .order_by(Task.id).limit(limit).execution_options(populate_existing=True))
+    if model is not None:
+        stmt = stmt.where(Task.model == model)
     return list((await session.execute(stmt)).scalars())
 
 

@@ -91,9 +91,10 @@ class DispatcherContext:
         async with self.services.sessions() as session:
             return await repo.get_task(session=session, task_id=task_id)
 
-    async def with_status(self, *statuses: TaskStatus) -> list[Task]:
+    async def with_status(self, *statuses: TaskStatus, model: str | None = None) -> list[Task]:
         async with self.services.sessions() as session:
-            return await repo.tasks_with_status(session=session, statuses=statuses)
+            return await repo.tasks_with_status(session=session, statuses=statuses,
+                                                model=model)
 
     def owns(self, task: Task) -> bool:
         """The task's job (if it has one yet) runs on this replica's kind of executor."""

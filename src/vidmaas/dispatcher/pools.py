@@ -275,9 +275,7 @@ class Pools:
                    "ended before they had loaded it (see the dispatcher's log); try again "
                    "later or ask the operator")
         failed = 0
-        for task in await ctx.with_status(TaskStatus.QUEUED):
-            if task.model != model_id:
-                continue
+        for task in await ctx.with_status(TaskStatus.QUEUED, model=model_id):
             if await ctx.fail_unavailable(task, message=message):
                 tlog.warning(task.id, "failed (%s): %d %s workers in a row never loaded",
                              MODEL_UNAVAILABLE, failed_starts, model_id)

@@ -72,7 +72,7 @@ def worker_model_slug(worker_id: str) -> str:
     """The ``model_slug`` a worker id was made from (``""`` if it is not a worker id)."""
     if not is_worker_id(worker_id):
         return ""
-    return worker_id[len(WORKER_ID_PREFIX):-9]
+    return worker_id[len(WORKER_ID_PREFIX):].rsplit("-", 1)[0]
 
 
 def new_user_id() -> str:

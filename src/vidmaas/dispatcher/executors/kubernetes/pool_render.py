@@ -63,7 +63,7 @@ from vidmaas.dispatcher.executors.kubernetes.render import (
     render_one,
 )
 from vidmaas.domain import jobs
-from vidmaas.domain.ids import WORKER_ID_PREFIX, is_worker_id, new_worker_id
+from vidmaas.domain.ids import WORKER_ID_PREFIX, is_worker_id, new_worker_id, worker_model_slug
 from vidmaas.domain.models import ModelRegistry
 from vidmaas.domain.workers import ENV_WORKER_ID, WorkerLimits, worker_args
 from vidmaas.errors import ExecutorError, InvalidRequest
@@ -81,7 +81,7 @@ def worker_lws_name(worker_id: str) -> str:
     """The LeaderWorkerSet of a worker: its id, with the model part cut to fit."""
     if not is_worker_id(worker_id):
         raise ExecutorError(f"not a pool worker id: {worker_id[:80]!r}")
-    middle, suffix = worker_id[len(WORKER_ID_PREFIX):].rsplit("-", 1)
+    middle, suffix = worker_model_slug(worker_id), worker_id.rsplit("-", 1)[1]
     return f"{WORKER_ID_PREFIX}{middle[:NAME_SLUG_CHARS].rstrip('-')}-{suffix}"
 
 
