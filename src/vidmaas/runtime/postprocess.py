@@ -116,12 +116,19 @@ def watermark(frames: Any, *, text: str, logo: Path | None = None) -> Any:
     return out
 
 
+def even_crop(frames: Any) -> Any:
+    """``frames`` (N, H, W, 3) cut to an even height and width, as H.264 4:2:0 needs (a
+    view: no copy)."""
+    _, height, width, _ = frames.shape
+    return frames[:, : height - height % 2, : width - width % 2]
+
+
 def encode_mp4(frames: Any, path: Path, *, fps: int, crf: int = 18) -> None:
     """Write ``frames`` as an H.264 yuv420p MP4 with ``+faststart``."""
     import av
 
-    count, height, width, _ = frames.shape
-    frames = frames[:, : height - height % 2, : width - width % 2]
+    frames = even_crop(frames)
+    count = frames.shape[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w", format="mp4",
                  options={"movflags": "+faststart"}) as container:
@@ -159,8 +166,8 @@ def write_spritesheet(frames: Any, path: Path) -> dict[str, int]:
     import numpy as np
     from PIL import Image
 
-    count, height, width, _ = frames.shape
-    frames = frames[:, : height - height % 2, : width - width % 2]  # the video's crop
+    frames = even_crop(frames)  # the video's crop
+    count = frames.shape[0]
     layout = sprite_layout(count, width=frames.shape[2], height=frames.shape[1])
     tw, th, columns = layout["tile_width"], layout["tile_height"], layout["columns"]
     sheet = Image.new("RGB", (columns * tw, layout["rows"] * th))

@@ -365,7 +365,7 @@ def postprocess_step(ctx: Context) -> None:
                               poster=ctx.work.poster, spritesheet=ctx.work.spritesheet)
     ctx.add_timings({"postprocess_s": postprocess_s, "upload_s": time.perf_counter() - t})
     reporter.progress(Stage.UPLOAD, 1, 1)
-    height, width = marked.shape[1] - marked.shape[1] % 2, marked.shape[2] - marked.shape[2] % 2
+    height, width = postprocess.even_crop(marked).shape[1:3]
     reporter.completed({
         **keys, "spritesheet": sprite, "width": width, "height": height,
         "num_frames": int(marked.shape[0]), "fps": fps,
