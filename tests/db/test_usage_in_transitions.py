@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from vidmaas.db import tasks as repo
 from vidmaas.db import usage, users
 from vidmaas.db.engine import make_engine, make_sessionmaker
-from vidmaas.db.models import Task, utcnow
+from vidmaas.db.models import Task, User, utcnow
 from vidmaas.domain.ids import new_task_id
 from vidmaas.domain.quotas import day_start
 from vidmaas.domain.status import TaskStatus
@@ -164,13 +164,19 @@ async def test_concurrent_creates_never_exceed_the_queued_quota(
     assert {t.priority for t in mine} == {"high"}
 
 
-async def test_standing_reads_the_user_and_their_usage_in_one_go(
+async def test_standing_reads_the_users_terms_and_their_usage_in_one_go(
         sessions: async_sessionmaker[AsyncSession]) -> None:
     alice = await _user(sessions)
+    async with sessions() as s:
+        user = await s.get(User, alice)
+        assert user is not None
+        user.weight, user.max_priority, user.quota_gpu_seconds_day = 2.5, "high", 900.0
+        await s.commit()
     await _task(sessions, alice)
     async with sessions() as s:
         found = await usage.standing(s, user_id=alice, now=utcnow())
         missing = await usage.standing(s, user_id="u-nobody", now=utcnow())
     assert found is not None and missing is None
-    user, now = found
-    assert user.id == alice and now.queued_tasks == 1 and now.gpu_seconds_day == 0.0
+    assert (found.weight, found.max_priority, found.quota_gpu_seconds_day) == (2.5, "high", 900.0)
+    assert found.quota_queued_tasks is None and found.quota_gpus_at_once is None
+    assert found.usage.queued_tasks == 1 and found.usage.gpu_seconds_day == 0.0

@@ -1,7 +1,7 @@
 """The quota and priority check of a create, for ``api.creation`` to call.
 
 Guarantees:
-- ``admit`` reads the caller's row and usage in one statement (``db.usage.standing``,
+- ``admit`` reads the caller's quota terms and usage in one statement (``db.usage.standing``,
   which replaces the old queued-task count, so a create makes no extra round trip)
   and locks the row until the create's transaction ends; it then judges the asked
   priority (``db.users.priority_for``: 422 ``invalid_priority`` /
@@ -57,10 +57,10 @@ async def admit(s: Session, *, settings: Settings, user_id: str, priority: str |
                 now: datetime | None = None) -> Admission:
     """Judge a create of ``user_id`` asking for ``priority`` (see the module docstring)."""
     now = now or utcnow()
-    found = await usage.standing(s, user_id=user_id, now=now)
-    if found is None:
+    user = await usage.standing(s, user_id=user_id, now=now)
+    if user is None:
         raise Unauthenticated("unknown, revoked or expired API key")
-    user, current = found
+    current = user.usage
     cls = users.priority_for(priority, maximum=user.max_priority)
     limits = users.limits_of(user, settings)
     exceeded = first_exceeded(limits, current, now=now)

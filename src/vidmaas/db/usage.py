@@ -106,8 +106,23 @@ def _usage_columns() -> tuple[Any, Any, Any]:
 
 
 _USAGE_NOW = select(*_usage_columns())
-_STANDING = (select(User, *_usage_columns()).where(User.id == bindparam("user_id"))
-             .with_for_update(of=User).execution_options(populate_existing=True))
+_TERMS = (User.weight, User.max_priority, User.quota_queued_tasks, User.quota_gpus_at_once,
+          User.quota_gpu_seconds_day, User.quota_gpu_seconds_month)
+_STANDING = (select(*_TERMS, *_usage_columns()).where(User.id == bindparam("user_id"))
+             .with_for_update(of=User))
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """A user's quota terms (``db.users.Terms``) and ``Usage``, as a create reads them."""
+
+    weight: float
+    max_priority: str
+    quota_queued_tasks: int | None
+    quota_gpus_at_once: int | None
+    quota_gpu_seconds_day: float | None
+    quota_gpu_seconds_month: float | None
+    usage: Usage
 
 
 def _usage_params(user_id: str, now: datetime) -> dict[str, Any]:
@@ -125,17 +140,22 @@ async def usage_now(session: AsyncSession, *, user_id: str, now: datetime) -> Us
     return _usage(row)
 
 
-async def standing(session: AsyncSession, *, user_id: str, now: datetime,
-                   ) -> tuple[User, Usage] | None:
-    """The user's row and ``usage_now``, in one statement that locks the row until the
-    transaction ends (``FOR UPDATE`` on PostgreSQL; SQLite serialises writers anyway).
-    After waiting for the lock the counts may predate the other transaction's commit:
-    an insert that must not exceed a count re-checks it (``db.tasks.create_task``'s
-    ``queued_limit``). None if the user does not exist."""
-    row = (await session.execute(_STANDING, _usage_params(user_id, now))).one_or_none()
+async def standing(session: AsyncSession, *, user_id: str, now: datetime) -> Standing | None:
+    """The user's quota terms and ``usage_now``, in one statement that locks the user's
+    row until the transaction ends (``FOR UPDATE`` on PostgreSQL; SQLite serialises
+    writers anyway). After waiting for the lock the counts may predate the other
+    transaction's commit: an insert that must not exceed a count re-checks it
+    (``db.tasks.create_task``'s ``queued_limit``). None if the user does not exist.
+
+    Run on the session's connection as a plain statement: a create runs it, and the
+    ORM's entity loading cost more CPU than the database spent on the query."""
+    conn = await session.connection()
+    row = (await conn.execute(_STANDING, _usage_params(user_id, now))).one_or_none()
     if row is None:
         return None
-    return row[0], _usage(row[1:])
+    return Standing(weight=float(row[0]), max_priority=str(row[1]), quota_queued_tasks=row[2],
+                    quota_gpus_at_once=row[3], quota_gpu_seconds_day=row[4],
+                    quota_gpu_seconds_month=row[5], usage=_usage(row[len(_TERMS):]))
 
 
 async def totals(session: AsyncSession, *, user_id: str, since: date,

@@ -27,7 +27,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -119,14 +119,32 @@ def check_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- policy
 
-def share_of(user: User, defaults: QuotaSettings) -> Share:
+class Terms(Protocol):
+    """What a user's quotas, weight and priority ceiling are read from: a ``User`` row,
+    or the plain ``db.usage.Standing`` a create reads (no ORM entity on that path)."""
+
+    @property
+    def weight(self) -> float: ...
+    @property
+    def max_priority(self) -> str: ...
+    @property
+    def quota_queued_tasks(self) -> int | None: ...
+    @property
+    def quota_gpus_at_once(self) -> int | None: ...
+    @property
+    def quota_gpu_seconds_day(self) -> float | None: ...
+    @property
+    def quota_gpu_seconds_month(self) -> float | None: ...
+
+
+def share_of(user: Terms, defaults: QuotaSettings) -> Share:
     """The user's weight and GPUs-at-once quota, as the queue takes them."""
     cap = user.quota_gpus_at_once if user.quota_gpus_at_once is not None \
         else defaults.gpus_at_once
     return Share(weight=float(user.weight), gpu_cap=int(cap or 0))
 
 
-def limits_of(user: User, settings: Settings) -> Limits:
+def limits_of(user: Terms, settings: Settings) -> Limits:
     """The user's effective quotas: their own values over the settings' defaults."""
     q = settings.quotas
     return Limits(queued_tasks=settings.api.max_queued_per_user, gpus_at_once=q.gpus_at_once,
