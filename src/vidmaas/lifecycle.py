@@ -41,7 +41,6 @@ and an outbox event republished late may follow them on the stream.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -196,13 +195,9 @@ class Lifecycle:
         q = self.queue
         priority = Priority(task.priority) if task.priority in tuple(Priority) \
             else Priority.NORMAL
-        position = await q.enqueue_with_position(
+        return await q.enqueue_announced(
             user_id=task.user_id, task_id=task.id, gpus=task.gpus, front=front,
-            model=task.model, priority=priority, share=share)
-        # The event and the announcement do not depend on each other: sent at once.
-        await asyncio.gather(self.publish(ev.queued(task.id, position=position or 0)),
-                             q.announce_move())
-        return position
+            model=task.model, priority=priority, share=share, limits=self.limits)
 
     async def admit_new(self, task: Task, *, share: Share | None = None) -> int | None:
         """Enqueue a task just inserted; a Redis failure leaves it for the reconciler."""

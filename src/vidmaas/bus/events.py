@@ -30,11 +30,12 @@ import redis
 import redis.asyncio as aioredis
 
 from vidmaas.bus import keys
+from vidmaas.bus.scripts import Script
 from vidmaas.domain.events import Event, EventType, MalformedEvent, decode, encode
 
 log = logging.getLogger(__name__)
 
-_PUBLISH_LUA = """
+PUBLISH_BODY = """
 -- KEYS: 1 task stream, 2 global stream[, 3 fence]; ARGV: 1 task maxlen, 2 global maxlen,
 --       3 task ttl, 4 n fields, fields…[, expected fence]
 if #KEYS == 3 then
@@ -52,6 +53,7 @@ fields[#fields + 1] = id
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
 return id
 """
+_PUBLISH = Script(PUBLISH_BODY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +64,8 @@ class StreamLimits:
     cluster: bool = False
 
 
-def _args(event: Event, limits: StreamLimits) -> tuple[list[str], list[str | int]]:
+def publish_args(event: Event, limits: StreamLimits) -> tuple[list[str], list[str | int]]:
+    """The keys and arguments of ``PUBLISH_BODY`` for ``event`` (no fence)."""
     fields = encode(event)
     flat: list[str | int] = [limits.task_maxlen, limits.global_maxlen, limits.task_ttl_s,
                              len(fields)]
@@ -102,8 +105,8 @@ async def publish(client: aioredis.Redis, event: Event,
         await r.xadd(keys.EVENTS, {**fields, "event_id": event_id},
                      maxlen=limits.global_maxlen, approximate=True)
         return event_id
-    key_list, argv = _args(event, limits)
-    result = await client.eval(_PUBLISH_LUA, len(key_list), *key_list, *argv)
+    key_list, argv = publish_args(event, limits)
+    result = await _PUBLISH.run(client, len(key_list), *key_list, *argv)
     return _s(result)
 
 
@@ -118,8 +121,8 @@ def publish_sync(client: redis.Redis, event: Event, limits: StreamLimits = Strea
         rs.xadd(keys.EVENTS, {**fields, "event_id": event_id},
                 maxlen=limits.global_maxlen, approximate=True)
         return event_id
-    key_list, argv = _args(event, limits)
-    return _s(client.eval(_PUBLISH_LUA, len(key_list), *key_list, *argv))
+    key_list, argv = publish_args(event, limits)
+    return _s(_PUBLISH.run_sync(client, len(key_list), *key_list, *argv))
 
 
 def publish_fenced_sync(client: redis.Redis, event: Event, *, fence: str,
@@ -137,8 +140,8 @@ def publish_fenced_sync(client: redis.Redis, event: Event, *, fence: str,
         if _s(current) != fence:
             return None
         return publish_sync(client, event, limits)
-    key_list, argv = _args(event, limits)
-    result = client.eval(_PUBLISH_LUA, 3, *key_list, fence_key, *argv, fence)
+    key_list, argv = publish_args(event, limits)
+    result = _PUBLISH.run_sync(client, 3, *key_list, fence_key, *argv, fence)
     if result == 0:
         raise FenceLost(f"task {event.task_id} has no fence")
     return None if result is None else _s(result)

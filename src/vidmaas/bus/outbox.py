@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 
 from vidmaas.bus import keys
 from vidmaas.bus.events import StreamLimits, text
+from vidmaas.bus.scripts import Script
 from vidmaas.domain.events import Event, encode
 
 _PUBLISH_OUTBOX_LUA = """
@@ -53,6 +54,7 @@ redis.call('HSET', KEYS[3], 'seq', seq, 'id', id)
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 return {'published', id}
 """
+_PUBLISH_OUTBOX = Script(_PUBLISH_OUTBOX_LUA)
 
 
 class Outcome(enum.StrEnum):
@@ -84,7 +86,7 @@ async def publish_entry(client: aioredis.Redis, event: Event, *, seq: int, force
                              seq, "1" if force else "0", len(fields)]
     for k, v in fields.items():
         flat += [k, v]
-    raw = await client.eval(_PUBLISH_OUTBOX_LUA, 3, task_key, keys.EVENTS, mark, *flat)
+    raw = await _PUBLISH_OUTBOX.run(client, 3, task_key, keys.EVENTS, mark, *flat)
     outcome, event_id = (text(p) for p in raw)
     return Result(Outcome(outcome), event_id or None)
 

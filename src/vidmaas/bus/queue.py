@@ -27,6 +27,10 @@ Guarantees:
   × seconds) minus the estimate, so fairness is by GPU-seconds received, not by
   turns. A completed task's hold time feeds its model's moving average.
 - ``enqueue`` is idempotent: a task already queued or claimed is not added twice.
+- ``enqueue_announced`` on a single Redis enqueues, computes the position, publishes
+  ``queued`` with it and announces the move in one script (``queue_lua.ADMIT_DRIVER``).
+- Scripts go by digest (``bus.scripts``): a Redis that lost its script cache gets the
+  source again on its NOSCRIPT answer.
 - ``positions`` is exact for the current queue under this rule: it replays the
   rule (least virtual time first, the same fixed costs) without capacity or caps.
 - Every change that may let a dispatcher make progress pushes a wake-up signal.
@@ -34,6 +38,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -41,23 +46,42 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from vidmaas.bus import keys
-from vidmaas.bus.events import text
+from vidmaas.bus.events import PUBLISH_BODY, StreamLimits, publish, publish_args, text
 from vidmaas.bus.queue_lua import (
     ACK_LUA,
+    ADMIT_DRIVER,
     CLAIM_LUA,
+    ENQUEUE_BODY,
     ENQUEUE_LUA,
+    LIB,
     ORDER_LUA,
+    POSITIONS_BODY,
     POSITIONS_LUA,
     PROMOTE_LUA,
     RELEASE_LUA,
     REMOVE_LUA,
     SET_SHARE_LUA,
+    lua_function,
 )
+from vidmaas.bus.scripts import Script
+from vidmaas.domain import events as ev
 from vidmaas.domain.fairness import Priority, Share, order_key_ms
 
 SIGNAL_KEEP = 64
 RUN_S_ALPHA = 0.2
 """Weight of the newest completed task in a model's moving-average run time."""
+
+_ADMIT = Script(LIB + lua_function("enqueue", ENQUEUE_BODY)
+                + lua_function("positions", POSITIONS_BODY)
+                + lua_function("publish", PUBLISH_BODY) + ADMIT_DRIVER)
+"""Enqueue, position, ``queued`` event and move announcement in one script."""
+_SINGLE = StreamLimits()
+_MARK = 987654321012345
+"""Written as the position in the ``queued`` event's arguments; the script puts the real
+one in its place (the event's encoding stays ``domain.events.encode``'s)."""
+_ACK, _CLAIM, _ENQUEUE, _ORDER, _POSITIONS, _PROMOTE, _RELEASE, _REMOVE, _SET_SHARE = (
+    Script(src) for src in (ACK_LUA, CLAIM_LUA, ENQUEUE_LUA, ORDER_LUA, POSITIONS_LUA,
+                            PROMOTE_LUA, RELEASE_LUA, REMOVE_LUA, SET_SHARE_LUA))
 
 
 def _positions_args(items: list[tuple[str, str]]) -> list[Any]:
@@ -118,7 +142,7 @@ class TaskQueue:
 
         ``share`` refreshes the user's weight and GPU quota; None keeps the stored one.
         """
-        return bool(await self._r.eval(ENQUEUE_LUA, *self._enqueue_args(
+        return bool(await _ENQUEUE.run(self._r, *self._enqueue_args(
             user_id=user_id, task_id=task_id, gpus=gpus, front=front, model=model,
             priority=priority, share=share)))
 
@@ -136,6 +160,32 @@ class TaskQueue:
             _, res = await pipe.execute()
         return _positions_of([(user_id, task_id)], res)[task_id]
 
+    async def enqueue_announced(self, *, user_id: str, task_id: str, gpus: int,
+                                front: bool = False, model: str = "",
+                                priority: Priority = Priority.NORMAL,
+                                share: Share | None = None,
+                                limits: StreamLimits = _SINGLE) -> int | None:
+        """``enqueue_with_position``, then publish ``queued`` with that position and
+        announce the move (``announce_move``). On a single Redis all of it is one script
+        (one round trip; nothing else runs between the enqueue and its event). On Redis
+        Cluster, where the streams are in other slots, the event and the announcement
+        follow as separate commands."""
+        if limits.cluster:
+            position = await self.enqueue_with_position(
+                user_id=user_id, task_id=task_id, gpus=gpus, front=front, model=model,
+                priority=priority, share=share)
+            await asyncio.gather(publish(self._r, ev.queued(task_id, position=position or 0),
+                                         limits), self.announce_move())
+            return position
+        stream_keys, publish_argv = publish_args(ev.queued(task_id, position=_MARK), limits)
+        at = next(i for i, v in enumerate(publish_argv, 1) if str(_MARK) in str(v))
+        enq = self._enqueue_args(user_id=user_id, task_id=task_id, gpus=gpus, front=front,
+                                 model=model, priority=priority, share=share)
+        n = enq[0]
+        res = await _ADMIT.run(self._r, n + len(stream_keys), *enq[1:n + 1], *stream_keys,
+                               *enq[n + 1:], keys.QUEUE_MOVED, _MARK, at, *publish_argv)
+        return None if int(res) < 0 else int(res)
+
     def _enqueue_args(self, *, user_id: str, task_id: str, gpus: int, front: bool,
                       model: str, priority: Priority, share: Share | None) -> list[Any]:
         """The key count, keys and arguments of ``ENQUEUE_LUA``."""
@@ -151,14 +201,14 @@ class TaskQueue:
 
     async def set_share(self, user_id: str, share: Share) -> None:
         """Change a user's weight and GPU quota now (an admin changed them)."""
-        await self._r.eval(SET_SHARE_LUA, 2, keys.QUEUE_USERS, keys.USER_SHARES, user_id,
+        await _SET_SHARE.run(self._r, 2, keys.QUEUE_USERS, keys.USER_SHARES, user_id,
                            share.encode(), keys.USER_QUEUE_PREFIX)
         await self.signal()
 
     async def remove(self, *, user_id: str, task_id: str) -> bool:
         """Take a queued task out (cancel); False if it was not queued."""
-        n = await self._r.eval(
-            REMOVE_LUA, 7, keys.QUEUE_USERS, keys.QUEUE_GPUS, keys.QUEUE_COST,
+        n = await _REMOVE.run(
+            self._r, 7, keys.QUEUE_USERS, keys.QUEUE_GPUS, keys.QUEUE_COST,
             keys.QUEUE_MODEL, keys.QUEUE_VTIME, keys.USER_SHARES, keys.MODEL_QUEUED,
             user_id, task_id,
             keys.USER_QUEUE_PREFIX)
@@ -172,15 +222,15 @@ class TaskQueue:
         """Positions of many (user, task) pairs in one script (a page of a list)."""
         if not items:
             return {}
-        res = await self._r.eval(POSITIONS_LUA, *_positions_args(items))
+        res = await _POSITIONS.run(self._r, *_positions_args(items))
         return _positions_of(items, res)
 
     async def order(self, *, limit: int) -> list[Claim]:
         """The first ``limit`` queued tasks in the order admission takes them (capacity
         and caps aside), with their users, GPUs and models: what start-time estimates
         replay."""
-        res = [text(x) for x in await self._r.eval(
-            ORDER_LUA, 4, keys.QUEUE_USERS, keys.USER_SHARES, keys.QUEUE_GPUS, keys.QUEUE_MODEL,
+        res = [text(x) for x in await _ORDER.run(
+            self._r, 4, keys.QUEUE_USERS, keys.USER_SHARES, keys.QUEUE_GPUS, keys.QUEUE_MODEL,
             keys.USER_QUEUE_PREFIX, limit)]
         return [Claim(res[i], res[i + 1], int(res[i + 2]), res[i + 3])
                 for i in range(0, len(res), 4)]
@@ -207,8 +257,8 @@ class TaskQueue:
         """
         now = now_ms()
         guard = [keys.QUEUE_EPOCH] if epoch_guard else []
-        res = await self._r.eval(
-            CLAIM_LUA, 16 + len(guard), keys.QUEUE_USERS, keys.CAPACITY_LEASES,
+        res = await _CLAIM.run(
+            self._r, 16 + len(guard), keys.QUEUE_USERS, keys.CAPACITY_LEASES,
             keys.USER_RUNNING, keys.LEASE_INFO, keys.QUEUE_CLAIMS, keys.QUEUE_CLAIM_OWNER,
             keys.QUEUE_GPUS, keys.QUEUE_VTIME, keys.QUEUE_VNOW, keys.USER_SHARES,
             keys.QUEUE_COST, keys.QUEUE_MODEL, keys.USER_GPUS, keys.MODEL_QUEUED,
@@ -228,7 +278,7 @@ class TaskQueue:
 
     async def ack(self, task_id: str) -> None:
         """The claim is settled (the task runs, or ended): forget the queue entry."""
-        await self._r.eval(ACK_LUA, 3, keys.QUEUE_CLAIMS,
+        await _ACK.run(self._r, 3, keys.QUEUE_CLAIMS,
                            keys.QUEUE_CLAIM_OWNER, keys.QUEUE_GPUS, task_id)
 
     async def expired_claims(self, *, limit: int = 100) -> list[tuple[str, str, str]]:
@@ -250,8 +300,8 @@ class TaskQueue:
         """Free the task's GPUs and running slot and settle its charge; True if it held
         any. ``completed``: the task succeeded, so its hold time is a sample of its
         model's run time."""
-        n = await self._r.eval(
-            RELEASE_LUA, 9, keys.CAPACITY_LEASES, keys.USER_RUNNING, keys.LEASE_INFO,
+        n = await _RELEASE.run(
+            self._r, 9, keys.CAPACITY_LEASES, keys.USER_RUNNING, keys.LEASE_INFO,
             keys.QUEUE_SIGNAL, keys.USER_GPUS, keys.QUEUE_VTIME, keys.QUEUE_USERS,
             keys.USER_SHARES, keys.MODEL_RUN_S,
             task_id, SIGNAL_KEEP, now_ms(), "1" if completed else "0", RUN_S_ALPHA,
@@ -304,8 +354,8 @@ class TaskQueue:
 
     async def promote_due(self) -> list[tuple[str, str]]:
         """Take due retries out of the delayed set; the caller enqueues them (front)."""
-        res = [text(x) for x in await self._r.eval(
-            PROMOTE_LUA, 2, keys.QUEUE_DELAYED, keys.QUEUE_DELAYED_USERS, now_ms())]
+        res = [text(x) for x in await _PROMOTE.run(
+            self._r, 2, keys.QUEUE_DELAYED, keys.QUEUE_DELAYED_USERS, now_ms())]
         return [(res[i], res[i + 1]) for i in range(0, len(res), 2)]
 
     async def next_due_in_s(self) -> float | None:

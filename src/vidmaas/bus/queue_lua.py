@@ -49,7 +49,7 @@ local function retire(users, vtime, user, okey, pkey, hkey, w)
 end
 """
 
-ENQUEUE_LUA = LIB + """
+ENQUEUE_BODY = """
 -- KEYS: 1 users, 2 claims, 3 gpus, 4 signal, 5 vtime, 6 vnow, 7 seq counter, 8 shares,
 --       9 cost, 10 model, 11 model run s, 12 model queued
 -- ARGV: 1 user, 2 task, 3 gpus, 4 front, 5 signal keep, 6 order key, 7 model,
@@ -126,7 +126,7 @@ end
 return 1
 """
 
-POSITIONS_LUA = LIB + """
+POSITIONS_BODY = """
 -- KEYS: 1 users, 2 shares; ARGV: 1 fair prefix, then user, task pairs
 -- A task's position: 1 + the tasks of any user whose (start, user seq) is smaller.
 local users = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
@@ -175,6 +175,16 @@ for j = 2, #ARGV, 2 do
 end
 return out
 """
+
+ENQUEUE_LUA = LIB + ENQUEUE_BODY
+POSITIONS_LUA = LIB + POSITIONS_BODY
+
+
+def lua_function(name: str, body: str) -> str:
+    """A script body as a local Lua function of (KEYS, ARGV): the parameters shadow the
+    script's own tables, so one script can run several bodies on arguments it builds."""
+    return f"local function {name}(KEYS, ARGV)\n{body}\nend\n"
+
 
 ORDER_LUA = LIB + """
 -- KEYS: 1 users, 2 shares, 3 gpus, 4 model; ARGV: 1 fair prefix, 2 limit
@@ -413,4 +423,25 @@ for _, task in ipairs(due) do
   if user then out[#out + 1] = task; out[#out + 1] = user end
 end
 return out
+"""
+
+ADMIT_DRIVER = """
+-- After LIB and the local functions enqueue, positions and publish (``lua_function``).
+-- KEYS: 1-12 as ENQUEUE_LUA, 13 task stream, 14 global stream
+-- ARGV: 1-10 as ENQUEUE_LUA, 11 moved channel, 12 position mark, 13 index (in the
+--       publish arguments) of the field value holding the mark, 14... PUBLISH_BODY's
+--       arguments for the queued event, its position written as the mark
+local ek, ea, pa = {}, {}, {}
+for i = 1, 12 do ek[i] = KEYS[i] end
+for i = 1, 10 do ea[i] = ARGV[i] end
+for i = 14, #ARGV do pa[#pa + 1] = ARGV[i] end
+enqueue(ek, ea)
+local pos = positions({KEYS[1], KEYS[8]}, {ARGV[10], ARGV[1], ARGV[2]})[1]
+local shown = pos
+if shown < 0 then shown = 0 end
+local at = tonumber(ARGV[13])
+pa[at] = (string.gsub(pa[at], ARGV[12], tostring(shown)))
+publish({KEYS[13], KEYS[14]}, pa)
+redis.call('PUBLISH', ARGV[11], '1')
+return pos
 """
