@@ -8,6 +8,7 @@ import random
 import pytest
 import redis.asyncio as aioredis
 
+from vidmaas.bus import keys
 from vidmaas.bus.queue import TaskQueue
 from vidmaas.domain.fairness import Priority, Share, allowed, order_key_ms
 
@@ -219,3 +220,45 @@ async def test_weights_and_priorities_hold_with_several_dispatchers_claiming_at_
     finally:
         for c in clients:
             await c.aclose()
+
+
+@pytest.mark.parametrize("seed", [3, 17])
+async def test_positions_stay_the_admission_order_through_every_kind_of_queue_change(
+        redis: aioredis.Redis, seed: int) -> None:
+    """After each change (enqueue with a new share, a retry at the front, a cancel, a
+    claim, a release that settles a charge, a weight change, and the index of starts
+    lost as after an upgrade), every queued task's position is its place in the order
+    admission would take (``order``, which merges the users' queues without the index)."""
+    rng = random.Random(seed)
+    q = TaskQueue(redis, default_run_s=5.0)
+    users = [f"u{i}" for i in range(7)]
+    queued: list[tuple[str, str]] = []
+    held: list[str] = []
+    for step in range(120):
+        op = rng.random()
+        if op < 0.45 or not queued:
+            user, task = rng.choice(users), f"t{step:03}"
+            share = Share(weight=rng.choice([0.5, 1.0, 2.0, 3.0])) if rng.random() < 0.3 \
+                else None
+            await q.enqueue(user_id=user, task_id=task, gpus=rng.choice([1, 2]),
+                            model=rng.choice(["m1", "m2"]), priority=rng.choice(list(Priority)),
+                            front=rng.random() < 0.1, share=share)
+            queued.append((user, task))
+        elif op < 0.55:
+            user, task = rng.choice(queued)
+            assert await q.remove(user_id=user, task_id=task)
+            queued.remove((user, task))
+        elif op < 0.75:
+            tid = await _claim(q)
+            assert tid is not None
+            queued = [(u, t) for u, t in queued if t != tid]
+            held.append(tid)
+        elif op < 0.88 and held:
+            await q.release(held.pop(rng.randrange(len(held))), completed=rng.random() < 0.5)
+        elif op < 0.95:
+            await q.set_share(rng.choice(users), Share(weight=rng.choice([0.5, 1.0, 4.0])))
+        else:
+            await redis.delete(keys.QUEUE_STARTS)
+        listed = [c.task_id for c in await q.order(limit=1000)]
+        assert sorted(listed) == sorted(t for _, t in queued)
+        assert await q.positions(queued) == {t: listed.index(t) + 1 for _, t in queued}

@@ -60,6 +60,10 @@ QUEUE_DELAYED_USERS = _Q + "delayed-users"
 """HASH task_id → user of a delayed retry."""
 USER_QUEUE_PREFIX = _Q + "fair:"
 """Prefix of the per-user keys below (the queue scripts build them from it)."""
+QUEUE_STARTS = USER_QUEUE_PREFIX + "starts"
+"""ZSET of every queued task by its virtual start (``base + cost before it / weight``),
+members ``<user seq, 16 digits>|<task id>``: a position is a rank in it. The scripts
+build it from ``USER_QUEUE_PREFIX`` and rebuild it from the users' queues when absent."""
 
 
 def user_queue(user_id: str) -> str:

@@ -28,11 +28,14 @@ Guarantees:
   turns. A completed task's hold time feeds its model's moving average.
 - ``enqueue`` is idempotent: a task already queued or claimed is not added twice.
 - ``enqueue_announced`` on a single Redis enqueues, computes the position, publishes
-  ``queued`` with it and announces the move in one script (``queue_lua.ADMIT_DRIVER``).
+  ``queued`` with it and announces the move in one script (``bus.admit_lua``).
 - Scripts go by digest (``bus.scripts``): a Redis that lost its script cache gets the
   source again on its NOSCRIPT answer.
-- ``positions`` is exact for the current queue under this rule: it replays the
-  rule (least virtual time first, the same fixed costs) without capacity or caps.
+- ``positions`` is exact for the current queue under this rule (least virtual time
+  first, the same fixed costs, capacity and caps aside): every script that changes a
+  task's virtual start rewrites it in one index of all queued tasks
+  (``keys.QUEUE_STARTS``), so a position is one rank there, O(log n) whatever the
+  number of users. ``order`` merges the users' queues instead, without the index.
 - Every change that may let a dispatcher make progress pushes a wake-up signal.
 """
 
@@ -46,22 +49,18 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from vidmaas.bus import keys
-from vidmaas.bus.events import PUBLISH_BODY, StreamLimits, publish, publish_args, text
+from vidmaas.bus.admit_lua import ADMIT_LUA
+from vidmaas.bus.events import StreamLimits, publish, publish_args, text
 from vidmaas.bus.queue_lua import (
     ACK_LUA,
-    ADMIT_DRIVER,
     CLAIM_LUA,
-    ENQUEUE_BODY,
     ENQUEUE_LUA,
-    LIB,
     ORDER_LUA,
-    POSITIONS_BODY,
     POSITIONS_LUA,
     PROMOTE_LUA,
     RELEASE_LUA,
     REMOVE_LUA,
     SET_SHARE_LUA,
-    lua_function,
 )
 from vidmaas.bus.scripts import Script
 from vidmaas.domain import events as ev
@@ -71,9 +70,7 @@ SIGNAL_KEEP = 64
 RUN_S_ALPHA = 0.2
 """Weight of the newest completed task in a model's moving-average run time."""
 
-_ADMIT = Script(LIB + lua_function("enqueue", ENQUEUE_BODY)
-                + lua_function("positions", POSITIONS_BODY)
-                + lua_function("publish", PUBLISH_BODY) + ADMIT_DRIVER)
+_ADMIT = Script(ADMIT_LUA)
 """Enqueue, position, ``queued`` event and move announcement in one script."""
 _SINGLE = StreamLimits()
 _MARK = 987654321012345

@@ -39,6 +39,30 @@ local function rescore(users, user, pkey, hkey, w)
   local base = tonumber(redis.call('HGET', hkey, 'base') or '0')
   redis.call('ZADD', users, fmt(start(base, tonumber(head[2]), w)), user)
 end
+-- The index of every queued task by its virtual start (prefix .. 'starts'): members are
+-- the user's queueing seq, zero-padded, '|' and the task, so equal starts order by seq
+-- (who started queueing first), as admission does. A position is a ZRANK in it.
+local function tag(hkey)
+  return string.format('%016d', tonumber(redis.call('HGET', hkey, 'seq') or '0')) .. '|'
+end
+local function index_tasks(prefix, pkey, hkey, w, tasks)
+  local g = prefix .. 'starts'
+  local base = tonumber(redis.call('HGET', hkey, 'base') or '0')
+  local t0 = tag(hkey)
+  for _, t in ipairs(tasks) do
+    local p = redis.call('ZSCORE', pkey, t)
+    if p then redis.call('ZADD', g, fmt(start(base, tonumber(p), w)), t0 .. t) end
+  end
+end
+local function index_user(prefix, user, shares)
+  local okey, pkey, hkey = ukeys(prefix, user)
+  index_tasks(prefix, pkey, hkey, (share_of(shares, user)), redis.call('ZRANGE', okey, 0, -1))
+end
+-- A Redis written by a version without the index: build it from the queues, once.
+local function ensure_index(users, shares, prefix)
+  if redis.call('EXISTS', prefix .. 'starts') == 1 then return end
+  for _, u in ipairs(redis.call('ZRANGE', users, 0, -1)) do index_user(prefix, u, shares) end
+end
 -- A user's queue emptied: remember their virtual time, forget the per-user state.
 local function retire(users, vtime, user, okey, pkey, hkey, w)
   local base = tonumber(redis.call('HGET', hkey, 'base') or '0')
@@ -58,6 +82,8 @@ local user, task = ARGV[1], ARGV[2]
 local okey, pkey, hkey = ukeys(ARGV[10], user)
 if redis.call('ZSCORE', KEYS[2], task) then return 0 end
 if redis.call('ZSCORE', okey, task) then return 0 end
+ensure_index(KEYS[1], KEYS[8], ARGV[10])
+local old_w = share_of(KEYS[8], user)
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[8], user, ARGV[9]) end
 local w = share_of(KEYS[8], user)
 local gpus = tonumber(ARGV[3])
@@ -92,6 +118,12 @@ else
 end
 redis.call('HSET', hkey, 'next', fmt(nxt + cost))
 rescore(KEYS[1], user, pkey, hkey, w)
+if w ~= old_w then
+  index_user(ARGV[10], user, KEYS[8])
+else
+  after[#after + 1] = task
+  index_tasks(ARGV[10], pkey, hkey, w, after)
+end
 signal(KEYS[4], ARGV[5])
 return 1
 """
@@ -106,9 +138,12 @@ if not rank then return 0 end
 local w = share_of(KEYS[6], user)
 local cost = tonumber(redis.call('HGET', KEYS[3], task) or '0')
 local after = redis.call('ZRANGE', okey, rank + 1, -1)
+ensure_index(KEYS[1], KEYS[6], ARGV[3])
+redis.call('ZREM', ARGV[3] .. 'starts', tag(hkey) .. task)
 redis.call('ZREM', okey, task)
 redis.call('ZREM', pkey, task)
 for _, t in ipairs(after) do redis.call('ZINCRBY', pkey, fmt(-cost), t) end
+index_tasks(ARGV[3], pkey, hkey, w, after)
 local nxt = tonumber(redis.call('HGET', hkey, 'next') or '0')
 redis.call('HSET', hkey, 'next', fmt(nxt - cost))
 local model = redis.call('HGET', KEYS[4], task)
@@ -128,62 +163,21 @@ return 1
 
 POSITIONS_BODY = """
 -- KEYS: 1 users, 2 shares; ARGV: 1 fair prefix, then user, task pairs
--- A task's position: 1 + the tasks of any user whose (start, user seq) is smaller.
-local users = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-local info = {}
-local function user_info(u)
-  local i = info[u]
-  if i then return i end
-  local okey, pkey, hkey = ukeys(ARGV[1], u)
-  local st = redis.call('HMGET', hkey, 'base', 'seq')
-  i = {okey = okey, pkey = pkey, base = tonumber(st[1] or '0'), seq = tonumber(st[2] or '0'),
-       w = share_of(KEYS[2], u)}
-  info[u] = i
-  return i
-end
+-- A task's position: 1 + the queued tasks whose (start, user seq) is smaller, i.e. its
+-- rank in the index of starts (O(log n) each, whatever the number of users).
+ensure_index(KEYS[1], KEYS[2], ARGV[1])
+local g = ARGV[1] .. 'starts'
 local out = {}
 for j = 2, #ARGV, 2 do
-  local user, task = ARGV[j], ARGV[j + 1]
-  local me = user_info(user)
-  local mine = redis.call('ZSCORE', me.pkey, task)
-  if not mine then
-    out[#out + 1] = -1
-  else
-    local s = start(me.base, tonumber(mine), me.w)
-    local pos = redis.call('ZRANK', me.okey, task) + 1
-    for i = 1, #users, 2 do
-      local v = users[i]
-      local head = tonumber(users[i + 1])
-      if head > s then break end
-      if v ~= user then
-        local o = user_info(v)
-        local function before(idx)
-          local e = redis.call('ZRANGE', o.pkey, idx, idx, 'WITHSCORES')
-          if not e[1] then return false end
-          local sv = start(o.base, tonumber(e[2]), o.w)
-          return sv < s or (sv == s and o.seq < me.seq)
-        end
-        local n = redis.call('ZCARD', o.pkey)
-        local c = redis.call('ZCOUNT', o.pkey, '-inf', '(' .. fmt((s - o.base) * o.w))
-        while c > 0 and not before(c - 1) do c = c - 1 end
-        while c < n and before(c) do c = c + 1 end
-        pos = pos + c
-      end
-    end
-    out[#out + 1] = pos
-  end
+  local _, _, hkey = ukeys(ARGV[1], ARGV[j])
+  local rank = redis.call('ZRANK', g, tag(hkey) .. ARGV[j + 1])
+  if rank then out[#out + 1] = rank + 1 else out[#out + 1] = -1 end
 end
 return out
 """
 
 ENQUEUE_LUA = LIB + ENQUEUE_BODY
 POSITIONS_LUA = LIB + POSITIONS_BODY
-
-
-def lua_function(name: str, body: str) -> str:
-    """A script body as a local Lua function of (KEYS, ARGV): the parameters shadow the
-    script's own tables, so one script can run several bodies on arguments it builds."""
-    return f"local function {name}(KEYS, ARGV)\n{body}\nend\n"
 
 
 ORDER_LUA = LIB + """
@@ -312,6 +306,7 @@ for _, c in ipairs(cands) do
       if redis.call('HINCRBY', KEYS[14], model, -1) <= 0 then
         redis.call('HDEL', KEYS[14], model)
       end
+      redis.call('ZREM', ARGV[5] .. 'starts', tag(hkey) .. task)
       redis.call('ZREM', okey, task)
       redis.call('ZREM', pkey, task)
       redis.call('HDEL', KEYS[11], task)
@@ -370,6 +365,8 @@ if info then
   if redis.call('ZSCORE', KEYS[7], user) then
     redis.call('HSET', hkey, 'base', fmt(tonumber(redis.call('HGET', hkey, 'base')) + delta))
     rescore(KEYS[7], user, pkey, hkey, w)
+    ensure_index(KEYS[7], KEYS[8], ARGV[6])
+    index_user(ARGV[6], user, KEYS[8])
   else
     redis.call('HSET', KEYS[6], user,
                fmt(tonumber(redis.call('HGET', KEYS[6], user) or '0') + delta))
@@ -400,6 +397,8 @@ if redis.call('ZSCORE', KEYS[1], user) then
   local base = tonumber(redis.call('HGET', hkey, 'base') or '0')
   redis.call('HSET', hkey, 'base', fmt(base + p / old_w - p / w))
   rescore(KEYS[1], user, pkey, hkey, w)
+  ensure_index(KEYS[1], KEYS[2], ARGV[3])
+  index_user(ARGV[3], user, KEYS[2])
 end
 return 1
 """
@@ -423,25 +422,4 @@ for _, task in ipairs(due) do
   if user then out[#out + 1] = task; out[#out + 1] = user end
 end
 return out
-"""
-
-ADMIT_DRIVER = """
--- After LIB and the local functions enqueue, positions and publish (``lua_function``).
--- KEYS: 1-12 as ENQUEUE_LUA, 13 task stream, 14 global stream
--- ARGV: 1-10 as ENQUEUE_LUA, 11 moved channel, 12 position mark, 13 index (in the
---       publish arguments) of the field value holding the mark, 14... PUBLISH_BODY's
---       arguments for the queued event, its position written as the mark
-local ek, ea, pa = {}, {}, {}
-for i = 1, 12 do ek[i] = KEYS[i] end
-for i = 1, 10 do ea[i] = ARGV[i] end
-for i = 14, #ARGV do pa[#pa + 1] = ARGV[i] end
-enqueue(ek, ea)
-local pos = positions({KEYS[1], KEYS[8]}, {ARGV[10], ARGV[1], ARGV[2]})[1]
-local shown = pos
-if shown < 0 then shown = 0 end
-local at = tonumber(ARGV[13])
-pa[at] = (string.gsub(pa[at], ARGV[12], tostring(shown)))
-publish({KEYS[13], KEYS[14]}, pa)
-redis.call('PUBLISH', ARGV[11], '1')
-return pos
 """
