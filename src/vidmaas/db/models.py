@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -110,12 +111,20 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+_QUEUED = text("status = 'queued'")
+
+
 class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
         UniqueConstraint("user_id", "idempotency_key", name="uq_tasks_user_idempotency"),
         Index("ix_tasks_user_id_id", "user_id", "id"),
         Index("ix_tasks_status", "status"),
+        # A create counts the user's queued tasks twice (quota, guarded insert): this
+        # keeps that proportional to what the user has waiting, not to their history
+        # or to everyone's queue.
+        Index("ix_tasks_user_queued", "user_id", postgresql_where=_QUEUED,
+              sqlite_where=_QUEUED),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
