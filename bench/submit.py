@@ -8,13 +8,19 @@ latency; the ratio says what authentication, validation, the registry, the queue
 the ``queued`` event and the queue position cost on top of the unavoidable writes.
 Both servers are single processes; the load generator runs on the same machine.
 
-    python bench/submit.py [--clients 16] [--duration-s 10] [--short]
+The requests come from ``--users`` users in turn (160; the minimal app writes its rows
+for the same users in turn), so the API runs every quota check against queues of the
+size a shared center has. ``--users 0`` is one user without a queued-task limit, whose
+queue grows by every create: the counts of queued tasks then read the whole queue.
+
+    python bench/submit.py [--clients 16] [--duration-s 10] [--users 160] [--short]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -31,6 +37,9 @@ import httpx
 from bench import backing_services, machine, make_user, mean, ms, pct, vidmaas_bin
 
 BODY = {"prompt": "a paper boat in the rain", "model": "tiny-t2v"}
+QUEUED_QUOTA = 1000
+"""Each user's queued-task quota: checked on every create, and high enough that no
+user of the run reaches it (nothing dispatches their tasks)."""
 
 
 # ---------------------------------------------------------------- the minimal app
@@ -47,7 +56,8 @@ def minimal_app(db_url: str, redis_url: str):  # type: ignore[no-untyped-def]
     state: dict[str, object] = {}
     params = {"size": "64*64", "width": 64, "height": 64, "num_frames": 9, "steps": 4,
               "seed": 1, "fps": 8}
-    user_id = os.environ["BENCH_USER_ID"]
+    user_ids = os.environ["BENCH_USER_IDS"].split(",")
+    turn = itertools.count()
 
     async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         if scope["type"] == "lifespan":
@@ -73,6 +83,7 @@ def minimal_app(db_url: str, redis_url: str):  # type: ignore[no-untyped-def]
                 break
         data = json.loads(body)
         task_id = new_task_id()
+        user_id = user_ids[next(turn) % len(user_ids)]
         async with state["sessions"]() as s:  # type: ignore[operator]
             await repo.create_task(session=s, new=repo.NewTask(
                 id=task_id, user_id=user_id, model=data["model"], prompt=data["prompt"],
@@ -115,13 +126,15 @@ class Result:
                 f"({self.ok} created, {self.errors} errors)")
 
 
-async def load(name: str, url: str, headers: dict[str, str], *, clients: int,
+async def load(name: str, url: str, api_keys: list[str], *, clients: int,
                duration_s: float, warmup_s: float) -> Result:
+    """``clients`` clients create tasks back to back, each request with the next of
+    ``api_keys`` (the users take turns)."""
     latencies: list[float] = []
     counts = {"ok": 0, "errors": 0}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits,
-                                 timeout=30) as client:
+    turn = itertools.count()
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
         start = time.perf_counter()
         measure_from = start + warmup_s
         stop_at = measure_from + duration_s
@@ -129,7 +142,9 @@ async def load(name: str, url: str, headers: dict[str, str], *, clients: int,
         async def worker() -> None:
             while (now := time.perf_counter()) < stop_at:
                 try:
-                    r = await client.post("/v1/tasks", json=BODY)
+                    key = api_keys[next(turn) % len(api_keys)]
+                    r = await client.post("/v1/tasks", json=BODY,
+                                          headers={"Authorization": f"Bearer {key}"})
                     good = r.status_code == 202
                 except httpx.HTTPError:
                     good = False
@@ -162,11 +177,19 @@ def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+async def make_users(db_url: str, n: int) -> list[tuple[str, str]]:
+    return [await make_user(db_url, f"bench-{i}") for i in range(n)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration-s", type=float, default=10.0)
     parser.add_argument("--warmup-s", type=float, default=2.0)
+    parser.add_argument("--users", type=int, default=160,
+                        help="users taking turns, each under a queued-task quota of "
+                             f"{QUEUED_QUOTA} (0: one user without a queued-task limit, "
+                             "whose queue grows by every create)")
     parser.add_argument("--short", action="store_true", help="3 s per server, 8 clients")
     parser.add_argument("--serve-minimal", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,14 +202,18 @@ def main() -> None:
 
     print(machine())
     print(f"submit: {args.clients} concurrent clients, {args.duration_s:.0f} s per server "
-          f"after {args.warmup_s:.0f} s warm-up; PostgreSQL + Redis; one uvicorn process each")
+          f"after {args.warmup_s:.0f} s warm-up; PostgreSQL + Redis; one uvicorn process each; "
+          + (f"{args.users} users taking turns, queued-task quota {QUEUED_QUOTA}" if args.users
+             else "one user, no queued-task limit"))
     with backing_services() as (pg_url, redis_url, tmp):
-        user_id, key = asyncio.run(make_user(pg_url, "bench"))
+        made = asyncio.run(make_users(pg_url, max(1, args.users)))
         env = {**os.environ, "VIDMAAS_DATABASE_URL": pg_url, "VIDMAAS_REDIS_URL": redis_url,
                "VIDMAAS_STORAGE_URL": (tmp / "objects").as_uri(),
-               "VIDMAAS_API_MAX_QUEUED_PER_USER": "100000000", "VIDMAAS_LOG_LEVEL": "WARNING",
-               "VIDMAAS_DEFAULT_MODEL": "tiny-t2v", "BENCH_USER_ID": user_id,
+               "VIDMAAS_LOG_LEVEL": "WARNING", "VIDMAAS_DEFAULT_MODEL": "tiny-t2v",
+               "BENCH_USER_IDS": ",".join(uid for uid, _ in made),
                "VIDMAAS_DATABASE_POOL_SIZE": str(max(10, args.clients))}
+        env["VIDMAAS_API_MAX_QUEUED_PER_USER"] = str(QUEUED_QUOTA if args.users else 100_000_000)
+        api_keys = [key for _, key in made]
         results = []
         for name in ("vidmaas api", "minimal ASGI"):
             port = free_port()
@@ -200,7 +227,7 @@ def main() -> None:
                 base = f"http://127.0.0.1:{port}"
                 wait_http(base + "/", proc)
                 results.append(asyncio.run(load(
-                    name, base, {"Authorization": f"Bearer {key}"}, clients=args.clients,
+                    name, base, api_keys, clients=args.clients,
                     duration_s=args.duration_s, warmup_s=args.warmup_s)))
             finally:
                 stop(proc)
