@@ -30,7 +30,9 @@ async def test_objects_round_trip_through_bytes_files_and_streams(store: ObjectS
     await store.put_file("outputs/t1/big.bin", src, content_type="application/octet-stream")
     assert await store.get_bytes("outputs/t1/a.bin") == b"hello"
     assert await store.size("outputs/t1/big.bin") == 3_000_000
-    assert b"".join([c async for c in store.stream("outputs/t1/big.bin")]) == src.read_bytes()
+    opened = await store.open("outputs/t1/big.bin")
+    assert opened.size == 3_000_000
+    assert b"".join([c async for c in opened.chunks]) == src.read_bytes()
     dest = tmp_path / "copy.bin"
     await store.download("outputs/t1/a.bin", dest)
     assert dest.read_bytes() == b"hello"

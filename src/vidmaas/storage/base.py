@@ -12,6 +12,10 @@ Guarantees:
   checks an upload against); a missing object is ``NotFound``.
 - ``presign_get`` gives a time-limited URL, or None where the store cannot make one
   (the local directory): the API then streams the bytes itself.
+- ``open`` has the object open (the file opened, the GET answered) before it returns,
+  so a missing object or a store that is down is an error the caller can still answer
+  with a status; only a failure in the middle of the bytes comes later, from
+  ``Download.chunks``, as ``StorageError``.
 """
 
 from __future__ import annotations
@@ -61,6 +65,14 @@ class ObjectInfo:
     """S3's ``ServerSideEncryption`` (``aws:kms`` makes the ETag no MD5)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Download:
+    """An object opened for reading: its size and its bytes, in chunks (read once)."""
+
+    size: int
+    chunks: AsyncIterator[bytes]
+
+
 PREVIEW_FILENAME = "preview.jpg"
 
 
@@ -85,7 +97,7 @@ class ObjectStore(Protocol):
     async def delete_prefix(self, prefix: str) -> int: ...
     async def presign_get(self, key: str, *, ttl_s: int, filename: str | None = None,
                           ) -> str | None: ...
-    def stream(self, key: str) -> AsyncIterator[bytes]: ...
+    async def open(self, key: str) -> Download: ...
     async def ensure_ready(self) -> None: ...
 
 
@@ -175,14 +187,21 @@ class LocalStore:
                           ) -> str | None:
         return None
 
-    async def stream(self, key: str) -> AsyncIterator[bytes]:
+    async def open(self, key: str) -> Download:
         path = self.path(key)
         try:
             f = await asyncio.to_thread(path.open, "rb")
+            size = os.fstat(f.fileno()).st_size
         except FileNotFoundError as e:
             raise NotFound(f"no object {key}") from e
-        try:
-            while chunk := await asyncio.to_thread(f.read, CHUNK_BYTES):
-                yield chunk
-        finally:
-            f.close()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while chunk := await asyncio.to_thread(f.read, CHUNK_BYTES):
+                    yield chunk
+            except OSError as e:
+                raise StorageError(f"reading {key} failed: {e}") from e
+            finally:
+                f.close()
+
+        return Download(size=size, chunks=chunks())

@@ -27,7 +27,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from vidmaas.errors import NotFound, StorageError, StorageUnavailable
-from vidmaas.storage.base import CHUNK_BYTES, ObjectInfo, check_key
+from vidmaas.storage.base import CHUNK_BYTES, Download, ObjectInfo, check_key
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
@@ -157,12 +157,18 @@ class S3Store:
             raise StorageError(f"S3 presign failed: {e}") from e
         return str(url)
 
-    async def stream(self, key: str) -> AsyncIterator[bytes]:
+    async def open(self, key: str) -> Download:
         resp = await self._call("get", self._client.get_object, Bucket=self.bucket,
                                 Key=self._k(key))
         body = resp["Body"]
-        try:
-            while chunk := await asyncio.to_thread(body.read, CHUNK_BYTES):
-                yield chunk
-        finally:
-            body.close()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while chunk := await asyncio.to_thread(body.read, CHUNK_BYTES):
+                    yield chunk
+            except (BotoCoreError, ClientError, OSError) as e:
+                raise StorageError(f"S3 read of {key} failed: {e}") from e
+            finally:
+                body.close()
+
+        return Download(size=int(resp["ContentLength"]), chunks=chunks())

@@ -258,9 +258,10 @@ async def _download(request: Request, *, task_id: str, scope: str | None, which:
             raise NotFound(f"the {which} file is missing", code=f"{which}_missing")
         return FileResponse(path, media_type=media, filename=filename,
                             content_disposition_type="inline")
-    size = await store.size(key)
-    return StreamingResponse(store.stream(key), media_type=media,
-                             headers={"Content-Length": str(size),
+    # Opened before the answer starts: a store that is down is still a 503 here.
+    opened = await store.open(key)
+    return StreamingResponse(opened.chunks, media_type=media,
+                             headers={"Content-Length": str(opened.size),
                                       "Content-Disposition": f'inline; filename="{filename}"'})
 
 
