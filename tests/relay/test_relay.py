@@ -346,3 +346,34 @@ async def test_a_relay_whose_redis_lost_everything_makes_its_group_again_and_goe
 
 async def _status_is(world: World, task_id: str, status: TaskStatus) -> bool:
     return (await world.get(task_id)).status == status
+
+
+@pytest.mark.parametrize("event", ["failed", "cancelled"])
+async def test_a_status_event_racing_another_move_of_its_task_still_takes_effect(
+        world: World, event: str) -> None:
+    """A pooled task's worker can fail it before the dispatcher has marked it running:
+    the relay reads ``dispatching``, the dispatcher's move to ``running`` lands before
+    the relay's compare-and-set, and the event must still end the task."""
+    task = await world.task(TaskStatus.DISPATCHING)
+    lifecycle = world.lifecycle
+    original = lifecycle.transition
+    raced: list[str] = []
+
+    async def transition(**kw: Any) -> Any:
+        if kw.get("to") in (TaskStatus.FAILED, TaskStatus.CANCELLED) and not raced:
+            raced.append(kw["task_id"])  # the dispatcher gets there first
+            await original(task_id=kw["task_id"], to=TaskStatus.RUNNING,
+                           expected=TaskStatus.DISPATCHING)
+        return await original(**kw)
+
+    lifecycle.transition = transition  # type: ignore[method-assign]
+    if event == "failed":
+        await world.publish(ev.failed(task.id, code="bad_input", message="odd", retryable=False))
+    else:
+        await world.publish(ev.cancelled(task.id, by="runtime"))
+    async with running(relay(world)):
+        await eventually(world.stream_drained)
+    after = await world.get(task.id)
+    assert raced == [task.id]
+    assert after.status == event
+    assert await world.gpus_held(task.id) == 0

@@ -78,6 +78,8 @@ class Outcomes:
         self.ctx = ctx
         self.pools = pools
         self._cancel_sent: set[str] = set()
+        self._result_noted: dict[str, str] = {}
+        """Task → the ended job whose reported result was left to the relay (logged once)."""
 
     async def run_updates(self) -> None:
         """Handle the executor's job updates until stop."""
@@ -128,8 +130,12 @@ class Outcomes:
             tlog.warning(tid, "job %s is stuck (%s); stopping it", status.job_name, status.reason)
             await ctx.executor.cancel(status.job_name, grace_s=0)
         if await attempt_result(ctx.redis, tid) is not None:
-            tlog.info(tid, "job %s %s after reporting its result; the relay applies it",
-                      status.job_name, status.state.value)
+            if self._result_noted.get(tid) != status.job_name:
+                if len(self._result_noted) > 10_000:
+                    self._result_noted.clear()
+                self._result_noted[tid] = status.job_name
+                tlog.info(tid, "job %s %s after reporting its result; the relay applies it",
+                          status.job_name, status.state.value)
             return
         if current is TaskStatus.CANCELLING:
             by = await cancel_requested(ctx.redis, tid) or "user"

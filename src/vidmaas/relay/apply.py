@@ -6,7 +6,11 @@ Guarantees:
   ``Lifecycle`` (compare-and-set on the status). One applied before, or one the task
   has moved past (``StaleTransition`` / ``IllegalTransition``), changes nothing. They
   are never skipped by id alone: with several relays, one task's entries can be
-  applied out of order.
+  applied out of order. A compare-and-set that fails because another move came
+  between the read and the write (the dispatcher marking a pooled task ``running``
+  as its worker already reports a ``failed``) reads the row again and applies the
+  event to what it finds, a few times at most: a status event is never dropped for a
+  move that did not end the task.
 - An event of an earlier attempt never moves the task: a late ``failed`` from attempt 1
   cannot fail attempt 2. A task whose row says it is on its first attempt
   (``attempts`` ≤ 1: one job launched at most) has no earlier attempt, so the row
@@ -229,11 +233,22 @@ class Applier:
         task, has_endpoints = found
         seen = task.last_event_id is not None \
             and id_key(event_id) <= id_key(task.last_event_id)
-        try:
-            moved = await self._move(task, event, event_id)
-        except (StaleTransition, IllegalTransition, NotFound) as e:
-            tlog.debug(tid, "%s %s already applied elsewhere (%s)", event.type.value, event_id, e)
-            moved = _Moved("stale", None)
+        moved = _Moved("stale", None)
+        for attempt in range(_REREADS):
+            try:
+                moved = await self._move(task, event, event_id)
+                break
+            except (StaleTransition, IllegalTransition, NotFound) as e:
+                # The row moved between the read and the compare-and-set: by this event
+                # applied elsewhere, or by another move (the dispatcher marking the task
+                # running, a cancel). Read it again: ``_move`` then finds what is stale.
+                fresh = await self._get(tid) if attempt + 1 < _REREADS else None
+                if fresh is None or fresh.status is task.status:
+                    tlog.debug(tid, "%s %s already applied elsewhere (%s)", event.type.value,
+                               event_id, e)
+                    moved = _Moved("stale", None)
+                    break
+                task = fresh
         after = moved.task if moved.task is not None else await self._get(tid)
         if after is None:
             return Outcome(entry_id, tid, moved.action)
