@@ -363,6 +363,7 @@ async def test_a_download_with_the_store_down_is_503(
     await _complete(api, task_id)
     ok = await api.client.get(f"/v1/tasks/{task_id}/video", headers=api.auth("alice"))
     assert ok.status_code == 200
+    assert ok.headers["cache-control"] == "private, max-age=86400, immutable"
     await asyncio.to_thread(weed.kill)
     for path in (f"/v1/tasks/{task_id}/video", f"/v1/tasks/{task_id}/poster"):
         r = await api.client.get(path, headers=api.auth("alice"))

@@ -334,6 +334,8 @@ async def test_a_completed_tasks_video_and_poster_download(api_any_store: Api) -
             assert (await plain.get(forged)).status_code == 403
     else:
         assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+        # A finished output never changes: the browser may keep it, no shared cache.
+        assert r.headers["cache-control"] == "private, max-age=86400, immutable"
         body = r.content
         ranged = await api.client.get(got["video_url"], headers={
             **api.auth("alice"), "Range": "bytes=0-3"})

@@ -230,6 +230,9 @@ _OUTPUTS = {
     "spritesheet": _Output(_sprite_key, "image/jpeg", "-spritesheet.jpg"),
 }
 """Each downloadable output: its key in the row, its media type, its file name's end."""
+_IMMUTABLE = {"Cache-Control": "private, max-age=86400, immutable"}
+"""A completed task's outputs never change: the browser keeps them (the card's poster
+and its thumbnail are one fetch), and no shared cache does."""
 
 
 async def _download(request: Request, *, task_id: str, scope: str | None, which: str,
@@ -257,11 +260,11 @@ async def _download(request: Request, *, task_id: str, scope: str | None, which:
         if not path.is_file():
             raise NotFound(f"the {which} file is missing", code=f"{which}_missing")
         return FileResponse(path, media_type=media, filename=filename,
-                            content_disposition_type="inline")
+                            content_disposition_type="inline", headers=_IMMUTABLE)
     # Opened before the answer starts: a store that is down is still a 503 here.
     opened = await store.open(key)
     return StreamingResponse(opened.chunks, media_type=media,
-                             headers={"Content-Length": str(opened.size),
+                             headers={**_IMMUTABLE, "Content-Length": str(opened.size),
                                       "Content-Disposition": f'inline; filename="{filename}"'})
 
 
