@@ -217,3 +217,27 @@ async def test_a_fence_lost_with_redis_data_is_told_apart_from_one_taken_back(
     assert not await pools.restore_fence(task_id=taken, worker_id="w1", attempt=1)
     assert publish_fenced_sync(sync, ev.heartbeat(lost), fence=fence_value("w1", 1))
     assert publish_fenced_sync(sync, ev.heartbeat(taken), fence=fence_value("w1", 1)) is None
+
+
+async def test_a_retirement_that_keeps_losing_the_race_says_so_and_retires_nothing(
+        redis: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    q, pools = TaskQueue(redis), PoolRegistry(redis)
+    assert await pools.reserve(worker_id="w1", model="m", gpus=2, capacity=8, start_lease_s=60)
+    w1 = WorkerLink(connect_sync(redis_url), worker_id="w1", lease_s=30)
+    assert w1.ready()
+    await q.enqueue(user_id="u", task_id="t", gpus=2, model="m")
+    assert await _claim(q) == ("t", "w1")
+    real = await redis.hget(keys.POOL_WORKERS, "w1")
+    assert real is not None
+    stale = real.replace("|t|", "|other|")  # every read sees a task the script does not
+
+    async def hget(key: str, field: str) -> str | None:
+        return stale if (key, field) == (keys.POOL_WORKERS, "w1") else None
+
+    monkeypatch.setattr(pools._r, "hget", hget)
+    with pytest.raises(RuntimeError, match="not retired"):
+        await pools.retire("w1")
+    monkeypatch.undo()
+    assert await redis.hget(keys.POOL_WORKERS, "w1") == real  # still there, GPUs held
+    assert await q.gpus_in_use() == 2
+    assert await pools.retire("w1") == ("t", None)  # claimed, never assigned

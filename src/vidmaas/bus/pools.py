@@ -336,8 +336,8 @@ class PoolRegistry:
     async def retire(self, worker_id: str) -> tuple[str | None, int | None]:
         """Forget an ended worker and free its GPUs; (task, attempt) it was busy with.
         In the same script the task's fence is cleared if it names this worker, so the
-        worker (if it lingers) can publish nothing more for it."""
-        parts: list[str] = []
+        worker (if it lingers) can publish nothing more for it. Raises (the caller's next
+        pass retries) if the worker's task changed under every one of ten tries."""
         for _ in range(10):  # the record's task changes under us only on a race
             raw = await self._r.hget(keys.POOL_WORKERS, worker_id)
             task = _parse(worker_id, text(raw), None).task_id if raw is not None else None
@@ -348,10 +348,9 @@ class PoolRegistry:
                 task or "")
             parts = [text(p) for p in res]
             if len(parts) < 3:
-                break
-        if len(parts) < 2 or not parts[0]:
-            return None, None
-        return parts[0], int(parts[1]) if parts[1] else None
+                return (parts[0], int(parts[1]) if parts[1] else None) \
+                    if len(parts) >= 2 and parts[0] else (None, None)
+        raise RuntimeError(f"worker {worker_id} not retired: its task kept changing")
 
     async def fence_out(self, *, task_id: str, worker_id: str, attempt: int) -> bool:
         """Take ``task_id``'s attempt back from ``worker_id``: its fence is cleared if it
