@@ -241,3 +241,21 @@ async def test_a_retirement_that_keeps_losing_the_race_says_so_and_retires_nothi
     assert await redis.hget(keys.POOL_WORKERS, "w1") == real  # still there, GPUs held
     assert await q.gpus_in_use() == 2
     assert await pools.retire("w1") == ("t", None)  # claimed, never assigned
+
+
+async def test_a_worker_registering_again_on_a_rebuilt_redis_holds_the_gpus_it_really_has(
+        redis: aioredis.Redis, redis_url: str) -> None:
+    q, pools = TaskQueue(redis), PoolRegistry(redis)
+    assert await pools.reserve(worker_id="w1", model="m", gpus=2, capacity=8, start_lease_s=60)
+    link = WorkerLink(connect_sync(redis_url), worker_id="w1", lease_s=30, model="m", gpus=2)
+    assert link.ready()
+    await redis.flushall()
+    # The registry says the model takes one GPU now; the live worker holds the two it
+    # started with: the budget must count what it holds.
+    assert await pools.restore_worker(worker_id="w1", gpus=1)
+    assert await q.gpus_in_use() == 1
+    await recovery.set_epoch(redis, await recovery.server_run_id(redis))
+    assert link.heartbeat() is WorkerState.IDLE
+    assert await q.gpus_in_use() == 2
+    worker = await pools.get("w1")
+    assert worker is not None and worker.gpus == 2

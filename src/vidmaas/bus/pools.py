@@ -14,7 +14,8 @@ model. Its life in Redis (keys in ``bus.keys``, the shared ones under the queue'
   pooled task only onto a live idle worker, atomically marking it ``busy``. After
   Redis lost its data, a dispatcher's rebuild gives each live worker process its GPU
   lease back (``restore_worker``), and the worker's next heartbeat registers it again
-  as it knows itself to be; with neither on a rebuilt Redis, it was retired and exits.
+  as it knows itself to be, its lease set to the GPUs it holds; with neither on a
+  rebuilt Redis, it was retired and exits.
 - The dispatcher then ``assign``s: it writes the task's *fence* (``worker|attempt``)
   and pushes the assignment to the worker's inbox. The worker only works on an
   assignment whose fence is its own, and every event it publishes for the task is
@@ -141,7 +142,8 @@ _HEARTBEAT_LUA = _LIB + """
 local f = rec(KEYS[1], ARGV[1])
 if not f then
   if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then  -- Redis lost its data, and a
-    -- dispatcher gave this live worker its GPUs back: register again, as it says it is
+    -- dispatcher gave this live worker its GPUs back: register again (GPUs too) as it is
+    redis.call('HSET', KEYS[3], ARGV[3], ARGV[7])
     put(KEYS[1], ARGV[1], {ARGV[6], ARGV[7], ARGV[8], ARGV[4], ARGV[9], ARGV[10], ARGV[11]})
     redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
     if ARGV[8] == 'idle' then redis.call('ZADD', KEYS[5] .. ARGV[6], ARGV[4], ARGV[1]) end
@@ -334,10 +336,9 @@ class PoolRegistry:
         return bool(ok)
 
     async def retire(self, worker_id: str) -> tuple[str | None, int | None]:
-        """Forget an ended worker and free its GPUs; (task, attempt) it was busy with.
-        In the same script the task's fence is cleared if it names this worker, so the
-        worker (if it lingers) can publish nothing more for it. Raises (the caller's next
-        pass retries) if the worker's task changed under every one of ten tries."""
+        """Forget an ended worker and free its GPUs; (task, attempt) it was busy with. The
+        same script clears the task's fence if it names this worker (a lingering worker
+        publishes nothing more for it). Raises if its task changed under all ten tries."""
         for _ in range(10):  # the record's task changes under us only on a race
             raw = await self._r.hget(keys.POOL_WORKERS, worker_id)
             task = _parse(worker_id, text(raw), None).task_id if raw is not None else None
