@@ -7,6 +7,7 @@ the real backing services (a private Redis, a fresh PostgreSQL database) they ru
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import platform
@@ -15,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,3 +92,43 @@ async def make_user(db_url: str, name: str, *, admin: bool = False) -> tuple[str
             return u.id, await users.create_key(session=s, user_id=u.id)
     finally:
         await engine.dispose()
+
+
+async def queued_backlog(lifecycle: Any, sessions: Any, users: list[str], n: int, *,
+                         model: str = "tiny-t2v") -> list[str]:
+    """``n`` tiny tasks of ``users`` in turn, inserted, then admitted (enqueued with their
+    ``queued`` event) once they all exist: a dispatcher started next drains one backlog."""
+    from vidmaas.db import tasks as repo
+    from vidmaas.domain.ids import new_task_id
+
+    ids = []
+    for i in range(n):
+        async with sessions() as s:
+            task, _ = await repo.create_task(session=s, new=repo.NewTask(
+                id=new_task_id(), user_id=users[i % len(users)], model=model, prompt="bench",
+                params={"size": "64*64", "num_frames": 5, "steps": 2, "seed": 1, "fps": 8},
+                gpus=1))
+        ids.append(task.id)
+    for tid in ids:
+        async with sessions() as s:
+            task = await repo.get_task(session=s, task_id=tid)
+        assert task is not None
+        await lifecycle.admit_new(task)
+    return ids
+
+
+async def complete_when_running(lifecycle: Any, task_id: str, *, tries: int = 1000) -> None:
+    """Complete a task whose job just ended, as the relay would: it may still be
+    ``dispatching`` (the dispatcher's move to ``running`` follows), so a stale move is
+    tried again every millisecond; any other error, or ``tries`` stale moves, raises."""
+    from vidmaas.domain.status import TaskStatus
+    from vidmaas.errors import StaleTransition
+
+    for _ in range(tries):
+        try:
+            await lifecycle.finish(task_id=task_id, to=TaskStatus.COMPLETED,
+                                   expected=TaskStatus.RUNNING)
+            return
+        except StaleTransition:
+            await asyncio.sleep(0.001)
+    raise RuntimeError(f"task {task_id} never reached running")

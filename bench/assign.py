@@ -23,34 +23,19 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import backing_services, machine, make_user
+from bench import (
+    backing_services,
+    complete_when_running,
+    machine,
+    make_user,
+    queued_backlog,
+)
 
 MODEL = "tiny-t2v"
-
-
-async def _backlog(lifecycle: Any, sessions: Any, users: list[str], n: int) -> list[str]:
-    from vidmaas.db import tasks as repo
-    from vidmaas.domain.ids import new_task_id
-
-    ids = []
-    for i in range(n):
-        async with sessions() as s:
-            task, _ = await repo.create_task(session=s, new=repo.NewTask(
-                id=new_task_id(), user_id=users[i % len(users)], model=MODEL, prompt="bench",
-                params={"size": "64*64", "num_frames": 5, "steps": 2, "seed": 1, "fps": 8},
-                gpus=1))
-        ids.append(task.id)
-    for tid in ids:  # admitted after they all exist: the dispatcher drains one backlog
-        async with sessions() as s:
-            task = await repo.get_task(session=s, task_id=tid)
-        assert task is not None
-        await lifecycle.admit_new(task)
-    return ids
 
 
 async def run_phase(args: argparse.Namespace, db_url: str, redis_url: str, *,
@@ -71,7 +56,6 @@ async def run_phase(args: argparse.Namespace, db_url: str, redis_url: str, *,
     from vidmaas.domain.ids import is_worker_id, new_worker_id
     from vidmaas.domain.jobs import JobSpec
     from vidmaas.domain.models import ModelRegistry
-    from vidmaas.domain.status import TaskStatus
     from vidmaas.lifecycle import Lifecycle
     from vidmaas.services import Services
     from vidmaas.storage import store_from_settings
@@ -96,13 +80,7 @@ async def run_phase(args: argparse.Namespace, db_url: str, redis_url: str, *,
 
     async def finish(task_id: str) -> None:
         handed[task_id] = time.monotonic()
-        for _ in range(1000):  # it may still be dispatching: the move to running follows
-            try:
-                await lifecycle.finish(task_id=task_id, to=TaskStatus.COMPLETED,
-                                       expected=TaskStatus.RUNNING)
-                break
-            except Exception:
-                await asyncio.sleep(0.001)
+        await complete_when_running(lifecycle, task_id)
         finished[task_id] = time.monotonic()
         if len(finished) == args.tasks:
             done.set()
@@ -160,7 +138,7 @@ async def run_phase(args: argparse.Namespace, db_url: str, redis_url: str, *,
     dispatcher = Dispatcher(services, executor)
     running = asyncio.create_task(dispatcher.run(), name=f"bench-dispatcher-{tag}")
     await asyncio.wait_for(dispatcher.ready.wait(), 30)
-    await _backlog(lifecycle, sessions, users, args.tasks)
+    await queued_backlog(lifecycle, sessions, users, args.tasks)
     try:
         await asyncio.wait_for(done.wait(), timeout=600)
     finally:

@@ -28,20 +28,25 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import backing_services, machine, make_user, ms, pct
+from bench import (
+    backing_services,
+    complete_when_running,
+    machine,
+    make_user,
+    ms,
+    pct,
+    queued_backlog,
+)
 
 
 async def run(args: argparse.Namespace, db_url: str, redis_url: str) -> None:
     from vidmaas.bus.client import connect
     from vidmaas.config import DispatcherSettings, Settings
-    from vidmaas.db import tasks as repo
     from vidmaas.db.engine import make_engine, make_sessionmaker
     from vidmaas.dispatcher.executors.fake import FakeExecutor
     from vidmaas.dispatcher.service import Dispatcher
-    from vidmaas.domain.ids import new_task_id
     from vidmaas.domain.jobs import JobSpec
     from vidmaas.domain.models import ModelRegistry
-    from vidmaas.domain.status import TaskStatus
     from vidmaas.lifecycle import Lifecycle
     from vidmaas.services import Services
     from vidmaas.storage import store_from_settings
@@ -54,15 +59,7 @@ async def run(args: argparse.Namespace, db_url: str, redis_url: str) -> None:
     redis = connect(redis_url)
     lifecycle = Lifecycle(sessions=sessions, redis=redis, settings=settings)
     users = [(await make_user(db_url, f"bench-user-{i}"))[0] for i in range(args.users)]
-    task_ids = []
-    for i in range(args.tasks):
-        async with sessions() as s:
-            task, _ = await repo.create_task(session=s, new=repo.NewTask(
-                id=new_task_id(), user_id=users[i % len(users)], model="tiny-t2v",
-                prompt="bench", params={"size": "64*64", "num_frames": 5, "steps": 2,
-                                        "seed": 1, "fps": 8}, gpus=1))
-        task_ids.append(task.id)
-        await lifecycle.admit_new(task)
+    await queued_backlog(lifecycle, sessions, users, args.tasks)
 
     released_at: dict[str, float] = {}
     launched_at: dict[str, float] = {}
@@ -72,13 +69,7 @@ async def run(args: argparse.Namespace, db_url: str, redis_url: str) -> None:
         if kind == "started":
             launched_at[spec.task_id] = time.monotonic()
             return
-        for _ in range(100):  # the job may end before the dispatcher recorded "running"
-            try:
-                await lifecycle.finish(task_id=spec.task_id, to=TaskStatus.COMPLETED,
-                                       expected=TaskStatus.RUNNING)
-                break
-            except Exception:
-                await asyncio.sleep(0.001)
+        await complete_when_running(lifecycle, spec.task_id)
         released_at[spec.task_id] = time.monotonic()
         if len(released_at) == args.tasks:
             done.set()
