@@ -160,6 +160,11 @@ async def test_a_finished_task_is_remixed_with_a_new_prompt(pages: Pages,
     assert new_id != task_id
     remixed = await task_json(live, new_id)
     assert (remixed["prompt"], remixed["model"]) == ("a blue fox in snow", "tiny-t2v")
+    # The remix names its source, and the name leads to the source's card.
+    await expect(new.get_by_test_id("remix-of")).to_have_text("Remix of “a red fox in snow”")
+    await expect(card.get_by_test_id("remix-of")).to_be_hidden()
+    await new.get_by_test_id("remix-of-link").click()
+    await expect(card).to_be_focused()
     # A queued task has no remix; Escape closes the dialog without sending anything.
     await expect(new.get_by_test_id("remix")).to_be_hidden()
     await card.get_by_test_id("remix").click()

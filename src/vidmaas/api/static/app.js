@@ -439,6 +439,7 @@ function cardOf(id) {
   const badge = h("span", { class: "badge", "data-testid": "status" });
   const prompt = h("p", { class: "prompt", "data-testid": "task-prompt", text: t.prompt });
   const meta = h("p", { class: "meta muted", "data-testid": "task-meta" });
+  const origin = h("p", { class: "origin muted", "data-testid": "remix-of", hidden: true });
   const thumb = new Thumb({ token: streamToken, dropToken: () => { state.token = null; }, mediaUrl,
     onPick: (fraction) => playFrom(id, fraction) });
   const bar = h("div", { class: "bar", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100", "data-testid": "progress" },
@@ -458,8 +459,8 @@ function cardOf(id) {
   const mediaActions = h("span", { class: "media-actions" }); // the download, once there is a video
   const actions = h("div", { class: "actions" }, mediaActions, remixButton, cancel);
   card.append(h("div", { class: "task-head" }, badge, h("time", { class: "muted", "data-testid": "created" })),
-    h("div", { class: "task-main" }, thumb.el, h("div", { class: "task-text" }, prompt, meta)), progressRow, error, preview, media, actions);
-  card.parts = { badge, meta, bar, percent, stage, eta, position, startsIn, progressRow, error, preview, media, mediaActions, cancel, remix: remixButton, actions, thumb };
+    h("div", { class: "task-main" }, thumb.el, h("div", { class: "task-text" }, prompt, meta, origin)), progressRow, error, preview, media, actions);
+  card.parts = { badge, meta, origin, bar, percent, stage, eta, position, startsIn, progressRow, error, preview, media, mediaActions, cancel, remix: remixButton, actions, thumb };
   card.previewState = { step: 0, seq: 0, url: null };
   cards.set(id, card);
   return card;
@@ -477,6 +478,7 @@ function renderTask(id) {
   const params = t.params || {};
   p.meta.textContent = [t.model, params.size ? params.size.replace("*", "×") : null, params.num_frames ? `${params.num_frames}f` : null, params.steps ? `${params.steps} ${tr("steps").toLowerCase()}` : null]
     .filter(Boolean).join(" · ");
+  renderOrigin(t, p.origin);
   const created = card.querySelector("time");
   if (t.created_at) {
     created.dateTime = t.created_at;
@@ -591,6 +593,31 @@ function renderMedia(id, t, p) {
   });
   download.addEventListener("pointerdown", () => streamToken().then((tok) => { download.href = mediaUrl(t.video_url, tok); }).catch(() => {}));
   setSources().catch(() => {});
+}
+
+function renderOrigin(t, el) {
+  // A remix names the task it was made from: its prompt, a link to its card when the
+  // page holds it (its id otherwise).
+  if (!t.rerun_of) {
+    el.hidden = true;
+    return;
+  }
+  const src = state.tasks.get(t.rerun_of);
+  const label = src ? `“${src.prompt.length > 60 ? `${src.prompt.slice(0, 60)}…` : src.prompt}”` : t.rerun_of;
+  const target = src
+    ? h("a", { href: `#${t.rerun_of}`, "data-testid": "remix-of-link", text: label,
+      onclick: (e) => { e.preventDefault(); showCard(t.rerun_of); } })
+    : document.createTextNode(label);
+  el.replaceChildren(document.createTextNode(`${state.t("remixedFrom")} `), target);
+  el.hidden = false;
+}
+
+function showCard(id) {
+  const card = cards.get(id);
+  if (!card) return;
+  card.scrollIntoView({ block: "nearest" });
+  card.tabIndex = -1;
+  card.focus();
 }
 
 function playFrom(id, fraction) {
