@@ -131,14 +131,20 @@ async def test_drain_stops_assignments_and_tells_the_worker_to_exit(
     assert await q.gpus_in_use() == 0
 
 
-async def test_retiring_a_busy_worker_returns_its_task_for_a_retry(
-        redis: aioredis.Redis, redis_url: str) -> None:
+async def _busy_worker(redis: aioredis.Redis, redis_url: str,
+                       ) -> tuple[TaskQueue, PoolRegistry]:
+    """Worker w1 (2 GPUs) ready, then claimed for task t (not assigned yet)."""
     q, pools = TaskQueue(redis), PoolRegistry(redis)
     assert await pools.reserve(worker_id="w1", model="m", gpus=2, capacity=8, start_lease_s=60)
-    w1 = WorkerLink(connect_sync(redis_url), worker_id="w1", lease_s=30)
-    assert w1.ready()
+    assert WorkerLink(connect_sync(redis_url), worker_id="w1", lease_s=30).ready()
     await q.enqueue(user_id="u", task_id="t", gpus=2, model="m")
     assert await _claim(q) == ("t", "w1")
+    return q, pools
+
+
+async def test_retiring_a_busy_worker_returns_its_task_for_a_retry(
+        redis: aioredis.Redis, redis_url: str) -> None:
+    q, pools = await _busy_worker(redis, redis_url)
     assert await pools.assign(worker_id="w1", task_id="t", attempt=3, args=[])
     assert not await pools.drain("w1", only_if_idle=True)  # busy: not reclaimed
     assert await pools.retire("w1") == ("t", 3)
@@ -166,8 +172,12 @@ async def test_a_worker_that_leaves_after_its_task_gets_no_more_and_retires_with
     assert not w1.leave()
 
 
+@pytest.mark.parametrize("restored", [2, 1])
 async def test_after_redis_lost_its_data_a_live_worker_waits_for_its_lease_then_registers_again(
-        redis: aioredis.Redis, redis_url: str) -> None:
+        redis: aioredis.Redis, redis_url: str, restored: int) -> None:
+    """``restored``: the GPUs the dispatcher's rebuild gives back (the registry's count,
+    which may have changed since the worker started with two): the worker registers
+    again with the two it holds, and the budget counts those."""
     q, pools = TaskQueue(redis), PoolRegistry(redis)
     assert await pools.reserve(worker_id="w1", model="m", gpus=2, capacity=8, start_lease_s=60)
     link = WorkerLink(connect_sync(redis_url), worker_id="w1", lease_s=30, model="m", gpus=2)
@@ -177,10 +187,12 @@ async def test_after_redis_lost_its_data_a_live_worker_waits_for_its_lease_then_
     assert link.heartbeat() is WorkerState.IDLE
     assert await pools.get("w1") is None
     # A dispatcher gave the live process its GPUs back: the next heartbeat registers it.
-    assert await pools.restore_worker(worker_id="w1", gpus=2)
-    assert not await pools.restore_worker(worker_id="w1", gpus=2)  # once
+    assert await pools.restore_worker(worker_id="w1", gpus=restored)
+    assert not await pools.restore_worker(worker_id="w1", gpus=restored)  # once
+    assert await q.gpus_in_use() == restored
     await recovery.set_epoch(redis, await recovery.server_run_id(redis))
     assert link.heartbeat() is WorkerState.IDLE
+    assert await q.gpus_in_use() == 2
     worker = await pools.get("w1")
     assert worker is not None and (worker.model, worker.gpus, worker.state, worker.alive) == \
         ("m", 2, WorkerState.IDLE, True)
@@ -221,12 +233,7 @@ async def test_a_fence_lost_with_redis_data_is_told_apart_from_one_taken_back(
 
 async def test_a_retirement_that_keeps_losing_the_race_says_so_and_retires_nothing(
         redis: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    q, pools = TaskQueue(redis), PoolRegistry(redis)
-    assert await pools.reserve(worker_id="w1", model="m", gpus=2, capacity=8, start_lease_s=60)
-    w1 = WorkerLink(connect_sync(redis_url), worker_id="w1", lease_s=30)
-    assert w1.ready()
-    await q.enqueue(user_id="u", task_id="t", gpus=2, model="m")
-    assert await _claim(q) == ("t", "w1")
+    q, pools = await _busy_worker(redis, redis_url)
     real = await redis.hget(keys.POOL_WORKERS, "w1")
     assert real is not None
     stale = real.replace("|t|", "|other|")  # every read sees a task the script does not
@@ -242,20 +249,3 @@ async def test_a_retirement_that_keeps_losing_the_race_says_so_and_retires_nothi
     assert await q.gpus_in_use() == 2
     assert await pools.retire("w1") == ("t", None)  # claimed, never assigned
 
-
-async def test_a_worker_registering_again_on_a_rebuilt_redis_holds_the_gpus_it_really_has(
-        redis: aioredis.Redis, redis_url: str) -> None:
-    q, pools = TaskQueue(redis), PoolRegistry(redis)
-    assert await pools.reserve(worker_id="w1", model="m", gpus=2, capacity=8, start_lease_s=60)
-    link = WorkerLink(connect_sync(redis_url), worker_id="w1", lease_s=30, model="m", gpus=2)
-    assert link.ready()
-    await redis.flushall()
-    # The registry says the model takes one GPU now; the live worker holds the two it
-    # started with: the budget must count what it holds.
-    assert await pools.restore_worker(worker_id="w1", gpus=1)
-    assert await q.gpus_in_use() == 1
-    await recovery.set_epoch(redis, await recovery.server_run_id(redis))
-    assert link.heartbeat() is WorkerState.IDLE
-    assert await q.gpus_in_use() == 2
-    worker = await pools.get("w1")
-    assert worker is not None and worker.gpus == 2
