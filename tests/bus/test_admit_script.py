@@ -35,9 +35,7 @@ async def _admit_all(r: aioredis.Redis, ids: list[str], *, cluster: bool,
 
 async def test_the_one_script_answers_and_publishes_what_the_step_by_step_path_does(
         redis: aioredis.Redis) -> None:
-    # Sorted: two of a user's tasks enqueued in the same millisecond are ordered by id,
-    # and the two runs must not depend on how the milliseconds fall.
-    ids = sorted(new_task_id() for _ in PLAN)
+    ids = [new_task_id() for _ in PLAN]
     stepwise = await _admit_all(redis, ids, cluster=True)
     await redis.flushdb()
     scripted = await _admit_all(redis, ids, cluster=False)
@@ -101,18 +99,15 @@ async def test_a_redis_that_lost_its_script_cache_runs_the_source_once_and_then_
     assert [e.type for _, e in await read_task_events(redis, task_id)] == [ev.EventType.QUEUED]
 
 
-async def test_concurrent_admissions_leave_one_consistent_order(
+async def test_concurrent_admissions_each_get_a_distinct_exact_place_in_arrival_order(
         redis: aioredis.Redis) -> None:
     q = TaskQueue(redis)
     ids = [new_task_id() for _ in range(12)]
     got = await asyncio.gather(*(q.enqueue_announced(user_id="u", task_id=t, gpus=1)
                                  for t in ids))
-    # Each answer was exact when given; tasks enqueued within the same millisecond may
-    # be ordered among themselves by id afterwards, so the final places are a permutation.
-    assert all(p is not None and 1 <= p <= 12 for p in got)
-    final = await q.positions([("u", t) for t in ids])
-    assert sorted(p or 0 for p in final.values()) == list(range(1, 13))
-    assert await q.depths() == {"u": 12}
+    # Most of them arrive within the same millisecond: each keeps the place it was told.
+    assert sorted(p or 0 for p in got) == list(range(1, 13))
+    assert await q.positions([("u", t) for t in ids]) == dict(zip(ids, got, strict=True))
 
 
 def redis_lib_client(url: str) -> redis.Redis:

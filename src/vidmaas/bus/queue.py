@@ -186,7 +186,7 @@ class TaskQueue:
     def _enqueue_args(self, *, user_id: str, task_id: str, gpus: int, front: bool,
                       model: str, priority: Priority, share: Share | None) -> list[Any]:
         """The key count, keys and arguments of ``ENQUEUE_LUA``."""
-        key = order_key_ms(enqueued_ms=now_ms(), priority=priority,
+        key = order_key_ms(enqueued_ms=0, priority=priority,
                            priority_step_s=self.priority_step_s)
         return [12, keys.QUEUE_USERS, keys.QUEUE_CLAIMS, keys.QUEUE_GPUS,
                 keys.QUEUE_SIGNAL, keys.QUEUE_VTIME, keys.QUEUE_VNOW, keys.QUEUE_SEQ,

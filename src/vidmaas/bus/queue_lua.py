@@ -76,7 +76,8 @@ end
 ENQUEUE_BODY = """
 -- KEYS: 1 users, 2 claims, 3 gpus, 4 signal, 5 vtime, 6 vnow, 7 seq counter, 8 shares,
 --       9 cost, 10 model, 11 model run s, 12 model queued
--- ARGV: 1 user, 2 task, 3 gpus, 4 front, 5 signal keep, 6 order key, 7 model,
+-- ARGV: 1 user, 2 task, 3 gpus, 4 front, 5 signal keep, 6 order key at time 0 (added
+--       to Redis's own clock: tasks order as the script runs them), 7 model,
 --       8 default run s, 9 share ('' keeps the stored one), 10 fair prefix
 local user, task = ARGV[1], ARGV[2]
 local okey, pkey, hkey = ukeys(ARGV[10], user)
@@ -101,10 +102,17 @@ if not redis.call('ZSCORE', KEYS[1], user) then
   redis.call('DEL', okey, pkey, hkey)
   redis.call('HSET', hkey, 'base', fmt(vt), 'next', '0', 'seq', redis.call('INCR', KEYS[7]))
 end
-local key = tonumber(ARGV[6])
+local now = redis.call('TIME')
+local key = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[6])
 if ARGV[4] == '1' then
   local first = redis.call('ZRANGE', okey, 0, 0, 'WITHSCORES')
   if first[2] then key = math.min(key, tonumber(first[2]) - 1) end
+else
+  -- Arrivals of one class within the same millisecond keep their order (equal scores
+  -- would order by task id): just after the last of them.
+  local last = redis.call('ZREVRANGEBYSCORE', okey, '(' .. fmt(key + 1), fmt(key),
+                          'WITHSCORES', 'LIMIT', 0, 1)
+  if last[2] then key = tonumber(last[2]) + 0.001 end
 end
 redis.call('ZADD', okey, fmt(key), task)
 local rank = redis.call('ZRANK', okey, task)
