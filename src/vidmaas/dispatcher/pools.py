@@ -94,6 +94,8 @@ class Pools:
         """Model → when (monotonic) it may start a worker again after failed starts."""
         self._unregistered_since: dict[str, float] = {}
         """Worker process → when (monotonic) this replica first saw it unregistered."""
+        self._orphan_checked: dict[str, float] = {}
+        """Unregistered worker process → when (monotonic) its status was last asked."""
 
     @property
     def limits(self) -> WorkerLimits:
@@ -193,14 +195,21 @@ class Pools:
         for wid in list(self._unregistered_since):
             if wid not in processes or wid in known:
                 del self._unregistered_since[wid]
+                self._orphan_checked.pop(wid, None)
+        lease_s = ctx.settings.pools.worker_lease_s
         for orphan in processes - known:
             # A live worker registers again within a quarter of its lease (Redis lost
             # its data): only one ended, or unregistered for a whole lease, is stopped.
+            # Whether it ended is asked once per quarter lease, not on every pass.
             since = self._unregistered_since.setdefault(orphan, seen)
-            if seen - since < ctx.settings.pools.worker_lease_s \
-                    and not (await self.executor.worker_status(orphan)).state.finished:
-                continue
+            if seen - since < lease_s:
+                if seen - self._orphan_checked.get(orphan, -lease_s) < lease_s / 4:
+                    continue
+                self._orphan_checked[orphan] = seen
+                if not (await self.executor.worker_status(orphan)).state.finished:
+                    continue
             del self._unregistered_since[orphan]
+            self._orphan_checked.pop(orphan, None)
             log.warning("pools: worker process %s has no registration; stopping it", orphan)
             await self.executor.stop_worker(orphan, grace_s=ctx.settings.pools.stop_grace_s)
         workers = [w for w in await self.registry.workers() if w.alive]
