@@ -32,7 +32,7 @@ model. Its life in Redis (keys in ``bus.keys``, the shared ones under the queue'
   does the same for one attempt the dispatcher takes back from a worker.
 
 Every state change that may let a dispatcher make progress pushes the queue's
-wake-up signal.
+wake-up signal. The scripts are in ``bus.pools_lua`` and go by digest (``bus.scripts``).
 """
 
 from __future__ import annotations
@@ -48,6 +48,18 @@ import redis.asyncio as aioredis
 
 from vidmaas.bus import keys
 from vidmaas.bus.events import text
+from vidmaas.bus.pools_lua import (
+    ASSIGN_LUA,
+    DRAIN_LUA,
+    FENCE_OUT_LUA,
+    HEARTBEAT_LUA,
+    LEAVE_LUA,
+    READY_LUA,
+    RESERVE_LUA,
+    RETIRE_LUA,
+    UNCLAIM_LUA,
+)
+from vidmaas.bus.scripts import Script
 
 SIGNAL_KEEP = 64
 FENCE_TTL_S = 7 * 24 * 3600
@@ -107,158 +119,15 @@ def fence_value(worker_id: str, attempt: int) -> str:
     return f"{worker_id}|{attempt}"
 
 
-_LIB = """
-local function rec(workers, w)
-  local raw = redis.call('HGET', workers, w)
-  if not raw then return nil end
-  local f = {}
-  for part in string.gmatch(raw .. '|', '([^|]*)|') do f[#f + 1] = part end
-  return f
-end
-local function put(workers, w, f) redis.call('HSET', workers, w, table.concat(f, '|')) end
-local function signal(key, keep)
-  redis.call('LPUSH', key, '1')
-  redis.call('LTRIM', key, 0, tonumber(keep) - 1)
-end
-"""
-
-_RESERVE_LUA = _LIB + """
--- KEYS: 1 leases, 2 workers, 3 alive; ARGV: 1 worker, 2 model, 3 gpus, 4 capacity,
---       5 now ms, 6 lease expiry ms, 7 lease member
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
-local used = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do used = used + tonumber(v) end
-if used + tonumber(ARGV[3]) > tonumber(ARGV[4]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[7], ARGV[3])
-put(KEYS[2], ARGV[1], {ARGV[2], ARGV[3], 'starting', ARGV[5], '', '', '0'})
-redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
-return 1
-"""
-
-_HEARTBEAT_LUA = _LIB + """
--- KEYS: 1 workers, 2 alive, 3 leases, 4 epoch, 5 idle prefix, 6 signal
--- ARGV: 1 worker, 2 lease expiry ms, 3 lease member, 4 now ms, 5 keep, then what the
---       worker knows of itself: 6 model, 7 gpus, 8 state, 9 task, 10 attempt, 11 done
-local f = rec(KEYS[1], ARGV[1])
-if not f then
-  if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then  -- Redis lost its data, and a
-    -- dispatcher gave this live worker its GPUs back: register again (GPUs too) as it is
-    redis.call('HSET', KEYS[3], ARGV[3], ARGV[7])
-    put(KEYS[1], ARGV[1], {ARGV[6], ARGV[7], ARGV[8], ARGV[4], ARGV[9], ARGV[10], ARGV[11]})
-    redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-    if ARGV[8] == 'idle' then redis.call('ZADD', KEYS[5] .. ARGV[6], ARGV[4], ARGV[1]) end
-    signal(KEYS[6], ARGV[5])
-    return ARGV[8]
-  end
-  if redis.call('GET', KEYS[4]) ~=
-      string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') then
-    return '?'  -- Redis lost its data and no dispatcher has rebuilt it yet: wait
-  end
-  return ''  -- retired
-end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-return f[3]
-"""
-
-_READY_LUA = _LIB + """
--- KEYS: 1 workers, 2 idle prefix, 3 signal, 4 alive; ARGV: 1 worker, 2 now ms, 3 keep,
---       4 lease expiry ms, 5 finished a task ('1'/'0')
-local f = rec(KEYS[1], ARGV[1])
-if not f or f[3] == 'draining' then return 0 end
-local done = tonumber(f[7]) or 0
-if ARGV[5] == '1' then done = done + 1 end
-put(KEYS[1], ARGV[1], {f[1], f[2], 'idle', ARGV[2], '', '', tostring(done)})
-redis.call('ZADD', KEYS[2] .. f[1], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-signal(KEYS[3], ARGV[3])
-return 1
-"""
-
-_ASSIGN_LUA = _LIB + """
--- KEYS: 1 workers, 2 fence, 3 inbox; ARGV: 1 worker, 2 task, 3 attempt, 4 payload,
---       5 fence ttl s
-local f = rec(KEYS[1], ARGV[1])
-if not f or f[3] ~= 'busy' or f[5] ~= ARGV[2] then return 0 end
-if redis.call('GET', KEYS[2]) == ARGV[1] .. '|' .. ARGV[3] then return 1 end  -- already sent
-f[6] = ARGV[3]
-put(KEYS[1], ARGV[1], f)
-redis.call('SET', KEYS[2], ARGV[1] .. '|' .. ARGV[3], 'EX', ARGV[5])
-redis.call('RPUSH', KEYS[3], ARGV[4])
-return 1
-"""
-
-_UNCLAIM_LUA = _LIB + """
--- KEYS: 1 workers, 2 idle prefix, 3 signal; ARGV: 1 worker, 2 task, 3 now ms, 4 keep
--- A worker marked busy by a claim whose assignment was never sent goes back to idle.
-local f = rec(KEYS[1], ARGV[1])
-if not f or f[3] ~= 'busy' or f[5] ~= ARGV[2] or f[6] ~= '' then return 0 end
-put(KEYS[1], ARGV[1], {f[1], f[2], 'idle', ARGV[3], '', '', f[7]})
-redis.call('ZADD', KEYS[2] .. f[1], ARGV[3], ARGV[1])
-signal(KEYS[3], ARGV[4])
-return 1
-"""
-
-_DRAIN_LUA = _LIB + """
--- KEYS: 1 workers, 2 idle prefix, 3 inbox; ARGV: 1 worker, 2 now ms, 3 exit payload,
---       4 only if idle ('1'/'0')
-local f = rec(KEYS[1], ARGV[1])
-if not f then return 0 end
-if ARGV[4] == '1' and f[3] ~= 'idle' then return 0 end
-redis.call('ZREM', KEYS[2] .. f[1], ARGV[1])
-if f[3] ~= 'draining' then
-  f[3] = 'draining'
-  f[4] = ARGV[2]
-  put(KEYS[1], ARGV[1], f)
-  redis.call('RPUSH', KEYS[3], ARGV[3])
-end
-return 1
-"""
-
-_LEAVE_LUA = _LIB + """
--- KEYS: 1 workers, 2 idle prefix; ARGV: 1 worker, 2 now ms, 3 finished a task ('1'/'0')
--- A worker about to exit by itself: draining, with no task, so that its retirement
--- retries nothing (the task it finished is the relay's to complete).
-local f = rec(KEYS[1], ARGV[1])
-if not f then return 0 end
-local done = tonumber(f[7]) or 0
-if ARGV[3] == '1' then done = done + 1 end
-put(KEYS[1], ARGV[1], {f[1], f[2], 'draining', ARGV[2], '', '', tostring(done)})
-redis.call('ZREM', KEYS[2] .. f[1], ARGV[1])
-return 1
-"""
-
-_RETIRE_LUA = _LIB + """
--- KEYS: 1 workers, 2 alive, 3 idle prefix, 4 leases, 5 signal, 6 inbox, 7 fence of the
---       task the caller read from the record
--- ARGV: 1 worker, 2 lease member, 3 keep, 4 that task ('' for none)
-local f = rec(KEYS[1], ARGV[1])
-if f and f[5] ~= ARGV[4] then return {'', '', 'moved'} end  -- read again, then retry
-if f and f[5] ~= '' then
-  -- Fenced out at once: whatever this worker publishes for the task is dropped now.
-  local v = redis.call('GET', KEYS[7])
-  if v and string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
-    redis.call('SET', KEYS[7], '-', 'KEEPTTL')
-  end
-end
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[6])
-local freed = redis.call('HDEL', KEYS[4], ARGV[2])
-if not f then
-  if freed > 0 then signal(KEYS[5], ARGV[3]) end
-  return {}
-end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[3] .. f[1], ARGV[1])
-signal(KEYS[5], ARGV[3])
-return {f[5], f[6]}
-"""
-
-_FENCE_OUT_LUA = """
--- KEYS: 1 fence; ARGV: 1 its value to clear: set to '-' (a missing one was lost, restored)
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], '-', 'KEEPTTL')
-return 1
-"""
+_RESERVE = Script(RESERVE_LUA)
+_HEARTBEAT = Script(HEARTBEAT_LUA)
+_READY = Script(READY_LUA)
+_ASSIGN = Script(ASSIGN_LUA)
+_UNCLAIM = Script(UNCLAIM_LUA)
+_DRAIN = Script(DRAIN_LUA)
+_LEAVE = Script(LEAVE_LUA)
+_RETIRE = Script(RETIRE_LUA)
+_FENCE_OUT = Script(FENCE_OUT_LUA)
 
 
 def _parse(worker_id: str, raw: str, alive_ms: float | None) -> Worker:
@@ -284,8 +153,8 @@ class PoolRegistry:
         """Lease ``gpus`` for a new worker and register it ``starting``; False if they do
         not fit in ``capacity`` (or the id is taken)."""
         now = now_ms()
-        ok = await self._r.eval(
-            _RESERVE_LUA, 3, keys.CAPACITY_LEASES, keys.POOL_WORKERS, keys.POOL_ALIVE,
+        ok = await _RESERVE.run(
+            self._r, 3, keys.CAPACITY_LEASES, keys.POOL_WORKERS, keys.POOL_ALIVE,
             worker_id, model, gpus, capacity, now, now + int(start_lease_s * 1000),
             lease_member(worker_id))
         return bool(ok)
@@ -313,16 +182,16 @@ class PoolRegistry:
         """Fence ``task_id`` to this worker and attempt and hand it the assignment; False
         if the worker is no longer busy with that task (it died or was retired)."""
         payload = Assignment(task_id=task_id, attempt=attempt, args=args).encode()
-        ok = await self._r.eval(
-            _ASSIGN_LUA, 3, keys.POOL_WORKERS, keys.task_fence(task_id),
+        ok = await _ASSIGN.run(
+            self._r, 3, keys.POOL_WORKERS, keys.task_fence(task_id),
             keys.worker_inbox(worker_id), worker_id, task_id, attempt, payload, FENCE_TTL_S)
         return bool(ok)
 
     async def unclaim(self, worker_id: str, task_id: str) -> bool:
         """Put back to idle a worker that a claim of ``task_id`` marked busy but that was
         never sent the assignment (its dispatcher died, or the task was cancelled)."""
-        ok = await self._r.eval(
-            _UNCLAIM_LUA, 3, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX, keys.QUEUE_SIGNAL,
+        ok = await _UNCLAIM.run(
+            self._r, 3, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX, keys.QUEUE_SIGNAL,
             worker_id, task_id, now_ms(), SIGNAL_KEEP)
         return bool(ok)
 
@@ -330,8 +199,8 @@ class PoolRegistry:
         """Ask a worker to exit after what it is doing; no new assignment reaches it.
         With ``only_if_idle``, only an idle worker is drained (reclaiming GPUs)."""
         exit_msg = Assignment(task_id=None, attempt=0, args=[], exit=True).encode()
-        ok = await self._r.eval(
-            _DRAIN_LUA, 3, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX, keys.worker_inbox(worker_id),
+        ok = await _DRAIN.run(
+            self._r, 3, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX, keys.worker_inbox(worker_id),
             worker_id, now_ms(), exit_msg, "1" if only_if_idle else "0")
         return bool(ok)
 
@@ -342,8 +211,8 @@ class PoolRegistry:
         for _ in range(10):  # the record's task changes under us only on a race
             raw = await self._r.hget(keys.POOL_WORKERS, worker_id)
             task = _parse(worker_id, text(raw), None).task_id if raw is not None else None
-            res = await self._r.eval(
-                _RETIRE_LUA, 7, keys.POOL_WORKERS, keys.POOL_ALIVE, keys.POOL_IDLE_PREFIX,
+            res = await _RETIRE.run(
+                self._r, 7, keys.POOL_WORKERS, keys.POOL_ALIVE, keys.POOL_IDLE_PREFIX,
                 keys.CAPACITY_LEASES, keys.QUEUE_SIGNAL, keys.worker_inbox(worker_id),
                 keys.task_fence(task or "-"), worker_id, lease_member(worker_id), SIGNAL_KEEP,
                 task or "")
@@ -357,7 +226,7 @@ class PoolRegistry:
         """Take ``task_id``'s attempt back from ``worker_id``: its fence is cleared if it
         still names that worker and attempt, so the worker's next publish is refused.
         True if it did."""
-        return bool(await self._r.eval(_FENCE_OUT_LUA, 1, keys.task_fence(task_id),
+        return bool(await _FENCE_OUT.run(self._r, 1, keys.task_fence(task_id),
                                        fence_value(worker_id, attempt)))
 
     async def restore_worker(self, *, worker_id: str, gpus: int) -> bool:
@@ -399,8 +268,8 @@ class WorkerLink:
         a dispatcher has given it its GPUs back, and is told its own state until then."""
         task, attempt = self._task or ("", 0)
         now = now_ms()
-        state = text(self._r.eval(
-            _HEARTBEAT_LUA, 6, keys.POOL_WORKERS, keys.POOL_ALIVE, keys.CAPACITY_LEASES,
+        state = text(_HEARTBEAT.run_sync(
+            self._r, 6, keys.POOL_WORKERS, keys.POOL_ALIVE, keys.CAPACITY_LEASES,
             keys.QUEUE_EPOCH, keys.POOL_IDLE_PREFIX, keys.QUEUE_SIGNAL, self.worker_id,
             now + int(self.lease_s * 1000), lease_member(self.worker_id), now, SIGNAL_KEEP,
             self.model, self.gpus, self._state.value, task, attempt if task else "",
@@ -412,7 +281,7 @@ class WorkerLink:
     def ready(self, *, finished_task: bool = False) -> bool:
         """Enter the idle set; False if the worker is draining or was retired (exit)."""
         now = now_ms()
-        ok = self._r.eval(_READY_LUA, 4, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX,
+        ok = _READY.run_sync(self._r, 4, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX,
                           keys.QUEUE_SIGNAL, keys.POOL_ALIVE, self.worker_id, now, SIGNAL_KEEP,
                           now + int(self.lease_s * 1000), "1" if finished_task else "0")
         self._done += 1 if finished_task else 0
@@ -422,7 +291,7 @@ class WorkerLink:
     def leave(self, *, finished_task: bool = False) -> bool:
         """Stop taking assignments before exiting by itself (a limit reached, a failure):
         ``draining`` with no task; False if the worker was already retired."""
-        ok = self._r.eval(_LEAVE_LUA, 2, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX,
+        ok = _LEAVE.run_sync(self._r, 2, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX,
                           self.worker_id, now_ms(), "1" if finished_task else "0")
         self._done += 1 if finished_task else 0
         self._state, self._task = WorkerState.DRAINING, None
