@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("runtime_overhead", "preview", "dispatch", "events", "relay", "submit", "scale",
-         "eta", "warm", "assign")
+ORDER = ("runtime_overhead", "preview", "dispatch", "events", "relay", "submit", "positions",
+         "scale", "eta", "warm", "assign")
 
 
 def scripts() -> list[str]:
