@@ -227,7 +227,7 @@ class PoolRegistry:
         still names that worker and attempt, so the worker's next publish is refused.
         True if it did."""
         return bool(await _FENCE_OUT.run(self._r, 1, keys.task_fence(task_id),
-                                       fence_value(worker_id, attempt)))
+                                         fence_value(worker_id, attempt)))
 
     async def restore_worker(self, *, worker_id: str, gpus: int) -> bool:
         """Lease ``gpus`` again to a live worker process whose lease Redis lost (it then
@@ -282,8 +282,9 @@ class WorkerLink:
         """Enter the idle set; False if the worker is draining or was retired (exit)."""
         now = now_ms()
         ok = _READY.run_sync(self._r, 4, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX,
-                          keys.QUEUE_SIGNAL, keys.POOL_ALIVE, self.worker_id, now, SIGNAL_KEEP,
-                          now + int(self.lease_s * 1000), "1" if finished_task else "0")
+                             keys.QUEUE_SIGNAL, keys.POOL_ALIVE, self.worker_id, now,
+                             SIGNAL_KEEP, now + int(self.lease_s * 1000),
+                             "1" if finished_task else "0")
         self._done += 1 if finished_task else 0
         self._state, self._task = (WorkerState.IDLE if ok else WorkerState.DRAINING), None
         return bool(ok)
@@ -292,7 +293,7 @@ class WorkerLink:
         """Stop taking assignments before exiting by itself (a limit reached, a failure):
         ``draining`` with no task; False if the worker was already retired."""
         ok = _LEAVE.run_sync(self._r, 2, keys.POOL_WORKERS, keys.POOL_IDLE_PREFIX,
-                          self.worker_id, now_ms(), "1" if finished_task else "0")
+                             self.worker_id, now_ms(), "1" if finished_task else "0")
         self._done += 1 if finished_task else 0
         self._state, self._task = WorkerState.DRAINING, None
         return bool(ok)

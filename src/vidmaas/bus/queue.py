@@ -199,7 +199,7 @@ class TaskQueue:
     async def set_share(self, user_id: str, share: Share) -> None:
         """Change a user's weight and GPU quota now (an admin changed them)."""
         await _SET_SHARE.run(self._r, 2, keys.QUEUE_USERS, keys.USER_SHARES, user_id,
-                           share.encode(), keys.USER_QUEUE_PREFIX)
+                             share.encode(), keys.USER_QUEUE_PREFIX)
         await self.signal()
 
     async def remove(self, *, user_id: str, task_id: str) -> bool:
@@ -275,8 +275,8 @@ class TaskQueue:
 
     async def ack(self, task_id: str) -> None:
         """The claim is settled (the task runs, or ended): forget the queue entry."""
-        await _ACK.run(self._r, 3, keys.QUEUE_CLAIMS,
-                           keys.QUEUE_CLAIM_OWNER, keys.QUEUE_GPUS, task_id)
+        await _ACK.run(self._r, 3, keys.QUEUE_CLAIMS, keys.QUEUE_CLAIM_OWNER, keys.QUEUE_GPUS,
+                       task_id)
 
     async def expired_claims(self, *, limit: int = 100) -> list[tuple[str, str, str]]:
         """(task, dispatcher, user) of claims whose lease ran out."""
