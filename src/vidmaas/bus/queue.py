@@ -2,7 +2,8 @@
 
 Data structures (all keys in ``bus.keys``, one hash slot):
 - a ZSET per user of queued task ids, scored by ``domain.fairness.order_key_ms``
-  (priority class first, then FIFO, with bounded aging);
+  (priority class first, then FIFO, with bounded aging) on Redis's own clock when the
+  enqueue script runs, arrivals of the same millisecond kept in order;
 - a ZSET of the users that have queued tasks, scored by their *virtual time*: the
   GPU-seconds they have been served, divided by their weight. A user who starts
   queueing begins at the larger of their own virtual time and the system's (the
