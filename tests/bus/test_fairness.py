@@ -262,3 +262,15 @@ async def test_positions_stay_the_admission_order_through_every_kind_of_queue_ch
         listed = [c.task_id for c in await q.order(limit=1000)]
         assert sorted(listed) == sorted(t for _, t in queued)
         assert await q.positions(queued) == {t: listed.index(t) + 1 for _, t in queued}
+
+
+async def test_among_equal_virtual_starts_who_started_queueing_first_goes_first_not_by_name(
+        redis: aioredis.Redis) -> None:
+    q = TaskQueue(redis)
+    names = ["zed", "mia", "amy", "kim"]  # arrival order, not alphabetical
+    for name in names:
+        await q.enqueue(user_id=name, task_id=f"{name}-0", gpus=1)
+    # Each starts at the same virtual time (nothing served yet): ties go by arrival.
+    assert await q.positions([(n, f"{n}-0") for n in names]) == \
+        {f"{n}-0": i + 1 for i, n in enumerate(names)}
+    assert await _drain(q) == [f"{n}-0" for n in names]
